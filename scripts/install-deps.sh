@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the Debian bookworm packages secureinfer builds and tests with. Idempotent: does nothing when all
+# packages are present. Needs root (or sudo) only when something is missing.
+set -euo pipefail
+PKGS=(build-essential cmake g++ pkg-config
+      libgtest-dev libgmock-dev libbenchmark-dev
+      libcli11-dev nlohmann-json3-dev libcpp-httplib-dev
+      libssl-dev libseccomp-dev
+      clang libclang-rt-14-dev)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "install-deps: installing ${missing[*]}" >&2
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
