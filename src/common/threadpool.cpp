@@ -1,0 +1,91 @@
+#include "common/threadpool.h"
+
+#include <algorithm>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define SI_PAUSE() _mm_pause()
+#else
+#define SI_PAUSE() ((void)0)
+#endif
+
+namespace si {
+
+int ThreadPool::default_threads() {
+    const unsigned n = std::thread::hardware_concurrency();
+    return n == 0 ? 1 : int(n);
+}
+
+ThreadPool::ThreadPool(int n_threads) {
+    if (n_threads <= 0) n_threads = default_threads();
+    for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+}
+
+ThreadPool::~ThreadPool() {
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        stop_ = true;
+        ++generation_;
+        published_.store(generation_, std::memory_order_release);
+    }
+    cv_start_.notify_all();
+    for (auto& t : workers_) t.join();
+}
+
+void ThreadPool::run_chunks() {
+    const int64_t n = job_n_, grain = job_grain_;
+    // Chunks of about n / (4 * threads), rounded up to the grain, to balance uneven cores.
+    int64_t chunk = std::max<int64_t>(grain, (n / (4 * size()) + grain - 1) / grain * grain);
+    for (;;) {
+        const int64_t begin = next_.fetch_add(chunk, std::memory_order_relaxed);
+        if (begin >= n) break;
+        (*job_)(begin, std::min(n, begin + chunk));
+    }
+}
+
+void ThreadPool::worker_loop() {
+    uint64_t seen = 0;
+    for (;;) {
+        // Spin briefly: in decoding, loops follow each other within microseconds.
+        for (int i = 0; i < 20000 && published_.load(std::memory_order_acquire) == seen; ++i) SI_PAUSE();
+        {
+            std::unique_lock<std::mutex> lock(mu_);
+            cv_start_.wait(lock, [&] { return generation_ != seen; });
+            seen = generation_;
+            if (stop_) return;
+        }
+        run_chunks();
+        if (busy_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+            std::lock_guard<std::mutex> lock(mu_);
+            cv_done_.notify_one();
+        }
+    }
+}
+
+void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+    if (n <= 0) return;
+    grain = std::max<int64_t>(1, grain);
+    if (workers_.empty() || n <= grain) {
+        fn(0, n);
+        return;
+    }
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        job_ = &fn;
+        job_n_ = n;
+        job_grain_ = grain;
+        next_.store(0, std::memory_order_relaxed);
+        busy_.store(int(workers_.size()), std::memory_order_relaxed);
+        ++generation_;
+        published_.store(generation_, std::memory_order_release);
+    }
+    cv_start_.notify_all();
+    run_chunks();
+    // Spin briefly for the workers, then sleep.
+    for (int i = 0; i < 20000 && busy_.load(std::memory_order_acquire) != 0; ++i) SI_PAUSE();
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_done_.wait(lock, [&] { return busy_.load(std::memory_order_acquire) == 0; });
+    job_ = nullptr;
+}
+
+}  // namespace si
