@@ -1,0 +1,127 @@
+/*
+ * secureinfer — C API.
+ *
+ * Opaque handles with init/free pairs; every parameter struct has a *_default_params() constructor; every function
+ * that can fail returns an si_status (0 on success, a negative SI_ERR_* code otherwise) and leaves a human-readable
+ * message for the calling thread in si_last_error().
+ *
+ * Typical use:
+ *   si_model_params mp = si_model_default_params();
+ *   si_model* model; si_model_load("stories260K.bin", &mp, &model);
+ *   si_context_params cp = si_context_default_params();
+ *   si_context* ctx; si_context_init(model, &cp, &ctx);
+ *   ... si_tokenize, si_generate or si_eval ...
+ *   si_context_free(ctx); si_model_free(model);
+ */
+#ifndef SECUREINFER_H
+#define SECUREINFER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Return codes. */
+typedef enum si_status {
+    SI_OK = 0,
+    SI_ERR_INVALID_ARGUMENT = -1, /* a bad parameter or request */
+    SI_ERR_IO = -2,               /* a file cannot be opened, read or written */
+    SI_ERR_FORMAT = -3,           /* a file is corrupt, truncated or inconsistent */
+    SI_ERR_UNSUPPORTED = -4,      /* well-formed but unsupported (version, tensor type, architecture) */
+    SI_ERR_OUT_OF_MEMORY = -5,
+    SI_ERR_INTEGRITY = -6,        /* an integrity check failed; the context is unusable */
+    SI_ERR_SECURITY = -7,         /* refused by the security policy */
+    SI_ERR_INTERNAL = -8,
+    SI_ERR_BUFFER_TOO_SMALL = -9  /* the output buffer is too small; the needed size is returned */
+} si_status;
+
+/* The message of the last failed call on this thread ("" when none). Valid until the next call on this thread. */
+const char* si_last_error(void);
+/* A constant name for a status code, e.g. "SI_ERR_FORMAT". */
+const char* si_status_name(int status);
+
+typedef int32_t si_token;
+
+/* ---- models ---------------------------------------------------------------------------------------------- */
+
+typedef struct si_model si_model;
+
+typedef enum si_weight_format { SI_WEIGHTS_F32 = 0, SI_WEIGHTS_INT8 = 1 } si_weight_format;
+
+typedef struct si_model_params {
+    /* Vocabulary for llama2.c checkpoints (tokenizer.bin). NULL: GGUF files carry their own; for llama2.c files
+       tok<vocab>.bin or tokenizer.bin next to the model is used if present. */
+    const char* tokenizer_path;
+    /* Optional LoRA adapter (llama.cpp GGUF adapter format) merged into the weights; NULL for none. */
+    const char* lora_path;
+    float lora_scale; /* multiplies the adapter's alpha / rank scaling; default 1 */
+} si_model_params;
+
+si_model_params si_model_default_params(void);
+/* Loads a GGUF or llama2.c model. On success *out owns the model; free it with si_model_free. */
+int si_model_load(const char* path, const si_model_params* params, si_model** out);
+void si_model_free(si_model* model);
+
+int si_model_n_vocab(const si_model* model);
+int si_model_n_ctx_train(const si_model* model);
+si_token si_model_bos(const si_model* model);
+si_token si_model_eos(const si_model* model);
+
+/* Tokenizes UTF-8 text (special tokens in the text are not parsed). Writes at most capacity ids to out and the
+   count to *n_out; returns SI_ERR_BUFFER_TOO_SMALL with *n_out = the needed count when capacity is too small. */
+int si_tokenize(const si_model* model, const char* text, size_t text_len, int add_bos, si_token* out, size_t capacity,
+                size_t* n_out);
+/* Text of `token` when it follows `prev` (the leading space after BOS is dropped, byte tokens give raw bytes).
+   Same buffer protocol as si_tokenize; the text is not NUL-terminated. */
+int si_token_to_piece(const si_model* model, si_token prev, si_token token, char* buf, size_t capacity,
+                      size_t* n_out);
+
+/* ---- contexts (one conversation: KV cache, position) -------------------------------------------------------- */
+
+typedef struct si_context si_context;
+
+typedef struct si_context_params {
+    int n_threads;                   /* 0: all online CPUs */
+    int n_ctx;                       /* 0: the model's training context */
+    int n_batch;                     /* prefill batch, default 512 */
+    si_weight_format weight_format;  /* default SI_WEIGHTS_F32 */
+} si_context_params;
+
+si_context_params si_context_default_params(void);
+int si_context_init(si_model* model, const si_context_params* params, si_context** out);
+void si_context_free(si_context* ctx);
+/* Clears the KV cache. */
+void si_context_reset(si_context* ctx);
+int si_context_pos(const si_context* ctx);
+int si_context_n_ctx(const si_context* ctx);
+
+/* Evaluates tokens at the current position. logits_out, when non-NULL, receives n_vocab floats for the last token
+   (all_logits = 0) or n_tokens * n_vocab floats (all_logits = 1). */
+int si_eval(si_context* ctx, const si_token* tokens, size_t n_tokens, int all_logits, float* logits_out);
+
+/* ---- sampling and generation ------------------------------------------------------------------------------- */
+
+typedef struct si_sampler_params {
+    float temperature; /* <= 0: greedy; default 0.8 */
+    int top_k;         /* <= 0: off; default 40 */
+    float top_p;       /* >= 1: off; default 0.95 */
+    uint64_t seed;     /* default 0; pass a random value for non-reproducible output */
+} si_sampler_params;
+
+si_sampler_params si_sampler_default_params(void);
+
+/* Called for every generated token with its text; return non-zero to stop generation. */
+typedef int (*si_token_callback)(si_token token, const char* piece, size_t piece_len, void* user_data);
+
+/* Evaluates the prompt, then samples up to n_predict tokens, stopping early at EOS (which is not reported) or when
+   the callback asks. *n_generated (may be NULL) receives the number of tokens reported. */
+int si_generate(si_context* ctx, const si_token* prompt, size_t n_prompt, int n_predict,
+                const si_sampler_params* sampler, si_token_callback callback, void* user_data, int* n_generated);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SECUREINFER_H */

@@ -1,0 +1,30 @@
+// Shared pieces of the secureinfer command-line tool. Each command lives in its own cmd_*.cpp and registers itself
+// with CLI11 in main.cpp; commands return the process exit code.
+#pragma once
+#include <CLI/CLI.hpp>
+
+#include <functional>
+#include <string>
+
+namespace si::cli {
+
+// Exit codes: 0 success, 1 runtime failure (bad file, integrity error...), 2 usage error.
+constexpr int kExitFailure = 1;
+constexpr int kExitUsage = 2;
+
+using Runner = std::function<int()>;
+
+// Each command adds its subcommand and options and returns the function that runs it.
+Runner add_run(CLI::App& app);
+Runner add_perplexity(CLI::App& app);
+Runner add_tokenize(CLI::App& app);
+Runner add_info(CLI::App& app);
+Runner add_convert(CLI::App& app);
+Runner add_bench(CLI::App& app);
+
+// Throws CLI::ValidationError-style usage errors from inside a runner.
+struct UsageError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+}  // namespace si::cli

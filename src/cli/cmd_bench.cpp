@@ -1,0 +1,134 @@
+// bench: prefill and decode speed of the plaintext engine, f32 and int8 weights alternating within one run,
+// several repetitions, medians. Models are a file (-m) or a random-weight model of a named shape (--shape).
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+
+#include <nlohmann/json.hpp>
+
+#include "cli/cli.h"
+#include "common/error.h"
+#include "engine/engine.h"
+#include "engine/random_model.h"
+#include "formats/model_file.h"
+
+namespace si::cli {
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const size_t n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+std::vector<int32_t> bench_tokens(int n, int vocab) {
+    std::vector<int32_t> t(static_cast<size_t>(n));
+    for (int i = 0; i < n; ++i) t[size_t(i)] = int32_t((uint32_t(i) * 2654435761u) % uint32_t(vocab));
+    return t;
+}
+
+}  // namespace
+
+Runner add_bench(CLI::App& app) {
+    auto* sub = app.add_subcommand("bench", "measure prefill and decode tokens/s (f32 and int8 weights, alternating, medians)");
+    struct Opts {
+        std::string model, shape = "stories110m", json;
+        std::vector<std::string> weights{"f32", "int8"};
+        int n_prompt = 512, n_gen = 128, reps = 3, threads = 0;
+    };
+    auto o = std::make_shared<Opts>();
+    sub->add_option("-m,--model", o->model, "model file (default: a random-weight model of --shape)");
+    sub->add_option("--shape", o->shape, "random-weight model shape: stories260k, stories15m, stories110m, tinyllama");
+    sub->add_option("-p,--n-prompt", o->n_prompt, "prefill length in tokens (0: skip)")->check(CLI::Range(0, 1 << 16));
+    sub->add_option("-n,--n-gen", o->n_gen, "decoded tokens (0: skip)")->check(CLI::Range(0, 1 << 16));
+    sub->add_option("-r,--repetitions", o->reps, "repetitions of each test")->check(CLI::Range(1, 1000));
+    sub->add_option("-t,--threads", o->threads, "worker threads (0: all CPUs)")->check(CLI::Range(0, 1024));
+    sub->add_option("--weights", o->weights, "weight formats to compare")->delimiter(',')->check(CLI::IsMember({"f32", "int8"}));
+    sub->add_option("--json", o->json, "also write the results as JSON to this file");
+    return [o]() -> int {
+        ModelWeights w;
+        std::string model_name;
+        if (!o->model.empty()) {
+            w = load_model_file(o->model).weights;
+            model_name = o->model;
+        } else {
+            w = random_model(shape_preset(o->shape), 1234);
+            model_name = o->shape + " (random weights)";
+        }
+        const ModelConfig& c = w.cfg;
+        const int n_ctx = std::max(o->n_prompt, o->n_gen + 1);
+        if (n_ctx > c.seq_len) throw UsageError("the test needs " + std::to_string(n_ctx) + " positions; the model's context is " + std::to_string(c.seq_len));
+
+        struct Run {
+            std::string format;
+            std::unique_ptr<Engine> engine;
+            std::vector<double> pp, tg;
+        };
+        std::vector<Run> runs;
+        for (const auto& f : o->weights) {
+            EngineParams p;
+            p.n_threads = o->threads;
+            p.n_ctx = n_ctx;
+            p.weights = f == "int8" ? WeightFormat::int8 : WeightFormat::f32;
+            runs.push_back({f, std::make_unique<Engine>(w, p), {}, {}});
+        }
+        w = ModelWeights{};  // the engines hold their own copies
+        const auto prompt = bench_tokens(o->n_prompt, c.vocab_size);
+        const auto gen = bench_tokens(o->n_gen, c.vocab_size);
+        std::fprintf(stderr, "bench: %s, dim %d, %d layers, hidden %d, vocab %d, %d threads\n", model_name.c_str(), c.dim,
+                     c.n_layers, c.hidden_dim, c.vocab_size, o->threads > 0 ? o->threads : ThreadPool::default_threads());
+        // warm-up, then alternate formats inside every repetition so that drifts in machine load hit all alike
+        for (auto& r : runs) {
+            r.engine->reset();
+            r.engine->eval(bench_tokens(std::min(16, n_ctx), c.vocab_size));
+        }
+        for (int rep = 0; rep < o->reps; ++rep) {
+            for (auto& r : runs) {
+                if (o->n_prompt > 0) {
+                    r.engine->reset();
+                    const auto t0 = std::chrono::steady_clock::now();
+                    r.engine->eval(prompt);
+                    r.pp.push_back(o->n_prompt / seconds_since(t0));
+                }
+                if (o->n_gen > 0) {
+                    r.engine->reset();
+                    const auto t0 = std::chrono::steady_clock::now();
+                    for (int i = 0; i < o->n_gen; ++i) r.engine->eval(std::span<const int32_t>(&gen[size_t(i)], 1));
+                    r.tg.push_back(o->n_gen / seconds_since(t0));
+                }
+                std::fprintf(stderr, "\rbench: repetition %d/%d", rep + 1, o->reps);
+            }
+        }
+        std::fprintf(stderr, "\n");
+        nlohmann::json out = nlohmann::json::array();
+        std::printf("| model | weights | weight MiB | test | t/s (median) | min | max |\n|---|---|---|---|---|---|---|\n");
+        for (const auto& r : runs) {
+            const double mib = double(r.engine->weight_bytes()) / (1 << 20);
+            for (auto [name, v] : {std::pair{std::string("pp") + std::to_string(o->n_prompt), &r.pp},
+                                   std::pair{std::string("tg") + std::to_string(o->n_gen), &r.tg}}) {
+                if (v->empty()) continue;
+                std::printf("| %s | %s | %.1f | %s | %.2f | %.2f | %.2f |\n", model_name.c_str(), r.format.c_str(), mib,
+                            name.c_str(), median(*v), *std::min_element(v->begin(), v->end()),
+                            *std::max_element(v->begin(), v->end()));
+                out.push_back({{"model", model_name}, {"weights", r.format}, {"test", name}, {"tps_median", median(*v)},
+                               {"tps_all", *v}, {"weight_bytes", r.engine->weight_bytes()},
+                               {"threads", o->threads > 0 ? o->threads : ThreadPool::default_threads()}});
+            }
+        }
+        if (!o->json.empty()) {
+            std::ofstream f(o->json);
+            f << out.dump(2) << "\n";
+            if (!f) throw Error(Status::io, o->json + ": cannot write");
+        }
+        return 0;
+    };
+}
+
+}  // namespace si::cli

@@ -1,0 +1,51 @@
+// secureinfer: command-line entry point. Parses arguments, dispatches to a command, maps errors to exit codes:
+// usage errors print one line and exit 2; runtime errors print "secureinfer: error: ..." and exit 1.
+#include <cstdio>
+#include <map>
+
+#include "cli/cli.h"
+#include "secureinfer.hpp"
+#include "common/error.h"
+
+int main(int argc, char** argv) {
+    using namespace si::cli;
+    CLI::App app{"secureinfer: LLaMA inference that keeps a model's secrets inside a trusted execution environment"};
+    app.require_subcommand(1);
+    app.set_version_flag("--version", "secureinfer 0.1.0");
+    std::map<CLI::App*, Runner> runners;
+    for (auto add : {add_run, add_perplexity, add_tokenize, add_info, add_convert, add_bench}) {
+        Runner r = add(app);
+        runners[app.get_subcommands({}).back()] = r;
+    }
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::CallForHelp& e) {
+        return app.exit(e);
+    } catch (const CLI::CallForAllHelp& e) {
+        return app.exit(e);
+    } catch (const CLI::CallForVersion& e) {
+        return app.exit(e);
+    } catch (const CLI::ParseError& e) {
+        const auto subs = app.get_subcommands();
+        const std::string cmd = subs.empty() ? "secureinfer" : "secureinfer " + subs.front()->get_name();
+        std::fprintf(stderr, "%s: %s (see '%s --help')\n", cmd.c_str(), e.what(), cmd.c_str());
+        return kExitUsage;
+    }
+    const auto subs = app.get_subcommands();
+    const std::string cmd = "secureinfer " + subs.front()->get_name();
+    try {
+        return runners.at(subs.front())();
+    } catch (const UsageError& e) {
+        std::fprintf(stderr, "%s: %s (see '%s --help')\n", cmd.c_str(), e.what(), cmd.c_str());
+        return kExitUsage;
+    } catch (const secureinfer::Error& e) {
+        std::fprintf(stderr, "secureinfer: error: %s\n", e.what());
+        return kExitFailure;
+    } catch (const si::Error& e) {
+        std::fprintf(stderr, "secureinfer: error: %s\n", e.what());
+        return kExitFailure;
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "secureinfer: error: %s\n", e.what());
+        return kExitFailure;
+    }
+}

@@ -1,0 +1,88 @@
+#include "common/ops.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace si {
+
+void rmsnorm(float* out, const float* x, const float* weight, int n, float eps) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; ++i) ss += x[i] * x[i];
+    const float inv = 1.0f / std::sqrt(ss / float(n) + eps);
+    for (int i = 0; i < n; ++i) out[i] = x[i] * inv * weight[i];
+}
+
+void rope(float* v, int n_heads, int head_dim, int pos, float theta) {
+    for (int i = 0; i < head_dim; i += 2) {
+        const float freq = 1.0f / std::pow(theta, float(i) / float(head_dim));
+        const float angle = float(pos) * freq;
+        const float c = std::cos(angle), s = std::sin(angle);
+        for (int h = 0; h < n_heads; ++h) {
+            float* p = v + h * head_dim + i;
+            const float a = p[0], b = p[1];
+            p[0] = a * c - b * s;
+            p[1] = a * s + b * c;
+        }
+    }
+}
+
+void softmax(float* x, int n) {
+    const float mx = *std::max_element(x, x + n);
+    float sum = 0.0f;
+    for (int i = 0; i < n; ++i) {
+        x[i] = std::exp(x[i] - mx);
+        sum += x[i];
+    }
+    const float inv = 1.0f / sum;
+    for (int i = 0; i < n; ++i) x[i] *= inv;
+}
+
+void swiglu(float* out, const float* gate, const float* up, int n) {
+    for (int i = 0; i < n; ++i) {
+        const float g = gate[i];
+        out[i] = g / (1.0f + std::exp(-g)) * up[i];
+    }
+}
+
+float quantize_row_i8(const float* x, int n, int8_t* q) {
+    float amax = 0.0f;
+    for (int i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float scale = amax / 127.0f;
+    const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+    for (int i = 0; i < n; ++i) q[i] = int8_t(std::clamp(int(std::lrintf(x[i] * inv)), -127, 127));
+    return scale;
+}
+
+}  // namespace si
+
+#if defined(__AVX512F__)
+// GCC 12 warns about the undefined-upper-half idiom inside its own AVX-512 headers.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#endif
+
+namespace si {
+
+float dot_f32(const float* a, const float* b, int n) {
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    if (i < n) {
+        const __mmask16 m = __mmask16((1u << (n - i)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+#else
+    float s = 0.0f;
+    for (int i = 0; i < n; ++i) s += a[i] * b[i];
+    return s;
+#endif
+}
+
+void axpy_f32(float* y, float alpha, const float* x, int n) {
+    for (int i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+}  // namespace si

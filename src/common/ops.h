@@ -1,0 +1,29 @@
+// Element-wise and row-wise operations of the LLaMA block. Pure functions on caller-owned buffers.
+#pragma once
+#include <cstdint>
+
+namespace si {
+
+// out[i] = x[i] / sqrt(mean(x^2) + eps) * weight[i]    (x and out may alias)
+void rmsnorm(float* out, const float* x, const float* weight, int n, float eps);
+
+// Rotates interleaved pairs (v[2i], v[2i+1]) of every head of a [n_heads][head_dim] vector by pos * theta^(-2i/head_dim).
+void rope(float* v, int n_heads, int head_dim, int pos, float theta);
+
+// In-place softmax of x[0..n).
+void softmax(float* x, int n);
+
+// out[i] = silu(gate[i]) * up[i]   (out may alias gate)
+void swiglu(float* out, const float* gate, const float* up, int n);
+
+// Per-token symmetric quantisation of x[0..n) to int8 in [-127, 127]; returns the scale (max|x| / 127, 0 for x = 0).
+float quantize_row_i8(const float* x, int n, int8_t* q);
+
+}  // namespace si
+
+namespace si {
+// sum_i a[i] * b[i]
+float dot_f32(const float* a, const float* b, int n);
+// y[i] += alpha * x[i]
+void axpy_f32(float* y, float alpha, const float* x, int n);
+}  // namespace si

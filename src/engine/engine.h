@@ -1,0 +1,85 @@
+// The plaintext LLaMA engine: one forward pass you can read top to bottom (engine.cpp), batched over tokens for
+// prefill and one token at a time for decoding, with a KV cache and f32 or int8 weights.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "common/model.h"
+#include "common/threadpool.h"
+
+namespace si {
+
+enum class WeightFormat { f32, int8 };
+const char* weight_format_name(WeightFormat f);
+
+struct EngineParams {
+    int n_threads = 0;                     // 0: all online CPUs
+    WeightFormat weights = WeightFormat::f32;
+    int n_ctx = 0;                         // KV cache length; 0: the model's context length
+    int n_batch = 512;                     // prefill processes at most this many tokens per pass
+};
+
+// A projection matrix [rows][cols] in the engine's format. int8: per-row symmetric scales; activations are quantised
+// per token to int8 and the product is exact in int32 before scaling.
+struct Linear {
+    int64_t rows = 0, cols = 0;
+    WeightFormat format = WeightFormat::f32;
+    std::vector<float> f32;
+    std::vector<int8_t> q;
+    std::vector<float> scale;
+    std::vector<int32_t> rowsum;
+
+    static Linear make(const std::vector<float>& w, int64_t rows, int64_t cols, WeightFormat format);
+    size_t bytes() const;
+};
+
+// Y[T][rows] = X[T][cols] * W^T with the matrix's own arithmetic; `q8` is scratch of T * cols bytes (int8 only),
+// `acc` scratch of T * rows int32 (int8 only).
+void linear_forward(ThreadPool* pool, const Linear& W, const float* X, int64_t T, float* Y, std::vector<int8_t>& q8,
+                    std::vector<float>& xs, std::vector<int32_t>& acc);
+
+class Engine {
+public:
+    Engine(const ModelWeights& weights, const EngineParams& params);
+    ~Engine();
+
+    const ModelConfig& config() const { return cfg_; }
+    int n_ctx() const { return n_ctx_; }
+    int pos() const { return pos_; }
+    size_t weight_bytes() const;
+
+    // Feeds tokens at positions pos() .. pos() + size - 1 and advances pos(). Returns the logits of the last token
+    // ([vocab]) or, with all_logits, of every token ([size][vocab]); valid until the next call. Throws
+    // si::Error(invalid_argument) when the context would overflow or a token id is out of range.
+    const float* eval(std::span<const int32_t> tokens, bool all_logits = false);
+    // Forgets the KV cache (pos() = 0).
+    void reset() { pos_ = 0; }
+
+private:
+    struct Layer {
+        std::vector<float> attn_norm, ffn_norm;
+        Linear wq, wk, wv, wo, w1, w2, w3;
+    };
+    void eval_batch(const int32_t* tokens, int T, bool all_logits, float* logits);
+    void ensure_scratch(int T);
+
+    ModelConfig cfg_;
+    EngineParams params_;
+    int n_ctx_ = 0;
+    int pos_ = 0;
+    std::unique_ptr<ThreadPool> pool_;
+    std::vector<float> tok_embeddings_, final_norm_;
+    std::vector<Layer> layers_;
+    Linear classifier_;
+    std::vector<float> key_cache_, value_cache_;  // [layer][n_ctx][kv_dim]
+    // scratch, sized for the largest batch seen
+    int scratch_T_ = 0;
+    std::vector<float> x_, xb_, xb2_, q_, k_, v_, hb_, hb2_, logits_;
+    std::vector<int8_t> q8_;
+    std::vector<float> xs_;
+    std::vector<int32_t> acc_;
+};
+
+}  // namespace si

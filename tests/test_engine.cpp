@@ -1,0 +1,188 @@
+// The plaintext engine: golden greedy tokens of stories260K, batched prefill == token-by-token decode, int8 path
+// quality, matmul kernels against scalar references, and llama2.c checkpoint validation.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "common/error.h"
+#include "common/matmul.h"
+#include "common/sampler.h"
+#include "common/threadpool.h"
+#include "engine/engine.h"
+#include "formats/llama2c.h"
+#include "testutil.h"
+
+using namespace si;
+
+namespace {
+
+const std::vector<int32_t> kGolden = {403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338};
+
+std::vector<int32_t> greedy(Engine& e, std::vector<int32_t> prompt, int n) {
+    std::vector<int32_t> out;
+    const float* logits = e.eval(prompt);
+    for (int i = 0; i < n; ++i) {
+        const int32_t t = Sampler::argmax(logits, e.config().vocab_size);
+        out.push_back(t);
+        logits = e.eval(std::span<const int32_t>(&t, 1));
+    }
+    return out;
+}
+
+const ModelWeights& stories() {
+    static const ModelWeights w = load_llama2c(test::shared("models/stories260K.bin"));
+    return w;
+}
+
+}  // namespace
+
+TEST(Engine, Stories260KHyperParameters) {
+    const auto& c = stories().cfg;
+    EXPECT_EQ(c.dim, 64);
+    EXPECT_EQ(c.hidden_dim, 172);
+    EXPECT_EQ(c.n_layers, 5);
+    EXPECT_EQ(c.n_heads, 8);
+    EXPECT_EQ(c.n_kv_heads, 4);
+    EXPECT_EQ(c.vocab_size, 512);
+    EXPECT_EQ(c.seq_len, 512);
+    EXPECT_TRUE(stories().tied());
+}
+
+TEST(Engine, GoldenGreedyF32) {
+    for (int threads : {1, 2}) {
+        EngineParams p;
+        p.n_threads = threads;
+        Engine e(stories(), p);
+        EXPECT_EQ(greedy(e, {1}, int(kGolden.size())), kGolden) << threads << " threads";
+    }
+}
+
+TEST(Engine, GoldenGreedyInt8) {
+    EngineParams p;
+    p.weights = WeightFormat::int8;
+    Engine e(stories(), p);
+    // int8 weights and per-token int8 activations stay on the reference text for its first sentence.
+    const auto got = greedy(e, {1}, int(kGolden.size()));
+    EXPECT_EQ(got, kGolden);
+}
+
+TEST(Engine, BatchedPrefillMatchesSequentialDecode) {
+    for (WeightFormat f : {WeightFormat::f32, WeightFormat::int8}) {
+        EngineParams p;
+        p.weights = f;
+        p.n_batch = 7;  // several batches, the last one partial
+        Engine batched(stories(), p);
+        Engine single(stories(), p);
+        std::vector<int32_t> toks = {1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338};
+        const int V = stories().cfg.vocab_size;
+        const float* all = batched.eval(toks, true);
+        std::vector<float> all_copy(all, all + toks.size() * V);
+        for (size_t i = 0; i < toks.size(); ++i) {
+            const float* one = single.eval(std::span<const int32_t>(&toks[i], 1));
+            float max_diff = 0.0f;
+            for (int v = 0; v < V; ++v) max_diff = std::max(max_diff, std::fabs(one[v] - all_copy[i * V + v]));
+            EXPECT_LT(max_diff, 1e-4f) << weight_format_name(f) << " token " << i;
+        }
+    }
+}
+
+TEST(Engine, ContextOverflowAndBadTokensAreErrors) {
+    EngineParams p;
+    p.n_ctx = 4;
+    Engine e(stories(), p);
+    std::vector<int32_t> five(5, 1);
+    try {
+        e.eval(five);
+        FAIL();
+    } catch (const Error& err) {
+        EXPECT_EQ(err.status(), Status::invalid_argument);
+        EXPECT_NE(std::string(err.what()).find("context overflow"), std::string::npos);
+    }
+    std::vector<int32_t> bad = {1, 512};
+    EXPECT_THROW(e.eval(bad), Error);
+}
+
+TEST(Matmul, F32MatchesReference) {
+    std::mt19937 rng(1);
+    std::normal_distribution<float> nd;
+    ThreadPool pool(2);
+    for (auto [N, K, T] : {std::tuple{1, 1, 1}, {5, 17, 3}, {64, 172, 9}, {172, 64, 1}, {33, 100, 70}}) {
+        std::vector<float> W(size_t(N * K)), X(size_t(T * K)), Y(size_t(T * N));
+        for (auto& v : W) v = nd(rng);
+        for (auto& v : X) v = nd(rng);
+        matmul_f32(&pool, W.data(), N, K, X.data(), T, Y.data());
+        for (int t = 0; t < T; ++t)
+            for (int n = 0; n < N; ++n) {
+                double ref = 0, mag = 0;
+                for (int k = 0; k < K; ++k) {
+                    ref += double(W[n * K + k]) * X[t * K + k];
+                    mag += std::fabs(double(W[n * K + k]) * X[t * K + k]);
+                }
+                // fp32 accumulation error bound: K * eps * sum|w x|
+                EXPECT_NEAR(Y[t * N + n], ref, 1e-6 + K * 1.2e-7 * mag) << N << "x" << K << " T=" << T;
+            }
+    }
+}
+
+TEST(Matmul, Int8IsExact) {
+    std::mt19937 rng(2);
+    std::uniform_int_distribution<int> ud(-127, 127);
+    ThreadPool pool(2);
+    for (auto [N, K, T] : {std::tuple{1, 1, 1}, {5, 63, 3}, {64, 172, 9}, {172, 64, 1}, {33, 129, 70}}) {
+        std::vector<int8_t> W(size_t(N * K)), X(size_t(T * K));
+        for (auto& v : W) v = int8_t(ud(rng));
+        for (auto& v : X) v = int8_t(ud(rng));
+        W[0] = -127;  // extremes
+        X[0] = -128;
+        std::vector<int32_t> rowsum(static_cast<size_t>(N)), Y(static_cast<size_t>(T * N));
+        for (int n = 0; n < N; ++n)
+            for (int k = 0; k < K; ++k) rowsum[n] += W[n * K + k];
+        matmul_i8(&pool, W.data(), rowsum.data(), N, K, X.data(), T, Y.data());
+        for (int t = 0; t < T; ++t)
+            for (int n = 0; n < N; ++n) {
+                int32_t ref = 0;
+                for (int k = 0; k < K; ++k) ref += int32_t(W[n * K + k]) * X[t * K + k];
+                ASSERT_EQ(Y[t * N + n], ref) << N << "x" << K << " T=" << T;
+            }
+    }
+}
+
+TEST(Llama2c, CorruptFilesGiveClearErrors) {
+    const std::string good = test::read_file(test::shared("models/stories260K.bin"));
+    const std::string dir = test::scratch_dir();
+    auto expect_error = [&](const std::string& bytes, const std::string& needle) {
+        const std::string path = dir + "/bad.bin";
+        test::write_file(path, bytes);
+        try {
+            load_llama2c(path);
+            ADD_FAILURE() << "no error for " << needle;
+        } catch (const Error& e) {
+            EXPECT_EQ(e.status(), Status::format);
+            EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+            EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+        }
+    };
+    expect_error(good.substr(0, 10), "truncated llama2.c header");
+    expect_error(good.substr(0, good.size() - 4), "file truncated");
+    expect_error(good + "xxxx", "does not match");
+    std::string absurd = good;
+    const int32_t huge = 1 << 30;
+    std::memcpy(absurd.data(), &huge, 4);
+    expect_error(absurd, "dimension 1073741824 out of range");
+    std::string zero_heads = good;
+    const int32_t zero = 0;
+    std::memcpy(zero_heads.data() + 12, &zero, 4);
+    expect_error(zero_heads, "head count 0 out of range");
+    std::string bad_kv = good;
+    const int32_t three = 3;
+    std::memcpy(bad_kv.data() + 16, &three, 4);
+    expect_error(bad_kv, "not a multiple of kv head count");
+    try {
+        load_llama2c(dir + "/missing.bin");
+        ADD_FAILURE();
+    } catch (const Error& e) {
+        EXPECT_EQ(e.status(), Status::io);
+    }
+}
