@@ -186,3 +186,53 @@ TEST(Llama2c, CorruptFilesGiveClearErrors) {
         EXPECT_EQ(e.status(), Status::io);
     }
 }
+
+#include "common/qgemm.h"
+
+// The packed integer kernels against a scalar int64 reference, on shapes with row and column tails, decode and
+// batched token counts, extreme values; exact (mod 2^32 for the masked product).
+TEST(Qgemm, AllVariantsExact) {
+    std::mt19937 rng(3);
+    ThreadPool pool(2);
+    for (auto [N, K, T] : {std::tuple{1, 1, 1}, {17, 5, 3}, {64, 172, 9}, {172, 64, 1}, {33, 129, 70}, {300, 768, 2}}) {
+        std::vector<int8_t> W(size_t(N) * K);
+        std::uniform_int_distribution<int> w8(-128, 127);
+        for (auto& v : W) v = int8_t(w8(rng));
+        W[0] = -128;
+        W.back() = 127;
+        const PackedI8 P = PackedI8::pack(W.data(), N, K);
+        for (int n = 0; n < N; ++n)
+            for (int k = 0; k < K; ++k) ASSERT_EQ(P.at(n, k), W[size_t(n) * K + k]);
+
+        std::vector<int8_t> X8(size_t(T) * K);
+        std::vector<int32_t> X16(size_t(T) * K);
+        std::vector<uint32_t> X32(size_t(T) * K);
+        std::uniform_int_distribution<int> x16(-32768, 32767);
+        for (size_t i = 0; i < X8.size(); ++i) {
+            X8[i] = int8_t(w8(rng));
+            X16[i] = x16(rng);
+            X32[i] = uint32_t(rng());
+        }
+        X8[0] = -128, X16[0] = -32768, X32[0] = 0xffffffffu;
+        if (X16.size() > 1) X16[1] = 32767, X32[1] = 0;
+        std::vector<int32_t> Y8(size_t(T) * N), Y16(size_t(T) * N);
+        std::vector<uint32_t> Y32(size_t(T) * N);
+        gemm_i8(&pool, P, X8.data(), T, Y8.data());
+        gemm_i16(&pool, P, X16.data(), T, Y16.data());
+        gemm_masked(&pool, P, X32.data(), T, Y32.data());
+        for (int t = 0; t < T; ++t)
+            for (int n = 0; n < N; ++n) {
+                int64_t r8 = 0, r16 = 0;
+                uint32_t r32 = 0;
+                for (int k = 0; k < K; ++k) {
+                    const int64_t w = W[size_t(n) * K + k];
+                    r8 += w * X8[size_t(t) * K + k];
+                    r16 += w * X16[size_t(t) * K + k];
+                    r32 += uint32_t(w) * X32[size_t(t) * K + k];
+                }
+                ASSERT_EQ(Y8[size_t(t) * N + n], r8) << N << "x" << K << " T=" << T;
+                ASSERT_EQ(Y16[size_t(t) * N + n], r16) << N << "x" << K << " T=" << T;
+                ASSERT_EQ(Y32[size_t(t) * N + n], r32) << N << "x" << K << " T=" << T;
+            }
+    }
+}

@@ -62,7 +62,7 @@ Runner add_bench(CLI::App& app) {
             w = random_model(shape_preset(o->shape), 1234);
             model_name = o->shape + " (random weights)";
         }
-        const ModelConfig& c = w.cfg;
+        const ModelConfig c = w.cfg;
         const int n_ctx = std::max(o->n_prompt, o->n_gen + 1);
         if (n_ctx > c.seq_len) throw UsageError("the test needs " + std::to_string(n_ctx) + " positions; the model's context is " + std::to_string(c.seq_len));
 

@@ -20,15 +20,15 @@ Linear Linear::make(const std::vector<float>& w, int64_t rows, int64_t cols, Wei
     if (format == WeightFormat::f32) {
         L.f32 = w;
     } else {
-        L.q.resize(size_t(rows * cols));
+        std::vector<int8_t> q(size_t(rows * cols));
         L.scale.resize(size_t(rows));
-        L.rowsum.resize(size_t(rows));
-        quantize_rows_i8(w.data(), rows, cols, L.q.data(), L.scale.data(), L.rowsum.data());
+        quantize_rows_i8(w.data(), rows, cols, q.data(), L.scale.data(), nullptr);
+        L.q = PackedI8::pack(q.data(), rows, cols);
     }
     return L;
 }
 
-size_t Linear::bytes() const { return f32.size() * 4 + q.size() + scale.size() * 4 + rowsum.size() * 4; }
+size_t Linear::bytes() const { return f32.size() * 4 + q.bytes() + scale.size() * 4; }
 
 void linear_forward(ThreadPool* pool, const Linear& W, const float* X, int64_t T, float* Y, std::vector<int8_t>& q8,
                     std::vector<float>& xs, std::vector<int32_t>& acc) {
@@ -40,11 +40,19 @@ void linear_forward(ThreadPool* pool, const Linear& W, const float* X, int64_t T
     xs.resize(size_t(T));
     acc.resize(size_t(T * W.rows));
     for (int64_t t = 0; t < T; ++t) xs[size_t(t)] = quantize_row_i8(X + t * W.cols, int(W.cols), q8.data() + t * W.cols);
-    matmul_i8(pool, W.q.data(), W.rowsum.data(), W.rows, W.cols, q8.data(), T, acc.data());
+    gemm_i8(pool, W.q, q8.data(), T, acc.data());
     for (int64_t t = 0; t < T; ++t)
         for (int64_t n = 0; n < W.rows; ++n)
             Y[t * W.rows + n] = float(acc[size_t(t * W.rows + n)]) * W.scale[size_t(n)] * xs[size_t(t)];
 }
+
+namespace {
+std::vector<float> concat(std::initializer_list<const std::vector<float>*> parts) {
+    std::vector<float> out;
+    for (const auto* p : parts) out.insert(out.end(), p->begin(), p->end());
+    return out;
+}
+}  // namespace
 
 Engine::Engine(const ModelWeights& w, const EngineParams& params) : cfg_(w.cfg), params_(params) {
     w.validate("model");
@@ -60,13 +68,10 @@ Engine::Engine(const ModelWeights& w, const EngineParams& params) : cfg_(w.cfg),
         Layer E;
         E.attn_norm = L.attn_norm;
         E.ffn_norm = L.ffn_norm;
-        E.wq = Linear::make(L.wq, d, d, f);
-        E.wk = Linear::make(L.wk, kv, d, f);
-        E.wv = Linear::make(L.wv, kv, d, f);
+        E.wqkv = Linear::make(concat({&L.wq, &L.wk, &L.wv}), d + 2 * kv, d, f);
         E.wo = Linear::make(L.wo, d, d, f);
-        E.w1 = Linear::make(L.w1, h, d, f);
+        E.w13 = Linear::make(concat({&L.w1, &L.w3}), 2 * h, d, f);
         E.w2 = Linear::make(L.w2, d, h, f);
-        E.w3 = Linear::make(L.w3, h, d, f);
         layers_.push_back(std::move(E));
     }
     classifier_ = Linear::make(w.output(), cfg_.vocab_size, d, f);
@@ -79,8 +84,7 @@ Engine::~Engine() = default;
 size_t Engine::weight_bytes() const {
     size_t b = tok_embeddings_.size() * 4 + final_norm_.size() * 4 + classifier_.bytes();
     for (const auto& L : layers_)
-        b += (L.attn_norm.size() + L.ffn_norm.size()) * 4 + L.wq.bytes() + L.wk.bytes() + L.wv.bytes() + L.wo.bytes() +
-             L.w1.bytes() + L.w2.bytes() + L.w3.bytes();
+        b += (L.attn_norm.size() + L.ffn_norm.size()) * 4 + L.wqkv.bytes() + L.wo.bytes() + L.w13.bytes() + L.w2.bytes();
     return b;
 }
 
@@ -90,11 +94,9 @@ void Engine::ensure_scratch(int T) {
     x_.resize(T * d);
     xb_.resize(T * d);
     xb2_.resize(T * d);
-    q_.resize(T * d);
-    k_.resize(T * kv);
-    v_.resize(T * kv);
+    qkv_.resize(T * (d + 2 * kv));
     hb_.resize(T * h);
-    hb2_.resize(T * h);
+    hb13_.resize(T * 2 * h);
     scratch_T_ = T;
 }
 
@@ -119,7 +121,8 @@ const float* Engine::eval(std::span<const int32_t> tokens, bool all_logits) {
 }
 
 // One forward pass over T tokens at positions pos_ .. pos_ + T - 1.
-//   x [T][dim] residual stream, xb/xb2 [T][dim] scratch, q [T][dim], k/v [T][kv_dim], hb/hb2 [T][hidden]
+//   x [T][dim] residual stream, xb/xb2 [T][dim] scratch, qkv [T][dim + 2 kv_dim] (q | k | v per token),
+//   hb13 [T][2 hidden] (gate | up per token), hb [T][hidden]
 void Engine::eval_batch(const int32_t* tokens, int T, bool all_logits, float* logits) {
     ensure_scratch(T);
     const int d = cfg_.dim, hd = cfg_.head_dim(), kv = cfg_.kv_dim(), hidden = cfg_.hidden_dim;
@@ -136,18 +139,20 @@ void Engine::eval_batch(const int32_t* tokens, int T, bool all_logits, float* lo
         float* kc = key_cache_.data() + size_t(l) * n_ctx_ * kv;
         float* vc = value_cache_.data() + size_t(l) * n_ctx_ * kv;
 
-        // attention: xb = rmsnorm(x); q = xb Wq^T [T][dim]; k, v = xb Wk^T, xb Wv^T [T][kv_dim]
+        // attention: xb = rmsnorm(x); (q | k | v) = xb [Wq; Wk; Wv]^T -> qkv [T][dim + 2 kv_dim]
         for (int t = 0; t < T; ++t) rmsnorm(&xb_[size_t(t) * d], x + size_t(t) * d, L.attn_norm.data(), d, eps);
-        linear_forward(pool, L.wq, xb_.data(), T, q_.data(), q8_, xs_, acc_);
-        linear_forward(pool, L.wk, xb_.data(), T, k_.data(), q8_, xs_, acc_);
-        linear_forward(pool, L.wv, xb_.data(), T, v_.data(), q8_, xs_, acc_);
+        linear_forward(pool, L.wqkv, xb_.data(), T, qkv_.data(), q8_, xs_, acc_);
 
         // RoPE on q and k, then append k, v to the cache at their positions
+        const size_t qkv_stride = size_t(d + 2 * kv);
         for (int t = 0; t < T; ++t) {
-            rope(&q_[size_t(t) * d], n_heads, hd, pos_ + t, cfg_.rope_theta);
-            rope(&k_[size_t(t) * kv], cfg_.n_kv_heads, hd, pos_ + t, cfg_.rope_theta);
-            std::copy_n(&k_[size_t(t) * kv], kv, kc + size_t(pos_ + t) * kv);
-            std::copy_n(&v_[size_t(t) * kv], kv, vc + size_t(pos_ + t) * kv);
+            float* q = &qkv_[t * qkv_stride];
+            float* k = q + d;
+            const float* v = k + kv;
+            rope(q, n_heads, hd, pos_ + t, cfg_.rope_theta);
+            rope(k, cfg_.n_kv_heads, hd, pos_ + t, cfg_.rope_theta);
+            std::copy_n(k, kv, kc + size_t(pos_ + t) * kv);
+            std::copy_n(v, kv, vc + size_t(pos_ + t) * kv);
         }
 
         // causal grouped-query attention, one (token, head) pair per work item -> xb2 [T][dim]
@@ -157,7 +162,7 @@ void Engine::eval_batch(const int32_t* tokens, int T, bool all_logits, float* lo
             for (int64_t i = begin; i < end; ++i) {
                 const int t = int(i / n_heads), h = int(i % n_heads);
                 const int n_keys = pos_ + t + 1;
-                const float* q = &q_[size_t(t) * d + size_t(h) * hd];
+                const float* q = &qkv_[size_t(t) * qkv_stride + size_t(h) * hd];
                 const size_t kv_off = size_t(h / group) * hd;
                 for (int p = 0; p < n_keys; ++p) att[size_t(p)] = dot_f32(q, kc + size_t(p) * kv + kv_off, hd) * inv_sqrt;
                 softmax(att.data(), n_keys);
@@ -171,11 +176,13 @@ void Engine::eval_batch(const int32_t* tokens, int T, bool all_logits, float* lo
         linear_forward(pool, L.wo, xb2_.data(), T, xb_.data(), q8_, xs_, acc_);
         for (size_t i = 0; i < size_t(T) * d; ++i) x[i] += xb_[i];
 
-        // feed-forward: x += W2 (silu(W1 xb) * W3 xb), xb = rmsnorm(x)
+        // feed-forward: x += W2 (silu(W1 xb) * W3 xb), xb = rmsnorm(x); (gate | up) -> hb13 [T][2 hidden]
         for (int t = 0; t < T; ++t) rmsnorm(&xb_[size_t(t) * d], x + size_t(t) * d, L.ffn_norm.data(), d, eps);
-        linear_forward(pool, L.w1, xb_.data(), T, hb_.data(), q8_, xs_, acc_);
-        linear_forward(pool, L.w3, xb_.data(), T, hb2_.data(), q8_, xs_, acc_);
-        swiglu(hb_.data(), hb_.data(), hb2_.data(), T * hidden);
+        linear_forward(pool, L.w13, xb_.data(), T, hb13_.data(), q8_, xs_, acc_);
+        for (int t = 0; t < T; ++t) {
+            const float* gate = &hb13_[size_t(t) * 2 * hidden];
+            swiglu(&hb_[size_t(t) * hidden], gate, gate + hidden, hidden);
+        }
         linear_forward(pool, L.w2, hb_.data(), T, xb_.data(), q8_, xs_, acc_);
         for (size_t i = 0; i < size_t(T) * d; ++i) x[i] += xb_[i];
     }

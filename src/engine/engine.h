@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/model.h"
+#include "common/qgemm.h"
 #include "common/threadpool.h"
 
 namespace si {
@@ -27,9 +28,8 @@ struct Linear {
     int64_t rows = 0, cols = 0;
     WeightFormat format = WeightFormat::f32;
     std::vector<float> f32;
-    std::vector<int8_t> q;
-    std::vector<float> scale;
-    std::vector<int32_t> rowsum;
+    PackedI8 q;                // int8 weights packed for the integer kernels
+    std::vector<float> scale;  // per-row dequantisation scale
 
     static Linear make(const std::vector<float>& w, int64_t rows, int64_t cols, WeightFormat format);
     size_t bytes() const;
@@ -60,7 +60,10 @@ public:
 private:
     struct Layer {
         std::vector<float> attn_norm, ffn_norm;
-        Linear wq, wk, wv, wo, w1, w2, w3;
+        Linear wqkv;  // [dim + 2 kv_dim][dim]: q, k, v stacked, one product per step
+        Linear wo;
+        Linear w13;   // [2 hidden][dim]: gate (w1) and up (w3) stacked
+        Linear w2;
     };
     void eval_batch(const int32_t* tokens, int T, bool all_logits, float* logits);
     void ensure_scratch(int T);
@@ -76,7 +79,7 @@ private:
     std::vector<float> key_cache_, value_cache_;  // [layer][n_ctx][kv_dim]
     // scratch, sized for the largest batch seen
     int scratch_T_ = 0;
-    std::vector<float> x_, xb_, xb2_, q_, k_, v_, hb_, hb2_, logits_;
+    std::vector<float> x_, xb_, xb2_, qkv_, hb_, hb13_, logits_;
     std::vector<int8_t> q8_;
     std::vector<float> xs_;
     std::vector<int32_t> acc_;
