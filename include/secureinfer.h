@@ -2,7 +2,7 @@
  * secureinfer — C API.
  *
  * Opaque handles with init/free pairs; every parameter struct has a *_default_params() constructor; every function
- * that can fail returns an si_status (0 on success, a negative SI_ERR_* code otherwise) and leaves a human-readable
+ * that can fail returns an si_retcode (0 on success, a negative SI_ERR_* code otherwise) and leaves a human-readable
  * message for the calling thread in si_last_error().
  *
  * Typical use:
@@ -24,7 +24,8 @@ extern "C" {
 #endif
 
 /* Return codes. */
-typedef enum si_status {
+/* (Not named si_status: <signal.h> defines that as a macro.) */
+typedef enum si_retcode {
     SI_OK = 0,
     SI_ERR_INVALID_ARGUMENT = -1, /* a bad parameter or request */
     SI_ERR_IO = -2,               /* a file cannot be opened, read or written */
@@ -35,7 +36,7 @@ typedef enum si_status {
     SI_ERR_SECURITY = -7,         /* refused by the security policy */
     SI_ERR_INTERNAL = -8,
     SI_ERR_BUFFER_TOO_SMALL = -9  /* the output buffer is too small; the needed size is returned */
-} si_status;
+} si_retcode;
 
 /* The message of the last failed call on this thread ("" when none). Valid until the next call on this thread. */
 const char* si_last_error(void);
@@ -54,7 +55,8 @@ typedef struct si_model_params {
     /* Vocabulary for llama2.c checkpoints (tokenizer.bin). NULL: GGUF files carry their own; for llama2.c files
        tok<vocab>.bin or tokenizer.bin next to the model is used if present. */
     const char* tokenizer_path;
-    /* Optional LoRA adapter (llama.cpp GGUF adapter format) merged into the weights; NULL for none. */
+    /* Optional LoRA adapter (llama.cpp GGUF adapter format); NULL for none. SI_MODE_PLAIN merges it into the
+       weights; the other modes keep it apart and treat it as secret: it is loaded into the enclave only. */
     const char* lora_path;
     float lora_scale; /* multiplies the adapter's alpha / rank scaling; default 1 */
 } si_model_params;
@@ -82,11 +84,34 @@ int si_token_to_piece(const si_model* model, si_token prev, si_token token, char
 
 typedef struct si_context si_context;
 
+/* Partition presets (DESIGN.md section 6). */
+typedef enum si_mode {
+    SI_MODE_SECUREINFER = 0,  /* default: public base projections offloaded on masked, checked inputs */
+    SI_MODE_GPU_ONLY = 1,     /* everything in plaintext on the host and accelerator (no security; speed reference) */
+    SI_MODE_ENCLAVE_ONLY = 2, /* everything inside the trusted core (slow reference) */
+    SI_MODE_PLAIN = 3         /* the plaintext f32/int8 engine (quality reference; no enclave, no fixed point) */
+} si_mode;
+
+/* Where the trusted core runs in the secure modes. */
+typedef enum si_enclave_host {
+    SI_HOST_AUTO = 0,      /* the hardened worker process when its executable exists, else in-process (warned) */
+    SI_HOST_INPROCESS = 1, /* inside this process: no isolation (tests only) */
+    SI_HOST_WORKER = 2     /* the hardened worker process (secureinfer-worker) */
+} si_enclave_host;
+
 typedef struct si_context_params {
     int n_threads;                   /* 0: all online CPUs */
     int n_ctx;                       /* 0: the model's training context */
     int n_batch;                     /* prefill batch, default 512 */
-    si_weight_format weight_format;  /* default SI_WEIGHTS_F32 */
+    si_weight_format weight_format;  /* SI_MODE_PLAIN only; default SI_WEIGHTS_F32 */
+    si_mode mode;                    /* default SI_MODE_SECUREINFER */
+    si_enclave_host enclave_host;    /* default SI_HOST_AUTO */
+    int insecure;                    /* SI_MODE_GPU_ONLY: run a model with secret tensors anyway (benchmarks only) */
+    const char* secret_tensors;      /* comma-separated tensor names to treat as secret ("*": all), added to those
+                                        the model file declares (GGUF key secureinfer.secret_tensors); NULL */
+    const char* trace_dir;           /* write the boundary trace (DESIGN.md section 7) there; NULL: none */
+    int logprobs;                    /* release the top-K log-probabilities of each sampled token; 0: none */
+    float logprob_noise;             /* std of the Gaussian noise added to them before release; default 0 */
 } si_context_params;
 
 si_context_params si_context_default_params(void);
@@ -98,8 +123,38 @@ int si_context_pos(const si_context* ctx);
 int si_context_n_ctx(const si_context* ctx);
 
 /* Evaluates tokens at the current position. logits_out, when non-NULL, receives n_vocab floats for the last token
-   (all_logits = 0) or n_tokens * n_vocab floats (all_logits = 1). */
+   (all_logits = 0) or n_tokens * n_vocab floats (all_logits = 1). Logits are available in SI_MODE_PLAIN and
+   SI_MODE_GPU_ONLY only: in the secure modes they never leave the enclave and a non-NULL logits_out fails with
+   SI_ERR_SECURITY. */
 int si_eval(si_context* ctx, const si_token* tokens, size_t n_tokens, int all_logits, float* logits_out);
+
+/* Evaluates tokens and returns in *nll_sum the summed negative log-likelihood of targets[i] given tokens[0..i]
+   (targets[i] < 0: not scored) and in *n_scored (may be NULL) the number of scored targets. An evaluation feature:
+   in the secure modes only this scalar leaves the enclave. */
+int si_eval_nll(si_context* ctx, const si_token* tokens, size_t n_tokens, const si_token* targets, double* nll_sum,
+                size_t* n_scored);
+
+/* Counters of a context in one of the session modes (all but SI_MODE_PLAIN), since it was created. */
+typedef struct si_stats {
+    uint64_t enclave_calls;          /* ECALLs */
+    uint64_t crossings;              /* offload round trips enclave -> accelerator -> enclave (gpu-only: stages) */
+    uint64_t accelerator_calls;      /* products run on the accelerator */
+    uint64_t bytes_to_enclave, bytes_from_enclave;
+    uint64_t bytes_to_accelerator, bytes_from_accelerator;
+    double seconds_enclave, seconds_accelerator, seconds_host;
+    double flops_enclave, flops_accelerator, flops_host; /* nominal: 2 per multiply-add */
+    /* loading the model (uploads into the enclave and to the accelerator), not included above */
+    uint64_t load_bytes_to_enclave, load_bytes_to_accelerator;
+    double load_seconds;
+} si_stats;
+int si_context_stats(const si_context* ctx, si_stats* out);
+/* The isolation the context's trusted core has, e.g. "worker process (memfd_secret, seccomp, non-dumpable)", and
+   warnings about weakened protection, one per line ("" when none). Valid for the context's lifetime. */
+const char* si_context_isolation(const si_context* ctx);
+const char* si_context_warnings(const si_context* ctx);
+/* The log-probabilities released with the most recently sampled token (si_context_params.logprobs): up to capacity
+   (token, log-probability) pairs, best first; *n_out receives the count. */
+int si_last_logprobs(const si_context* ctx, si_token* tokens, float* logprobs, size_t capacity, size_t* n_out);
 
 /* ---- sampling and generation ------------------------------------------------------------------------------- */
 

@@ -1,28 +1,48 @@
 // The C API: a thin shell over the C++ library that turns exceptions into status codes and thread-local messages.
 #include "secureinfer.h"
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <new>
 #include <string>
+#include <vector>
 
 #include "common/error.h"
 #include "common/sampler.h"
+#include "common/staged_forward.h"
 #include "common/tokenizer.h"
 #include "engine/engine.h"
+#include "formats/gguf.h"
 #include "formats/model_file.h"
+#include "host/secure_session.h"
+#include "train/lora.h"
 
 struct si_model {
-    si::ModelFile file;
+    si::ModelFile file;  // the base weights, never merged with the adapter
     std::unique_ptr<si::Tokenizer> tokenizer;
+    // The LoRA adapter: merged into a copy of the weights for the plaintext engine, kept apart (and sent to the
+    // trusted core only) in the secure modes.
+    std::unique_ptr<si::train::LoraAdapter> lora;
+    float lora_scale = 1.0f;
+    // Tensors the model file declares secret (GGUF key secureinfer.secret_tensors).
+    std::vector<std::string> secret_tensors;
 };
 
 struct si_context {
     si_model* model = nullptr;
-    std::unique_ptr<si::Engine> engine;
+    si_mode mode = SI_MODE_PLAIN;
+    std::unique_ptr<si::Engine> engine;          // SI_MODE_PLAIN
+    std::unique_ptr<si::SecureSession> session;  // the other modes
+    std::string isolation, warnings;
+    std::vector<si::TokenLogprob> logprobs;  // released with the last sampled token
 };
 
 namespace {
+
+// A model package lists the tensors its owner keeps secret under this GGUF key (an array of tensor names, "*" for
+// all of them).
+constexpr const char* kSecretTensorsKey = "secureinfer.secret_tensors";
 
 thread_local std::string g_last_error;
 
@@ -95,7 +115,15 @@ int si_model_load(const char* path, const si_model_params* params, si_model** ou
         const si_model_params p = params ? *params : si_model_default_params();
         auto m = std::make_unique<si_model>();
         m->file = si::load_model_file(path, p.tokenizer_path ? p.tokenizer_path : "");
-        if (p.lora_path) si::fail(si::Status::unsupported, "LoRA adapters are not supported by this build");
+        if (m->file.format == si::ModelFileFormat::gguf) {
+            const si::gguf::Reader r = si::gguf::Reader::open(path);
+            if (r.has(kSecretTensorsKey)) m->secret_tensors = r.get_str_array(kSecretTensorsKey);
+        }
+        if (p.lora_path) {
+            m->lora = std::make_unique<si::train::LoraAdapter>(
+                si::train::read_lora_adapter(p.lora_path, m->file.weights.cfg));
+            m->lora_scale = p.lora_scale;
+        }
         m->tokenizer = std::make_unique<si::Tokenizer>(m->file.vocab, m->file.vocab_path);
         *out = m.release();
     });
@@ -142,6 +170,13 @@ si_context_params si_context_default_params(void) {
     p.n_ctx = 0;
     p.n_batch = 512;
     p.weight_format = SI_WEIGHTS_F32;
+    p.mode = SI_MODE_SECUREINFER;
+    p.enclave_host = SI_HOST_AUTO;
+    p.insecure = 0;
+    p.secret_tensors = nullptr;
+    p.trace_dir = nullptr;
+    p.logprobs = 0;
+    p.logprob_noise = 0.0f;
     return p;
 }
 
@@ -154,29 +189,95 @@ int si_context_init(si_model* model, const si_context_params* params, si_context
         require(p.n_ctx >= 0, "si_context_init: n_ctx must not be negative");
         require(p.n_batch > 0, "si_context_init: n_batch must be positive");
         require(p.weight_format == SI_WEIGHTS_F32 || p.weight_format == SI_WEIGHTS_INT8, "si_context_init: unknown weight format");
-        si::EngineParams ep;
-        ep.n_threads = p.n_threads;
-        ep.n_ctx = p.n_ctx;
-        ep.n_batch = p.n_batch;
-        ep.weights = p.weight_format == SI_WEIGHTS_INT8 ? si::WeightFormat::int8 : si::WeightFormat::f32;
+        require(p.mode >= SI_MODE_SECUREINFER && p.mode <= SI_MODE_PLAIN, "si_context_init: unknown mode");
+        require(p.enclave_host >= SI_HOST_AUTO && p.enclave_host <= SI_HOST_WORKER, "si_context_init: unknown enclave host");
+        require(p.logprobs >= 0, "si_context_init: logprobs must not be negative");
         auto c = std::make_unique<si_context>();
         c->model = model;
-        c->engine = std::make_unique<si::Engine>(model->file.weights, ep);
+        c->mode = p.mode;
+        if (p.mode == SI_MODE_PLAIN) {
+            si::EngineParams ep;
+            ep.n_threads = p.n_threads;
+            ep.n_ctx = p.n_ctx;
+            ep.n_batch = p.n_batch;
+            ep.weights = p.weight_format == SI_WEIGHTS_INT8 ? si::WeightFormat::int8 : si::WeightFormat::f32;
+            if (model->lora) {
+                // Merged into a copy of the f32 weights, so every engine format (int8 included) quantises the
+                // adapted weights.
+                si::ModelWeights merged = model->file.weights;
+                si::train::merge_lora(merged, *model->lora, model->lora_scale);
+                c->engine = std::make_unique<si::Engine>(merged, ep);
+            } else {
+                c->engine = std::make_unique<si::Engine>(model->file.weights, ep);
+            }
+            c->isolation = "none (plaintext engine)";
+        } else {
+            si::SecureSessionParams sp;
+            sp.mode = p.mode == SI_MODE_GPU_ONLY      ? si::SecureMode::gpu_only
+                      : p.mode == SI_MODE_ENCLAVE_ONLY ? si::SecureMode::enclave_only
+                                                       : si::SecureMode::secureinfer;
+            sp.n_ctx = p.n_ctx;
+            sp.n_batch = p.n_batch;
+            sp.n_threads = p.n_threads;
+            sp.insecure = p.insecure != 0;
+            sp.host = p.enclave_host == SI_HOST_INPROCESS ? si::EnclaveHostKind::inprocess
+                      : p.enclave_host == SI_HOST_WORKER  ? si::EnclaveHostKind::worker
+                                                          : si::EnclaveHostKind::automatic;
+            if (p.trace_dir) sp.trace_dir = p.trace_dir;
+            sp.secret_tensors = model->secret_tensors;
+            if (p.secret_tensors) {
+                const std::string list = p.secret_tensors;
+                size_t b = 0;
+                while (b <= list.size()) {
+                    const size_t e = std::min(list.find(',', b), list.size());
+                    if (e > b) sp.secret_tensors.push_back(list.substr(b, e - b));
+                    b = e + 1;
+                }
+            }
+            sp.lora = model->lora.get();
+            sp.lora_scale = model->lora_scale;
+            sp.logprobs = p.logprobs;
+            sp.logprob_noise = p.logprob_noise;
+            c->session = std::make_unique<si::SecureSession>(model->file.weights, std::move(sp));
+            c->isolation = c->session->isolation();
+            for (const auto& w : c->session->warnings()) c->warnings += (c->warnings.empty() ? "" : "\n") + w;
+        }
         *out = c.release();
     });
 }
 
 void si_context_free(si_context* ctx) { delete ctx; }
 void si_context_reset(si_context* ctx) {
-    if (ctx) ctx->engine->reset();
+    if (!ctx) return;
+    if (ctx->engine) {
+        ctx->engine->reset();
+    } else {
+        // A failure here (a stopped session) surfaces on the next call that needs the enclave.
+        guarded([&] { ctx->session->reset(); });
+    }
 }
-int si_context_pos(const si_context* ctx) { return ctx ? ctx->engine->pos() : 0; }
-int si_context_n_ctx(const si_context* ctx) { return ctx ? ctx->engine->n_ctx() : 0; }
+int si_context_pos(const si_context* ctx) {
+    return !ctx ? 0 : ctx->engine ? ctx->engine->pos() : ctx->session->pos();
+}
+int si_context_n_ctx(const si_context* ctx) {
+    return !ctx ? 0 : ctx->engine ? ctx->engine->n_ctx() : ctx->session->n_ctx();
+}
 
 int si_eval(si_context* ctx, const si_token* tokens, size_t n_tokens, int all_logits, float* logits_out) {
     return guarded([&] {
         require(ctx && tokens && n_tokens > 0, "si_eval: context and a non-empty token array are required");
-        const float* logits = ctx->engine->eval(std::span<const int32_t>(tokens, n_tokens), all_logits != 0);
+        const std::span<const int32_t> toks(tokens, n_tokens);
+        if (ctx->session) {
+            if (!logits_out) {
+                ctx->session->eval(toks);
+                return;
+            }
+            const float* logits = ctx->session->eval_logits(toks, all_logits != 0);  // gpu-only, else security
+            const size_t n = size_t(all_logits ? n_tokens : 1) * size_t(ctx->session->config().vocab_size);
+            std::memcpy(logits_out, logits, n * sizeof(float));
+            return;
+        }
+        const float* logits = ctx->engine->eval(toks, all_logits != 0);
         if (logits_out) {
             const size_t n = size_t(all_logits ? n_tokens : 1) * size_t(ctx->engine->config().vocab_size);
             std::memcpy(logits_out, logits, n * sizeof(float));
@@ -201,7 +302,35 @@ int si_generate(si_context* ctx, const si_token* prompt, size_t n_prompt, int n_
         require(ctx && prompt && n_prompt > 0, "si_generate: context and a non-empty prompt are required");
         require(n_predict >= 0, "si_generate: n_predict must not be negative");
         const si_sampler_params sp = sampler ? *sampler : si_sampler_default_params();
-        si::Sampler s(si::SamplerParams{sp.temperature, sp.top_k, sp.top_p, sp.seed});
+        const si::SamplerParams params{sp.temperature, sp.top_k, sp.top_p, sp.seed};
+        ctx->logprobs.clear();
+        if (ctx->session) {
+            // The secure modes sample inside the enclave (gpu-only on the host): only tokens come back.
+            si::SecureSession& s = *ctx->session;
+            const si::Tokenizer& tok = *ctx->model->tokenizer;
+            if (s.pos() + int64_t(n_prompt) > s.n_ctx())
+                si::fail(si::Status::invalid_argument, "prompt of " + std::to_string(n_prompt) +
+                                                           " tokens does not fit the context of " +
+                                                           std::to_string(s.n_ctx() - s.pos()) + " free positions");
+            s.set_sampler(params);
+            if (n_predict == 0) {
+                s.eval(std::span<const int32_t>(prompt, n_prompt));
+                return;
+            }
+            si_token next = s.eval_sample(std::span<const int32_t>(prompt, n_prompt), &ctx->logprobs);
+            si_token prev = prompt[n_prompt - 1];
+            for (int i = 0; i < n_predict; ++i) {
+                if (next == tok.eos()) break;
+                const std::string piece = tok.piece(prev, next);
+                if (n_generated) ++*n_generated;
+                if (callback && callback(next, piece.data(), piece.size(), user_data) != 0) break;
+                prev = next;
+                if (i + 1 == n_predict || s.pos() >= s.n_ctx()) break;
+                next = s.eval_sample(std::span<const int32_t>(&prev, 1), &ctx->logprobs);
+            }
+            return;
+        }
+        si::Sampler s(params);
         si::Engine& e = *ctx->engine;
         const si::Tokenizer& tok = *ctx->model->tokenizer;
         const int n_vocab = e.config().vocab_size;
@@ -220,6 +349,76 @@ int si_generate(si_context* ctx, const si_token* prompt, size_t n_prompt, int n_
             if (i + 1 == n_predict || e.pos() >= e.n_ctx()) break;
             logits = e.eval(std::span<const int32_t>(&next, 1));
         }
+    });
+}
+
+int si_eval_nll(si_context* ctx, const si_token* tokens, size_t n_tokens, const si_token* targets, double* nll_sum,
+                size_t* n_scored) {
+    return guarded([&] {
+        require(ctx && tokens && targets && nll_sum && n_tokens > 0,
+                "si_eval_nll: context, tokens, targets and nll_sum are required");
+        const std::span<const int32_t> toks(tokens, n_tokens), tg(targets, n_tokens);
+        if (ctx->session) {
+            const auto [sum, count] = ctx->session->eval_nll(toks, tg);
+            *nll_sum = sum;
+            if (n_scored) *n_scored = size_t(count);
+            return;
+        }
+        const int V = ctx->engine->config().vocab_size;
+        for (int32_t t : tg)
+            require(t >= -1 && t < V, "si_eval_nll: target out of range");
+        const float* logits = ctx->engine->eval(toks, true);
+        double sum = 0.0;
+        size_t count = 0;
+        for (size_t i = 0; i < n_tokens; ++i)
+            if (tg[i] >= 0) {
+                sum += si::token_nll(logits + i * size_t(V), V, tg[i]);
+                ++count;
+            }
+        *nll_sum = sum;
+        if (n_scored) *n_scored = count;
+    });
+}
+
+int si_context_stats(const si_context* ctx, si_stats* out) {
+    return guarded([&] {
+        require(ctx && out, "si_context_stats: context and out are required");
+        require(ctx->session != nullptr, "si_context_stats: the plaintext engine (SI_MODE_PLAIN) keeps no statistics");
+        const si::SessionStats& s = ctx->session->stats();
+        const si::SessionStats& l = ctx->session->load_stats();
+        *out = si_stats{};
+        out->enclave_calls = s.enclave_calls;
+        out->crossings = s.crossings;
+        out->accelerator_calls = s.accelerator_calls;
+        out->bytes_to_enclave = s.bytes_to_enclave;
+        out->bytes_from_enclave = s.bytes_from_enclave;
+        out->bytes_to_accelerator = s.bytes_to_accelerator;
+        out->bytes_from_accelerator = s.bytes_from_accelerator;
+        out->seconds_enclave = s.enclave.seconds;
+        out->seconds_accelerator = s.accelerator.seconds;
+        out->seconds_host = s.host.seconds;
+        out->flops_enclave = s.enclave.flops;
+        out->flops_accelerator = s.accelerator.flops;
+        out->flops_host = s.host.flops;
+        out->load_bytes_to_enclave = l.bytes_to_enclave;
+        out->load_bytes_to_accelerator = l.bytes_to_accelerator;
+        out->load_seconds = l.enclave.seconds + l.accelerator.seconds + l.host.seconds;
+    });
+}
+
+const char* si_context_isolation(const si_context* ctx) { return ctx ? ctx->isolation.c_str() : ""; }
+const char* si_context_warnings(const si_context* ctx) { return ctx ? ctx->warnings.c_str() : ""; }
+
+int si_last_logprobs(const si_context* ctx, si_token* tokens, float* logprobs, size_t capacity, size_t* n_out) {
+    return guarded([&] {
+        require(ctx && n_out, "si_last_logprobs: context and n_out are required");
+        const size_t n = std::min(capacity, ctx->logprobs.size());
+        require(n == 0 || (tokens && logprobs), "si_last_logprobs: output arrays are required");
+        for (size_t i = 0; i < n; ++i) {
+            tokens[i] = ctx->logprobs[i].token;
+            logprobs[i] = ctx->logprobs[i].logprob;
+        }
+        *n_out = n;
     });
 }
 

@@ -21,6 +21,8 @@ Runner add_tokenize(CLI::App& app);
 Runner add_info(CLI::App& app);
 Runner add_convert(CLI::App& app);
 Runner add_bench(CLI::App& app);
+Runner add_plan(CLI::App& app);
+Runner add_finetune(CLI::App& app);
 
 // Throws CLI::ValidationError-style usage errors from inside a runner.
 struct UsageError : std::runtime_error {

@@ -16,8 +16,13 @@ namespace si::cli {
 namespace {
 
 struct ModelOptions {
-    std::string model, tokenizer, weights = "f32";
+    std::string model, tokenizer, weights = "f32", lora;
     int threads = 0, ctx = 0, batch = 512;
+    float lora_scale = 1.0f;
+    // partition preset and its options
+    std::string mode = "secureinfer", host = "auto", secret, trace;
+    bool insecure = false, stats = false;
+    CLI::Option* weights_opt = nullptr;
 
     void add(CLI::App* sub, bool require_model = true) {
         auto* m = sub->add_option("-m,--model", model, "model file (GGUF or llama2.c checkpoint)");
@@ -26,11 +31,43 @@ struct ModelOptions {
         sub->add_option("-t,--threads", threads, "worker threads (0: all CPUs)")->check(CLI::Range(0, 1024));
         sub->add_option("-c,--ctx-size", ctx, "context length (0: the model's)")->check(CLI::Range(0, 1 << 20));
         sub->add_option("-b,--batch-size", batch, "prompt tokens per forward pass")->check(CLI::Range(1, 1 << 16));
-        sub->add_option("--weights", weights, "weight format of the plaintext engine")->check(CLI::IsMember({"f32", "int8"}));
+        weights_opt = sub->add_option("--weights", weights, "weight format of the plaintext engine (--mode plain)")
+                          ->check(CLI::IsMember({"f32", "int8"}));
+        auto* l = sub->add_option("--lora", lora, "LoRA adapter (llama.cpp GGUF adapter): kept inside the enclave and "
+                                                  "treated as secret; merged into the weights with --mode plain");
+        sub->add_option("--lora-scale", lora_scale, "adapter scale: the update is scale * alpha / rank * B A")
+            ->check(CLI::Range(-1e6, 1e6))
+            ->needs(l);
+        sub->add_option("--mode", mode,
+                        "partition preset: secureinfer (masked, checked offload of the public base projections), "
+                        "gpu-only (plaintext, no security), enclave-only (everything in the enclave), plain "
+                        "(the plaintext f32/int8 engine)")
+            ->check(CLI::IsMember({"secureinfer", "gpu-only", "enclave-only", "plain"}));
+        sub->add_option("--host", host, "where the trusted core runs: worker (hardened process), inprocess (no "
+                                        "isolation, tests only), auto (worker if its executable exists)")
+            ->check(CLI::IsMember({"auto", "worker", "inprocess"}));
+        sub->add_flag("--insecure", insecure, "gpu-only: run a model with secret tensors anyway (benchmarking only)");
+        sub->add_option("--secret", secret, "comma-separated tensor names to treat as secret, e.g. "
+                                            "blk.0.attn_q.weight ('*': every tensor), in addition to those the "
+                                            "model file declares (GGUF key secureinfer.secret_tensors)");
+        sub->add_option("--trace", trace, "write the boundary trace (.npy files + index.jsonl) to this directory");
+        sub->add_flag("--stats", stats, "print crossings, bytes, FLOPs and time per domain to stderr");
+    }
+    // Usage checks that need several options.
+    void check() const {
+        if (weights_opt && weights_opt->count() && mode != "plain")
+            throw UsageError("--weights applies to --mode plain only (the other modes use int8 weights with "
+                             "fixed-point activations)");
+        if (mode == "plain" && (stats || !trace.empty() || insecure || !secret.empty()))
+            throw UsageError("--stats, --trace, --insecure and --secret need one of the modes secureinfer, "
+                             "gpu-only, enclave-only");
+        if (insecure && mode != "gpu-only") throw UsageError("--insecure applies to --mode gpu-only only");
     }
     si_model_params model_params() const {
         si_model_params p = si_model_default_params();
         p.tokenizer_path = tokenizer.empty() ? nullptr : tokenizer.c_str();
+        p.lora_path = lora.empty() ? nullptr : lora.c_str();
+        p.lora_scale = lora_scale;
         return p;
     }
     si_context_params context_params() const {
@@ -39,9 +76,63 @@ struct ModelOptions {
         p.n_ctx = ctx;
         p.n_batch = batch;
         p.weight_format = weights == "int8" ? SI_WEIGHTS_INT8 : SI_WEIGHTS_F32;
+        p.mode = mode == "plain"          ? SI_MODE_PLAIN
+                 : mode == "gpu-only"     ? SI_MODE_GPU_ONLY
+                 : mode == "enclave-only" ? SI_MODE_ENCLAVE_ONLY
+                                          : SI_MODE_SECUREINFER;
+        p.enclave_host = host == "worker" ? SI_HOST_WORKER : host == "inprocess" ? SI_HOST_INPROCESS : SI_HOST_AUTO;
+        p.insecure = insecure ? 1 : 0;
+        p.secret_tensors = secret.empty() ? nullptr : secret.c_str();
+        p.trace_dir = trace.empty() ? nullptr : trace.c_str();
         return p;
     }
 };
+
+// Loud warnings about weakened protection (e.g. no isolation), once, before any output.
+void print_warnings(const secureinfer::Context& ctx) {
+    const std::string w = si_context_warnings(ctx.get());
+    size_t b = 0;
+    while (b < w.size()) {
+        const size_t e = std::min(w.find('\n', b), w.size());
+        std::fprintf(stderr, "secureinfer: WARNING: %s\n", w.substr(b, e - b).c_str());
+        b = e + 1;
+    }
+}
+
+std::string human_bytes(double b) {
+    char buf[32];
+    if (b >= 1e9) std::snprintf(buf, sizeof buf, "%.2f GB", b / 1e9);
+    else if (b >= 1e6) std::snprintf(buf, sizeof buf, "%.2f MB", b / 1e6);
+    else if (b >= 1e3) std::snprintf(buf, sizeof buf, "%.2f kB", b / 1e3);
+    else std::snprintf(buf, sizeof buf, "%.0f B", b);
+    return buf;
+}
+
+void print_stats(const secureinfer::Context& ctx, const std::string& mode) {
+    si_stats s{};
+    secureinfer::check(si_context_stats(ctx.get(), &s));
+    std::fprintf(stderr, "stats: mode %s; enclave host: %s\n", mode.c_str(), si_context_isolation(ctx.get()));
+    std::fprintf(stderr, "stats: crossings %llu (enclave calls %llu, accelerator products %llu)\n",
+                 (unsigned long long)s.crossings, (unsigned long long)s.enclave_calls,
+                 (unsigned long long)s.accelerator_calls);
+    std::fprintf(stderr, "stats: bytes host->enclave %s, enclave->host %s, host->accelerator %s, accelerator->host %s\n",
+                 human_bytes(double(s.bytes_to_enclave)).c_str(), human_bytes(double(s.bytes_from_enclave)).c_str(),
+                 human_bytes(double(s.bytes_to_accelerator)).c_str(),
+                 human_bytes(double(s.bytes_from_accelerator)).c_str());
+    std::fprintf(stderr, "stats: %-12s %10s %12s %10s\n", "domain", "time (s)", "GFLOP", "GFLOP/s");
+    const struct {
+        const char* name;
+        double t, f;
+    } rows[] = {{"enclave", s.seconds_enclave, s.flops_enclave},
+                {"accelerator", s.seconds_accelerator, s.flops_accelerator},
+                {"host", s.seconds_host, s.flops_host}};
+    for (const auto& r : rows)
+        std::fprintf(stderr, "stats: %-12s %10.4f %12.4f %10.2f\n", r.name, r.t, r.f / 1e9,
+                     r.t > 0 ? r.f / 1e9 / r.t : 0.0);
+    std::fprintf(stderr, "stats: load (not included above): %s into the enclave, %s to the accelerator, %.3f s\n",
+                 human_bytes(double(s.load_bytes_to_enclave)).c_str(),
+                 human_bytes(double(s.load_bytes_to_accelerator)).c_str(), s.load_seconds);
+}
 
 std::string read_text_file(const std::string& path) {
     std::ifstream f(path, std::ios::binary);
@@ -60,7 +151,15 @@ Runner add_run(CLI::App& app) {
     auto n_predict = std::make_shared<int>(128);
     auto sp = std::make_shared<si_sampler_params>(si_sampler_default_params());
     auto seed = std::make_shared<int64_t>(-1);
+    auto logprobs = std::make_shared<int>(0);
+    auto logprobs_noise = std::make_shared<float>(0.0f);
     o->add(sub);
+    sub->add_option("--logprobs", *logprobs, "print the top-K log-probabilities of every generated token to stderr "
+                                             "(released by the enclave; off by default)")
+        ->check(CLI::Range(0, 1 << 20));
+    sub->add_option("--logprobs-noise", *logprobs_noise, "standard deviation of the Gaussian noise the enclave adds "
+                                                         "to released log-probabilities (default 0)")
+        ->check(CLI::Range(0.0, 1e6));
     sub->add_option("-p,--prompt", *prompt, "prompt text (default: empty, generation starts from BOS)");
     sub->add_option("-n,--n-predict", *n_predict, "number of tokens to generate")->check(CLI::Range(0, 1 << 20));
     sub->add_option("--temp", sp->temperature, "temperature; 0 is greedy")->check(CLI::Range(0.0, 100.0));
@@ -68,25 +167,51 @@ Runner add_run(CLI::App& app) {
     sub->add_option("--top-p", sp->top_p, "top-p sampling (1: off)")->check(CLI::Range(0.0, 1.0));
     sub->add_option("-s,--seed", *seed, "sampler seed (default: random)")->check(CLI::Range(int64_t(0), INT64_MAX));
     return [=]() -> int {
+        o->check();
+        if (*logprobs > 0 && o->mode == "plain")
+            throw UsageError("--logprobs needs one of the modes secureinfer, gpu-only, enclave-only");
         secureinfer::Model model(o->model, o->model_params());
-        secureinfer::Context ctx(model, o->context_params());
+        si_context_params cp = o->context_params();
+        cp.logprobs = *logprobs;
+        cp.logprob_noise = *logprobs_noise;
+        secureinfer::Context ctx(model, cp);
+        print_warnings(ctx);
         si_sampler_params s = *sp;
         s.seed = *seed >= 0 ? uint64_t(*seed) : (uint64_t(std::random_device{}()) << 32) ^ std::random_device{}();
         const auto ids = model.tokenize(*prompt, true);
         if (int(ids.size()) >= ctx.n_ctx())
             throw UsageError("prompt has " + std::to_string(ids.size()) + " tokens; the context holds " + std::to_string(ctx.n_ctx()));
-        ctx.generate(ids, *n_predict, s, [](si_token, std::string_view piece) {
+        const int k = *logprobs;
+        si_context* raw = ctx.get();
+        ctx.generate(ids, *n_predict, s, [k, raw](si_token token, std::string_view piece) {
             std::fwrite(piece.data(), 1, piece.size(), stdout);
             std::fflush(stdout);
+            if (k > 0) {
+                std::vector<si_token> top(size_t(k), 0);
+                std::vector<float> lp(size_t(k), 0.0f);
+                size_t n = 0;
+                secureinfer::check(si_last_logprobs(raw, top.data(), lp.data(), top.size(), &n));
+                std::string line = "logprobs: token " + std::to_string(token) + ":";
+                char buf[48];
+                for (size_t i = 0; i < n; ++i) {
+                    std::snprintf(buf, sizeof buf, " %d=%.4f", top[i], double(lp[i]));
+                    line += buf;
+                }
+                std::fprintf(stderr, "%s\n", line.c_str());
+            }
             return true;
         });
         std::fputc('\n', stdout);
+        std::fflush(stdout);
+        if (o->stats) print_stats(ctx, o->mode);
         return 0;
     };
 }
 
 Runner add_perplexity(CLI::App& app) {
-    auto* sub = app.add_subcommand("perplexity", "perplexity of a text file over consecutive windows (each starts with BOS)");
+    auto* sub = app.add_subcommand("perplexity", "perplexity of a text file over consecutive windows (each starts with BOS); "
+                                                  "in the secure modes the enclave returns only each window's summed "
+                                                  "NLL (an evaluation feature: logits never leave it)");
     auto o = std::make_shared<ModelOptions>();
     auto file = std::make_shared<std::string>();
     auto window = std::make_shared<int>(256);
@@ -96,12 +221,16 @@ Runner add_perplexity(CLI::App& app) {
     sub->add_option("--ctx", *window, "window length in tokens, BOS included")->check(CLI::Range(2, 1 << 20));
     sub->add_option("--chunks", *max_windows, "score at most this many windows (0: all)")->check(CLI::Range(0, 1 << 30));
     return [=]() -> int {
+        o->check();
         secureinfer::Model model(o->model, o->model_params());
         si_context_params cp = o->context_params();
         if (*window > si_model_n_ctx_train(model.get()))
             throw UsageError("--ctx " + std::to_string(*window) + " exceeds the model's context of " + std::to_string(si_model_n_ctx_train(model.get())));
         cp.n_ctx = *window;
         secureinfer::Context ctx(model, cp);
+        print_warnings(ctx);
+        const bool plain = o->mode == "plain";
+        std::vector<si_token> targets;
         const auto tokens = model.tokenize(read_text_file(*file), false);
         if (tokens.empty()) throw secureinfer::Error(SI_ERR_INVALID_ARGUMENT, *file + ": no tokens to score");
         const size_t per = size_t(*window - 1);
@@ -117,10 +246,20 @@ Runner add_perplexity(CLI::App& app) {
             const size_t b = w * per, e = std::min(tokens.size(), b + per);
             batch.assign(1, model.bos());
             batch.insert(batch.end(), tokens.begin() + std::ptrdiff_t(b), tokens.begin() + std::ptrdiff_t(e));
-            logits.resize(batch.size() * size_t(n_vocab));
             ctx.reset();
-            secureinfer::check(si_eval(ctx.get(), batch.data(), batch.size(), 1, logits.data()));
-            for (size_t i = 0; i + 1 < batch.size(); ++i) {
+            if (!plain) {
+                // Logits never leave the enclave: it scores the window and returns only the summed NLL.
+                targets.assign(batch.begin() + 1, batch.end());
+                targets.push_back(-1);
+                double part = 0.0;
+                size_t scored = 0;
+                secureinfer::check(si_eval_nll(ctx.get(), batch.data(), batch.size(), targets.data(), &part, &scored));
+                nll += part;
+                count += scored;
+            }
+            logits.resize(plain ? batch.size() * size_t(n_vocab) : 0);
+            if (plain) secureinfer::check(si_eval(ctx.get(), batch.data(), batch.size(), 1, logits.data()));
+            for (size_t i = 0; plain && i + 1 < batch.size(); ++i) {
                 const float* l = &logits[i * size_t(n_vocab)];
                 double mx = l[0];
                 for (int v = 1; v < n_vocab; ++v) mx = std::max(mx, double(l[v]));
@@ -135,6 +274,8 @@ Runner add_perplexity(CLI::App& app) {
         }
         std::fprintf(stderr, "\n");
         std::printf("tokens=%zu nll=%.6f ppl=%.4f\n", count, nll / double(count), std::exp(nll / double(count)));
+        std::fflush(stdout);
+        if (o->stats) print_stats(ctx, o->mode);
         return 0;
     };
 }

@@ -13,9 +13,18 @@ int main(int argc, char** argv) {
     app.require_subcommand(1);
     app.set_version_flag("--version", "secureinfer 0.1.0");
     std::map<CLI::App*, Runner> runners;
-    for (auto add : {add_run, add_perplexity, add_tokenize, add_info, add_convert, add_bench}) {
+    for (auto add : {add_run, add_perplexity, add_tokenize, add_info, add_convert, add_bench, add_plan, add_finetune}) {
         Runner r = add(app);
         runners[app.get_subcommands({}).back()] = r;
+    }
+    auto is_command = [&](const std::string& name) {
+        for (const auto* sub : app.get_subcommands({}))
+            if (sub->get_name() == name) return true;
+        return false;
+    };
+    if (argc > 1 && argv[1][0] != '-' && !is_command(argv[1])) {
+        std::fprintf(stderr, "secureinfer: unknown command '%s' (see 'secureinfer --help')\n", argv[1]);
+        return kExitUsage;
     }
     try {
         app.parse(argc, argv);

@@ -1,6 +1,6 @@
-// Plaintext matrix kernels. Both are "dot-product form": weights and activations are row-major along K, so every
-// output is a dot product of a weight row with an activation row. Tiles of 4 weight rows x 4 tokens keep 16
-// accumulators in registers; decode (T = 1) streams each weight row exactly once.
+// Float matrix kernel in "dot-product form": weights and activations are row-major along K, so every output is a
+// dot product of a weight row with an activation row. Tiles of 4 weight rows x 4 tokens keep 16 accumulators in
+// registers; decode (T = 1) streams each weight row exactly once.
 #include "common/matmul.h"
 
 #include <algorithm>
@@ -94,70 +94,6 @@ void f32_rows(const float* W, int64_t N, int64_t K, const float* X, int64_t T, f
     }
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-inline __mmask64 tail_mask64(int64_t rem) { return rem >= 64 ? ~__mmask64(0) : ((__mmask64(1) << rem) - 1); }
-
-// acc[r][c] = sum_k (X[t][k] + 128) * W[n][k]; the caller subtracts 128 * rowsum. Xu holds X + 128 as bytes.
-template <int R, int C>
-inline void dot_tile_i8(const int8_t* W, const int32_t* rowsum, int64_t K, const uint8_t* Xu, int64_t n0, int64_t t0,
-                        int64_t N, int32_t* Y) {
-    __m512i acc[R][C];
-    for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
-    for (int64_t k = 0; k < K; k += 64) {
-        const __mmask64 m = tail_mask64(K - k);
-        __m512i x[C];
-        for (int c = 0; c < C; ++c) x[c] = _mm512_maskz_loadu_epi8(m, Xu + (t0 + c) * K + k);
-        for (int r = 0; r < R; ++r) {
-            const __m512i w = _mm512_maskz_loadu_epi8(m, W + (n0 + r) * K + k);
-            for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], x[c], w);
-        }
-    }
-    for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c)
-            Y[(t0 + c) * N + n0 + r] = _mm512_reduce_add_epi32(acc[r][c]) - 128 * rowsum[n0 + r];
-}
-#define SI_I8_TILE dot_tile_i8
-#else
-template <int R, int C>
-inline void dot_tile_i8_scalar(const int8_t* W, const int32_t* rowsum, int64_t K, const uint8_t* Xu, int64_t n0,
-                               int64_t t0, int64_t N, int32_t* Y) {
-    for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) {
-            const int8_t* w = W + (n0 + r) * K;
-            const uint8_t* x = Xu + (t0 + c) * K;
-            int32_t s = 0;
-            for (int64_t k = 0; k < K; ++k) s += int32_t(x[k]) * int32_t(w[k]);
-            Y[(t0 + c) * N + n0 + r] = s - 128 * rowsum[n0 + r];
-        }
-}
-#define SI_I8_TILE dot_tile_i8_scalar
-#endif
-
-void i8_rows(const int8_t* W, const int32_t* rowsum, int64_t N, int64_t K, const uint8_t* Xu, int64_t T, int32_t* Y,
-             int64_t n_begin, int64_t n_end) {
-    for (int64_t t0 = 0; t0 < T; t0 += 4) {
-        const int64_t tc = std::min<int64_t>(4, T - t0);
-        int64_t n = n_begin;
-        for (; n + 4 <= n_end; n += 4) {
-            switch (tc) {
-                case 4: SI_I8_TILE<4, 4>(W, rowsum, K, Xu, n, t0, N, Y); break;
-                case 3: SI_I8_TILE<4, 3>(W, rowsum, K, Xu, n, t0, N, Y); break;
-                case 2: SI_I8_TILE<4, 2>(W, rowsum, K, Xu, n, t0, N, Y); break;
-                default: SI_I8_TILE<4, 1>(W, rowsum, K, Xu, n, t0, N, Y); break;
-            }
-        }
-        for (; n < n_end; ++n) {
-            switch (tc) {
-                case 4: SI_I8_TILE<1, 4>(W, rowsum, K, Xu, n, t0, N, Y); break;
-                case 3: SI_I8_TILE<1, 3>(W, rowsum, K, Xu, n, t0, N, Y); break;
-                case 2: SI_I8_TILE<1, 2>(W, rowsum, K, Xu, n, t0, N, Y); break;
-                default: SI_I8_TILE<1, 1>(W, rowsum, K, Xu, n, t0, N, Y); break;
-            }
-        }
-    }
-}
-
 // Token blocks of this many rows keep a block of weight rows hot in L1/L2 while every token of the block uses them.
 constexpr int64_t kTokenBlock = 64;
 
@@ -167,17 +103,6 @@ void matmul_f32(ThreadPool* pool, const float* W, int64_t N, int64_t K, const fl
     for (int64_t t0 = 0; t0 < T; t0 += kTokenBlock) {
         const int64_t tb = std::min(kTokenBlock, T - t0);
         run_rows(pool, N, [&](int64_t b, int64_t e) { f32_rows(W, N, K, X + t0 * K, tb, Y + t0 * N, b, e); });
-    }
-}
-
-void matmul_i8(ThreadPool* pool, const int8_t* W, const int32_t* w_rowsum, int64_t N, int64_t K, const int8_t* X,
-               int64_t T, int32_t* Y) {
-    // Shift activations into unsigned bytes once per call: (x + 128) * w summed, minus 128 * sum(w), is exact.
-    std::vector<uint8_t> xu(size_t(T * K));
-    for (int64_t i = 0; i < T * K; ++i) xu[size_t(i)] = uint8_t(int32_t(X[i]) + 128);
-    for (int64_t t0 = 0; t0 < T; t0 += kTokenBlock) {
-        const int64_t tb = std::min(kTokenBlock, T - t0);
-        run_rows(pool, N, [&](int64_t b, int64_t e) { i8_rows(W, w_rowsum, N, K, xu.data() + t0 * K, tb, Y + t0 * N, b, e); });
     }
 }
 

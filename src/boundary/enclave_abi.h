@@ -1,0 +1,51 @@
+/*
+ * The enclave boundary as a C ABI: the only way into the trusted core (src/enclave).
+ *
+ * The interface is deliberately coarse: one ECALL processes one request message (one layer stage of one batch of
+ * tokens, one tensor upload, one sampling step ...) and writes one response message. Messages are flat byte
+ * buffers whose layout is defined in enclave_messages.h; the trusted core copies every request into its own memory
+ * and validates every size, offset, count and index before use, and never keeps a pointer into host memory after
+ * a call returns. The same three functions are declared for the SGX SDK in secureinfer_enclave.edl.
+ *
+ * Everything the trusted core needs from the operating system comes through the OCALL table given at creation.
+ */
+#ifndef SECUREINFER_ENCLAVE_ABI_H
+#define SECUREINFER_ENCLAVE_ABI_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SI_ENCLAVE_ABI_VERSION 1u
+/* No request or response is larger than this; bigger transfers (weight uploads) are split by the host. */
+#define SI_ENCLAVE_MAX_MESSAGE (64u << 20)
+
+typedef struct si_ocall_table {
+    /* Diagnostics only (never secrets): level 0 info, 1 warning, 2 error. May be NULL. */
+    void (*log)(void* ctx, int level, const char* message);
+    void* ctx;
+} si_ocall_table;
+
+typedef struct si_enclave si_enclave;
+
+/* Creates a trusted core instance. Returns 0 or a negative si_retcode code (secureinfer.h). */
+int si_ecall_create(const si_ocall_table* ocalls, si_enclave** out);
+
+/* Processes one request. On success returns 0 and writes the response (at most resp_cap bytes) and its length.
+   On failure returns a negative si_retcode code and writes a NUL-terminated, secret-free error message into resp
+   (truncated to resp_cap). After an integrity failure (SI_ERR_INTEGRITY) every later call fails: the session is
+   over and no further output is released. */
+int si_ecall_process(si_enclave* enclave, const uint8_t* request, size_t request_len, uint8_t* response,
+                     size_t response_cap, size_t* response_len);
+
+/* Destroys the instance; every secret it held is zeroed first. */
+void si_ecall_destroy(si_enclave* enclave);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SECUREINFER_ENCLAVE_ABI_H */

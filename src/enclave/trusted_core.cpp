@@ -1,0 +1,605 @@
+#include "enclave/trusted_core.h"
+
+#include <openssl/crypto.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <optional>
+#include <string>
+
+#include "boundary/enclave_messages.h"
+#include "common/error.h"
+#include "common/model.h"
+#include "common/qgemm.h"
+#include "common/sampler.h"
+#include "common/secret_memory.h"
+#include "common/staged_forward.h"
+#include "enclave/fixed_point.h"
+#include "enclave/freivalds.h"
+#include "enclave/mask_stream.h"
+
+namespace si {
+
+namespace {
+
+using wire::Encoder;
+using wire::Message;
+using wire::MsgType;
+using wire::Tag;
+using wire::TensorKind;
+using wire::WireType;
+
+[[noreturn]] void bad(const std::string& why) { fail(Status::invalid_argument, why); }
+
+// One base projection as the core holds it: int8 weights with per-row scales.
+struct ProjState {
+    int64_t rows = 0, cols = 0;
+    bool secret = false;
+    bool offload = false;  // decided at finalize: offloading on and not secret
+    SecretVector<int8_t> raw;    // during upload; freed at finalize
+    SecretVector<float> scale;   // [rows]
+    PackedI8 packed;             // after finalize: for local products and for W r
+    std::optional<FreivaldsKey> key;  // offloaded projections only
+    ~ProjState() {
+        if (!packed.data.empty()) OPENSSL_cleanse(packed.data.data(), packed.data.size());
+        if (!packed.rowsum.empty()) OPENSSL_cleanse(packed.rowsum.data(), packed.rowsum.size() * sizeof(int32_t));
+    }
+};
+
+// The crossing in flight between an offload response and the products request that answers it.
+struct Pending {
+    bool active = false;
+    int layer = 0;
+    Stage stage = Stage::qkv;
+    uint64_t crossing = 0;
+    std::vector<Proj> projs;
+    int T = 0;
+    int64_t K = 0;
+};
+
+template <class V>
+void wipe(V& v) {
+    if (!v.empty()) OPENSSL_cleanse(v.data(), v.size() * sizeof(typename V::value_type));
+}
+
+}  // namespace
+
+struct TrustedCore::Impl {
+    enum class Phase { fresh, loading, ready };
+    Phase phase = Phase::fresh;
+    ModelConfig cfg;
+    int n_ctx = 0;
+    bool offload_mode = false;
+    bool tied = true;
+    std::unique_ptr<StagedForward> fw;
+    std::vector<ProjState> projs;  // [layer][7]
+    std::map<uint64_t, uint64_t> received;  // tensor key -> elements received so far (uploads arrive in order)
+
+    std::unique_ptr<MaskStream> masks;  // one-time pads of the crossings
+    std::unique_ptr<MaskStream> noise;  // randomness for the log-probability noise
+    std::unique_ptr<Sampler> sampler;
+    int logprobs_k = 0;
+    float logprob_noise = 0.0f;
+
+    Pending pending;
+    uint64_t crossings = 0;
+    wire::OutputKind output = wire::OutputKind::none;
+    std::vector<int32_t> targets;
+
+    // secret scratch of the current stage
+    SecretVector<int32_t> xq, acc;
+    SecretVector<float> xs, logits;
+    SecretVector<uint32_t> r, wr;
+
+    uint64_t flops = 0;  // integer and float work outside StagedForward
+    uint64_t flops_reported = 0;
+
+    ProjState& proj(int layer, Proj p) { return projs[size_t(layer) * 7 + size_t(p)]; }
+
+    // ---- configuration and uploads -------------------------------------------------------------------------
+
+    void configure(const Message& m) {
+        if (phase != Phase::fresh) bad("configure: the core is already configured");
+        const auto ints = m.array<int32_t>(Tag::cfg_ints, 8);
+        const auto floats = m.array<float>(Tag::cfg_floats, 2);
+        ModelConfig c;
+        c.dim = ints[0];
+        c.hidden_dim = ints[1];
+        c.n_layers = ints[2];
+        c.n_heads = ints[3];
+        c.n_kv_heads = ints[4];
+        c.vocab_size = ints[5];
+        c.seq_len = ints[6];
+        c.rope_theta = floats[0];
+        c.norm_eps = floats[1];
+        c.validate("configure");
+        if (!std::isfinite(c.rope_theta) || !std::isfinite(c.norm_eps)) bad("configure: non-finite rope theta or norm epsilon");
+        const int ctx = ints[7];
+        if (ctx < 1 || ctx > c.seq_len)
+            bad("configure: context length " + std::to_string(ctx) + " out of range [1, " + std::to_string(c.seq_len) + "]");
+        const uint8_t off = m.scalar<uint8_t>(Tag::offload), t = m.scalar<uint8_t>(Tag::tied);
+        if (off > 1 || t > 1) bad("configure: offload and tied must be 0 or 1");
+        activation_bits(std::max(c.dim, c.hidden_dim));  // refuses inner dimensions without exact int32 products
+
+        // Everything this model will need, counted before anything is allocated.
+        const uint64_t d = uint64_t(c.dim), h = uint64_t(c.hidden_dim), kv = uint64_t(c.kv_dim()),
+                       v = uint64_t(c.vocab_size), L = uint64_t(c.n_layers), T = uint64_t(ctx);
+        const uint64_t proj_elems = L * (2 * d * d + 2 * kv * d + 3 * d * h);
+        const uint64_t proj_rows = L * (2 * d + 2 * kv + 3 * h);
+        uint64_t bytes = (t ? 1 : 2) * v * d * 4 + (2 * L + 1) * d * 4;  // embeddings, classifier, norms
+        bytes += 2 * proj_elems + proj_rows * 8;                           // raw + packed weights, scales, row sums
+        bytes += 12 * (proj_rows + L * (6 * d + h));                        // Freivalds keys: s and u, 3 limbs each
+        bytes += 2 * L * T * kv * 4;                                       // KV cache
+        bytes += T * (6 * d + 2 * kv + 3 * h) * 4 + T * std::max(d, h) * 16;  // pass and crossing scratch
+        if (bytes > SI_TRUSTED_CORE_MAX_BYTES)
+            fail(Status::out_of_memory, "configure: the model needs about " + std::to_string(bytes >> 20) +
+                                            " MiB inside the trusted core, more than its limit of " +
+                                            std::to_string(uint64_t(SI_TRUSTED_CORE_MAX_BYTES) >> 20) + " MiB");
+
+        cfg = c;
+        n_ctx = ctx;
+        offload_mode = off == 1;
+        tied = t == 1;
+        fw = std::make_unique<StagedForward>(cfg, n_ctx, tied, nullptr);
+        projs = std::vector<ProjState>(size_t(cfg.n_layers) * 7);
+        for (int l = 0; l < cfg.n_layers; ++l)
+            for (Proj p : kAllProj) {
+                const ProjShape s = proj_shape(cfg, p);
+                proj(l, p).rows = s.rows;
+                proj(l, p).cols = s.cols;
+            }
+        masks = std::make_unique<MaskStream>();
+        noise = std::make_unique<MaskStream>();
+        sampler = std::make_unique<Sampler>(SamplerParams{0.0f, 0, 1.0f, 0});
+        phase = Phase::loading;
+    }
+
+    static uint64_t tensor_key(TensorKind k, int layer, int p) {
+        return (uint64_t(k) << 40) | (uint64_t(uint32_t(layer)) << 8) | uint64_t(uint32_t(p) & 0xff);
+    }
+
+    // Accepts a chunk [offset, offset + n) of a tensor of `total` elements: chunks must come in order.
+    uint64_t accept_chunk(uint64_t key, uint64_t offset, uint64_t n, uint64_t total, uint64_t expected_total,
+                          const std::string& what) {
+        if (total != expected_total)
+            bad("upload " + what + ": total of " + std::to_string(total) + " elements, expected " +
+                std::to_string(expected_total));
+        const uint64_t have = received.count(key) ? received[key] : 0;
+        if (offset != have)
+            bad("upload " + what + ": chunk at element " + std::to_string(offset) + ", expected " + std::to_string(have));
+        if (n > total - offset) bad("upload " + what + ": chunk runs past the end of the tensor");
+        received[key] = have + n;
+        return offset;
+    }
+
+    void upload(const Message& m) {
+        if (phase != Phase::loading) bad("upload: only allowed between configure and finalize");
+        const uint32_t kind_raw = m.scalar<uint32_t>(Tag::kind);
+        if (kind_raw > wire::kMaxTensorKind) bad("upload: unknown tensor kind " + std::to_string(kind_raw));
+        const TensorKind kind = TensorKind(kind_raw);
+        const uint64_t offset = m.scalar<uint64_t>(Tag::offset), total = m.scalar<uint64_t>(Tag::total);
+        const uint64_t d = uint64_t(cfg.dim), v = uint64_t(cfg.vocab_size);
+
+        auto layer_of = [&]() {
+            const int32_t l = m.scalar<int32_t>(Tag::layer);
+            if (l < 0 || l >= cfg.n_layers) bad("upload: layer " + std::to_string(l) + " out of range");
+            return l;
+        };
+        auto proj_of = [&]() {
+            const int32_t p = m.scalar<int32_t>(Tag::proj);
+            if (p < 0 || p > 6) bad("upload: projection " + std::to_string(p) + " out of range");
+            return Proj(p);
+        };
+        // f32 chunk into dst (dst.size() elements in all)
+        auto f32_into = [&](float* dst, uint64_t expected, uint64_t key, const std::string& what) {
+            const wire::Field& f = m.field(Tag::data_f32, WireType::f32);
+            const uint64_t at = accept_chunk(key, offset, f.count, total, expected, what);
+            m.copy(Tag::data_f32, dst + at, f.count);
+            for (uint64_t i = 0; i < f.count; ++i)
+                if (!std::isfinite(dst[at + i])) bad("upload " + what + ": non-finite value");
+        };
+
+        switch (kind) {
+            case TensorKind::tok_embeddings:
+                f32_into(fw->tok_embeddings().data(), v * d, tensor_key(kind, 0, 0), "token embeddings");
+                break;
+            case TensorKind::final_norm:
+                f32_into(fw->final_norm().data(), d, tensor_key(kind, 0, 0), "final norm");
+                break;
+            case TensorKind::classifier:
+                if (tied) bad("upload: the classifier of a tied model is the token embedding table");
+                f32_into(fw->classifier().data(), v * d, tensor_key(kind, 0, 0), "classifier");
+                break;
+            case TensorKind::attn_norm: {
+                const int l = layer_of();
+                f32_into(fw->attn_norm(l).data(), d, tensor_key(kind, l, 0), "attention norm");
+                break;
+            }
+            case TensorKind::ffn_norm: {
+                const int l = layer_of();
+                f32_into(fw->ffn_norm(l).data(), d, tensor_key(kind, l, 0), "ffn norm");
+                break;
+            }
+            case TensorKind::proj_weight: {
+                const int l = layer_of();
+                const Proj p = proj_of();
+                ProjState& s = proj(l, p);
+                const std::string what = proj_tensor_name(l, p);
+                const wire::Field& f = m.field(Tag::data_i8, WireType::i8);
+                const uint64_t n = uint64_t(s.rows * s.cols);
+                if (offset == 0) {
+                    const uint8_t secret = m.scalar<uint8_t>(Tag::secret);
+                    if (secret > 1) bad("upload " + what + ": secret must be 0 or 1");
+                    s.secret = secret == 1;
+                }
+                const uint64_t at = accept_chunk(tensor_key(kind, l, int(p)), offset, f.count, total, n, what);
+                if (s.raw.empty()) s.raw.resize(n);
+                m.copy(Tag::data_i8, s.raw.data() + at, f.count);
+                break;
+            }
+            case TensorKind::proj_scale: {
+                const int l = layer_of();
+                const Proj p = proj_of();
+                ProjState& s = proj(l, p);
+                if (s.scale.empty()) s.scale.resize(size_t(s.rows));
+                f32_into(s.scale.data(), uint64_t(s.rows), tensor_key(kind, l, int(p)), proj_tensor_name(l, p) + " scales");
+                break;
+            }
+            case TensorKind::lora_a: {
+                const int l = layer_of();
+                const Proj p = proj_of();
+                const std::string what = proj_tensor_name(l, p) + " LoRA A";
+                if (offset == 0) {
+                    if (received.count(tensor_key(kind, l, int(p)))) bad("upload " + what + ": sent twice");
+                    fw->set_lora(l, p, m.scalar<int32_t>(Tag::rank), m.scalar<float>(Tag::scale));
+                }
+                const LoraUpdate* u = fw->lora(l, p);
+                if (!u) bad("upload " + what + ": the first chunk must come first");
+                f32_into(const_cast<float*>(u->a.data()), u->a.size(), tensor_key(kind, l, int(p)), what);
+                break;
+            }
+            case TensorKind::lora_b: {
+                const int l = layer_of();
+                const Proj p = proj_of();
+                const std::string what = proj_tensor_name(l, p) + " LoRA B";
+                const LoraUpdate* u = fw->lora(l, p);
+                if (!u) bad("upload " + what + ": its A matrix must be uploaded first");
+                f32_into(const_cast<float*>(u->b.data()), u->b.size(), tensor_key(kind, l, int(p)), what);
+                break;
+            }
+        }
+    }
+
+    bool complete(TensorKind k, int l, int p, uint64_t n) const {
+        const auto it = received.find(tensor_key(k, l, p));
+        return it != received.end() && it->second == n;
+    }
+
+    std::vector<uint8_t> finalize() {
+        if (phase != Phase::loading) bad("finalize: the core is not loading a model");
+        const uint64_t d = uint64_t(cfg.dim), v = uint64_t(cfg.vocab_size);
+        auto need = [&](bool ok, const std::string& what) {
+            if (!ok) bad("finalize: " + what + " is missing or incomplete");
+        };
+        need(complete(TensorKind::tok_embeddings, 0, 0, v * d), "token_embd");
+        need(complete(TensorKind::final_norm, 0, 0, d), "output_norm");
+        if (!tied) need(complete(TensorKind::classifier, 0, 0, v * d), "output");
+        for (int l = 0; l < cfg.n_layers; ++l) {
+            const std::string b = "blk." + std::to_string(l) + ".";
+            need(complete(TensorKind::attn_norm, l, 0, d), b + "attn_norm");
+            need(complete(TensorKind::ffn_norm, l, 0, d), b + "ffn_norm");
+            for (Proj p : kAllProj) {
+                const ProjState& s = proj(l, p);
+                need(complete(TensorKind::proj_weight, l, int(p), uint64_t(s.rows * s.cols)), proj_tensor_name(l, p));
+                need(complete(TensorKind::proj_scale, l, int(p), uint64_t(s.rows)), proj_tensor_name(l, p) + " scales");
+                if (const LoraUpdate* u = fw->lora(l, p)) {
+                    need(complete(TensorKind::lora_a, l, int(p), u->a.size()), proj_tensor_name(l, p) + " LoRA A");
+                    need(complete(TensorKind::lora_b, l, int(p), u->b.size()), proj_tensor_name(l, p) + " LoRA B");
+                }
+            }
+        }
+        std::vector<uint8_t> plan(size_t(cfg.n_layers) * 7, 0);
+        for (int l = 0; l < cfg.n_layers; ++l)
+            for (Proj p : kAllProj) {
+                ProjState& s = proj(l, p);
+                s.offload = offload_mode && !s.secret;
+                if (s.offload) s.key.emplace(s.raw.data(), s.rows, s.cols, nullptr);
+                s.packed = PackedI8::pack(s.raw.data(), s.rows, s.cols);
+                SecretVector<int8_t>().swap(s.raw);  // zeroed on release
+                plan[size_t(l) * 7 + size_t(p)] = s.offload ? 1 : 0;
+            }
+        received.clear();
+        phase = Phase::ready;
+        Encoder e(MsgType::plan);
+        e.add(Tag::plan, plan);
+        return e.finish();
+    }
+
+    void set_sampler(const Message& m) {
+        if (phase == Phase::fresh) bad("sampler: configure first");
+        const float temp = m.scalar<float>(Tag::temperature), top_p = m.scalar<float>(Tag::top_p);
+        const int32_t top_k = m.scalar<int32_t>(Tag::top_k), k = m.scalar<int32_t>(Tag::logprobs);
+        const float noise_std = m.scalar<float>(Tag::logprob_noise);
+        if (!std::isfinite(temp) || temp < 0.0f || temp > 1000.0f) bad("sampler: temperature out of range");
+        if (!std::isfinite(top_p) || top_p < 0.0f || top_p > 1.0f) bad("sampler: top_p out of range [0, 1]");
+        if (top_k < 0) bad("sampler: negative top_k");
+        if (k < 0 || k > cfg.vocab_size) bad("sampler: log-probability count out of range [0, vocabulary size]");
+        if (!std::isfinite(noise_std) || noise_std < 0.0f || noise_std > 1e6f) bad("sampler: noise out of range");
+        sampler = std::make_unique<Sampler>(SamplerParams{temp, top_k, top_p, m.scalar<uint64_t>(Tag::seed)});
+        logprobs_k = k;
+        logprob_noise = noise_std;
+    }
+
+    // ---- forward passes --------------------------------------------------------------------------------------
+
+    void abandon() {
+        pending = Pending{};
+        if (fw) fw->abort_pass();
+        wipe(r);
+        wipe(xq);
+    }
+
+    std::vector<uint8_t> eval(const Message& m) {
+        if (phase != Phase::ready) bad("eval: the model is not loaded (finalize first)");
+        if (pending.active || fw->in_pass()) bad("eval: a forward pass is already in progress");
+        const wire::Field& tf = m.field(Tag::tokens, WireType::i32);
+        if (tf.count < 1 || int64_t(tf.count) > n_ctx)
+            bad("eval: token count " + std::to_string(tf.count) + " out of range [1, " + std::to_string(n_ctx) + "]");
+        const auto tokens = m.array<int32_t>(Tag::tokens);
+        const uint8_t out = m.scalar<uint8_t>(Tag::output);
+        if (out > 2) bad("eval: unknown output kind " + std::to_string(out));
+        output = wire::OutputKind(out);
+        targets.clear();
+        if (output == wire::OutputKind::nll) {
+            targets = m.array<int32_t>(Tag::targets, tf.count);
+            for (int32_t t : targets)
+                if (t < -1 || t >= cfg.vocab_size) bad("eval: NLL target " + std::to_string(t) + " out of range");
+        }
+        fw->begin(tokens.data(), int(tokens.size()));
+        return run();
+    }
+
+    // Runs stages until a crossing must leave the core or the pass is complete.
+    std::vector<uint8_t> run() {
+        while (!fw->done()) {
+            const int l = fw->layer(), T = fw->T();
+            const Stage st = fw->stage();
+            const int64_t K = fw->stage_cols();
+            const int bits = activation_bits(K);
+            xq.resize(size_t(T * K));
+            xs.resize(size_t(T));
+            quantize_activations(fw->stage_input(), T, K, bits, xq.data(), xs.data());
+            std::vector<Proj> off;
+            for (Proj p : stage_projs(st)) {
+                ProjState& s = proj(l, p);
+                if (s.offload) {
+                    off.push_back(p);
+                    continue;
+                }
+                acc.resize(size_t(T * s.rows));
+                gemm_i16(nullptr, s.packed, xq.data(), T, acc.data());
+                dequantize_product(acc.data(), T, s.rows, s.scale.data(), xs.data(), fw->proj_output(p));
+                flops += 2 * uint64_t(T) * uint64_t(s.rows * s.cols);
+            }
+            if (!off.empty()) {
+                // One fresh pad per element of this crossing: x' = x + r (mod 2^32) is uniform, independent of x.
+                const size_t n = size_t(T * K);
+                r.resize(n);
+                masks->fill(r.data(), n);
+                pending = Pending{true, l, st, ++crossings, off, T, K};
+                Encoder e(MsgType::offload);
+                e.scalar<int32_t>(Tag::layer, l);
+                e.scalar<uint8_t>(Tag::stage, uint8_t(st));
+                e.scalar<uint64_t>(Tag::crossing, pending.crossing);
+                std::vector<uint8_t> pl;
+                for (Proj p : off) pl.push_back(uint8_t(p));
+                e.add(Tag::projs, pl);
+                e.scalar<int32_t>(Tag::count_t, T);
+                e.scalar<int32_t>(Tag::count_k, int32_t(K));
+                auto* dst = e.reserve(Tag::activations, WireType::u32, n);
+                for (size_t i = 0; i < n; ++i) {
+                    const uint32_t v = uint32_t(xq[i]) + r[i];
+                    std::memcpy(dst + 4 * i, &v, 4);
+                }
+                flops += n;
+                e.scalar<uint64_t>(Tag::flops, take_flops());
+                return e.finish();
+            }
+            fw->finish_stage();
+        }
+        return finish_pass();
+    }
+
+    std::vector<uint8_t> products(const Message& m) {
+        if (!pending.active) bad("products: no crossing is pending");
+        const int32_t layer = m.scalar<int32_t>(Tag::layer);
+        const uint8_t stage = m.scalar<uint8_t>(Tag::stage);
+        const uint64_t crossing = m.scalar<uint64_t>(Tag::crossing);
+        if (layer != pending.layer || stage != uint8_t(pending.stage) || crossing != pending.crossing)
+            bad("products: they answer crossing " + std::to_string(crossing) + " (layer " + std::to_string(layer) +
+                ", stage " + std::to_string(stage) + "), but crossing " + std::to_string(pending.crossing) +
+                " (layer " + std::to_string(pending.layer) + ", stage " + stage_name(pending.stage) + ") is pending");
+        const int T = pending.T;
+        uint64_t total = 0;
+        for (Proj p : pending.projs) total += uint64_t(T) * uint64_t(proj(pending.layer, p).rows);
+        const wire::Field& f = m.field(Tag::products, WireType::u32, int64_t(total));
+        const uint8_t* src = f.data;
+        for (Proj p : pending.projs) {
+            ProjState& s = proj(pending.layer, p);
+            const size_t n = size_t(T * s.rows);
+            // W r online: the same exact mod-2^32 product the accelerator computes on x'.
+            wr.resize(n);
+            gemm_masked(nullptr, s.packed, r.data(), T, wr.data());
+            acc.resize(n);
+            for (size_t i = 0; i < n; ++i) {
+                uint32_t y;
+                std::memcpy(&y, src + 4 * i, 4);
+                acc[i] = int32_t(y - wr[i]);
+            }
+            src += 4 * n;
+            flops += 2 * uint64_t(T) * uint64_t(s.rows * s.cols) + 2 * uint64_t(T) * uint64_t(s.rows + s.cols);
+            if (!s.key->check_batch(acc.data(), xq.data(), T)) {
+                const std::string msg = "integrity check failed: the accelerator's product for " +
+                                        proj_tensor_name(pending.layer, p) + " (crossing " +
+                                        std::to_string(pending.crossing) + ") is wrong; the session is stopped";
+                fail(Status::integrity, msg);
+            }
+            dequantize_product(acc.data(), T, s.rows, s.scale.data(), xs.data(), fw->proj_output(p));
+        }
+        pending = Pending{};
+        wipe(r);
+        fw->finish_stage();
+        return run();
+    }
+
+    std::vector<uint8_t> finish_pass() {
+        const int T = fw->T(), V = cfg.vocab_size;
+        Encoder e(output == wire::OutputKind::none ? MsgType::ok : MsgType::result);
+        if (output == wire::OutputKind::sample) {
+            logits.resize(size_t(V));
+            fw->logits(T - 1, 1, logits.data());
+            const int32_t tok = sampler->sample(logits.data(), V);
+            e.scalar<int32_t>(Tag::token, tok);
+            if (logprobs_k > 0) release_logprobs(e);
+        } else if (output == wire::OutputKind::nll) {
+            double sum = 0.0;
+            uint64_t count = 0;
+            constexpr int kChunk = 16;
+            logits.resize(size_t(kChunk) * V);
+            for (int t0 = 0; t0 < T; t0 += kChunk) {
+                const int n = std::min(kChunk, T - t0);
+                bool any = false;
+                for (int t = t0; t < t0 + n; ++t) any |= targets[size_t(t)] >= 0;
+                if (!any) continue;
+                fw->logits(t0, n, logits.data());
+                for (int t = t0; t < t0 + n; ++t)
+                    if (targets[size_t(t)] >= 0) {
+                        sum += token_nll(&logits[size_t(t - t0) * V], V, targets[size_t(t)]);
+                        ++count;
+                    }
+            }
+            e.scalar<double>(Tag::nll_sum, sum);
+            e.scalar<uint64_t>(Tag::nll_count, count);
+        }
+        fw->end_pass();
+        wipe(logits);
+        wipe(xq);
+        e.scalar<int32_t>(Tag::pos, fw->pos());
+        e.scalar<uint64_t>(Tag::flops, take_flops());
+        return e.finish();
+    }
+
+    // Top-K log-probabilities (temperature 1) with Gaussian noise of the configured deviation added before release.
+    void release_logprobs(Encoder& e) {
+        const int V = cfg.vocab_size, K = std::min(logprobs_k, V);
+        double mx = logits[0];
+        for (int i = 1; i < V; ++i) mx = std::max(mx, double(logits[size_t(i)]));
+        double sum = 0.0;
+        for (int i = 0; i < V; ++i) sum += std::exp(double(logits[size_t(i)]) - mx);
+        const double lse = mx + std::log(sum);
+        std::vector<int32_t> ids(static_cast<size_t>(V));
+        for (int i = 0; i < V; ++i) ids[size_t(i)] = i;
+        std::partial_sort(ids.begin(), ids.begin() + K, ids.end(), [&](int32_t a, int32_t b) {
+            return logits[size_t(a)] > logits[size_t(b)] || (logits[size_t(a)] == logits[size_t(b)] && a < b);
+        });
+        ids.resize(size_t(K));
+        std::vector<float> values(static_cast<size_t>(K));
+        for (int i = 0; i < K; ++i) {
+            double lp = double(logits[size_t(ids[size_t(i)])]) - lse;
+            if (logprob_noise > 0.0f) lp += double(logprob_noise) * gaussian();
+            values[size_t(i)] = float(lp);
+        }
+        e.add(Tag::logprob_ids, ids);
+        e.add(Tag::logprob_values, values);
+    }
+
+    // A standard normal variate (Box-Muller) from the core's own AES-CTR stream, keyed from the OS CSPRNG.
+    double gaussian() {
+        uint32_t u[4];
+        noise->fill(u, 4);
+        const double a = (double((uint64_t(u[0]) << 21) ^ u[1]) + 1.0) / 9007199254740993.0;  // (0, 1]
+        const double b = double((uint64_t(u[2]) << 21) ^ u[3]) / 9007199254740992.0;
+        OPENSSL_cleanse(u, sizeof u);
+        return std::sqrt(-2.0 * std::log(a)) * std::cos(6.283185307179586 * b);
+    }
+
+    uint64_t take_flops() {
+        const uint64_t total = flops + (fw ? fw->flops() : 0);
+        const uint64_t delta = total - flops_reported;
+        flops_reported = total;
+        return delta;
+    }
+
+    std::vector<uint8_t> reset() {
+        if (phase != Phase::ready) bad("reset: the model is not loaded");
+        abandon();
+        fw->reset();
+        Encoder e(MsgType::ok);
+        e.scalar<int32_t>(Tag::pos, 0);
+        e.scalar<uint64_t>(Tag::flops, take_flops());
+        return e.finish();
+    }
+
+    std::vector<uint8_t> ok() {
+        Encoder e(MsgType::ok);
+        e.scalar<int32_t>(Tag::pos, fw ? fw->pos() : 0);
+        e.scalar<uint64_t>(Tag::flops, take_flops());
+        return e.finish();
+    }
+
+    void wipe_all() {
+        abandon();
+        wipe(acc);
+        wipe(xs);
+        wipe(wr);
+        projs.clear();
+        fw.reset();
+        sampler.reset();
+        masks.reset();
+        noise.reset();
+        phase = Phase::fresh;
+    }
+};
+
+TrustedCore::TrustedCore(const si_ocall_table* ocalls) : impl_(std::make_unique<Impl>()) {
+    if (ocalls) ocalls_ = *ocalls;
+}
+
+TrustedCore::~TrustedCore() { impl_->wipe_all(); }
+
+std::vector<uint8_t> TrustedCore::process(std::span<const uint8_t> request) {
+    if (failed_)
+        fail(Status::integrity, "the session was stopped after an integrity failure; no further output is released");
+    Impl& c = *impl_;
+    try {
+        const Message m = wire::decode(request);
+        switch (m.type()) {
+            case MsgType::configure: c.configure(m); return c.ok();
+            case MsgType::upload: c.upload(m); return c.ok();
+            case MsgType::finalize: return c.finalize();
+            case MsgType::sampler: c.set_sampler(m); return c.ok();
+            case MsgType::eval: return c.eval(m);
+            case MsgType::products: return c.products(m);
+            case MsgType::reset: return c.reset();
+            default: bad(std::string("unexpected message type ") + wire::msg_type_name(m.type()) + " in a request");
+        }
+    } catch (const Error& e) {
+        if (e.status() == Status::integrity) {
+            // Latch: wipe every secret and refuse everything from now on.
+            failed_ = true;
+            c.wipe_all();
+            if (ocalls_.log) ocalls_.log(ocalls_.ctx, 2, e.what());
+        } else if (c.pending.active || (c.fw && c.fw->in_pass())) {
+            // A malformed request in the middle of a pass abandons the pass (its pads are never reused).
+            c.abandon();
+        }
+        throw;
+    } catch (...) {
+        c.abandon();
+        throw;
+    }
+}
+
+}  // namespace si

@@ -1,0 +1,51 @@
+// The trusted core: the only code that sees secret tensors, keys and unmasked activations (DESIGN.md sections 2, 4
+// and 5). Pure computation on one thread: no files, sockets, threads or clocks; diagnostics go through the OCALL
+// table. The three si_ecall_* functions (ecalls.cpp) wrap one instance.
+//
+// Protocol (messages in boundary/enclave_messages.h), one request per call:
+//   configure -> upload* -> finalize (answers with the offload plan) -> [sampler] -> eval -> (offload <-> products)*
+//   -> result / ok, then eval again ... ; reset at any time after finalize.
+// eval starts a forward pass over T tokens. At each stage of each layer (qkv, attn_out, ffn_in, ffn_out) the core
+// quantises the stage input to b-bit integers per token, computes secret projections itself, and, when public
+// projections remain and offloading is on (secureinfer), masks the input with fresh AES-256-CTR pads and answers
+// with an `offload` message. The host returns W x' for each listed projection in a `products` request; the core
+// removes W r (computed here, online), checks each product with Freivalds' test and continues. A failed check
+// latches: this call and every later one fail with Status::integrity and nothing more is released. With
+// offloading off (enclave-only) a pass runs to its end in the eval call. At the end of a pass only a sampled token
+// (optionally with noised top-K log-probabilities) or a summed NLL (an evaluation feature) leaves the core.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "boundary/enclave_abi.h"
+
+#ifndef SI_TRUSTED_CORE_MAX_BYTES
+// Most memory one core may commit for a model (weights, keys, KV cache, scratch); configure refuses more. Fuzzing
+// builds lower it.
+#define SI_TRUSTED_CORE_MAX_BYTES (uint64_t(64) << 30)
+#endif
+
+namespace si {
+
+class TrustedCore {
+public:
+    explicit TrustedCore(const si_ocall_table* ocalls);
+    ~TrustedCore();
+    TrustedCore(const TrustedCore&) = delete;
+    TrustedCore& operator=(const TrustedCore&) = delete;
+
+    // Handles one request (already copied into the core's memory) and returns the response. Throws si::Error with
+    // a secret-free message; after an integrity failure every call throws Status::integrity.
+    std::vector<uint8_t> process(std::span<const uint8_t> request);
+    bool failed() const { return failed_; }
+
+private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+    bool failed_ = false;
+    si_ocall_table ocalls_{};
+};
+
+}  // namespace si

@@ -1,0 +1,27 @@
+// Enclave hosts: the untrusted side's handle on one trusted-core instance. Interchangeable: in-process (tests only,
+// no isolation), hardened worker process (the default without SGX hardware), SGX enclave (documented build path).
+// A host only transports opaque request/response messages (src/boundary/enclave_abi.h); it never interprets them.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace si {
+
+class EnclaveHost {
+public:
+    virtual ~EnclaveHost() = default;
+    // A short, honest description of the isolation this host provides, e.g. "no isolation (in-process)".
+    virtual std::string isolation() const = 0;
+    // Warnings about weakened protection (e.g. "memfd_secret unavailable: using mlock + MADV_DONTDUMP").
+    virtual std::vector<std::string> warnings() const { return {}; }
+    // Sends one request and returns the response. Throws si::Error carrying the enclave's status and message,
+    // or Status::internal naming the cause when the enclave side died (e.g. "enclave worker killed by signal 31").
+    virtual void call(std::span<const uint8_t> request, std::vector<uint8_t>& response) = 0;
+};
+
+std::unique_ptr<EnclaveHost> make_inprocess_host();
+
+}  // namespace si

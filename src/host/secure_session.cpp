@@ -1,0 +1,664 @@
+#include "host/secure_session.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <random>
+
+#include "backends/accelerator.h"
+#include "boundary/enclave_abi.h"
+#include "boundary/enclave_messages.h"
+#include "common/error.h"
+#include "common/matmul.h"
+#include "common/staged_forward.h"
+#include "common/threadpool.h"
+#include "enclave/fixed_point.h"
+#include "host/enclave_host.h"
+#include "host/trace.h"
+#include "host/worker_host.h"
+#include "train/lora.h"
+
+namespace si {
+
+namespace {
+
+using wire::Encoder;
+using wire::Message;
+using wire::MsgType;
+using wire::Tag;
+using wire::TensorKind;
+using wire::WireType;
+
+// Upload chunks stay far below SI_ENCLAVE_MAX_MESSAGE.
+constexpr size_t kChunkBytes = size_t(8) << 20;
+// Room for headers and small fields next to the bulk field of a crossing.
+constexpr size_t kMessageSlack = 64 << 10;
+
+const char* trace_op(Proj p) {
+    static const char* const kOps[] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
+    return kOps[int(p)];
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Adds the wall time of a scope to a counter.
+struct ScopedTime {
+    double& acc;
+    std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+    ~ScopedTime() { acc += seconds_since(t0); }
+};
+
+bool stage_has(Stage s, Proj p) {
+    for (Proj q : stage_projs(s))
+        if (q == p) return true;
+    return false;
+}
+
+}  // namespace
+
+const char* secure_mode_name(SecureMode m) {
+    switch (m) {
+        case SecureMode::gpu_only: return "gpu-only";
+        case SecureMode::enclave_only: return "enclave-only";
+        case SecureMode::secureinfer: return "secureinfer";
+    }
+    return "?";
+}
+
+std::optional<SecureMode> parse_secure_mode(const std::string& s) {
+    if (s == "gpu-only") return SecureMode::gpu_only;
+    if (s == "enclave-only") return SecureMode::enclave_only;
+    if (s == "secureinfer") return SecureMode::secureinfer;
+    return std::nullopt;
+}
+
+struct SecureSession::HostProj {
+    int64_t rows = 0, cols = 0;
+    std::vector<int8_t> q;     // until uploaded
+    std::vector<float> scale;  // gpu-only dequantisation
+    WeightHandle handle;
+};
+
+// The gpu-only preset's plaintext state on the host.
+struct SecureSession::Gpu {
+    std::unique_ptr<StagedForward> fw;
+    std::unique_ptr<Sampler> sampler;
+    std::vector<float> logits;
+    std::vector<int32_t> xq, acc;
+    std::vector<float> xs;
+    std::mt19937_64 noise{std::random_device{}()};
+};
+
+// Host time of a public call: its wall time minus what the enclave and the accelerator spent inside it.
+class SecureSession::Timer {
+public:
+    explicit Timer(SessionStats& s) : s_(s), e0_(s.enclave.seconds), a0_(s.accelerator.seconds) {}
+    ~Timer() {
+        const double inside = (s_.enclave.seconds - e0_) + (s_.accelerator.seconds - a0_);
+        s_.host.seconds += std::max(0.0, seconds_since(t0_) - inside);
+    }
+
+private:
+    SessionStats& s_;
+    double e0_, a0_;
+    std::chrono::steady_clock::time_point t0_ = std::chrono::steady_clock::now();
+};
+
+SecureSession::SecureSession(const ModelWeights& w, SecureSessionParams params) : params_(std::move(params)) {
+    w.validate("model");
+    cfg_ = w.cfg;
+    n_ctx_ = params_.n_ctx > 0 ? std::min(params_.n_ctx, cfg_.seq_len) : cfg_.seq_len;
+    if (params_.n_batch <= 0) fail(Status::invalid_argument, "batch size must be positive");
+    if (params_.logprobs < 0 || params_.logprobs > cfg_.vocab_size)
+        fail(Status::invalid_argument, "--logprobs must lie in [0, vocabulary size " + std::to_string(cfg_.vocab_size) + "]");
+    if (!std::isfinite(params_.logprob_noise) || params_.logprob_noise < 0.0f)
+        fail(Status::invalid_argument, "the log-probability noise must be a non-negative number");
+
+    // Secret declarations must name real tensors, so a typo cannot silently leave a tensor public.
+    std::vector<std::string> names = {"token_embd.weight", "output_norm.weight", "output.weight"};
+    for (int l = 0; l < cfg_.n_layers; ++l) {
+        names.push_back("blk." + std::to_string(l) + ".attn_norm.weight");
+        names.push_back("blk." + std::to_string(l) + ".ffn_norm.weight");
+        for (Proj p : kAllProj) names.push_back(proj_tensor_name(l, p));
+    }
+    for (const auto& s : params_.secret_tensors)
+        if (s != "*" && std::find(names.begin(), names.end(), s) == names.end())
+            fail(Status::invalid_argument, "secret tensor declaration names no tensor of this model: " + s);
+
+    // A crossing (masked input out, products back) must fit one message: larger prefills are split into passes.
+    const int64_t d = cfg_.dim, h = cfg_.hidden_dim, kv = cfg_.kv_dim();
+    const int64_t widest = std::max({d, h, d + 2 * kv, 2 * h});
+    const int64_t max_T = int64_t(SI_ENCLAVE_MAX_MESSAGE - kMessageSlack) / (4 * widest);
+    if (max_T < 1)
+        fail(Status::unsupported, "a single token's crossing of this model (" + std::to_string(4 * widest) +
+                                      " bytes) exceeds the enclave message limit of " +
+                                      std::to_string(SI_ENCLAVE_MAX_MESSAGE) + " bytes");
+    n_batch_ = int(std::min<int64_t>({params_.n_batch, max_T, n_ctx_}));
+
+    pool_ = std::make_unique<ThreadPool>(params_.n_threads);
+    accel_ = params_.accelerator ? params_.accelerator : std::shared_ptr<Accelerator>(make_cpu_accelerator(pool_.get()));
+    if (!params_.trace_dir.empty()) trace_ = std::make_unique<TraceWriter>(params_.trace_dir);
+
+    // The public int8 base projections, quantised once here: the same bytes go to the accelerator and the enclave
+    // (which would catch any difference with Freivalds' check).
+    projs_.resize(size_t(cfg_.n_layers) * 7);
+    for (int l = 0; l < cfg_.n_layers; ++l) {
+        const LayerWeights& L = w.layers[size_t(l)];
+        const std::vector<float>* src[7] = {&L.wq, &L.wk, &L.wv, &L.wo, &L.w1, &L.w2, &L.w3};
+        for (Proj p : kAllProj) {
+            const ProjShape s = proj_shape(cfg_, p);
+            HostProj& hp = projs_[size_t(l) * 7 + size_t(p)];
+            hp.rows = s.rows;
+            hp.cols = s.cols;
+            hp.q.resize(size_t(s.rows * s.cols));
+            hp.scale.resize(size_t(s.rows));
+            quantize_rows_i8(src[int(p)]->data(), s.rows, s.cols, hp.q.data(), hp.scale.data(), nullptr);
+        }
+    }
+    plan_.assign(projs_.size(), 0);
+    if (params_.mode == SecureMode::gpu_only)
+        load_gpu(w);
+    else
+        load_enclave(w);
+    for (auto& hp : projs_) std::vector<int8_t>().swap(hp.q);
+}
+
+SecureSession::~SecureSession() {
+    if (accel_)
+        for (auto& hp : projs_)
+            if (hp.handle) accel_->release(hp.handle);
+}
+
+bool SecureSession::is_secret(const std::string& name) const {
+    for (const auto& s : params_.secret_tensors)
+        if (s == "*" || s == name) return true;
+    return false;
+}
+
+std::string SecureSession::isolation() const {
+    return host_ ? host_->isolation() : "none (gpu-only: everything runs in plaintext on the host and accelerator)";
+}
+
+std::vector<std::string> SecureSession::warnings() const {
+    std::vector<std::string> w = warnings_;
+    if (host_)
+        for (auto& s : host_->warnings()) w.push_back(s);
+    return w;
+}
+
+void SecureSession::upload_accelerator(int layer, int p, SessionStats& s) {
+    HostProj& hp = projs_[size_t(layer) * 7 + size_t(p)];
+    {
+        ScopedTime t{s.accelerator.seconds};
+        hp.handle = accel_->upload_i8(hp.q.data(), hp.rows, hp.cols);
+    }
+    s.bytes_to_accelerator += hp.q.size();
+    if (trace_) trace_->write(layer, trace_op(Proj(p)), "weight", TraceDType::i8, {hp.rows, hp.cols}, hp.q.data());
+}
+
+// ---- gpu-only ---------------------------------------------------------------------------------------------------
+
+void SecureSession::load_gpu(const ModelWeights& w) {
+    Timer timer(load_);
+    const bool secrets = !params_.secret_tensors.empty() || params_.lora;
+    if (secrets && !params_.insecure)
+        fail(Status::security, std::string("the model has secret tensors (") +
+                                   (params_.lora ? "a LoRA adapter" : "declared secret: " + params_.secret_tensors[0]) +
+                                   "); the gpu-only preset would put them on the accelerator in plaintext. Use "
+                                   "--mode secureinfer, or --insecure to run it anyway (benchmarking only)");
+    if (secrets)
+        warnings_.push_back("insecure: secret tensors are processed in plaintext on the host and the accelerator");
+    gpu_ = std::make_unique<Gpu>();
+    gpu_->fw = std::make_unique<StagedForward>(cfg_, n_ctx_, w.tied(), pool_.get());
+    StagedForward& fw = *gpu_->fw;
+    std::copy(w.tok_embeddings.begin(), w.tok_embeddings.end(), fw.tok_embeddings().begin());
+    if (!w.tied()) std::copy(w.classifier.begin(), w.classifier.end(), fw.classifier().begin());
+    std::copy(w.final_norm.begin(), w.final_norm.end(), fw.final_norm().begin());
+    for (int l = 0; l < cfg_.n_layers; ++l) {
+        std::copy(w.layers[size_t(l)].attn_norm.begin(), w.layers[size_t(l)].attn_norm.end(), fw.attn_norm(l).begin());
+        std::copy(w.layers[size_t(l)].ffn_norm.begin(), w.layers[size_t(l)].ffn_norm.end(), fw.ffn_norm(l).begin());
+    }
+    if (params_.lora)
+        for (const auto& t : params_.lora->tensors) {
+            LoraUpdate& u = fw.set_lora(t.layer, t.proj, t.rank, params_.lora->tensor_scale(t, params_.lora_scale));
+            if (t.a.size() != u.a.size() || t.b.size() != u.b.size())
+                fail(Status::invalid_argument, "LoRA adapter tensor for " + proj_tensor_name(t.layer, t.proj) +
+                                                   " does not fit the model");
+            std::copy(t.a.begin(), t.a.end(), u.a.begin());
+            std::copy(t.b.begin(), t.b.end(), u.b.begin());
+        }
+    for (int l = 0; l < cfg_.n_layers; ++l)
+        for (Proj p : kAllProj) {
+            upload_accelerator(l, int(p), load_);
+            plan_[size_t(l) * 7 + size_t(p)] = 1;
+        }
+    gpu_->sampler = std::make_unique<Sampler>(SamplerParams{0.0f, 0, 1.0f, 0});
+}
+
+void SecureSession::run_gpu_pass(std::span<const int32_t> tokens) {
+    StagedForward& fw = *gpu_->fw;
+    const uint64_t f0 = fw.flops();
+    fw.begin(tokens.data(), int(tokens.size()));
+    const int T = fw.T();
+    struct Abort {  // a failure mid-pass leaves no half-done pass behind
+        StagedForward& fw;
+        bool armed = true;
+        ~Abort() {
+            if (armed) fw.abort_pass();
+        }
+    } abort{fw};
+    while (!fw.done()) {
+        const int l = fw.layer();
+        const int64_t K = fw.stage_cols();
+        gpu_->xq.resize(size_t(T * K));
+        gpu_->xs.resize(size_t(T));
+        quantize_activations(fw.stage_input(), T, K, activation_bits(K), gpu_->xq.data(), gpu_->xs.data());
+        std::string in_file;
+        bool first = true;
+        for (Proj p : stage_projs(fw.stage())) {
+            const HostProj& hp = projs_[size_t(l) * 7 + size_t(p)];
+            gpu_->acc.resize(size_t(T * hp.rows));
+            {
+                ScopedTime t{stats_.accelerator.seconds};
+                accel_->mul_mat_int(hp.handle, gpu_->xq.data(), T, gpu_->acc.data());
+            }
+            ++stats_.accelerator_calls;
+            stats_.accelerator.flops += 2.0 * double(T) * double(hp.rows * hp.cols);
+            stats_.bytes_to_accelerator += first ? size_t(T * K) * 4 : 0;
+            stats_.bytes_from_accelerator += size_t(T * hp.rows) * 4;
+            if (trace_) {
+                if (first)
+                    in_file = trace_->write(l, trace_op(p), "input", TraceDType::i32, {T, K}, gpu_->xq.data());
+                else
+                    trace_->index(l, trace_op(p), "input", TraceDType::i32, {T, K}, in_file);
+                trace_->write(l, trace_op(p), "output", TraceDType::i32, {T, hp.rows}, gpu_->acc.data());
+            }
+            first = false;
+            dequantize_product(gpu_->acc.data(), T, hp.rows, hp.scale.data(), gpu_->xs.data(), fw.proj_output(p));
+        }
+        ++stats_.crossings;
+        fw.finish_stage();
+    }
+    abort.armed = false;
+    stats_.host.flops += double(fw.flops() - f0);
+    pos_ = fw.pos();
+}
+
+// ---- enclave modes ----------------------------------------------------------------------------------------------
+
+std::vector<uint8_t> SecureSession::call(const std::vector<uint8_t>& request, SessionStats& s) {
+    if (failed_)
+        fail(Status::integrity, "the session was stopped after an integrity failure; no further output is released");
+    std::vector<uint8_t> response;
+    try {
+        ScopedTime t{s.enclave.seconds};
+        host_->call(request, response);
+    } catch (const Error& e) {
+        if (e.status() == Status::integrity) failed_ = true;
+        throw;
+    }
+    ++s.enclave_calls;
+    s.bytes_to_enclave += request.size();
+    s.bytes_from_enclave += response.size();
+    const Message m = wire::decode(response);
+    if (m.has(Tag::flops)) s.enclave.flops += double(m.scalar<uint64_t>(Tag::flops));
+    return response;
+}
+
+void SecureSession::load_enclave(const ModelWeights& w) {
+    Timer timer(load_);
+    if (params_.enclave_host) {
+        host_ = params_.enclave_host;
+    } else {
+        EnclaveHostKind kind = params_.host;
+        if (kind == EnclaveHostKind::automatic) {
+            std::string path = params_.worker_path;
+            try {
+                if (path.empty()) path = default_worker_path();
+            } catch (const Error&) {
+                path.clear();
+            }
+            kind = !path.empty() && access(path.c_str(), X_OK) == 0 ? EnclaveHostKind::worker : EnclaveHostKind::inprocess;
+            if (kind == EnclaveHostKind::inprocess)
+                warnings_.push_back("the enclave worker executable (secureinfer-worker) was not found: the trusted "
+                                    "core runs INSIDE this process with NO isolation");
+        }
+        if (kind == EnclaveHostKind::worker) {
+            WorkerOptions o;
+            o.worker_path = params_.worker_path;
+            host_ = make_worker_host(o);
+        } else {
+            host_ = make_inprocess_host();
+        }
+    }
+
+    {
+        Encoder e(MsgType::configure);
+        const std::vector<int32_t> ints = {cfg_.dim, cfg_.hidden_dim, cfg_.n_layers, cfg_.n_heads, cfg_.n_kv_heads,
+                                           cfg_.vocab_size, cfg_.seq_len, n_ctx_};
+        e.add(Tag::cfg_ints, ints);
+        e.add(Tag::cfg_floats, std::vector<float>{cfg_.rope_theta, cfg_.norm_eps});
+        e.scalar<uint8_t>(Tag::offload, params_.mode == SecureMode::secureinfer ? 1 : 0);
+        e.scalar<uint8_t>(Tag::tied, w.tied() ? 1 : 0);
+        call(e.finish(), load_);
+    }
+    // Every tensor goes in by chunks; `first` adds the fields the first chunk of some kinds carries.
+    auto upload = [&](TensorKind kind, int layer, int proj, const void* data, size_t n, bool is_i8,
+                      const std::function<void(Encoder&)>& first) {
+        const size_t es = is_i8 ? 1 : 4;
+        const size_t per = kChunkBytes / es;
+        for (size_t off = 0; off < n || (n == 0 && off == 0); off += per) {
+            const size_t cnt = std::min(per, n - off);
+            Encoder e(MsgType::upload);
+            e.scalar<uint32_t>(Tag::kind, uint32_t(kind));
+            e.scalar<int32_t>(Tag::layer, layer);
+            e.scalar<int32_t>(Tag::proj, proj);
+            e.scalar<uint64_t>(Tag::offset, off);
+            e.scalar<uint64_t>(Tag::total, n);
+            if (is_i8)
+                e.add(Tag::data_i8, std::span<const int8_t>(static_cast<const int8_t*>(data) + off, cnt));
+            else
+                e.add(Tag::data_f32, std::span<const float>(static_cast<const float*>(data) + off, cnt));
+            if (off == 0 && first) first(e);
+            call(e.finish(), load_);
+            if (n == 0) break;
+        }
+    };
+    upload(TensorKind::tok_embeddings, 0, 0, w.tok_embeddings.data(), w.tok_embeddings.size(), false, nullptr);
+    upload(TensorKind::final_norm, 0, 0, w.final_norm.data(), w.final_norm.size(), false, nullptr);
+    if (!w.tied()) upload(TensorKind::classifier, 0, 0, w.classifier.data(), w.classifier.size(), false, nullptr);
+    for (int l = 0; l < cfg_.n_layers; ++l) {
+        const LayerWeights& L = w.layers[size_t(l)];
+        upload(TensorKind::attn_norm, l, 0, L.attn_norm.data(), L.attn_norm.size(), false, nullptr);
+        upload(TensorKind::ffn_norm, l, 0, L.ffn_norm.data(), L.ffn_norm.size(), false, nullptr);
+        for (Proj p : kAllProj) {
+            const HostProj& hp = projs_[size_t(l) * 7 + size_t(p)];
+            const uint8_t secret = is_secret(proj_tensor_name(l, p)) ? 1 : 0;
+            upload(TensorKind::proj_weight, l, int(p), hp.q.data(), hp.q.size(), true,
+                   [&](Encoder& e) { e.scalar<uint8_t>(Tag::secret, secret); });
+            upload(TensorKind::proj_scale, l, int(p), hp.scale.data(), hp.scale.size(), false, nullptr);
+        }
+    }
+    if (params_.lora)
+        for (const auto& t : params_.lora->tensors) {
+            const float scale = params_.lora->tensor_scale(t, params_.lora_scale);
+            upload(TensorKind::lora_a, t.layer, int(t.proj), t.a.data(), t.a.size(), false, [&](Encoder& e) {
+                e.scalar<int32_t>(Tag::rank, t.rank);
+                e.scalar<float>(Tag::scale, scale);
+            });
+            upload(TensorKind::lora_b, t.layer, int(t.proj), t.b.data(), t.b.size(), false, nullptr);
+        }
+    const std::vector<uint8_t> resp = call(wire::Encoder(MsgType::finalize).finish(), load_);
+    const Message m = wire::decode(resp);
+    if (m.type() != MsgType::plan) fail(Status::internal, "the trusted core did not answer finalize with a plan");
+    plan_ = m.array<uint8_t>(Tag::plan, int64_t(projs_.size()));
+    for (int l = 0; l < cfg_.n_layers; ++l)
+        for (Proj p : kAllProj) {
+            const bool off = plan_[size_t(l) * 7 + size_t(p)] != 0;
+            const bool secret = is_secret(proj_tensor_name(l, p));
+            if (off && (secret || params_.mode != SecureMode::secureinfer))
+                fail(Status::security, "the trusted core's plan offloads " + proj_tensor_name(l, p) +
+                                           ", which must stay inside");
+            if (off) upload_accelerator(l, int(p), load_);
+        }
+    set_sampler(SamplerParams{0.0f, 0, 1.0f, 0});
+}
+
+void SecureSession::trace_tokens_in(std::span<const int32_t> tokens) {
+    if (trace_) trace_->write(-1, "tokens", "input", TraceDType::i32, {int64_t(tokens.size())}, tokens.data());
+}
+
+std::vector<uint8_t> SecureSession::run_enclave_pass(std::span<const int32_t> tokens, int output,
+                                                     std::span<const int32_t> targets) {
+    Encoder e(MsgType::eval);
+    e.add(Tag::tokens, tokens);
+    e.scalar<uint8_t>(Tag::output, uint8_t(output));
+    if (output == int(wire::OutputKind::nll)) e.add(Tag::targets, targets);
+    trace_tokens_in(tokens);
+    std::vector<uint8_t> resp = call(e.finish(), stats_);
+    std::vector<uint32_t> x, y;
+    for (;;) {
+        const Message m = wire::decode(resp);
+        if (m.type() != MsgType::offload) {
+            pos_ = m.scalar<int32_t>(Tag::pos);
+            return resp;
+        }
+        // Everything in an offload request is checked against the plan before the accelerator sees it.
+        const int32_t layer = m.scalar<int32_t>(Tag::layer), T = m.scalar<int32_t>(Tag::count_t),
+                      K = m.scalar<int32_t>(Tag::count_k);
+        const uint8_t stage = m.scalar<uint8_t>(Tag::stage);
+        const uint64_t crossing = m.scalar<uint64_t>(Tag::crossing);
+        const auto projs = m.array<uint8_t>(Tag::projs);
+        if (layer < 0 || layer >= cfg_.n_layers || stage >= kStages || T < 1 || T > n_batch_ || projs.empty())
+            fail(Status::internal, "the trusted core sent a malformed offload request");
+        size_t total = 0;
+        for (uint8_t p : projs) {
+            if (p > 6 || !stage_has(Stage(stage), Proj(p)) || !plan_[size_t(layer) * 7 + p] ||
+                projs_[size_t(layer) * 7 + p].cols != K)
+                fail(Status::internal, "the trusted core sent an offload request outside its plan");
+            total += size_t(T) * size_t(projs_[size_t(layer) * 7 + p].rows);
+        }
+        x.resize(size_t(T) * size_t(K));
+        m.copy(Tag::activations, x.data(), x.size());
+        Encoder pe(MsgType::products);
+        pe.scalar<int32_t>(Tag::layer, layer);
+        pe.scalar<uint8_t>(Tag::stage, stage);
+        pe.scalar<uint64_t>(Tag::crossing, crossing);
+        uint8_t* out = pe.reserve(Tag::products, WireType::u32, total);
+        std::string in_file;
+        bool first = true;
+        for (uint8_t p : projs) {
+            const HostProj& hp = projs_[size_t(layer) * 7 + p];
+            y.resize(size_t(T) * size_t(hp.rows));
+            {
+                ScopedTime t{stats_.accelerator.seconds};
+                accel_->mul_mat_masked(hp.handle, x.data(), T, y.data());
+            }
+            ++stats_.accelerator_calls;
+            stats_.accelerator.flops += 2.0 * double(T) * double(hp.rows * hp.cols);
+            stats_.bytes_to_accelerator += first ? x.size() * 4 : 0;
+            stats_.bytes_from_accelerator += y.size() * 4;
+            std::memcpy(out, y.data(), y.size() * 4);
+            out += y.size() * 4;
+            if (trace_) {
+                if (first)
+                    in_file = trace_->write(layer, trace_op(Proj(p)), "input", TraceDType::u32, {T, K}, x.data());
+                else
+                    trace_->index(layer, trace_op(Proj(p)), "input", TraceDType::u32, {T, K}, in_file);
+                trace_->write(layer, trace_op(Proj(p)), "output", TraceDType::u32, {T, hp.rows}, y.data());
+            }
+            first = false;
+        }
+        ++stats_.crossings;
+        resp = call(pe.finish(), stats_);
+    }
+}
+
+// ---- the public calls -------------------------------------------------------------------------------------------
+
+void SecureSession::set_sampler(const SamplerParams& p) {
+    if (gpu_) {
+        gpu_->sampler = std::make_unique<Sampler>(p);
+        return;
+    }
+    Encoder e(MsgType::sampler);
+    e.scalar<float>(Tag::temperature, std::max(0.0f, p.temperature));
+    e.scalar<int32_t>(Tag::top_k, std::max(0, p.top_k));
+    e.scalar<float>(Tag::top_p, std::clamp(p.top_p, 0.0f, 1.0f));
+    e.scalar<uint64_t>(Tag::seed, p.seed);
+    e.scalar<int32_t>(Tag::logprobs, params_.logprobs);
+    e.scalar<float>(Tag::logprob_noise, params_.logprob_noise);
+    call(e.finish(), stats_);
+}
+
+namespace {
+void check_fits(int pos, size_t n, int n_ctx) {
+    if (n == 0) fail(Status::invalid_argument, "no tokens to evaluate");
+    if (int64_t(pos) + int64_t(n) > n_ctx)
+        fail(Status::invalid_argument, "context overflow: " + std::to_string(pos) + " + " + std::to_string(n) +
+                                           " tokens exceed the context of " + std::to_string(n_ctx));
+}
+}  // namespace
+
+int32_t SecureSession::eval_sample(std::span<const int32_t> tokens, std::vector<TokenLogprob>* logprobs) {
+    Timer timer(stats_);
+    check_fits(pos_, tokens.size(), n_ctx_);
+    if (logprobs) logprobs->clear();
+    const size_t n = tokens.size();
+    int32_t token = -1;
+    for (size_t b = 0; b < n; b += size_t(n_batch_)) {
+        const auto chunk = tokens.subspan(b, std::min(size_t(n_batch_), n - b));
+        const bool last = b + chunk.size() == n;
+        if (gpu_) {
+            trace_tokens_in(chunk);
+            run_gpu_pass(chunk);
+            if (!last) continue;
+            const int V = cfg_.vocab_size;
+            gpu_->logits.resize(size_t(V));
+            const uint64_t f0 = gpu_->fw->flops();
+            gpu_->fw->logits(int(chunk.size()) - 1, 1, gpu_->logits.data());
+            stats_.host.flops += double(gpu_->fw->flops() - f0);
+            token = gpu_->sampler->sample(gpu_->logits.data(), V);
+            gpu_->fw->end_pass();
+            if (params_.logprobs > 0 && logprobs) {
+                const float* lg = gpu_->logits.data();
+                double mx = lg[0];
+                for (int i = 1; i < V; ++i) mx = std::max(mx, double(lg[i]));
+                double sum = 0.0;
+                for (int i = 0; i < V; ++i) sum += std::exp(double(lg[i]) - mx);
+                const double lse = mx + std::log(sum);
+                std::vector<int32_t> ids(static_cast<size_t>(V));
+                for (int i = 0; i < V; ++i) ids[size_t(i)] = i;
+                const int K = params_.logprobs;
+                std::partial_sort(ids.begin(), ids.begin() + K, ids.end(), [&](int32_t a, int32_t b) {
+                    return lg[a] > lg[b] || (lg[a] == lg[b] && a < b);
+                });
+                std::normal_distribution<double> noise(0.0, params_.logprob_noise);
+                for (int i = 0; i < K; ++i) {
+                    double lp = double(lg[ids[size_t(i)]]) - lse;
+                    if (params_.logprob_noise > 0.0f) lp += noise(gpu_->noise);
+                    logprobs->push_back({ids[size_t(i)], float(lp)});
+                }
+            }
+        } else {
+            const auto resp = run_enclave_pass(chunk, int(last ? wire::OutputKind::sample : wire::OutputKind::none), {});
+            if (!last) continue;
+            const Message m = wire::decode(resp);
+            token = m.scalar<int32_t>(Tag::token);
+            if (token < 0 || token >= cfg_.vocab_size) fail(Status::internal, "the trusted core sampled a bad token");
+            if (m.has(Tag::logprob_ids)) {
+                const auto ids = m.array<int32_t>(Tag::logprob_ids);
+                const auto values = m.array<float>(Tag::logprob_values, int64_t(ids.size()));
+                if (trace_) {
+                    trace_->write(-1, "logprob_ids", "output", TraceDType::i32, {int64_t(ids.size())}, ids.data());
+                    trace_->write(-1, "logprob_values", "output", TraceDType::f32, {int64_t(ids.size())}, values.data());
+                }
+                if (logprobs)
+                    for (size_t i = 0; i < ids.size(); ++i) logprobs->push_back({ids[i], values[i]});
+            }
+        }
+        if (trace_) trace_->write(-1, "sample", "output", TraceDType::i32, {1}, &token);
+    }
+    return token;
+}
+
+void SecureSession::eval(std::span<const int32_t> tokens) {
+    Timer timer(stats_);
+    check_fits(pos_, tokens.size(), n_ctx_);
+    for (size_t b = 0; b < tokens.size(); b += size_t(n_batch_)) {
+        const auto chunk = tokens.subspan(b, std::min(size_t(n_batch_), tokens.size() - b));
+        if (gpu_) {
+            trace_tokens_in(chunk);
+            run_gpu_pass(chunk);
+            gpu_->fw->end_pass();
+        } else {
+            run_enclave_pass(chunk, int(wire::OutputKind::none), {});
+        }
+    }
+}
+
+std::pair<double, uint64_t> SecureSession::eval_nll(std::span<const int32_t> tokens, std::span<const int32_t> targets) {
+    Timer timer(stats_);
+    check_fits(pos_, tokens.size(), n_ctx_);
+    if (targets.size() != tokens.size())
+        fail(Status::invalid_argument, "eval_nll: " + std::to_string(targets.size()) + " targets for " +
+                                           std::to_string(tokens.size()) + " tokens");
+    for (int32_t t : targets)
+        if (t < -1 || t >= cfg_.vocab_size) fail(Status::invalid_argument, "NLL target " + std::to_string(t) + " out of range");
+    double sum = 0.0;
+    uint64_t count = 0;
+    for (size_t b = 0; b < tokens.size(); b += size_t(n_batch_)) {
+        const size_t n = std::min(size_t(n_batch_), tokens.size() - b);
+        const auto chunk = tokens.subspan(b, n);
+        const auto tchunk = targets.subspan(b, n);
+        if (gpu_) {
+            trace_tokens_in(chunk);
+            run_gpu_pass(chunk);
+            const int V = cfg_.vocab_size;
+            gpu_->logits.resize(size_t(V));
+            const uint64_t f0 = gpu_->fw->flops();
+            double part = 0.0;
+            for (size_t i = 0; i < n; ++i) {
+                if (tchunk[i] < 0) continue;
+                gpu_->fw->logits(int(i), 1, gpu_->logits.data());
+                part += token_nll(gpu_->logits.data(), V, tchunk[i]);
+                ++count;
+            }
+            gpu_->fw->end_pass();
+            stats_.host.flops += double(gpu_->fw->flops() - f0);
+            sum += part;
+            if (trace_) trace_->write(-1, "nll", "output", TraceDType::f64, {1}, &part);
+        } else {
+            const auto resp = run_enclave_pass(chunk, int(wire::OutputKind::nll), tchunk);
+            const Message m = wire::decode(resp);
+            const double part = m.scalar<double>(Tag::nll_sum);
+            count += m.scalar<uint64_t>(Tag::nll_count);
+            sum += part;
+            if (trace_) trace_->write(-1, "nll", "output", TraceDType::f64, {1}, &part);
+        }
+    }
+    return {sum, count};
+}
+
+const float* SecureSession::eval_logits(std::span<const int32_t> tokens, bool all_logits) {
+    if (!gpu_)
+        fail(Status::security, std::string("logits never leave the enclave in the ") + secure_mode_name(params_.mode) +
+                                   " preset (use sampling, log-probabilities or the NLL evaluation)");
+    Timer timer(stats_);
+    check_fits(pos_, tokens.size(), n_ctx_);
+    const int V = cfg_.vocab_size;
+    const size_t n = tokens.size();
+    gpu_->logits.resize((all_logits ? n : 1) * size_t(V));
+    for (size_t b = 0; b < n; b += size_t(n_batch_)) {
+        const size_t cn = std::min(size_t(n_batch_), n - b);
+        const auto chunk = tokens.subspan(b, cn);
+        trace_tokens_in(chunk);
+        run_gpu_pass(chunk);
+        const uint64_t f0 = gpu_->fw->flops();
+        if (all_logits)
+            gpu_->fw->logits(0, int(cn), gpu_->logits.data() + b * size_t(V));
+        else if (b + cn == n)
+            gpu_->fw->logits(int(cn) - 1, 1, gpu_->logits.data());
+        stats_.host.flops += double(gpu_->fw->flops() - f0);
+        gpu_->fw->end_pass();
+    }
+    return gpu_->logits.data();
+}
+
+void SecureSession::reset() {
+    Timer timer(stats_);
+    if (gpu_) {
+        gpu_->fw->reset();
+    } else {
+        call(wire::Encoder(MsgType::reset).finish(), stats_);
+    }
+    pos_ = 0;
+}
+
+}  // namespace si

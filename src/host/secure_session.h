@@ -1,0 +1,147 @@
+// The untrusted runtime of the partition presets (DESIGN.md section 6): it loads the public model, uploads the
+// public int8 base projections to the accelerator, drives the trusted core's stages between the enclave host and
+// the accelerator, and keeps statistics and the boundary trace.
+//
+//   gpu-only      no enclave: the host runs the whole model in plaintext with the same fixed-point products on the
+//                 accelerator (mul_mat_int) and the same f32 code for everything else. No secrets, masks or checks;
+//                 a model with secret tensors is refused unless `insecure` is set (benchmarking only).
+//   enclave-only  everything inside the trusted core; nothing is offloaded.
+//   secureinfer   the trusted core offloads the public base projections q, k, v, o, w1, w2, w3 on masked inputs
+//                 and checks every product (Freivalds); secret projections are computed inside.
+// All three use the same integer arithmetic for the projections (int8 weights x b-bit activations, exact int32),
+// so their logits, and with them greedy tokens and NLLs, are bit-identical.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/model.h"
+#include "common/sampler.h"
+
+namespace si {
+
+class Accelerator;
+class EnclaveHost;
+class ThreadPool;
+class TraceWriter;
+namespace train {
+struct LoraAdapter;
+}
+
+enum class SecureMode { gpu_only, enclave_only, secureinfer };
+const char* secure_mode_name(SecureMode m);  // "gpu-only", "enclave-only", "secureinfer"
+std::optional<SecureMode> parse_secure_mode(const std::string& s);
+
+enum class EnclaveHostKind { automatic, inprocess, worker };
+
+struct SecureSessionParams {
+    SecureMode mode = SecureMode::secureinfer;
+    int n_ctx = 0;      // 0: the model's context length
+    int n_batch = 512;  // tokens per forward pass (lowered when a crossing would not fit one message)
+    int n_threads = 0;  // host and accelerator threads (0: all CPUs)
+    bool insecure = false;  // gpu-only: run a model with secret tensors anyway
+    // automatic: the worker process when its executable exists, else in-process with a warning.
+    EnclaveHostKind host = EnclaveHostKind::automatic;
+    std::string worker_path;  // empty: the default (next to the executable, or $SI_WORKER)
+    std::string trace_dir;    // non-empty: write the boundary trace there
+    // Tensors the model declares secret, by GGUF name ("blk.0.attn_q.weight", "token_embd.weight", ...); "*" marks
+    // every tensor. LoRA adapter tensors are always secret.
+    std::vector<std::string> secret_tensors;
+    const train::LoraAdapter* lora = nullptr;  // applied as W0 x + scale * B (A x); must outlive the constructor
+    float lora_scale = 1.0f;
+    int logprobs = 0;            // top-K log-probabilities released with each sampled token
+    float logprob_noise = 0.0f;  // standard deviation of the Gaussian noise added to them before release
+    // Injected parts (tests): used instead of the CPU backend / the host chosen above when set.
+    std::shared_ptr<Accelerator> accelerator;
+    std::shared_ptr<EnclaveHost> enclave_host;
+};
+
+struct DomainStats {
+    double seconds = 0.0;
+    double flops = 0.0;  // nominal: 2 per multiply-add
+};
+
+struct SessionStats {
+    uint64_t enclave_calls = 0;      // ECALLs
+    uint64_t crossings = 0;          // offload round trips (enclave -> accelerator -> enclave); gpu-only: stages
+    uint64_t accelerator_calls = 0;  // products run on the accelerator
+    uint64_t bytes_to_enclave = 0, bytes_from_enclave = 0;
+    uint64_t bytes_to_accelerator = 0, bytes_from_accelerator = 0;
+    DomainStats enclave, accelerator, host;
+};
+
+struct TokenLogprob {
+    int32_t token = 0;
+    float logprob = 0.0f;
+};
+
+class SecureSession {
+public:
+    // Throws si::Error: Status::security when the plan would put a secret tensor on the accelerator (gpu-only
+    // without insecure), Status::invalid_argument for bad parameters, or the enclave's own errors.
+    SecureSession(const ModelWeights& weights, SecureSessionParams params);
+    ~SecureSession();
+    SecureSession(const SecureSession&) = delete;
+    SecureSession& operator=(const SecureSession&) = delete;
+
+    SecureMode mode() const { return params_.mode; }
+    const ModelConfig& config() const { return cfg_; }
+    int n_ctx() const { return n_ctx_; }
+    int n_batch() const { return n_batch_; }
+    int pos() const { return pos_; }
+    // The isolation of the enclave host in use ("none" for gpu-only) and warnings about weakened protection.
+    std::string isolation() const;
+    std::vector<std::string> warnings() const;
+    // Which projections run on the accelerator: [layer][7], true = offloaded.
+    const std::vector<uint8_t>& plan() const { return plan_; }
+
+    void set_sampler(const SamplerParams& p);
+    // Feeds tokens at pos() .. and returns the token sampled after the last one; logprobs (may be null) receives
+    // the top-K log-probabilities released with it (params.logprobs > 0).
+    int32_t eval_sample(std::span<const int32_t> tokens, std::vector<TokenLogprob>* logprobs = nullptr);
+    // Feeds tokens without output.
+    void eval(std::span<const int32_t> tokens);
+    // Feeds tokens and returns the summed NLL of targets[i] given tokens[0..i] (targets[i] < 0: not scored) and
+    // the number scored. In the secure modes only this scalar leaves the enclave (an evaluation feature).
+    std::pair<double, uint64_t> eval_nll(std::span<const int32_t> tokens, std::span<const int32_t> targets);
+    // gpu-only only: logits of the last token or of every token ([n][vocab]); other modes throw Status::security.
+    const float* eval_logits(std::span<const int32_t> tokens, bool all_logits);
+    void reset();
+
+    const SessionStats& stats() const { return stats_; }       // since load
+    const SessionStats& load_stats() const { return load_; }   // loading the model (uploads)
+    void reset_stats() { stats_ = SessionStats{}; }
+
+private:
+    struct Gpu;
+    class Timer;
+    std::vector<uint8_t> call(const std::vector<uint8_t>& request, SessionStats& s);
+    void load_enclave(const ModelWeights& w);
+    void load_gpu(const ModelWeights& w);
+    void upload_accelerator(int layer, int p, SessionStats& s);
+    std::vector<uint8_t> run_enclave_pass(std::span<const int32_t> tokens, int output, std::span<const int32_t> targets);
+    void run_gpu_pass(std::span<const int32_t> tokens);
+    void trace_tokens_in(std::span<const int32_t> tokens);
+    bool is_secret(const std::string& name) const;
+
+    SecureSessionParams params_;
+    ModelConfig cfg_;
+    int n_ctx_ = 0, n_batch_ = 0, pos_ = 0;
+    std::unique_ptr<ThreadPool> pool_;
+    std::shared_ptr<Accelerator> accel_;
+    std::shared_ptr<EnclaveHost> host_;
+    std::unique_ptr<TraceWriter> trace_;
+    std::unique_ptr<Gpu> gpu_;
+    std::vector<std::string> warnings_;
+    // host copies of the public int8 projections until they are uploaded, then the accelerator's handles
+    struct HostProj;
+    std::vector<HostProj> projs_;  // [layer][7]
+    std::vector<uint8_t> plan_;
+    SessionStats stats_, load_;
+    bool failed_ = false;  // an integrity failure ended the session
+};
+
+}  // namespace si

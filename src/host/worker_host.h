@@ -1,0 +1,56 @@
+// The hardened worker process: the default enclave host without SGX hardware (DESIGN.md section 3).
+//
+// The trusted core runs in a separate process (secureinfer-worker) that keeps its secrets in memfd_secret memory,
+// is non-dumpable, has core dumps off, runs under its own unprivileged uid when started as root, and serves
+// requests under a seccomp allow-list. Host and worker exchange messages through a sealed memfd shared-memory ring
+// with futex doorbells (host/shm_ring.h).
+#pragma once
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "boundary/enclave_abi.h"
+#include "host/enclave_host.h"
+
+namespace si {
+
+struct WorkerOptions {
+    // The worker executable. Empty: $SI_WORKER when set, else `secureinfer-worker` next to the running executable.
+    std::string worker_path;
+    // Capacity of the request area and of the response area: the largest message either way.
+    // 1 .. SI_ENCLAVE_MAX_MESSAGE; pages are committed only as messages use them.
+    size_t ring_bytes = SI_ENCLAVE_MAX_MESSAGE;
+    // Busy-wait this long on a doorbell before sleeping on the futex, on both sides; trades a CPU core for a few
+    // microseconds per call. Zero (the default): never spin.
+    std::chrono::microseconds spin{0};
+    // Address space reserved for the trusted core's secret memory; committed only as the core uses it.
+    size_t secret_arena_bytes = size_t(4) << 30;
+    // A worker started as root switches to this uid and gid (nobody) before it touches a secret.
+    uint32_t run_as_uid = 65534;
+    uint32_t run_as_gid = 65534;
+    // How long start-up (including the trusted core's si_ecall_create) may take.
+    std::chrono::milliseconds start_timeout{30000};
+    // Testing only: skip memfd_secret so the fallback path runs on kernels that have it.
+    bool force_secret_fallback = false;
+};
+
+class WorkerHost : public EnclaveHost {
+public:
+    // The worker's process id (for diagnostics and tests).
+    virtual pid_t pid() const = 0;
+    // The secret memory in use: "memfd_secret", "mlock + MADV_DONTDUMP" or "MADV_DONTDUMP only (not locked)".
+    virtual std::string secret_memory() const = 0;
+};
+
+// Starts a worker and waits until it is serving. Throws si::Error when the executable cannot be found or started,
+// or when the worker reports a start-up failure (its message included).
+std::unique_ptr<WorkerHost> make_worker_host(const WorkerOptions& options = {});
+
+// Where make_worker_host looks for the worker when WorkerOptions::worker_path is empty.
+std::string default_worker_path();
+
+}  // namespace si

@@ -1,0 +1,372 @@
+// secureinfer-worker: the hardened process that hosts the trusted core when there is no SGX (DESIGN.md section 3).
+//
+// Started by the host library (host/worker_host.cpp) with the shared-memory ring at descriptor 3. Start-up, in
+// this order: make the process non-dumpable and disable core dumps; map and check the ring; reserve the secret
+// arena (memfd_secret, else mlock + MADV_DONTDUMP) and route the trusted core's secret allocations to it; when
+// root, switch to an unprivileged uid/gid; create the trusted core; install the seccomp allow-list. Then serve
+// requests until the host says exit or goes away.
+//
+// The host is the adversary here: everything read from the ring is read once and bounds-checked before use, and
+// requests are copied into private memory before the trusted core sees them (as SGX's [in] buffers are).
+#include <fcntl.h>
+#include <grp.h>
+#include <seccomp.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "boundary/enclave_abi.h"
+#include "common/error.h"
+#include "common/secret_memory.h"
+#include "host/shm_ring.h"
+#include "worker/secret_arena.h"
+
+namespace {
+
+using namespace std::chrono_literals;
+namespace ring = si::ring;
+
+// How often an idle worker checks that its host still exists (it exits once the host is gone).
+constexpr auto kHostCheck = 1000ms;
+
+struct Args {
+    int ring_fd = -1;
+    size_t secret_bytes = size_t(4) << 30;
+    uint64_t spin_ns = 0;
+    uid_t uid = 65534;
+    gid_t gid = 65534;
+    bool try_memfd_secret = true;
+};
+
+void say(const std::string& line) {
+    const std::string s = "secureinfer-worker: " + line + "\n";
+    [[maybe_unused]] ssize_t n = write(2, s.data(), s.size());
+}
+
+[[noreturn]] void usage(const std::string& why) {
+    say(why);
+    say("this program is started by the secureinfer library (with its shared-memory ring at descriptor 3), "
+        "not by hand; see SI_WORKER");
+    _exit(2);
+}
+
+bool parse_u64(const char* s, uint64_t& out) {
+    if (!*s) return false;
+    errno = 0;
+    char* end = nullptr;
+    const unsigned long long v = std::strtoull(s, &end, 10);
+    if (errno || *end || s[0] == '-') return false;
+    out = v;
+    return true;
+}
+
+Args parse_args(int argc, char** argv) {
+    Args a;
+    for (int i = 1; i < argc; ++i) {
+        const std::string arg = argv[i];
+        const auto eq = arg.find('=');
+        const std::string key = arg.substr(0, eq);
+        const char* val = eq == std::string::npos ? "" : argv[i] + eq + 1;
+        uint64_t v = 0;
+        if (key == "--no-memfd-secret" && eq == std::string::npos) a.try_memfd_secret = false;
+        else if (!parse_u64(val, v)) usage("bad argument: " + arg);
+        else if (key == "--ring-fd" && v <= 1024) a.ring_fd = int(v);
+        else if (key == "--secret-bytes" && v > 0) a.secret_bytes = size_t(v);
+        else if (key == "--spin-ns" && v <= 1000000000ull) a.spin_ns = v;
+        else if (key == "--uid" && v < 0xffffffffull) a.uid = uid_t(v);
+        else if (key == "--gid" && v < 0xffffffffull) a.gid = gid_t(v);
+        else usage("bad argument: " + arg);
+    }
+    if (a.ring_fd < 0) usage("missing --ring-fd");
+    return a;
+}
+
+// Maps the ring and checks it. Before this succeeds there is no channel to the host, so errors go to stderr.
+uint8_t* map_ring(int fd, ring::Layout& layout) {
+    struct stat st {};
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) usage("no shared-memory ring at descriptor " + std::to_string(fd));
+    // The seals guarantee the host cannot shrink the region under our mapping (a SIGBUS at its chosen moment).
+    const int seals = fcntl(fd, F_GET_SEALS);
+    if (seals < 0 || (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW))
+        usage("the ring at descriptor " + std::to_string(fd) + " is not a sealed memfd");
+    const size_t bytes = size_t(st.st_size);
+    if (bytes < ring::kPage) usage("the ring is too small");
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) usage(std::string("cannot map the ring: ") + std::strerror(errno));
+    auto* base = static_cast<uint8_t*>(p);
+    if (!ring::read_layout(*reinterpret_cast<ring::Header*>(base), bytes, SI_ENCLAVE_MAX_MESSAGE, layout))
+        usage("the ring's header is inconsistent with its size");
+    return base;
+}
+
+void put_note(ring::Header& h, const std::string& text) {
+    const size_t n = std::min(text.size(), sizeof h.note - 1);
+    std::memcpy(h.note, text.data(), n);
+    h.note[n] = '\0';
+}
+
+// Reports a start-up failure to the host and exits.
+[[noreturn]] void fail_start(ring::Header& h, si::Status status, const std::string& why) {
+    say(why);
+    put_note(h, why);
+    ring::store_i32(h.start_status, int32_t(status));
+    ring::store(h.worker_state, ring::state_failed);
+    ring::wake(h.worker_state);
+    _exit(1);
+}
+
+bool is_root() { return getuid() == 0 || geteuid() == 0; }
+
+void drop_privileges(ring::Header& h, const Args& a) {
+    if (!is_root()) return;
+    if (setgroups(0, nullptr) != 0 || setresgid(a.gid, a.gid, a.gid) != 0 || setresuid(a.uid, a.uid, a.uid) != 0)
+        fail_start(h, si::Status::security,
+                   "cannot switch from root to uid " + std::to_string(a.uid) + " / gid " + std::to_string(a.gid) +
+                       ": " + std::strerror(errno));
+    uid_t r, e, s;
+    gid_t gr, ge, gs;
+    if (getresuid(&r, &e, &s) != 0 || getresgid(&gr, &ge, &gs) != 0 || r != a.uid || e != a.uid || s != a.uid ||
+        gr != a.gid || ge != a.gid || gs != a.gid || setuid(0) == 0)
+        fail_start(h, si::Status::security, "switching away from root did not take effect");
+    // A credential change resets the dumpable flag to fs.suid_dumpable; set it again.
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+}
+
+// OpenSSL keeps expanded keys and its random generator's state in its own allocations: they go to the secret arena
+// too. A header in front of each block records its size (OpenSSL's free does not pass it).
+constexpr size_t kBlockHeader = 64;  // keeps the arena's 64-byte alignment
+
+void* openssl_malloc(size_t n, const char*, int) {
+    if (n > SIZE_MAX - kBlockHeader) return nullptr;
+    auto* p = static_cast<uint8_t*>(si_secret_alloc(n + kBlockHeader));
+    if (!p) return nullptr;
+    std::memcpy(p, &n, sizeof n);
+    return p + kBlockHeader;
+}
+
+void openssl_free(void* q, const char*, int) {
+    if (!q) return;
+    uint8_t* p = static_cast<uint8_t*>(q) - kBlockHeader;
+    size_t n;
+    std::memcpy(&n, p, sizeof n);
+    si_secret_free(p, n + kBlockHeader);
+}
+
+void* openssl_realloc(void* q, size_t n, const char* file, int line) {
+    if (!q) return openssl_malloc(n, file, line);
+    if (n == 0) {
+        openssl_free(q, file, line);
+        return nullptr;
+    }
+    size_t old;
+    std::memcpy(&old, static_cast<uint8_t*>(q) - kBlockHeader, sizeof old);
+    void* r = openssl_malloc(n, file, line);
+    if (!r) return nullptr;
+    std::memcpy(r, q, std::min(old, n));
+    openssl_free(q, file, line);  // zeroes the old copy
+    return r;
+}
+
+// Loads OpenSSL's providers and random generator now, while files may still be opened: under the seccomp filter
+// only getrandom remains. The configuration file is never read: it is the host's to write.
+void warm_up_openssl() {
+    OPENSSL_init_crypto(OPENSSL_INIT_NO_LOAD_CONFIG | OPENSSL_INIT_ADD_ALL_CIPHERS | OPENSSL_INIT_ADD_ALL_DIGESTS,
+                        nullptr);
+    for (const char* name : {"AES-256-CTR", "AES-256-GCM", "AES-128-ECB"})
+        EVP_CIPHER_free(EVP_CIPHER_fetch(nullptr, name, nullptr));
+    EVP_MD_free(EVP_MD_fetch(nullptr, "SHA256", nullptr));
+    unsigned char b[32];
+    RAND_bytes(b, sizeof b);
+    RAND_priv_bytes(b, sizeof b);
+    OPENSSL_cleanse(b, sizeof b);
+}
+
+// The allow-list for the serving loop. Anything else kills the process (SIGSYS), which the host reports.
+std::string install_seccomp() {
+    scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_KILL_PROCESS);
+    if (!ctx) return "seccomp_init failed";
+    int rc = 0;
+    auto allow = [&](int nr) {
+        if (rc == 0) rc = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, nr, 0);
+    };
+    allow(SCMP_SYS(futex));           // doorbells (and any lock inside the core or libc)
+    allow(SCMP_SYS(getppid));         // is the host still there?
+    allow(SCMP_SYS(brk));             // the heap
+    allow(SCMP_SYS(munmap));
+    allow(SCMP_SYS(mremap));
+    allow(SCMP_SYS(madvise));
+    allow(SCMP_SYS(getrandom));       // OpenSSL's random generator (mask keys)
+    allow(SCMP_SYS(clock_gettime));   // when the vDSO falls back to the system call
+    allow(SCMP_SYS(rt_sigreturn));
+    allow(SCMP_SYS(rt_sigprocmask));  // abort() blocks signals before raising SIGABRT
+    allow(SCMP_SYS(sigaltstack));     // queried by the sanitizer runtimes on throw, abort and exit
+    allow(SCMP_SYS(getpid));
+    allow(SCMP_SYS(gettid));
+    allow(SCMP_SYS(exit));
+    allow(SCMP_SYS(exit_group));
+    // No new executable memory: memory may be mapped or protected only without PROT_EXEC.
+    if (rc == 0)
+        rc = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SCMP_SYS(mmap), 1, SCMP_A2(SCMP_CMP_MASKED_EQ, PROT_EXEC, 0));
+    if (rc == 0)
+        rc = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SCMP_SYS(mprotect), 1,
+                              SCMP_A2(SCMP_CMP_MASKED_EQ, PROT_EXEC, 0));
+    // Logs: stdout and stderr only.
+    if (rc == 0) rc = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SCMP_SYS(write), 1, SCMP_A0(SCMP_CMP_EQ, 1));
+    if (rc == 0) rc = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SCMP_SYS(write), 1, SCMP_A0(SCMP_CMP_EQ, 2));
+    // Signals to itself only (abort() raises SIGABRT with tgkill).
+    if (rc == 0)
+        rc = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SCMP_SYS(tgkill), 1, SCMP_A0(SCMP_CMP_EQ, uint64_t(getpid())));
+    // Every thread gets the filter, including any the core or a library started during initialisation; threads
+    // cannot be created afterwards (clone is not allowed). no_new_privs is set by seccomp_load (libseccomp's
+    // default), so this works without CAP_SYS_ADMIN.
+    if (rc == 0) rc = seccomp_attr_set(ctx, SCMP_FLTATR_CTL_TSYNC, 1);
+    if (rc == 0) rc = seccomp_load(ctx);
+    seccomp_release(ctx);
+    return rc == 0 ? "" : std::string("cannot install the seccomp filter: ") + std::strerror(-rc);
+}
+
+void log_ocall(void*, int level, const char* message) {
+    static const char* const kLevel[] = {"info", "warning", "error"};
+    const size_t n = message ? strnlen(message, 4096) : 0;
+    say(std::string("enclave ") + kLevel[level < 0 ? 0 : level > 2 ? 2 : level] + ": " + std::string(message, n));
+}
+
+int32_t checked_status(int rc) {
+    return rc <= int(si::Status::invalid_argument) && rc >= int(si::Status::internal) ? rc
+                                                                                       : int32_t(si::Status::internal);
+}
+
+void serve(ring::Header& h, uint8_t* base, const ring::Layout& l, si_enclave* enclave, std::chrono::nanoseconds spin,
+           pid_t host) {
+    // Private copies of request and response: the host cannot change a request while the core reads it, nor
+    // see the core's work in progress. Reserved once at full size; pages are committed as messages touch them.
+    std::unique_ptr<uint8_t[]> req(new uint8_t[l.request_capacity ? l.request_capacity : 1]);
+    std::unique_ptr<uint8_t[]> resp(new uint8_t[l.response_capacity ? l.response_capacity : 1]);
+    uint8_t* const shm_req = base + l.request_offset;
+    uint8_t* const shm_resp = base + l.response_offset;
+
+    uint32_t last = 0;  // the host's first request is sequence 1
+    for (;;) {
+        uint32_t seq = ring::load(h.request_seq);
+        while (seq == last) {
+            seq = ring::wait_change(h.request_seq, last, kHostCheck, spin);
+            if (seq == last && getppid() != host) return;  // orphaned: the host died without saying goodbye
+        }
+        last = seq;
+        const uint32_t op = ring::load(h.request_op, std::memory_order_relaxed);
+        const uint64_t len = ring::load64(h.request_len);
+        if (op == ring::op_exit) return;
+
+        int32_t status = 0;
+        uint64_t out_len = 0;
+        std::string error;
+        if (op != ring::op_process) {
+            status = int32_t(si::Status::invalid_argument);
+            error = "unknown ring operation " + std::to_string(op);
+        } else if (len > l.request_capacity) {
+            status = int32_t(si::Status::invalid_argument);
+            error = "request length " + std::to_string(len) + " exceeds the ring's request area of " +
+                    std::to_string(l.request_capacity) + " bytes";
+        } else {
+            std::memcpy(req.get(), shm_req, len);
+            resp[0] = 0;
+            size_t rlen = 0;
+            const int rc = si_ecall_process(enclave, req.get(), len, resp.get(), l.response_capacity, &rlen);
+            if (rc == 0 && rlen <= l.response_capacity) {
+                std::memcpy(shm_resp, resp.get(), rlen);
+                out_len = rlen;
+            } else if (rc == 0) {
+                status = int32_t(si::Status::internal);
+                error = "trusted core reported a response larger than its buffer";
+            } else {
+                status = checked_status(rc);
+                out_len = strnlen(reinterpret_cast<const char*>(resp.get()), l.response_capacity);
+                std::memcpy(shm_resp, resp.get(), out_len);
+            }
+        }
+        if (!error.empty()) {
+            out_len = std::min<uint64_t>(error.size(), l.response_capacity);
+            std::memcpy(shm_resp, error.data(), out_len);
+        }
+        ring::store_i32(h.response_status, status);
+        ring::store64(h.response_len, out_len);
+        ring::store(h.response_seq, seq);  // release: the host sees the bytes before the doorbell
+        ring::wake(h.response_seq);
+    }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    // First, before anything secret exists: no ptrace or /proc/PID/mem access by same-uid processes, no core dumps.
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    const rlimit no_core{0, 0};
+    setrlimit(RLIMIT_CORE, &no_core);
+
+    const Args args = parse_args(argc, argv);
+    const pid_t host = getppid();
+    ring::Layout layout;
+    uint8_t* base = map_ring(args.ring_fd, layout);
+    ring::Header& h = *reinterpret_cast<ring::Header*>(base);
+    // The mapping is all the worker needs; no descriptor beyond stdin/stdout/stderr stays open.
+    close_range(3, ~0u, 0);
+
+    // The secret arena is reserved while still root: memfd_secret and mlock charge the locked-memory limit, which
+    // CAP_IPC_LOCK lifts (and CAP_SYS_RESOURCE can raise), while the unprivileged uid may have only a few MiB.
+    std::unique_ptr<si::SecretArena> arena;
+    try {
+        if (is_root()) {
+            const rlimit unlimited{RLIM_INFINITY, RLIM_INFINITY};
+            setrlimit(RLIMIT_MEMLOCK, &unlimited);  // best effort; CAP_IPC_LOCK covers the arena regardless
+        }
+        arena = si::SecretArena::create(args.secret_bytes, args.try_memfd_secret);
+    } catch (const si::Error& e) {
+        fail_start(h, e.status(), e.what());
+    }
+    arena->install();
+    // Must come before OpenSSL's first allocation; only fails if something allocated through OpenSSL already.
+    if (CRYPTO_set_mem_functions(openssl_malloc, openssl_realloc, openssl_free) != 1)
+        fail_start(h, si::Status::internal, "cannot route OpenSSL's allocations to the secret arena");
+
+    drop_privileges(h, args);
+
+    warm_up_openssl();
+    const si_ocall_table ocalls{log_ocall, nullptr};
+    si_enclave* enclave = nullptr;
+    const int rc = si_ecall_create(&ocalls, &enclave);
+    if (rc != 0 || !enclave)
+        fail_start(h, si::Status(checked_status(rc ? rc : int(si::Status::internal))),
+                   "trusted core failed to start (si_ecall_create returned " + std::to_string(rc) + ")");
+
+    if (const std::string err = install_seccomp(); !err.empty()) fail_start(h, si::Status::security, err);
+
+    // Serving: report which secret memory is in use (and why, for a fallback), then ring the start-up doorbell.
+    put_note(h, arena->note());
+    const ring::SecretKind kind = arena->kind() == si::SecretMemoryKind::memfd_secret ? ring::secret_memfd_secret
+                                  : arena->kind() == si::SecretMemoryKind::mlock       ? ring::secret_mlock
+                                                                                       : ring::secret_unlocked;
+    std::atomic_ref<uint32_t>(h.secret_kind).store(kind, std::memory_order_relaxed);
+    ring::store(h.worker_state, ring::state_ready);
+    ring::wake(h.worker_state);
+
+    serve(h, base, layout, enclave, std::chrono::nanoseconds(args.spin_ns), host);
+
+    si_ecall_destroy(enclave);  // zeroes the core's secrets
+    arena.reset();              // zeroes anything the core left allocated
+    _exit(0);                   // no atexit handlers: they might need system calls outside the allow-list
+}
