@@ -21,7 +21,7 @@ check() {  # name, prompt, scale
   local a b
   a=$("$bin/llama-completion" -m "$work/base.gguf" --lora-scaled "$adapter:$3" -p "$2" -n "$n" --temp 0 -s 1 -t 1 -no-cnv \
       --no-display-prompt --no-warmup --simple-io </dev/null 2>/dev/null | trim)
-  b=$(build/secureinfer run -m "$work/base.gguf" --lora "$adapter" --lora-scale "$3" -p "$2" -n "$((n + 8))" --temp 0 -t 1 | trim)
+  b=$(build/secureinfer run -m "$work/base.gguf" --lora "$adapter" --lora-scale "$3" -p "$2" -n "$((n + 8))" --temp 0 -t 1 --mode plain | trim)
   case "$b" in
     "$a"*) [ -n "$a" ] && printf 'interop-lora: %-28s identical: %s...\n' "$1" "$(printf '%s' "$a" | tr '\n' ' ' | head -c 60)" && return ;;
   esac

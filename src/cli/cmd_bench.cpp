@@ -1,5 +1,6 @@
-// bench: prefill and decode speed of the plaintext engine, f32 and int8 weights alternating within one run,
-// several repetitions, medians. Models are a file (-m) or a random-weight model of a named shape (--shape).
+// bench: prefill and decode speed of the plaintext engine (f32 and int8 weights) and of the partition presets
+// (gpu-only, enclave-only, secureinfer; int8 base), all alternating within every repetition, medians. Models are
+// a file (-m) or a random-weight model of a named shape (--shape).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -13,6 +14,7 @@
 #include "engine/engine.h"
 #include "engine/random_model.h"
 #include "formats/model_file.h"
+#include "host/secure_session.h"
 
 namespace si::cli {
 
@@ -41,6 +43,8 @@ Runner add_bench(CLI::App& app) {
     struct Opts {
         std::string model, shape = "stories110m", json;
         std::vector<std::string> weights{"f32", "int8"};
+        std::vector<std::string> modes{"plain"};
+        std::string host = "worker";
         int n_prompt = 512, n_gen = 128, reps = 3, threads = 0;
     };
     auto o = std::make_shared<Opts>();
@@ -51,6 +55,9 @@ Runner add_bench(CLI::App& app) {
     sub->add_option("-r,--repetitions", o->reps, "repetitions of each test")->check(CLI::Range(1, 1000));
     sub->add_option("-t,--threads", o->threads, "worker threads (0: all CPUs)")->check(CLI::Range(0, 1024));
     sub->add_option("--weights", o->weights, "weight formats to compare")->delimiter(',')->check(CLI::IsMember({"f32", "int8"}));
+    sub->add_option("--modes", o->modes, "plain (the engine, each --weights) and/or the presets gpu-only, enclave-only, secureinfer")
+        ->delimiter(',')->check(CLI::IsMember({"plain", "gpu-only", "enclave-only", "secureinfer"}));
+    sub->add_option("--host", o->host, "enclave host of the presets")->check(CLI::IsMember({"worker", "inprocess"}));
     sub->add_option("--json", o->json, "also write the results as JSON to this file");
     return [o]() -> int {
         ModelWeights w;
@@ -66,60 +73,100 @@ Runner add_bench(CLI::App& app) {
         const int n_ctx = std::max(o->n_prompt, o->n_gen + 1);
         if (n_ctx > c.seq_len) throw UsageError("the test needs " + std::to_string(n_ctx) + " positions; the model's context is " + std::to_string(c.seq_len));
 
+        // One runner per configuration: the plaintext engine per weight format, a secure session per preset.
         struct Run {
-            std::string format;
+            std::string name;
             std::unique_ptr<Engine> engine;
+            std::unique_ptr<SecureSession> session;
             std::vector<double> pp, tg;
+            SessionStats tg_stats;  // of the last decode run
+            void reset() { engine ? engine->reset() : session->reset(); }
+            void eval(std::span<const int32_t> t) { engine ? (void)engine->eval(t) : session->eval(t); }
+            size_t weight_bytes() const { return engine ? engine->weight_bytes() : 0; }
         };
         std::vector<Run> runs;
-        for (const auto& f : o->weights) {
-            EngineParams p;
-            p.n_threads = o->threads;
-            p.n_ctx = n_ctx;
-            p.weights = f == "int8" ? WeightFormat::int8 : WeightFormat::f32;
-            runs.push_back({f, std::make_unique<Engine>(w, p), {}, {}});
+        for (const auto& m : o->modes) {
+            if (m == "plain") {
+                for (const auto& f : o->weights) {
+                    EngineParams p;
+                    p.n_threads = o->threads;
+                    p.n_ctx = n_ctx;
+                    p.weights = f == "int8" ? WeightFormat::int8 : WeightFormat::f32;
+                    runs.push_back({"plain " + f, std::make_unique<Engine>(w, p), nullptr, {}, {}, {}});
+                }
+                continue;
+            }
+            SecureSessionParams sp;
+            sp.mode = *parse_secure_mode(m);
+            sp.n_ctx = n_ctx;
+            sp.n_threads = o->threads;
+            sp.host = o->host == "inprocess" ? EnclaveHostKind::inprocess : EnclaveHostKind::worker;
+            runs.push_back({m + " int8", nullptr, std::make_unique<SecureSession>(w, sp), {}, {}, {}});
         }
-        w = ModelWeights{};  // the engines hold their own copies
+        w = ModelWeights{};  // the runners hold their own copies
         const auto prompt = bench_tokens(o->n_prompt, c.vocab_size);
         const auto gen = bench_tokens(o->n_gen, c.vocab_size);
         std::fprintf(stderr, "bench: %s, dim %d, %d layers, hidden %d, vocab %d, %d threads\n", model_name.c_str(), c.dim,
                      c.n_layers, c.hidden_dim, c.vocab_size, o->threads > 0 ? o->threads : ThreadPool::default_threads());
         // warm-up, then alternate formats inside every repetition so that drifts in machine load hit all alike
         for (auto& r : runs) {
-            r.engine->reset();
-            r.engine->eval(bench_tokens(std::min(16, n_ctx), c.vocab_size));
+            r.reset();
+            r.eval(bench_tokens(std::min(16, n_ctx), c.vocab_size));
         }
         for (int rep = 0; rep < o->reps; ++rep) {
             for (auto& r : runs) {
                 if (o->n_prompt > 0) {
-                    r.engine->reset();
+                    r.reset();
                     const auto t0 = std::chrono::steady_clock::now();
-                    r.engine->eval(prompt);
+                    r.eval(prompt);
                     r.pp.push_back(o->n_prompt / seconds_since(t0));
                 }
                 if (o->n_gen > 0) {
-                    r.engine->reset();
+                    r.reset();
+                    if (r.session) r.session->reset_stats();
                     const auto t0 = std::chrono::steady_clock::now();
-                    for (int i = 0; i < o->n_gen; ++i) r.engine->eval(std::span<const int32_t>(&gen[size_t(i)], 1));
+                    for (int i = 0; i < o->n_gen; ++i) r.eval(std::span<const int32_t>(&gen[size_t(i)], 1));
                     r.tg.push_back(o->n_gen / seconds_since(t0));
+                    if (r.session) r.tg_stats = r.session->stats();
                 }
                 std::fprintf(stderr, "\rbench: repetition %d/%d", rep + 1, o->reps);
             }
         }
         std::fprintf(stderr, "\n");
         nlohmann::json out = nlohmann::json::array();
-        std::printf("| model | weights | weight MiB | test | t/s (median) | min | max |\n|---|---|---|---|---|---|---|\n");
+        std::printf("| model | runner | test | t/s (median) | min | max | decode ms/token: enclave / accel / host | crossings/token | KiB crossing/token |\n"
+                    "|---|---|---|---|---|---|---|---|---|\n");
         for (const auto& r : runs) {
-            const double mib = double(r.engine->weight_bytes()) / (1 << 20);
+            const double per_tok = 1.0 / std::max(1, o->n_gen);
+            const SessionStats& st = r.tg_stats;
+            char dom[96] = "-", cross[32] = "-", kib[32] = "-";
+            if (r.session) {
+                std::snprintf(dom, sizeof dom, "%.3f / %.3f / %.3f", st.enclave.seconds * 1e3 * per_tok,
+                              st.accelerator.seconds * 1e3 * per_tok, st.host.seconds * 1e3 * per_tok);
+                std::snprintf(cross, sizeof cross, "%.1f", double(st.crossings) * per_tok);
+                std::snprintf(kib, sizeof kib, "%.1f", double(st.bytes_to_accelerator + st.bytes_from_accelerator) / 1024.0 * per_tok);
+            }
             for (auto [name, v] : {std::pair{std::string("pp") + std::to_string(o->n_prompt), &r.pp},
                                    std::pair{std::string("tg") + std::to_string(o->n_gen), &r.tg}}) {
                 if (v->empty()) continue;
-                std::printf("| %s | %s | %.1f | %s | %.2f | %.2f | %.2f |\n", model_name.c_str(), r.format.c_str(), mib,
-                            name.c_str(), median(*v), *std::min_element(v->begin(), v->end()),
-                            *std::max_element(v->begin(), v->end()));
-                out.push_back({{"model", model_name}, {"weights", r.format}, {"test", name}, {"tps_median", median(*v)},
-                               {"tps_all", *v}, {"weight_bytes", r.engine->weight_bytes()},
-                               {"threads", o->threads > 0 ? o->threads : ThreadPool::default_threads()}});
+                const bool tg = name[0] == 't';
+                std::printf("| %s | %s | %s | %.2f | %.2f | %.2f | %s | %s | %s |\n", model_name.c_str(), r.name.c_str(), name.c_str(),
+                            median(*v), *std::min_element(v->begin(), v->end()), *std::max_element(v->begin(), v->end()),
+                            tg ? dom : "", tg ? cross : "", tg ? kib : "");
+                nlohmann::json rec = {{"model", model_name}, {"runner", r.name}, {"test", name}, {"tps_median", median(*v)},
+                                      {"tps_all", *v}, {"threads", o->threads > 0 ? o->threads : ThreadPool::default_threads()}};
+                if (r.engine) rec["weight_bytes"] = r.weight_bytes();
+                if (r.session && tg) {
+                    const double flops = st.enclave.flops + st.accelerator.flops + st.host.flops;
+                    rec["decode_seconds_per_token"] = {{"enclave", st.enclave.seconds * per_tok},
+                                                       {"accelerator", st.accelerator.seconds * per_tok},
+                                                       {"host", st.host.seconds * per_tok}};
+                    rec["crossings_per_token"] = double(st.crossings) * per_tok;
+                    rec["bytes_crossing_per_token"] = double(st.bytes_to_accelerator + st.bytes_from_accelerator) * per_tok;
+                    rec["offloaded_flops_share"] = flops > 0 ? st.accelerator.flops / flops : 0.0;
+                    rec["isolation"] = r.session->isolation();
+                }
+                out.push_back(rec);
             }
         }
         if (!o->json.empty()) {

@@ -11,6 +11,11 @@
 
 namespace si {
 
+// Spin this many pause instructions (a few tens of microseconds) before sleeping: long enough to bridge the gaps
+// between the loops of one decoding step, short enough not to steal a core from another process (the enclave
+// worker) that the caller is waiting for.
+constexpr int kSpin = 2000;
+
 int ThreadPool::default_threads() {
     const unsigned n = std::thread::hardware_concurrency();
     return n == 0 ? 1 : int(n);
@@ -47,7 +52,7 @@ void ThreadPool::worker_loop() {
     uint64_t seen = 0;
     for (;;) {
         // Spin briefly: in decoding, loops follow each other within microseconds.
-        for (int i = 0; i < 20000 && published_.load(std::memory_order_acquire) == seen; ++i) SI_PAUSE();
+        for (int i = 0; i < kSpin && published_.load(std::memory_order_acquire) == seen; ++i) SI_PAUSE();
         {
             std::unique_lock<std::mutex> lock(mu_);
             cv_start_.wait(lock, [&] { return generation_ != seen; });
@@ -82,7 +87,7 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void
     cv_start_.notify_all();
     run_chunks();
     // Spin briefly for the workers, then sleep.
-    for (int i = 0; i < 20000 && busy_.load(std::memory_order_acquire) != 0; ++i) SI_PAUSE();
+    for (int i = 0; i < kSpin && busy_.load(std::memory_order_acquire) != 0; ++i) SI_PAUSE();
     std::unique_lock<std::mutex> lock(mu_);
     cv_done_.wait(lock, [&] { return busy_.load(std::memory_order_acquire) == 0; });
     job_ = nullptr;
