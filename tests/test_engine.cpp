@@ -213,3 +213,27 @@ TEST(Qgemm, AllVariantsExact) {
             }
     }
 }
+
+TEST(Matmul, PackedF32MatchesReference) {
+    std::mt19937 rng(5);
+    std::normal_distribution<float> nd;
+    ThreadPool pool(2);
+    for (auto [N, K, T] : {std::tuple{1, 1, 1}, {17, 5, 3}, {64, 172, 9}, {172, 64, 1}, {33, 100, 70}, {40, 7, 130}}) {
+        std::vector<float> W(size_t(N) * K), X(size_t(T) * K), Y(size_t(T) * N), Y1(size_t(T) * N);
+        for (auto& v : W) v = nd(rng);
+        for (auto& v : X) v = nd(rng);
+        const PackedF32 P = PackedF32::pack(W.data(), N, K);
+        matmul_f32_packed(&pool, P, X.data(), T, Y.data());
+        matmul_f32_packed(nullptr, P, X.data(), T, Y1.data());
+        EXPECT_EQ(Y, Y1) << "results must not depend on threads";
+        for (int t = 0; t < T; ++t)
+            for (int n = 0; n < N; ++n) {
+                double ref = 0, mag = 0;
+                for (int k = 0; k < K; ++k) {
+                    ref += double(W[size_t(n) * K + k]) * X[size_t(t) * K + k];
+                    mag += std::fabs(double(W[size_t(n) * K + k]) * X[size_t(t) * K + k]);
+                }
+                EXPECT_NEAR(Y[size_t(t) * N + n], ref, 1e-6 + K * 1.2e-7 * mag) << N << "x" << K << " T=" << T;
+            }
+    }
+}

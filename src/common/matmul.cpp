@@ -125,3 +125,97 @@ void quantize_rows_i8(const float* W, int64_t rows, int64_t cols, int8_t* q, flo
 }
 
 }  // namespace si
+
+namespace si {
+
+namespace {
+
+constexpr int64_t kF32Block = 16;
+
+// RB blocks of 16 rows x C tokens; accumulators acc[r][c] hold 16 outputs each.
+template <int RB, int C>
+inline void f32_packed_tile(const PackedF32& W, const float* X, int64_t nb, int64_t t0, float* Y) {
+    const int64_t K = W.cols, N = W.rows;
+#if defined(__AVX512F__)
+    __m512 acc[RB][C];
+    for (int r = 0; r < RB; ++r)
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+    const float* wb[RB];
+    for (int r = 0; r < RB; ++r) wb[r] = W.data.data() + (nb + r) * kF32Block * K;
+    for (int64_t k = 0; k < K; ++k) {
+        __m512 w[RB];
+        for (int r = 0; r < RB; ++r) w[r] = _mm512_loadu_ps(wb[r] + k * kF32Block);
+        for (int c = 0; c < C; ++c) {
+            const __m512 x = _mm512_set1_ps(X[(t0 + c) * K + k]);
+            for (int r = 0; r < RB; ++r) acc[r][c] = _mm512_fmadd_ps(w[r], x, acc[r][c]);
+        }
+    }
+    for (int r = 0; r < RB; ++r) {
+        const int64_t n0 = (nb + r) * kF32Block;
+        const int64_t valid = std::min<int64_t>(kF32Block, N - n0);
+        const __mmask16 m = __mmask16((1u << valid) - 1);
+        for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(Y + (t0 + c) * N + n0, m, acc[r][c]);
+    }
+#else
+    for (int r = 0; r < RB; ++r) {
+        const int64_t n0 = (nb + r) * kF32Block;
+        const float* wb = W.data.data() + (nb + r) * kF32Block * K;
+        for (int c = 0; c < C; ++c)
+            for (int64_t i = 0; i < kF32Block && n0 + i < N; ++i) {
+                float s = 0.0f;
+                for (int64_t k = 0; k < K; ++k) s = std::fma(wb[k * kF32Block + i], X[(t0 + c) * K + k], s);
+                Y[(t0 + c) * N + n0 + i] = s;
+            }
+    }
+#endif
+}
+
+template <int RB, int C>
+void f32_packed_blocks(const PackedF32& W, const float* X, int64_t T, float* Y, int64_t b, int64_t e) {
+    int64_t nb = b;
+    for (; nb + RB <= e; nb += RB) {
+        int64_t t = 0;
+        for (; t + C <= T; t += C) f32_packed_tile<RB, C>(W, X, nb, t, Y);
+        for (; t < T; ++t) f32_packed_tile<RB, 1>(W, X, nb, t, Y);
+    }
+    for (; nb < e; ++nb) {
+        int64_t t = 0;
+        for (; t + C <= T; t += C) f32_packed_tile<1, C>(W, X, nb, t, Y);
+        for (; t < T; ++t) f32_packed_tile<1, 1>(W, X, nb, t, Y);
+    }
+}
+
+}  // namespace
+
+PackedF32 PackedF32::pack(const float* W, int64_t rows, int64_t cols) {
+    PackedF32 p;
+    p.rows = rows;
+    p.cols = cols;
+    const int64_t blocks = (rows + kF32Block - 1) / kF32Block;
+    p.data.assign(size_t(blocks * kF32Block * cols), 0.0f);
+    for (int64_t n = 0; n < rows; ++n)
+        for (int64_t k = 0; k < cols; ++k)
+            p.data[size_t((n / kF32Block) * kF32Block * cols + k * kF32Block + n % kF32Block)] = W[n * cols + k];
+    return p;
+}
+
+void matmul_f32_packed(ThreadPool* pool, const PackedF32& W, const float* X, int64_t T, float* Y) {
+    const int64_t blocks = (W.rows + kF32Block - 1) / kF32Block;
+    for (int64_t t0 = 0; t0 < T; t0 += kTokenBlock) {
+        const int64_t tb = std::min(kTokenBlock, T - t0);
+        const float* Xb = X + t0 * W.cols;
+        float* Yb = Y + t0 * W.rows;
+        auto body = [&](int64_t b, int64_t e) {
+            if (tb == 1)
+                f32_packed_blocks<4, 1>(W, Xb, tb, Yb, b, e);  // decode: four independent accumulate chains
+            else
+                f32_packed_blocks<2, 6>(W, Xb, tb, Yb, b, e);
+        };
+        if (pool)
+            pool->parallel_for(blocks, 2, body);
+        else
+            body(0, blocks);
+    }
+}
+
+}  // namespace si

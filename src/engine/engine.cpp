@@ -18,7 +18,7 @@ Linear Linear::make(const std::vector<float>& w, int64_t rows, int64_t cols, Wei
     L.cols = cols;
     L.format = format;
     if (format == WeightFormat::f32) {
-        L.f32 = w;
+        L.f32 = PackedF32::pack(w.data(), rows, cols);
     } else {
         std::vector<int8_t> q(size_t(rows * cols));
         L.scale.resize(size_t(rows));
@@ -28,12 +28,12 @@ Linear Linear::make(const std::vector<float>& w, int64_t rows, int64_t cols, Wei
     return L;
 }
 
-size_t Linear::bytes() const { return f32.size() * 4 + q.bytes() + scale.size() * 4; }
+size_t Linear::bytes() const { return f32.bytes() + q.bytes() + scale.size() * 4; }
 
 void linear_forward(ThreadPool* pool, const Linear& W, const float* X, int64_t T, float* Y, std::vector<int8_t>& q8,
                     std::vector<float>& xs, std::vector<int32_t>& acc) {
     if (W.format == WeightFormat::f32) {
-        matmul_f32(pool, W.f32.data(), W.rows, W.cols, X, T, Y);
+        matmul_f32_packed(pool, W.f32, X, T, Y);
         return;
     }
     q8.resize(size_t(T * W.cols));

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/model.h"
+#include "common/matmul.h"
 #include "common/qgemm.h"
 #include "common/threadpool.h"
 
@@ -27,7 +28,7 @@ struct EngineParams {
 struct Linear {
     int64_t rows = 0, cols = 0;
     WeightFormat format = WeightFormat::f32;
-    std::vector<float> f32;
+    PackedF32 f32;             // f32 weights packed for the float kernel
     PackedI8 q;                // int8 weights packed for the integer kernels
     std::vector<float> scale;  // per-row dequantisation scale
 
