@@ -7,4 +7,4 @@ bash scripts/install-deps.sh
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build -j"$(nproc)" --target secureinfer_cli >/dev/null
 shared=${SI_SHARED_DIR:-../shared}
-exec build/secureinfer run -m "$shared/models/stories260K.bin" --tokenizer "$shared/models/tok512.bin" -n 256 "$@"
+exec build/secureinfer run -m "$shared/models/stories260K.bin" --tokenizer "$shared/models/tok512.bin" "$@"
