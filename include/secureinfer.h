@@ -148,6 +148,13 @@ typedef struct si_stats {
     double load_seconds;
 } si_stats;
 int si_context_stats(const si_context* ctx, si_stats* out);
+/* SI_MODE_SECUREINFER only: precomputes the unblinding factors of the next n_tokens decode steps offline (kept
+   sealed outside the enclave, each consumed once); later steps fall back to online unblinding. progress (may be
+   NULL) is called after every batch with (done, total, user_data). *seconds_out (may be NULL) receives the time
+   this took; it is not included in si_context_stats. */
+typedef void (*si_progress_callback)(int done, int total, void* user_data);
+int si_context_precompute(si_context* ctx, int n_tokens, si_progress_callback progress, void* user_data,
+                          double* seconds_out);
 /* The isolation the context's trusted core has, e.g. "worker process (memfd_secret, seccomp, non-dumpable)", and
    warnings about weakened protection, one per line ("" when none). Valid for the context's lifetime. */
 const char* si_context_isolation(const si_context* ctx);

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Builds and runs every test: the Release build, the same suite under AddressSanitizer + UndefinedBehaviorSanitizer,
-# and a short libFuzzer run of the GGUF parser. Installs the Debian packages it needs first.
+# and short libFuzzer runs of the GGUF parser and of the trusted core's request decoder. Installs the Debian
+# packages it needs first.
 #   scripts/test.sh            everything
 #   SI_FUZZ_SECONDS=0 scripts/test.sh   skip the fuzzing run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 jobs=$(nproc)
-fuzz_seconds=${SI_FUZZ_SECONDS:-60}
+fuzz_seconds=${SI_FUZZ_SECONDS:-45}
 
 bash scripts/install-deps.sh
 
@@ -27,11 +28,19 @@ ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:ha
   ctest --test-dir build-asan --output-on-failure -j"$jobs"
 
 if [ "$fuzz_seconds" -gt 0 ] && [ -f fuzz/CMakeLists.txt ]; then
-  step "libFuzzer: GGUF parser, ${fuzz_seconds}s"
-  CC=clang CXX=clang++ cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSI_FUZZ=ON -DSI_TESTS=OFF >/dev/null
-  cmake --build build-fuzz -j"$jobs" --target fuzz_gguf
-  mkdir -p build-fuzz/corpus
-  build-fuzz/fuzz/fuzz_gguf -max_total_time="$fuzz_seconds" -max_len=65536 -rss_limit_mb=2048 \
-    build-fuzz/corpus "$root/fuzz/corpus/gguf" 2>&1 | tail -n 3
+  CC=clang CXX=clang++ cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSI_FUZZ=ON -DSI_TESTS=OFF \
+    -DSI_BENCH=OFF >/dev/null
+  # the GGUF parser (untrusted model files) and the trusted core's request decoder (untrusted host messages)
+  for target in fuzz_gguf:gguf fuzz_enclave_messages:enclave_messages; do
+    name=${target%%:*} corpus=${target##*:}
+    step "libFuzzer: $name, ${fuzz_seconds}s"
+    cmake --build build-fuzz -j"$jobs" --target "$name" >/dev/null
+    new=$(mktemp -d)
+    dict=()
+    [ -f "fuzz/$corpus.dict" ] && dict=(-dict="fuzz/$corpus.dict")
+    "build-fuzz/fuzz/$name" "$new" "$root/fuzz/corpus/$corpus" "${dict[@]}" -max_total_time="$fuzz_seconds" \
+      -max_len=65536 -rss_limit_mb=2048 -timeout=10 2>&1 | tail -n 2
+    rm -rf "$new"
+  done
 fi
 step "all tests passed"

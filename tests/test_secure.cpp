@@ -883,8 +883,9 @@ TEST(Secure, CliModesStatsAndTrace) {
         EXPECT_NE(r.err.find("stats: crossings"), std::string::npos) << r.err;
         EXPECT_NE(r.err.find("stats: bytes host->enclave"), std::string::npos) << r.err;
         EXPECT_NE(r.err.find("accelerator"), std::string::npos) << r.err;
-        if (std::string(mode) != "gpu-only")
+        if (std::string(mode) != "gpu-only") {
             EXPECT_NE(r.err.find("WARNING"), std::string::npos) << "in-process must warn loudly: " << r.err;
+        }
     }
     EXPECT_EQ(outs["gpu-only"], outs["secureinfer"]);
     EXPECT_EQ(outs["enclave-only"], outs["secureinfer"]);
@@ -909,4 +910,240 @@ TEST(Secure, CliModesStatsAndTrace) {
     const auto u = test::run_cli({"run", "-m", model, "--mode", "secureinfer", "--weights", "int8"});
     EXPECT_EQ(u.exit_code, 2);
     EXPECT_NE(u.err.find("--weights applies to --mode plain"), std::string::npos) << u.err;
+}
+
+// ---- offline unblinding factors (secureinfer precompute) ----------------------------------------------------------
+
+namespace {
+
+// An enclave host in the middle: records the precompute answers and the crossings, and can tamper with the sealed
+// unit that one products request hands back.
+class SealedWatchHost final : public EnclaveHost {
+public:
+    enum class Tamper { none, replay, flip, foreign };
+    explicit SealedWatchHost(Tamper t) : inner_(make_inprocess_host()), tamper_(t) {}
+    std::string isolation() const override { return inner_->isolation(); }
+    void call(std::span<const uint8_t> request, std::vector<uint8_t>& response) override {
+        const wire::Message m = wire::decode(request);
+        std::vector<uint8_t> changed;
+        if (m.type() == wire::MsgType::products && m.has(wire::Tag::sealed)) {
+            const int32_t layer = m.scalar<int32_t>(wire::Tag::layer);
+            const uint8_t stage = m.scalar<uint8_t>(wire::Tag::stage);
+            const auto unit = m.array<uint8_t>(wire::Tag::sealed);
+            ++sealed_seen;
+            std::vector<uint8_t> use = unit;
+            if (!tampered) {
+                if (tamper_ == Tamper::flip) {
+                    use[use.size() / 2] ^= 0x01;
+                } else if (tamper_ == Tamper::replay && last_.count({layer, stage})) {
+                    use = last_[{layer, stage}];
+                } else if (tamper_ == Tamper::foreign && layer > 0 && last_.count({layer - 1, stage}) &&
+                           last_[{layer - 1, stage}].size() == unit.size()) {
+                    use = last_[{layer - 1, stage}];
+                }
+                tampered = use != unit;
+            }
+            last_[{layer, stage}] = unit;
+            if (use != unit) {
+                wire::Encoder e(wire::MsgType::products);
+                e.scalar<int32_t>(wire::Tag::layer, layer);
+                e.scalar<uint8_t>(wire::Tag::stage, stage);
+                e.scalar<uint64_t>(wire::Tag::crossing, m.scalar<uint64_t>(wire::Tag::crossing));
+                e.add(wire::Tag::products, m.array<uint32_t>(wire::Tag::products));
+                e.add(wire::Tag::sealed, use);
+                changed = e.finish();
+            }
+        }
+        if (changed.empty())
+            inner_->call(request, response);
+        else
+            inner_->call(changed, response);
+        const wire::Message r = wire::decode(response);
+        if (r.type() == wire::MsgType::sealed) {
+            const uint64_t off = r.scalar<uint64_t>(wire::Tag::offset);
+            const uint64_t n = uint64_t(r.scalar<int32_t>(wire::Tag::count_t)) * uint64_t(r.scalar<int32_t>(wire::Tag::count_k));
+            ranges.push_back({off, n, online_since});
+            online_since = 0;
+        } else if (r.type() == wire::MsgType::offload) {
+            if (r.has(wire::Tag::batch))
+                ++precomputed_crossings;
+            else
+                online_since += uint64_t(r.scalar<int32_t>(wire::Tag::count_t)) * uint64_t(r.scalar<int32_t>(wire::Tag::count_k));
+        }
+    }
+    struct Range {
+        uint64_t offset, count, online_before;  // online masks drawn since the previous precompute answer
+    };
+    std::vector<Range> ranges;
+    uint64_t online_since = 0, precomputed_crossings = 0;
+    int sealed_seen = 0;
+    bool tampered = false;
+
+private:
+    std::unique_ptr<EnclaveHost> inner_;
+    Tamper tamper_;
+    std::map<std::pair<int32_t, uint8_t>, std::vector<uint8_t>> last_;
+};
+
+}  // namespace
+
+TEST(Secure, PrecomputedFactorsGiveTheSameTokensAsOnline) {
+    const std::vector<int32_t> prompt = {1, 403, 407, 261, 378};
+    SecureSession online(stories(), params(SecureMode::secureinfer));
+    const auto want = greedy(online, prompt, 24);
+    // enough for every decode step
+    auto host = std::make_shared<SealedWatchHost>(SealedWatchHost::Tamper::none);
+    auto p = params(SecureMode::secureinfer);
+    p.enclave_host = host;
+    SecureSession off(stories(), p);
+    int calls = 0, total = 0;
+    off.precompute(24, [&](int done, int t) { calls = done, total = t; });
+    EXPECT_EQ(calls, total);
+    EXPECT_GT(total, 0);
+    EXPECT_EQ(off.precomputed_available(), 24);
+    EXPECT_EQ(off.stats().precomputed_tokens, 24u);
+    EXPECT_GT(off.stats().offline.seconds, 0.0);
+    EXPECT_GT(off.stats().offline.flops, 0.0);
+    EXPECT_EQ(greedy(off, prompt, 24), want);
+    EXPECT_EQ(off.precomputed_available(), 1);  // 23 decode steps, the prompt runs online
+    EXPECT_GT(host->precomputed_crossings, 0u);
+    EXPECT_EQ(host->sealed_seen, int(host->precomputed_crossings));
+    // fewer than needed: the rest falls back to online unblinding, with the same tokens and one warning
+    SecureSession part(stories(), params(SecureMode::secureinfer));
+    part.precompute(7);
+    EXPECT_EQ(greedy(part, prompt, 24), want);
+    EXPECT_EQ(part.precomputed_available(), 0);
+    const auto w = part.warnings();
+    EXPECT_EQ(std::count(w.begin(), w.end(),
+                         std::string("precomputed unblinding factors exhausted: falling back to online unblinding")),
+              1);
+    // precompute is a secureinfer feature
+    SecureSession gpu(stories(), params(SecureMode::gpu_only));
+    EXPECT_EQ(status_of([&] { gpu.precompute(4); }), Status::unsupported);
+}
+
+TEST(Secure, SealedFactorsAreConsumedExactlyOnce) {
+    const std::vector<int32_t> prompt = {1, 403, 407};
+    for (auto t : {SealedWatchHost::Tamper::replay, SealedWatchHost::Tamper::flip, SealedWatchHost::Tamper::foreign}) {
+        auto host = std::make_shared<SealedWatchHost>(t);
+        auto p = params(SecureMode::secureinfer);
+        p.enclave_host = host;
+        SecureSession s(stories(), p);
+        s.precompute(8);
+        s.set_sampler(SamplerParams{0.0f, 0, 1.0f, 0});
+        int32_t tok = s.eval_sample(prompt);
+        Status st = Status::ok;
+        int released = 0;
+        for (int i = 0; i < 8 && st == Status::ok; ++i) {
+            st = status_of([&] { tok = s.eval_sample(std::span<const int32_t>(&tok, 1)); });
+            if (st == Status::ok) ++released;
+        }
+        EXPECT_TRUE(host->tampered) << int(t);
+        EXPECT_EQ(st, Status::integrity) << int(t);
+        // the tampered step released nothing, and the session stays stopped
+        EXPECT_LT(released, 8) << int(t);
+        EXPECT_EQ(status_of([&] { s.eval(std::vector<int32_t>{1}); }), Status::integrity) << int(t);
+        EXPECT_EQ(status_of([&] { s.precompute(1); }), Status::integrity) << int(t);
+    }
+    // withholding the sealed unit the core asks for is an integrity failure too
+    auto inner = std::shared_ptr<EnclaveHost>(make_inprocess_host());
+    auto p = params(SecureMode::secureinfer);
+    p.enclave_host = inner;
+    SecureSession s(stories(), p);
+    wire::Encoder pre(wire::MsgType::precompute);
+    pre.scalar<int32_t>(wire::Tag::layer, 0);
+    pre.scalar<uint8_t>(wire::Tag::stage, 0);
+    pre.scalar<int32_t>(wire::Tag::count_t, 2);
+    std::vector<uint8_t> resp;
+    inner->call(pre.finish(), resp);
+    ASSERT_EQ(wire::decode(resp).type(), wire::MsgType::sealed);
+    wire::Encoder ev(wire::MsgType::eval);
+    ev.add(wire::Tag::tokens, std::vector<int32_t>{1});
+    ev.scalar<uint8_t>(wire::Tag::output, 0);
+    inner->call(ev.finish(), resp);
+    const std::vector<uint8_t> off_resp = resp;
+    const wire::Message m = wire::decode(off_resp);
+    ASSERT_EQ(m.type(), wire::MsgType::offload);
+    ASSERT_TRUE(m.has(wire::Tag::batch));
+    EXPECT_EQ(m.scalar<uint32_t>(wire::Tag::batch_index), 0u);
+    const int32_t T = m.scalar<int32_t>(wire::Tag::count_t);
+    const size_t n = size_t(T) * size_t(stories().cfg.dim + 2 * stories().cfg.kv_dim());
+    wire::Encoder pe(wire::MsgType::products);
+    pe.scalar<int32_t>(wire::Tag::layer, 0);
+    pe.scalar<uint8_t>(wire::Tag::stage, 0);
+    pe.scalar<uint64_t>(wire::Tag::crossing, m.scalar<uint64_t>(wire::Tag::crossing));
+    pe.add(wire::Tag::products, std::vector<uint32_t>(n, 0));
+    EXPECT_EQ(status_of([&] { inner->call(pe.finish(), resp); }), Status::integrity);
+    EXPECT_EQ(status_of([&] { s.eval(std::vector<int32_t>{1}); }), Status::integrity);
+}
+
+TEST(Secure, PrecomputedAndOnlineMasksNeverOverlap) {
+    auto host = std::make_shared<SealedWatchHost>(SealedWatchHost::Tamper::none);
+    auto p = params(SecureMode::secureinfer);
+    p.enclave_host = host;
+    SecureSession s(stories(), p);
+    s.precompute(2);
+    greedy(s, {1, 403, 407}, 5);  // prefill online, 2 decode steps precomputed, 2 online
+    s.precompute(3);
+    greedy(s, {7}, 6);  // prefill online, 3 precomputed, 2 online
+    s.precompute(1);
+    ASSERT_GE(host->ranges.size(), 3u);
+    // Every range starts exactly where the stream stood: after every earlier range and every online pad drawn
+    // since, so reserved pads, online pads and other batches never share a position.
+    uint64_t end = 0;
+    uint64_t online_total = 0;
+    for (const auto& r : host->ranges) {
+        EXPECT_EQ(r.offset, end + r.online_before);
+        EXPECT_GT(r.count, 0u);
+        end = r.offset + r.count;
+        online_total += r.online_before;
+    }
+    EXPECT_GT(online_total, 0u);
+    // three precompute calls of one batch per offloaded (layer, stage); 2 + 3 decode steps used them
+    ASSERT_EQ(host->ranges.size() % 3, 0u);
+    EXPECT_EQ(host->precomputed_crossings, uint64_t(5) * (host->ranges.size() / 3));
+}
+
+TEST(Secure, CliAndCApiPrecompute) {
+    const std::string model = test::shared("models/stories260K.bin"), tok = test::shared("models/tok512.bin");
+    const auto online = test::run_cli({"run", "-m", model, "--tokenizer", tok, "-n", "24", "--temp", "0", "--host",
+                                       "inprocess", "-t", "1"});
+    ASSERT_EQ(online.exit_code, 0) << online.err;
+    // 10 precomputed decode steps, then online: the same text, one fallback notice
+    const auto pre = test::run_cli({"run", "-m", model, "--tokenizer", tok, "-n", "24", "--temp", "0", "--host",
+                                    "inprocess", "-t", "1", "--precompute", "10"});
+    ASSERT_EQ(pre.exit_code, 0) << pre.err;
+    EXPECT_EQ(pre.out, online.out);
+    EXPECT_NE(pre.err.find("tokens/s"), std::string::npos) << pre.err;
+    EXPECT_NE(pre.err.find("precomputed unblinding factors exhausted: falling back to online unblinding"),
+              std::string::npos) << pre.err;
+    const auto bad = test::run_cli({"run", "-m", model, "--tokenizer", tok, "-n", "4", "--mode", "gpu-only",
+                                    "--precompute", "4"});
+    EXPECT_EQ(bad.exit_code, 2) << bad.err;
+    const auto cmd = test::run_cli({"precompute", "-m", model, "--tokenizer", tok, "-n", "16", "--host", "inprocess",
+                                    "-t", "1"});
+    ASSERT_EQ(cmd.exit_code, 0) << cmd.err;
+    EXPECT_NE(cmd.out.find("16 tokens of unblinding factors"), std::string::npos) << cmd.out;
+    EXPECT_NE(cmd.err.find("precompute: ["), std::string::npos) << cmd.err;
+    // the C API
+    si_model* m = nullptr;
+    si_model_params mp = si_model_default_params();
+    mp.tokenizer_path = tok.c_str();
+    ASSERT_EQ(si_model_load(model.c_str(), &mp, &m), SI_OK);
+    si_context_params cp = si_context_default_params();
+    cp.enclave_host = SI_HOST_INPROCESS;
+    si_context* c = nullptr;
+    ASSERT_EQ(si_context_init(m, &cp, &c), SI_OK) << si_last_error();
+    int calls = 0;
+    double secs = -1.0;
+    EXPECT_EQ(si_context_precompute(c, 4, [](int, int, void* u) { ++*static_cast<int*>(u); }, &calls, &secs), SI_OK)
+        << si_last_error();
+    EXPECT_GT(calls, 0);
+    EXPECT_GE(secs, 0.0);
+    si_context_free(c);
+    cp.mode = SI_MODE_GPU_ONLY;
+    ASSERT_EQ(si_context_init(m, &cp, &c), SI_OK);
+    EXPECT_NE(si_context_precompute(c, 4, nullptr, nullptr, nullptr), SI_OK);
+    si_context_free(c);
+    si_model_free(m);
 }

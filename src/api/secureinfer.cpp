@@ -406,6 +406,21 @@ int si_context_stats(const si_context* ctx, si_stats* out) {
     });
 }
 
+int si_context_precompute(si_context* ctx, int n_tokens, si_progress_callback progress, void* user_data,
+                          double* seconds_out) {
+    return guarded([&] {
+        require(ctx != nullptr, "si_context_precompute: context is required");
+        require(ctx->session != nullptr && ctx->mode == SI_MODE_SECUREINFER,
+                "si_context_precompute: precomputed unblinding factors need SI_MODE_SECUREINFER");
+        require(n_tokens > 0, "si_context_precompute: n_tokens must be positive");
+        const double before = ctx->session->stats().offline.seconds;
+        ctx->session->precompute(n_tokens, [&](int done, int total) {
+            if (progress) progress(done, total, user_data);
+        });
+        if (seconds_out) *seconds_out = ctx->session->stats().offline.seconds - before;
+    });
+}
+
 const char* si_context_isolation(const si_context* ctx) { return ctx ? ctx->isolation.c_str() : ""; }
 const char* si_context_warnings(const si_context* ctx) { return ctx ? ctx->warnings.c_str() : ""; }
 

@@ -37,11 +37,13 @@ enum class MsgType : uint16_t {
     eval = 5,       // start a forward pass over tokens; what to return at its end
     products = 6,   // the accelerator's (masked) products of the pending crossing
     reset = 7,      // forget the KV cache
+    precompute = 8, // offline unblinding factors for the next `count_t` crossings of (layer, stage)
     // responses (trusted core -> host)
     ok = 101,       // done; carries pos and the enclave's work counters
     offload = 102,  // a crossing: masked activations for the accelerator
     result = 103,   // the end of a pass: a sampled token, log-probabilities, or a summed NLL
     plan = 104,     // which projections are offloaded (answer to finalize)
+    sealed = 105,   // a batch of sealed unblinding factors (answer to precompute), to be stored by the host
 };
 
 enum class WireType : uint8_t { u8 = 1, i8 = 2, i32 = 3, u32 = 4, f32 = 5, u64 = 6, f64 = 7 };
@@ -86,8 +88,11 @@ enum class Tag : uint16_t {
     nll_sum = 36,       // f64
     nll_count = 37,     // u64
     plan = 38,          // u8[layers * 7]: 1 where the projection is offloaded
+    batch = 39,         // u64: sequence number of a precomputed batch (monotonic per core, from 1)
+    batch_index = 40,   // u32: position within a precomputed batch
+    sealed = 41,        // u8[]: sealed unblinding factors: count_t units of (12-byte IV | ciphertext | 16-byte tag)
 };
-constexpr uint16_t kMaxTag = 38;
+constexpr uint16_t kMaxTag = 41;
 
 enum class TensorKind : uint32_t {
     tok_embeddings = 0,  // f32 [vocab][dim]

@@ -24,6 +24,11 @@ Runner add_bench(CLI::App& app);
 Runner add_plan(CLI::App& app);
 Runner add_finetune(CLI::App& app);
 
+Runner add_precompute(CLI::App& app);
+
+// A one-line progress bar on stderr ("label [#####     ] done/total"), ended with a newline when done == total.
+void progress_bar(const char* label, int done, int total);
+
 // Throws CLI::ValidationError-style usage errors from inside a runner.
 struct UsageError : std::runtime_error {
     using std::runtime_error::runtime_error;

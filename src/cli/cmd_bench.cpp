@@ -1,6 +1,8 @@
 // bench: prefill and decode speed of the plaintext engine (f32 and int8 weights) and of the partition presets
 // (gpu-only, enclave-only, secureinfer; int8 base), all alternating within every repetition, medians. Models are
-// a file (-m) or a random-weight model of a named shape (--shape).
+// a file (-m) or a random-weight model of a named shape (--shape). The runner secureinfer-offline precomputes the
+// unblinding factors of every decode step (n_gen plus a margin) before each decode repetition; that offline time
+// is reported apart, as precompute tokens/s.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -23,6 +25,8 @@ namespace {
 double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
+
+constexpr int kOfflineMargin = 8;  // extra precomputed decode steps of secureinfer-offline
 
 double median(std::vector<double> v) {
     std::sort(v.begin(), v.end());
@@ -55,8 +59,9 @@ Runner add_bench(CLI::App& app) {
     sub->add_option("-r,--repetitions", o->reps, "repetitions of each test")->check(CLI::Range(1, 1000));
     sub->add_option("-t,--threads", o->threads, "worker threads (0: all CPUs)")->check(CLI::Range(0, 1024));
     sub->add_option("--weights", o->weights, "weight formats to compare")->delimiter(',')->check(CLI::IsMember({"f32", "int8"}));
-    sub->add_option("--modes", o->modes, "plain (the engine, each --weights) and/or the presets gpu-only, enclave-only, secureinfer")
-        ->delimiter(',')->check(CLI::IsMember({"plain", "gpu-only", "enclave-only", "secureinfer"}));
+    sub->add_option("--modes", o->modes, "plain (the engine, each --weights) and/or the presets gpu-only, enclave-only, "
+                                         "secureinfer, secureinfer-offline (decode with precomputed unblinding factors)")
+        ->delimiter(',')->check(CLI::IsMember({"plain", "gpu-only", "enclave-only", "secureinfer", "secureinfer-offline"}));
     sub->add_option("--host", o->host, "enclave host of the presets")->check(CLI::IsMember({"worker", "inprocess"}));
     sub->add_option("--json", o->json, "also write the results as JSON to this file");
     return [o]() -> int {
@@ -80,6 +85,8 @@ Runner add_bench(CLI::App& app) {
             std::unique_ptr<SecureSession> session;
             std::vector<double> pp, tg;
             SessionStats tg_stats;  // of the last decode run
+            bool offline = false;   // precompute the unblinding factors before each decode run
+            std::vector<double> pre;  // precompute tokens/s
             void reset() { engine ? engine->reset() : session->reset(); }
             void eval(std::span<const int32_t> t) { engine ? (void)engine->eval(t) : session->eval(t); }
             size_t weight_bytes() const { return engine ? engine->weight_bytes() : 0; }
@@ -92,16 +99,17 @@ Runner add_bench(CLI::App& app) {
                     p.n_threads = o->threads;
                     p.n_ctx = n_ctx;
                     p.weights = f == "int8" ? WeightFormat::int8 : WeightFormat::f32;
-                    runs.push_back({"plain " + f, std::make_unique<Engine>(w, p), nullptr, {}, {}, {}});
+                    runs.push_back({"plain " + f, std::make_unique<Engine>(w, p), nullptr, {}, {}, {}, false, {}});
                 }
                 continue;
             }
             SecureSessionParams sp;
-            sp.mode = *parse_secure_mode(m);
+            const bool offline = m == "secureinfer-offline";
+            sp.mode = offline ? SecureMode::secureinfer : *parse_secure_mode(m);
             sp.n_ctx = n_ctx;
             sp.n_threads = o->threads;
             sp.host = o->host == "inprocess" ? EnclaveHostKind::inprocess : EnclaveHostKind::worker;
-            runs.push_back({m + " int8", nullptr, std::make_unique<SecureSession>(w, sp), {}, {}, {}});
+            runs.push_back({m + " int8", nullptr, std::make_unique<SecureSession>(w, sp), {}, {}, {}, offline, {}});
         }
         w = ModelWeights{};  // the runners hold their own copies
         const auto prompt = bench_tokens(o->n_prompt, c.vocab_size);
@@ -124,6 +132,13 @@ Runner add_bench(CLI::App& app) {
                 if (o->n_gen > 0) {
                     r.reset();
                     if (r.session) r.session->reset_stats();
+                    if (r.offline) {
+                        // offline phase, timed apart: factors for every decode step plus a margin
+                        const int n_pre = o->n_gen + kOfflineMargin;
+                        const auto tp = std::chrono::steady_clock::now();
+                        r.session->precompute(n_pre);
+                        r.pre.push_back(n_pre / seconds_since(tp));
+                    }
                     const auto t0 = std::chrono::steady_clock::now();
                     for (int i = 0; i < o->n_gen; ++i) r.eval(std::span<const int32_t>(&gen[size_t(i)], 1));
                     r.tg.push_back(o->n_gen / seconds_since(t0));
@@ -147,9 +162,21 @@ Runner add_bench(CLI::App& app) {
                 std::snprintf(kib, sizeof kib, "%.1f", double(st.bytes_to_accelerator + st.bytes_from_accelerator) / 1024.0 * per_tok);
             }
             for (auto [name, v] : {std::pair{std::string("pp") + std::to_string(o->n_prompt), &r.pp},
-                                   std::pair{std::string("tg") + std::to_string(o->n_gen), &r.tg}}) {
+                                   std::pair{std::string("tg") + std::to_string(o->n_gen), &r.tg},
+                                   std::pair{std::string("precompute") + std::to_string(o->n_gen + kOfflineMargin), &r.pre}}) {
                 if (v->empty()) continue;
                 const bool tg = name[0] == 't';
+                if (name[0] == 'p' && name[1] == 'r') {
+                    // the offline phase: tokens of unblinding factors per second
+                    std::printf("| %s | %s | %s | %.2f | %.2f | %.2f | offline, before decode | | |\n", model_name.c_str(),
+                                r.name.c_str(), name.c_str(), median(*v), *std::min_element(v->begin(), v->end()),
+                                *std::max_element(v->begin(), v->end()));
+                    out.push_back({{"model", model_name}, {"runner", r.name}, {"test", name}, {"tps_median", median(*v)},
+                                   {"tps_all", *v}, {"offline", true}, {"precompute_tps_median", median(*v)},
+                                   {"offline_seconds", st.offline.seconds}, {"offline_flops", st.offline.flops},
+                                   {"threads", o->threads > 0 ? o->threads : ThreadPool::default_threads()}});
+                    continue;
+                }
                 std::printf("| %s | %s | %s | %.2f | %.2f | %.2f | %s | %s | %s |\n", model_name.c_str(), r.name.c_str(), name.c_str(),
                             median(*v), *std::min_element(v->begin(), v->end()), *std::max_element(v->begin(), v->end()),
                             tg ? dom : "", tg ? cross : "", tg ? kib : "");
@@ -165,6 +192,10 @@ Runner add_bench(CLI::App& app) {
                     rec["bytes_crossing_per_token"] = double(st.bytes_to_accelerator + st.bytes_from_accelerator) * per_tok;
                     rec["offloaded_flops_share"] = flops > 0 ? st.accelerator.flops / flops : 0.0;
                     rec["isolation"] = r.session->isolation();
+                    if (r.offline) {
+                        rec["precompute_tps_median"] = median(r.pre);
+                        rec["offline_seconds_per_token"] = st.offline.seconds / double(std::max<uint64_t>(1, st.precomputed_tokens));
+                    }
                 }
                 out.push_back(rec);
             }

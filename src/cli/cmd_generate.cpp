@@ -153,7 +153,11 @@ Runner add_run(CLI::App& app) {
     auto seed = std::make_shared<int64_t>(-1);
     auto logprobs = std::make_shared<int>(0);
     auto logprobs_noise = std::make_shared<float>(0.0f);
+    auto precompute = std::make_shared<int>(0);
     o->add(sub);
+    sub->add_option("--precompute", *precompute, "secureinfer: precompute the unblinding factors of this many decode "
+                                                 "steps before generating (offline; sealed outside the enclave)")
+        ->check(CLI::Range(0, 1 << 16));
     sub->add_option("--logprobs", *logprobs, "print the top-K log-probabilities of every generated token to stderr "
                                              "(released by the enclave; off by default)")
         ->check(CLI::Range(0, 1 << 20));
@@ -170,12 +174,21 @@ Runner add_run(CLI::App& app) {
         o->check();
         if (*logprobs > 0 && o->mode == "plain")
             throw UsageError("--logprobs needs one of the modes secureinfer, gpu-only, enclave-only");
+        if (*precompute > 0 && o->mode != "secureinfer") throw UsageError("--precompute needs --mode secureinfer");
         secureinfer::Model model(o->model, o->model_params());
         si_context_params cp = o->context_params();
         cp.logprobs = *logprobs;
         cp.logprob_noise = *logprobs_noise;
         secureinfer::Context ctx(model, cp);
         print_warnings(ctx);
+        if (*precompute > 0) {
+            double secs = 0.0;
+            secureinfer::check(si_context_precompute(
+                ctx.get(), *precompute,
+                [](int done, int total, void*) { progress_bar("precompute", done, total); }, nullptr, &secs));
+            std::fprintf(stderr, "precompute: %d tokens of unblinding factors in %.3f s (%.1f tokens/s)\n", *precompute,
+                         secs, secs > 0 ? *precompute / secs : 0.0);
+        }
         si_sampler_params s = *sp;
         s.seed = *seed >= 0 ? uint64_t(*seed) : (uint64_t(std::random_device{}()) << 32) ^ std::random_device{}();
         const auto ids = model.tokenize(*prompt, true);

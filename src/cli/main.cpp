@@ -13,7 +13,7 @@ int main(int argc, char** argv) {
     app.require_subcommand(1);
     app.set_version_flag("--version", "secureinfer 0.1.0");
     std::map<CLI::App*, Runner> runners;
-    for (auto add : {add_run, add_perplexity, add_tokenize, add_info, add_convert, add_bench, add_plan, add_finetune}) {
+    for (auto add : {add_run, add_perplexity, add_tokenize, add_info, add_convert, add_bench, add_plan, add_finetune, add_precompute}) {
         Runner r = add(app);
         runners[app.get_subcommands({}).back()] = r;
     }

@@ -1,10 +1,13 @@
 #include "enclave/trusted_core.h"
 
 #include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <optional>
 #include <string>
@@ -57,7 +60,87 @@ struct Pending {
     std::vector<Proj> projs;
     int T = 0;
     int64_t K = 0;
+    // offline unblinding: the crossing's pads come from a precomputed batch, whose sealed unit must come back
+    bool pre = false;
+    uint64_t pre_seq = 0, pre_offset = 0;
+    uint32_t pre_idx = 0, pre_count = 0;
 };
+
+// A batch of precomputed unblinding factors handed out sealed: the core keeps only this bookkeeping.
+struct PreBatch {
+    uint64_t seq = 0;     // batch sequence number
+    uint64_t offset = 0;  // first mask position of the batch's reserved range
+    uint32_t count = 0;   // crossings (token positions) covered
+};
+// Per (layer, stage): batches not yet consumed, in order, and the next position within the first.
+struct PreSlot {
+    std::deque<PreBatch> batches;
+    uint32_t next = 0;
+};
+
+constexpr size_t kSealKeyBytes = 32, kSealIvBytes = 12, kSealTagBytes = 16;
+constexpr uint32_t kMaxPrecomputeCount = 1u << 16;
+
+// Associated data of one sealed unit: binds it to its crossing slot, mask range and place in its batch.
+std::vector<uint8_t> seal_aad(int layer, Stage st, uint64_t offset, uint32_t count, uint64_t seq, uint32_t idx,
+                              int64_t K) {
+    std::vector<uint8_t> a;
+    auto put = [&](uint64_t v, int bytes) {
+        for (int i = 0; i < bytes; ++i) a.push_back(uint8_t(v >> (8 * i)));
+    };
+    put(0x5349554eu, 4);  // "NUIS": domain separation
+    put(uint32_t(layer), 4);
+    put(uint8_t(st), 1);
+    put(offset, 8);
+    put(count, 4);
+    put(seq, 8);
+    put(idx, 4);
+    put(uint64_t(K), 8);
+    return a;
+}
+
+// The GCM nonce of a unit: (seq, idx) never repeats under one key, as seq only grows.
+void seal_iv(uint64_t seq, uint32_t idx, uint8_t (&iv)[kSealIvBytes]) {
+    for (int i = 0; i < 8; ++i) iv[i] = uint8_t(seq >> (8 * i));
+    for (int i = 0; i < 4; ++i) iv[8 + i] = uint8_t(idx >> (8 * i));
+}
+
+struct CipherCtx {
+    EVP_CIPHER_CTX* c = EVP_CIPHER_CTX_new();
+    ~CipherCtx() { EVP_CIPHER_CTX_free(c); }
+};
+
+// AES-256-GCM: out = ciphertext | tag (n + 16 bytes).
+void gcm_seal(const uint8_t* key, const uint8_t (&iv)[kSealIvBytes], const std::vector<uint8_t>& aad,
+              const uint8_t* in, size_t n, uint8_t* out) {
+    CipherCtx x;
+    int len = 0;
+    if (!x.c || EVP_EncryptInit_ex(x.c, EVP_aes_256_gcm(), nullptr, nullptr, nullptr) != 1 ||
+        EVP_CIPHER_CTX_ctrl(x.c, EVP_CTRL_GCM_SET_IVLEN, int(kSealIvBytes), nullptr) != 1 ||
+        EVP_EncryptInit_ex(x.c, nullptr, nullptr, key, iv) != 1 ||
+        EVP_EncryptUpdate(x.c, nullptr, &len, aad.data(), int(aad.size())) != 1 ||
+        EVP_EncryptUpdate(x.c, out, &len, in, int(n)) != 1 || EVP_EncryptFinal_ex(x.c, out + len, &len) != 1 ||
+        EVP_CIPHER_CTX_ctrl(x.c, EVP_CTRL_GCM_GET_TAG, int(kSealTagBytes), out + n) != 1)
+        fail(Status::internal, "sealing the unblinding factors failed");
+}
+
+// Opens ciphertext | tag; false when authentication fails (out is then cleansed).
+bool gcm_open(const uint8_t* key, const uint8_t (&iv)[kSealIvBytes], const std::vector<uint8_t>& aad,
+              const uint8_t* in, size_t n, uint8_t* out) {
+    CipherCtx x;
+    int len = 0;
+    uint8_t tag[kSealTagBytes];
+    std::memcpy(tag, in + n, kSealTagBytes);
+    const bool ok = x.c && EVP_DecryptInit_ex(x.c, EVP_aes_256_gcm(), nullptr, nullptr, nullptr) == 1 &&
+                    EVP_CIPHER_CTX_ctrl(x.c, EVP_CTRL_GCM_SET_IVLEN, int(kSealIvBytes), nullptr) == 1 &&
+                    EVP_DecryptInit_ex(x.c, nullptr, nullptr, key, iv) == 1 &&
+                    EVP_DecryptUpdate(x.c, nullptr, &len, aad.data(), int(aad.size())) == 1 &&
+                    EVP_DecryptUpdate(x.c, out, &len, in, int(n)) == 1 &&
+                    EVP_CIPHER_CTX_ctrl(x.c, EVP_CTRL_GCM_SET_TAG, int(kSealTagBytes), tag) == 1 &&
+                    EVP_DecryptFinal_ex(x.c, out + len, &len) == 1;
+    if (!ok) OPENSSL_cleanse(out, n);
+    return ok;
+}
 
 template <class V>
 void wipe(V& v) {
@@ -92,6 +175,13 @@ struct TrustedCore::Impl {
     SecretVector<int32_t> xq, acc;
     SecretVector<float> xs, logits;
     SecretVector<uint32_t> r, wr;
+
+    // offline unblinding factors (DESIGN.md section 5)
+    SecretVector<uint8_t> seal_key;  // AES-256-GCM key: random per core, never leaves it
+    std::vector<PreSlot> pre;        // [layer][kStages]
+    uint64_t batch_seq = 0;          // last batch sequence number handed out
+    SecretVector<uint32_t> pre_r, pre_wr;
+    SecretVector<uint8_t> pre_plain;
 
     uint64_t flops = 0;  // integer and float work outside StagedForward
     uint64_t flops_reported = 0;
@@ -152,6 +242,11 @@ struct TrustedCore::Impl {
             }
         masks = std::make_unique<MaskStream>();
         noise = std::make_unique<MaskStream>();
+        seal_key.assign(kSealKeyBytes, 0);
+        if (RAND_priv_bytes(seal_key.data(), int(kSealKeyBytes)) != 1)
+            fail(Status::internal, "configure: no randomness for the sealing key");
+        pre.assign(size_t(cfg.n_layers) * kStages, PreSlot{});
+        batch_seq = 0;
         sampler = std::make_unique<Sampler>(SamplerParams{0.0f, 0, 1.0f, 0});
         phase = Phase::loading;
     }
@@ -387,8 +482,24 @@ struct TrustedCore::Impl {
                 // One fresh pad per element of this crossing: x' = x + r (mod 2^32) is uniform, independent of x.
                 const size_t n = size_t(T * K);
                 r.resize(n);
-                masks->fill(r.data(), n);
                 pending = Pending{true, l, st, ++crossings, off, T, K};
+                PreSlot& ps = pre[size_t(l) * kStages + size_t(st)];
+                if (T == 1 && !ps.batches.empty()) {
+                    // Offline mode: the next reserved position of the pending batch, used exactly once.
+                    const PreBatch b = ps.batches.front();
+                    pending.pre = true;
+                    pending.pre_seq = b.seq;
+                    pending.pre_idx = ps.next;
+                    pending.pre_count = b.count;
+                    pending.pre_offset = b.offset + uint64_t(ps.next) * uint64_t(K);
+                    if (++ps.next == b.count) {
+                        ps.batches.pop_front();
+                        ps.next = 0;
+                    }
+                    masks->fill_at(pending.pre_offset, r.data(), n);
+                } else {
+                    masks->fill(r.data(), n);
+                }
                 Encoder e(MsgType::offload);
                 e.scalar<int32_t>(Tag::layer, l);
                 e.scalar<uint8_t>(Tag::stage, uint8_t(st));
@@ -398,6 +509,10 @@ struct TrustedCore::Impl {
                 e.add(Tag::projs, pl);
                 e.scalar<int32_t>(Tag::count_t, T);
                 e.scalar<int32_t>(Tag::count_k, int32_t(K));
+                if (pending.pre) {
+                    e.scalar<uint64_t>(Tag::batch, pending.pre_seq);
+                    e.scalar<uint32_t>(Tag::batch_index, pending.pre_idx);
+                }
                 auto* dst = e.reserve(Tag::activations, WireType::u32, n);
                 for (size_t i = 0; i < n; ++i) {
                     const uint32_t v = uint32_t(xq[i]) + r[i];
@@ -426,12 +541,25 @@ struct TrustedCore::Impl {
         for (Proj p : pending.projs) total += uint64_t(T) * uint64_t(proj(pending.layer, p).rows);
         const wire::Field& f = m.field(Tag::products, WireType::u32, int64_t(total));
         const uint8_t* src = f.data;
+        if (pending.pre) {
+            open_unit(m, total);
+        } else if (m.has(Tag::sealed)) {
+            bad("products: sealed unblinding factors for a crossing that uses none");
+        }
+        size_t pre_at = 0;
         for (Proj p : pending.projs) {
             ProjState& s = proj(pending.layer, p);
             const size_t n = size_t(T * s.rows);
-            // W r online: the same exact mod-2^32 product the accelerator computes on x'.
             wr.resize(n);
-            gemm_masked(nullptr, s.packed, r.data(), T, wr.data());
+            if (pending.pre) {
+                // W r offline: opened from the sealed unit of this crossing.
+                std::memcpy(wr.data(), pre_plain.data() + pre_at, 4 * n);
+                pre_at += 4 * n;
+            } else {
+                // W r online: the same exact mod-2^32 product the accelerator computes on x'.
+                gemm_masked(nullptr, s.packed, r.data(), T, wr.data());
+                flops += 2 * uint64_t(T) * uint64_t(s.rows * s.cols);
+            }
             acc.resize(n);
             for (size_t i = 0; i < n; ++i) {
                 uint32_t y;
@@ -439,7 +567,7 @@ struct TrustedCore::Impl {
                 acc[i] = int32_t(y - wr[i]);
             }
             src += 4 * n;
-            flops += 2 * uint64_t(T) * uint64_t(s.rows * s.cols) + 2 * uint64_t(T) * uint64_t(s.rows + s.cols);
+            flops += 2 * uint64_t(T) * uint64_t(s.rows + s.cols);
             if (!s.key->check_batch(acc.data(), xq.data(), T)) {
                 const std::string msg = "integrity check failed: the accelerator's product for " +
                                         proj_tensor_name(pending.layer, p) + " (crossing " +
@@ -450,8 +578,103 @@ struct TrustedCore::Impl {
         }
         pending = Pending{};
         wipe(r);
+        wipe(wr);
+        wipe(pre_plain);
         fw->finish_stage();
         return run();
+    }
+
+    // Authenticates and decrypts the sealed unit the pending crossing needs into pre_plain. Anything but exactly
+    // that unit (missing, replayed, reordered, altered, another slot's or another core's) is an integrity failure.
+    void open_unit(const Message& m, uint64_t words) {
+        const std::string where = "sealed unblinding factors for crossing " + std::to_string(pending.crossing) +
+                                  " (layer " + std::to_string(pending.layer) + ", stage " + stage_name(pending.stage) +
+                                  ", batch " + std::to_string(pending.pre_seq) + ", position " +
+                                  std::to_string(pending.pre_idx) + ")";
+        const size_t n = size_t(words) * 4;
+        if (!m.has(Tag::sealed)) fail(Status::integrity, where + " are missing; the session is stopped");
+        const wire::Field& sf = m.field(Tag::sealed, WireType::u8);
+        if (size_t(sf.count) != n + kSealTagBytes)
+            fail(Status::integrity, where + " have the wrong size; the session is stopped");
+        uint8_t iv[kSealIvBytes];
+        seal_iv(pending.pre_seq, pending.pre_idx, iv);
+        const auto aad = seal_aad(pending.layer, pending.stage, pending.pre_offset, pending.pre_count, pending.pre_seq,
+                                  pending.pre_idx, pending.K);
+        pre_plain.resize(n);
+        if (!gcm_open(seal_key.data(), iv, aad, sf.data, n, pre_plain.data()))
+            fail(Status::integrity, where + " failed authentication (replayed, altered or foreign); the session is stopped");
+        flops += n;  // nominal: decryption
+    }
+
+    // Precomputes the unblinding factors of the next `count` single-token crossings of (layer, stage): reserves
+    // their pads, computes W R for the whole batch with one matrix-matrix product per projection, and returns
+    // them sealed, one unit per crossing.
+    std::vector<uint8_t> precompute(const Message& m) {
+        if (phase != Phase::ready) bad("precompute: the model is not loaded (finalize first)");
+        if (pending.active || fw->in_pass()) bad("precompute: a forward pass is in progress");
+        const int32_t l = m.scalar<int32_t>(Tag::layer);
+        const uint8_t st_raw = m.scalar<uint8_t>(Tag::stage);
+        const int32_t count = m.scalar<int32_t>(Tag::count_t);
+        if (l < 0 || l >= cfg.n_layers) bad("precompute: layer " + std::to_string(l) + " out of range");
+        if (st_raw >= kStages) bad("precompute: stage " + std::to_string(st_raw) + " out of range");
+        if (count < 1 || uint32_t(count) > kMaxPrecomputeCount)
+            bad("precompute: count " + std::to_string(count) + " out of range [1, " + std::to_string(kMaxPrecomputeCount) + "]");
+        const Stage st = Stage(st_raw);
+        std::vector<Proj> off;
+        uint64_t rows = 0;
+        int64_t K = 0;
+        for (Proj p : stage_projs(st))
+            if (proj(l, p).offload) {
+                off.push_back(p);
+                rows += uint64_t(proj(l, p).rows);
+                K = proj(l, p).cols;
+            }
+        if (off.empty()) bad("precompute: layer " + std::to_string(l) + " stage " + stage_name(st) + " offloads nothing");
+        const uint64_t unit = rows * 4, sealed_bytes = uint64_t(count) * (unit + kSealTagBytes);
+        if (sealed_bytes + (64u << 10) > SI_ENCLAVE_MAX_MESSAGE) bad("precompute: the batch would not fit one message");
+
+        const MaskRange range = masks->reserve(uint64_t(count) * uint64_t(K));
+        pre_r.resize(size_t(count) * size_t(K));
+        masks->fill_at(range.offset, pre_r.data(), pre_r.size());
+        pre_wr.resize(size_t(count) * size_t(rows));
+        size_t at = 0;
+        for (Proj p : off) {
+            ProjState& s = proj(l, p);
+            gemm_masked(nullptr, s.packed, pre_r.data(), count, pre_wr.data() + at);
+            at += size_t(count) * size_t(s.rows);
+            flops += 2 * uint64_t(count) * uint64_t(s.rows * s.cols);
+        }
+        wipe(pre_r);
+        const uint64_t seq = ++batch_seq;
+        Encoder e(MsgType::sealed);
+        e.scalar<int32_t>(Tag::layer, l);
+        e.scalar<uint8_t>(Tag::stage, st_raw);
+        e.scalar<uint64_t>(Tag::batch, seq);
+        e.scalar<uint64_t>(Tag::offset, range.offset);
+        e.scalar<int32_t>(Tag::count_t, count);
+        e.scalar<int32_t>(Tag::count_k, int32_t(K));
+        uint8_t* dst = e.reserve(Tag::sealed, WireType::u8, size_t(sealed_bytes));
+        pre_plain.resize(size_t(unit));
+        for (uint32_t t = 0; t < uint32_t(count); ++t) {
+            // unit t: W_p r_t for every projection p of the stage, in order
+            size_t o = 0, base = 0;
+            for (Proj p : off) {
+                const size_t pr = size_t(proj(l, p).rows);
+                std::memcpy(pre_plain.data() + o, pre_wr.data() + base + size_t(t) * pr, 4 * pr);
+                o += 4 * pr;
+                base += size_t(count) * pr;
+            }
+            uint8_t iv[kSealIvBytes];
+            seal_iv(seq, t, iv);
+            gcm_seal(seal_key.data(), iv, seal_aad(l, st, range.offset + uint64_t(t) * uint64_t(K), uint32_t(count), seq, t, K),
+                     pre_plain.data(), size_t(unit), dst + size_t(t) * (unit + kSealTagBytes));
+        }
+        flops += sealed_bytes;  // nominal: encryption
+        wipe(pre_plain);
+        wipe(pre_wr);
+        pre[size_t(l) * kStages + size_t(st)].batches.push_back(PreBatch{seq, range.offset, uint32_t(count)});
+        e.scalar<uint64_t>(Tag::flops, take_flops());
+        return e.finish();
     }
 
     std::vector<uint8_t> finish_pass() {
@@ -554,6 +777,12 @@ struct TrustedCore::Impl {
         wipe(acc);
         wipe(xs);
         wipe(wr);
+        wipe(pre_r);
+        wipe(pre_wr);
+        wipe(pre_plain);
+        wipe(seal_key);
+        seal_key.clear();
+        pre.clear();
         projs.clear();
         fw.reset();
         sampler.reset();
@@ -582,6 +811,7 @@ std::vector<uint8_t> TrustedCore::process(std::span<const uint8_t> request) {
             case MsgType::sampler: c.set_sampler(m); return c.ok();
             case MsgType::eval: return c.eval(m);
             case MsgType::products: return c.products(m);
+            case MsgType::precompute: return c.precompute(m);
             case MsgType::reset: return c.reset();
             default: bad(std::string("unexpected message type ") + wire::msg_type_name(m.type()) + " in a request");
         }

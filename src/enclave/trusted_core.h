@@ -11,7 +11,15 @@
 // with an `offload` message. The host returns W x' for each listed projection in a `products` request; the core
 // removes W r (computed here, online), checks each product with Freivalds' test and continues. A failed check
 // latches: this call and every later one fail with Status::integrity and nothing more is released. With
-// offloading off (enclave-only) a pass runs to its end in the eval call. At the end of a pass only a sampled token
+// offloading off (enclave-only) a pass runs to its end in the eval call.
+// Offline unblinding factors: `precompute {layer, stage, count}` (between passes) reserves count single-token
+// crossings' worth of pads, computes W R for the batch with one matrix-matrix product per offloaded projection and
+// answers `sealed`: one AES-256-GCM unit per crossing under a key that never leaves the core, with associated data
+// binding layer, stage, the unit's mask-range offset, count, the batch sequence number and the position in the
+// batch. Later single-token crossings of that (layer, stage) take their pads from the reserved ranges, in order,
+// and name the unit (batch, batch_index) in `offload`; the host must return exactly that unit in `products`
+// (missing, replayed, reordered, altered or foreign units latch an integrity failure). When none remain, W r is
+// computed online again. At the end of a pass only a sampled token
 // (optionally with noised top-K log-probabilities) or a summed NLL (an evaluation feature) leaves the core.
 #pragma once
 #include <cstdint>

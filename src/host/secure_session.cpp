@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -475,6 +476,24 @@ std::vector<uint8_t> SecureSession::run_enclave_pass(std::span<const int32_t> to
             }
             first = false;
         }
+        if (m.has(Tag::batch)) {
+            // Offline unblinding: hand back the sealed unit the core asks for (the core authenticates it).
+            const uint64_t seq = m.scalar<uint64_t>(Tag::batch);
+            const uint32_t idx = m.scalar<uint32_t>(Tag::batch_index);
+            auto& q = sealed_[size_t(layer) * kStages + stage];
+            while (!q.empty() && q.front().seq < seq) q.pop_front();
+            if (!q.empty() && q.front().seq == seq && idx < q.front().count) {
+                SealedBatch& b = q.front();
+                pe.add(Tag::sealed, std::span<const uint8_t>(b.blob.data() + size_t(idx) * b.unit, b.unit));
+                b.next = idx + 1;
+                if (b.next == b.count) q.pop_front();
+            }
+        } else if (precomputed_ && T == 1 && !exhausted_said_) {
+            exhausted_said_ = true;
+            const char* msg = "precomputed unblinding factors exhausted: falling back to online unblinding";
+            std::fprintf(stderr, "%s\n", msg);
+            warnings_.push_back(msg);
+        }
         ++stats_.crossings;
         resp = call(pe.finish(), stats_);
     }
@@ -649,6 +668,79 @@ const float* SecureSession::eval_logits(std::span<const int32_t> tokens, bool al
         gpu_->fw->end_pass();
     }
     return gpu_->logits.data();
+}
+
+void SecureSession::precompute(int tokens, const std::function<void(int, int)>& progress) {
+    if (params_.mode != SecureMode::secureinfer)
+        fail(Status::unsupported, std::string("precomputed unblinding factors need the secureinfer preset, not ") +
+                                      secure_mode_name(params_.mode));
+    if (tokens < 1) fail(Status::invalid_argument, "precompute: the token count must be positive");
+    if (sealed_.empty()) sealed_.resize(size_t(cfg_.n_layers) * kStages);
+    const auto t0 = std::chrono::steady_clock::now();
+    // the (layer, stage) slots with offloaded projections, and how many positions one message can carry
+    struct Slot {
+        int layer;
+        Stage stage;
+        int per_call;
+    };
+    std::vector<Slot> slots;
+    int total = 0;
+    for (int l = 0; l < cfg_.n_layers; ++l)
+        for (int st = 0; st < kStages; ++st) {
+            int64_t rows = 0;
+            for (Proj p : stage_projs(Stage(st)))
+                if (plan_[size_t(l) * 7 + size_t(p)]) rows += projs_[size_t(l) * 7 + size_t(p)].rows;
+            if (rows == 0) continue;
+            const int per_call = int(std::max<int64_t>(
+                1, std::min<int64_t>(1 << 16, int64_t(SI_ENCLAVE_MAX_MESSAGE - kMessageSlack) / (4 * rows + 16))));
+            slots.push_back({l, Stage(st), per_call});
+            total += (tokens + per_call - 1) / per_call;
+        }
+    SessionStats off;
+    int done = 0;
+    for (const Slot& sl : slots)
+        for (int left = tokens; left > 0;) {
+            const int n = std::min(left, sl.per_call);
+            Encoder e(MsgType::precompute);
+            e.scalar<int32_t>(Tag::layer, sl.layer);
+            e.scalar<uint8_t>(Tag::stage, uint8_t(sl.stage));
+            e.scalar<int32_t>(Tag::count_t, n);
+            const std::vector<uint8_t> resp = call(e.finish(), off);
+            const Message m = wire::decode(resp);
+            if (m.type() != MsgType::sealed || m.scalar<int32_t>(Tag::layer) != sl.layer ||
+                m.scalar<uint8_t>(Tag::stage) != uint8_t(sl.stage) || m.scalar<int32_t>(Tag::count_t) != n)
+                fail(Status::internal, "the trusted core did not answer precompute with the requested batch");
+            const wire::Field& f = m.field(Tag::sealed, WireType::u8);
+            if (f.count % uint32_t(n) != 0) fail(Status::internal, "the trusted core sent a malformed sealed batch");
+            SealedBatch b;
+            b.seq = m.scalar<uint64_t>(Tag::batch);
+            b.count = uint32_t(n);
+            b.unit = f.count / uint32_t(n);
+            b.blob.assign(f.data, f.data + f.count);
+            sealed_[size_t(sl.layer) * kStages + size_t(sl.stage)].push_back(std::move(b));
+            left -= n;
+            if (progress) progress(++done, total);
+        }
+    precomputed_ = true;
+    exhausted_said_ = false;
+    stats_.offline.seconds += seconds_since(t0);
+    stats_.offline.flops += off.enclave.flops;
+    stats_.precomputed_tokens += uint64_t(tokens);
+}
+
+int SecureSession::precomputed_available() const {
+    if (sealed_.empty()) return 0;
+    int64_t best = -1;
+    for (int l = 0; l < cfg_.n_layers; ++l)
+        for (int st = 0; st < kStages; ++st) {
+            bool used = false;
+            for (Proj p : stage_projs(Stage(st))) used |= plan_[size_t(l) * 7 + size_t(p)] != 0;
+            if (!used) continue;
+            int64_t n = 0;
+            for (const SealedBatch& b : sealed_[size_t(l) * kStages + size_t(st)]) n += b.count - b.next;
+            best = best < 0 ? n : std::min(best, n);
+        }
+    return int(std::max<int64_t>(0, best));
 }
 
 void SecureSession::reset() {

@@ -12,6 +12,8 @@
 // so their logits, and with them greedy tokens and NLLs, are bit-identical.
 #pragma once
 #include <cstdint>
+#include <deque>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -71,6 +73,10 @@ struct SessionStats {
     uint64_t bytes_to_enclave = 0, bytes_from_enclave = 0;
     uint64_t bytes_to_accelerator = 0, bytes_from_accelerator = 0;
     DomainStats enclave, accelerator, host;
+    // Offline unblinding factors (secureinfer precompute): wall time and enclave work, kept apart from the online
+    // counters above, and the token positions precomputed.
+    DomainStats offline;
+    uint64_t precomputed_tokens = 0;
 };
 
 struct TokenLogprob {
@@ -111,6 +117,15 @@ public:
     const float* eval_logits(std::span<const int32_t> tokens, bool all_logits);
     void reset();
 
+    // secureinfer only: precomputes the unblinding factors W r of the next `tokens` decode steps (single-token
+    // passes) for every offloaded stage of every layer. The trusted core returns them sealed (AES-256-GCM); the
+    // session keeps them in host memory and hands each back with the crossing that consumes it. Decode steps past
+    // the precomputed ones fall back to online unblinding (said once on stderr). progress(done, total) is called
+    // after every batch. Time and work go to stats().offline.
+    void precompute(int tokens, const std::function<void(int done, int total)>& progress = nullptr);
+    // Decode steps for which every offloaded stage still has precomputed factors.
+    int precomputed_available() const;
+
     const SessionStats& stats() const { return stats_; }       // since load
     const SessionStats& load_stats() const { return load_; }   // loading the model (uploads)
     void reset_stats() { stats_ = SessionStats{}; }
@@ -142,6 +157,15 @@ private:
     std::vector<uint8_t> plan_;
     SessionStats stats_, load_;
     bool failed_ = false;  // an integrity failure ended the session
+    // sealed batches of unblinding factors, as the trusted core returned them: [layer][stage], oldest first
+    struct SealedBatch {
+        uint64_t seq = 0;
+        uint32_t count = 0, next = 0;  // units, and the next one to hand back
+        size_t unit = 0;               // bytes per unit
+        std::vector<uint8_t> blob;
+    };
+    std::vector<std::deque<SealedBatch>> sealed_;
+    bool precomputed_ = false, exhausted_said_ = false;
 };
 
 }  // namespace si

@@ -1,0 +1,75 @@
+// precompute: offline unblinding factors of the secureinfer preset (DESIGN.md section 5). Loads a model (a file,
+// or random weights of a named shape), has the trusted core precompute and seal W r for the next N decode steps of
+// every offloaded stage, and reports the throughput in tokens of unblinding factors per second.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+
+#include "cli/cli.h"
+#include "common/error.h"
+#include "common/threadpool.h"
+#include "engine/random_model.h"
+#include "formats/model_file.h"
+#include "host/secure_session.h"
+
+namespace si::cli {
+
+void progress_bar(const char* label, int done, int total) {
+    constexpr int kWidth = 40;
+    const int fill = total > 0 ? int(int64_t(kWidth) * done / total) : kWidth;
+    char bar[kWidth + 1];
+    for (int i = 0; i < kWidth; ++i) bar[i] = i < fill ? '#' : ' ';
+    bar[kWidth] = '\0';
+    std::fprintf(stderr, "\r%s: [%s] %d/%d", label, bar, done, total);
+    if (done >= total) std::fputc('\n', stderr);
+    std::fflush(stderr);
+}
+
+Runner add_precompute(CLI::App& app) {
+    auto* sub = app.add_subcommand("precompute", "precompute sealed unblinding factors (secureinfer, offline) and "
+                                                 "measure their throughput in tokens/s");
+    struct Opts {
+        std::string model, tokenizer, shape = "stories110m", host = "worker";
+        int n_tokens = 128, threads = 0, ctx = 0;
+    };
+    auto o = std::make_shared<Opts>();
+    sub->add_option("-m,--model", o->model, "model file (default: a random-weight model of --shape)");
+    sub->add_option("--tokenizer", o->tokenizer, "tokenizer.bin for llama2.c checkpoints");
+    sub->add_option("--shape", o->shape, "random-weight model shape: stories260k, stories15m, stories110m, tinyllama");
+    sub->add_option("-n,--n-tokens", o->n_tokens, "decode steps to precompute")->check(CLI::Range(1, 1 << 16));
+    sub->add_option("-t,--threads", o->threads, "host threads (0: all CPUs)")->check(CLI::Range(0, 1024));
+    sub->add_option("-c,--ctx-size", o->ctx, "context length (0: the model's)")->check(CLI::Range(0, 1 << 20));
+    sub->add_option("--host", o->host, "where the trusted core runs")->check(CLI::IsMember({"worker", "inprocess"}));
+    return [o]() -> int {
+        ModelWeights w;
+        std::string name;
+        if (!o->model.empty()) {
+            w = load_model_file(o->model, o->tokenizer).weights;
+            name = o->model;
+        } else {
+            w = random_model(shape_preset(o->shape), 1234);
+            name = o->shape + " (random weights)";
+        }
+        SecureSessionParams sp;
+        sp.mode = SecureMode::secureinfer;
+        sp.n_ctx = o->ctx;
+        sp.n_threads = o->threads;
+        sp.host = o->host == "inprocess" ? EnclaveHostKind::inprocess : EnclaveHostKind::worker;
+        SecureSession s(w, sp);
+        for (const auto& warn : s.warnings()) std::fprintf(stderr, "secureinfer: WARNING: %s\n", warn.c_str());
+        const ModelConfig c = w.cfg;
+        w = ModelWeights{};
+        std::fprintf(stderr, "precompute: %s, dim %d, %d layers, hidden %d; enclave host: %s\n", name.c_str(), c.dim,
+                     c.n_layers, c.hidden_dim, s.isolation().c_str());
+        s.precompute(o->n_tokens, [](int done, int total) { progress_bar("precompute", done, total); });
+        const SessionStats& st = s.stats();
+        const double secs = st.offline.seconds;
+        std::printf("precompute: %d tokens of unblinding factors in %.3f s: %.2f tokens/s (%.3f ms/token, %.2f GFLOP "
+                    "in the enclave)\n",
+                    o->n_tokens, secs, secs > 0 ? o->n_tokens / secs : 0.0, secs * 1e3 / o->n_tokens,
+                    st.offline.flops / 1e9);
+        return 0;
+    };
+}
+
+}  // namespace si::cli
