@@ -14,7 +14,7 @@ namespace si {
 // Spin this many pause instructions (a few tens of microseconds) before sleeping: long enough to bridge the gaps
 // between the loops of one decoding step, short enough not to steal a core from another process (the enclave
 // worker) that the caller is waiting for.
-constexpr int kSpin = 2000;
+constexpr int kSpin = 50000;
 
 int ThreadPool::default_threads() {
     const unsigned n = std::thread::hardware_concurrency();
