@@ -104,8 +104,10 @@ enum class TensorKind : uint32_t {
     proj_scale = 6,      // f32 [rows], per layer and projection
     lora_a = 7,          // f32 [rank][cols], per layer and projection (first chunk carries rank and scale)
     lora_b = 8,          // f32 [rows][rank]
+    classifier_i8 = 9,   // i8 [vocab][dim]: the classifier (output, or token_embd when tied) as a base projection
+    classifier_scale = 10,  // f32 [vocab]
 };
-constexpr uint32_t kMaxTensorKind = 8;
+constexpr uint32_t kMaxTensorKind = 10;
 
 enum class OutputKind : uint8_t { none = 0, sample = 1, nll = 2 };
 

@@ -88,7 +88,8 @@ Runner add_bench(CLI::App& app) {
             bool offline = false;   // precompute the unblinding factors before each decode run
             std::vector<double> pre;  // precompute tokens/s
             void reset() { engine ? engine->reset() : session->reset(); }
-            void eval(std::span<const int32_t> t) { engine ? (void)engine->eval(t) : session->eval(t); }
+            // a step computes the logits it needs, as the engine does: the sessions sample the last token (greedy)
+            void eval(std::span<const int32_t> t) { engine ? (void)engine->eval(t) : (void)session->eval_sample(t); }
             size_t weight_bytes() const { return engine ? engine->weight_bytes() : 0; }
         };
         std::vector<Run> runs;

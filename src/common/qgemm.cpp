@@ -5,6 +5,7 @@
 #include <functional>
 
 #include "common/error.h"
+#include "common/secret_memory.h"
 #include "common/threadpool.h"
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -23,10 +24,16 @@ constexpr int64_t kBlock = 16;  // rows per packed block = int32 lanes of a zmm 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // Byte planes of the activations: plane p of token t at planes + (p * T + t) * cols4. Padding columns hold zero.
+// Inside the trusted core these are unmasked activations, so they are wiped when released.
 struct Planes {
     std::vector<uint8_t> data;
     int64_t T = 0, cols4 = 0;
     const uint8_t* plane(int p, int64_t t) const { return data.data() + (p * T + t) * cols4; }
+    Planes() = default;
+    Planes(const Planes&) = delete;
+    Planes& operator=(const Planes&) = delete;
+    Planes(Planes&&) = default;
+    ~Planes() { secure_zero(data.data(), data.size()); }
 };
 
 // Planes recombine as Y = sum_p acc_p << 8p (mod 2^32), minus 128 * rowsum on the top plane when it held a signed

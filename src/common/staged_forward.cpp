@@ -303,4 +303,12 @@ void StagedForward::logits(int t0, int n, float* out) {
     flops_ += 2 * uint64_t(n) * uint64_t(cfg_.vocab_size) * uint64_t(d);
 }
 
+void StagedForward::final_hidden(int t, float* out) {
+    if (!done()) fail(Status::internal, "classifier input requested before the pass is complete");
+    if (t < 0 || t >= T_) fail(Status::invalid_argument, "classifier input: token out of the pass");
+    const int d = cfg_.dim;
+    rmsnorm(out, &x_[size_t(t) * d], final_norm_.data(), d, cfg_.norm_eps);
+    flops_ += uint64_t(d) * 4;
+}
+
 }  // namespace si

@@ -38,6 +38,9 @@ struct ProjShape {
 ProjShape proj_shape(const ModelConfig& cfg, Proj p);
 // The GGUF tensor name of a projection, e.g. "blk.3.attn_q.weight".
 std::string proj_tensor_name(int layer, Proj p);
+// The classifier [vocab][dim] as a base projection of the partition presets: it crosses as layer n_layers,
+// stage qkv, projection slot 0 (one more crossing per pass, after the last block).
+constexpr Proj kClassifierSlot = Proj::q;
 
 // -log softmax(logits)[target], in double precision.
 double token_nll(const float* logits, int n, int target);
@@ -97,6 +100,9 @@ public:
 
     // After done(): logits [n][vocab] of tokens t0 .. t0 + n - 1 of the pass (final norm + f32 classifier).
     void logits(int t0, int n, float* out);
+    // After done(): the classifier's input for token t of the pass, i.e. its final-normed hidden state [dim]. The
+    // partition presets multiply it by the public int8 classifier themselves (a base projection like q .. w2).
+    void final_hidden(int t, float* out);
     // Ends the pass (pos() already counts its tokens); another begin() may follow.
     void end_pass() { in_pass_ = false; }
 

@@ -64,6 +64,7 @@ struct Pending {
     bool pre = false;
     uint64_t pre_seq = 0, pre_offset = 0;
     uint32_t pre_idx = 0, pre_count = 0;
+    bool classifier = false;  // the classifier crossing after the last block (layer n_layers)
 };
 
 // A batch of precomputed unblinding factors handed out sealed: the core keeps only this bookkeeping.
@@ -157,7 +158,7 @@ struct TrustedCore::Impl {
     bool offload_mode = false;
     bool tied = true;
     std::unique_ptr<StagedForward> fw;
-    std::vector<ProjState> projs;  // [layer][7]
+    std::vector<ProjState> projs;  // [layer][7], then the classifier (layer n_layers, slot kClassifierSlot)
     std::map<uint64_t, uint64_t> received;  // tensor key -> elements received so far (uploads arrive in order)
 
     std::unique_ptr<MaskStream> masks;  // one-time pads of the crossings
@@ -173,12 +174,13 @@ struct TrustedCore::Impl {
 
     // secret scratch of the current stage
     SecretVector<int32_t> xq, acc;
-    SecretVector<float> xs, logits;
+    SecretVector<float> xs, logits, cls_in;
+    std::vector<int> cls_rows;  // tokens of the pass whose logits are computed, in order
     SecretVector<uint32_t> r, wr;
 
     // offline unblinding factors (DESIGN.md section 5)
     SecretVector<uint8_t> seal_key;  // AES-256-GCM key: random per core, never leaves it
-    std::vector<PreSlot> pre;        // [layer][kStages]
+    std::vector<PreSlot> pre;        // [layer][kStages], then the classifier's slot (layer n_layers, stage qkv)
     uint64_t batch_seq = 0;          // last batch sequence number handed out
     SecretVector<uint32_t> pre_r, pre_wr;
     SecretVector<uint8_t> pre_plain;
@@ -218,7 +220,9 @@ struct TrustedCore::Impl {
                        v = uint64_t(c.vocab_size), L = uint64_t(c.n_layers), T = uint64_t(ctx);
         const uint64_t proj_elems = L * (2 * d * d + 2 * kv * d + 3 * d * h);
         const uint64_t proj_rows = L * (2 * d + 2 * kv + 3 * h);
-        uint64_t bytes = (t ? 1 : 2) * v * d * 4 + (2 * L + 1) * d * 4;  // embeddings, classifier, norms
+        uint64_t bytes = v * d * 4 + (2 * L + 1) * d * 4;  // embeddings, norms
+        bytes += 2 * v * d + v * 8 + 12 * (v + d);            // int8 classifier: raw + packed, scales, Freivalds key
+        bytes += T * v * 4 + T * d * 4;                       // logits and classifier inputs of a pass
         bytes += 2 * proj_elems + proj_rows * 8;                           // raw + packed weights, scales, row sums
         bytes += 12 * (proj_rows + L * (6 * d + h));                        // Freivalds keys: s and u, 3 limbs each
         bytes += 2 * L * T * kv * 4;                                       // KV cache
@@ -232,8 +236,11 @@ struct TrustedCore::Impl {
         n_ctx = ctx;
         offload_mode = off == 1;
         tied = t == 1;
-        fw = std::make_unique<StagedForward>(cfg, n_ctx, tied, nullptr);
-        projs = std::vector<ProjState>(size_t(cfg.n_layers) * 7);
+        // the core never holds an f32 classifier: it is the int8 base projection at layer n_layers
+        fw = std::make_unique<StagedForward>(cfg, n_ctx, true, nullptr);
+        projs = std::vector<ProjState>(size_t(cfg.n_layers) * 7 + 1);
+        proj(cfg.n_layers, kClassifierSlot).rows = cfg.vocab_size;
+        proj(cfg.n_layers, kClassifierSlot).cols = cfg.dim;
         for (int l = 0; l < cfg.n_layers; ++l)
             for (Proj p : kAllProj) {
                 const ProjShape s = proj_shape(cfg, p);
@@ -245,7 +252,7 @@ struct TrustedCore::Impl {
         seal_key.assign(kSealKeyBytes, 0);
         if (RAND_priv_bytes(seal_key.data(), int(kSealKeyBytes)) != 1)
             fail(Status::internal, "configure: no randomness for the sealing key");
-        pre.assign(size_t(cfg.n_layers) * kStages, PreSlot{});
+        pre.assign(size_t(cfg.n_layers + 1) * kStages, PreSlot{});
         batch_seq = 0;
         sampler = std::make_unique<Sampler>(SamplerParams{0.0f, 0, 1.0f, 0});
         phase = Phase::loading;
@@ -304,9 +311,26 @@ struct TrustedCore::Impl {
                 f32_into(fw->final_norm().data(), d, tensor_key(kind, 0, 0), "final norm");
                 break;
             case TensorKind::classifier:
-                if (tied) bad("upload: the classifier of a tied model is the token embedding table");
-                f32_into(fw->classifier().data(), v * d, tensor_key(kind, 0, 0), "classifier");
+                bad("upload: the classifier is uploaded as int8 rows with scales (classifier_i8, classifier_scale)");
+            case TensorKind::classifier_i8: {
+                ProjState& s = proj(cfg.n_layers, kClassifierSlot);
+                const wire::Field& f = m.field(Tag::data_i8, WireType::i8);
+                if (offset == 0) {
+                    const uint8_t secret = m.scalar<uint8_t>(Tag::secret);
+                    if (secret > 1) bad("upload classifier: secret must be 0 or 1");
+                    s.secret = secret == 1;
+                }
+                const uint64_t at = accept_chunk(tensor_key(kind, 0, 0), offset, f.count, total, v * d, "classifier");
+                if (s.raw.empty()) s.raw.resize(v * d);
+                m.copy(Tag::data_i8, s.raw.data() + at, f.count);
                 break;
+            }
+            case TensorKind::classifier_scale: {
+                ProjState& s = proj(cfg.n_layers, kClassifierSlot);
+                if (s.scale.empty()) s.scale.resize(v);
+                f32_into(s.scale.data(), v, tensor_key(kind, 0, 0), "classifier scales");
+                break;
+            }
             case TensorKind::attn_norm: {
                 const int l = layer_of();
                 f32_into(fw->attn_norm(l).data(), d, tensor_key(kind, l, 0), "attention norm");
@@ -380,7 +404,8 @@ struct TrustedCore::Impl {
         };
         need(complete(TensorKind::tok_embeddings, 0, 0, v * d), "token_embd");
         need(complete(TensorKind::final_norm, 0, 0, d), "output_norm");
-        if (!tied) need(complete(TensorKind::classifier, 0, 0, v * d), "output");
+        need(complete(TensorKind::classifier_i8, 0, 0, v * d), tied ? "classifier (token_embd)" : "output");
+        need(complete(TensorKind::classifier_scale, 0, 0, v), "classifier scales");
         for (int l = 0; l < cfg.n_layers; ++l) {
             const std::string b = "blk." + std::to_string(l) + ".";
             need(complete(TensorKind::attn_norm, l, 0, d), b + "attn_norm");
@@ -395,16 +420,16 @@ struct TrustedCore::Impl {
                 }
             }
         }
-        std::vector<uint8_t> plan(size_t(cfg.n_layers) * 7, 0);
-        for (int l = 0; l < cfg.n_layers; ++l)
-            for (Proj p : kAllProj) {
-                ProjState& s = proj(l, p);
-                s.offload = offload_mode && !s.secret;
-                if (s.offload) s.key.emplace(s.raw.data(), s.rows, s.cols, nullptr);
-                s.packed = PackedI8::pack(s.raw.data(), s.rows, s.cols);
-                SecretVector<int8_t>().swap(s.raw);  // zeroed on release
-                plan[size_t(l) * 7 + size_t(p)] = s.offload ? 1 : 0;
-            }
+        // [layer][7], then the classifier
+        std::vector<uint8_t> plan(projs.size(), 0);
+        for (size_t i = 0; i < projs.size(); ++i) {
+            ProjState& s = projs[i];
+            s.offload = offload_mode && !s.secret;
+            if (s.offload) s.key.emplace(s.raw.data(), s.rows, s.cols, nullptr);
+            s.packed = PackedI8::pack(s.raw.data(), s.rows, s.cols);
+            SecretVector<int8_t>().swap(s.raw);  // zeroed on release
+            plan[i] = s.offload ? 1 : 0;
+        }
         received.clear();
         phase = Phase::ready;
         Encoder e(MsgType::plan);
@@ -478,53 +503,86 @@ struct TrustedCore::Impl {
                 dequantize_product(acc.data(), T, s.rows, s.scale.data(), xs.data(), fw->proj_output(p));
                 flops += 2 * uint64_t(T) * uint64_t(s.rows * s.cols);
             }
-            if (!off.empty()) {
-                // One fresh pad per element of this crossing: x' = x + r (mod 2^32) is uniform, independent of x.
-                const size_t n = size_t(T * K);
-                r.resize(n);
-                pending = Pending{true, l, st, ++crossings, off, T, K};
-                PreSlot& ps = pre[size_t(l) * kStages + size_t(st)];
-                if (T == 1 && !ps.batches.empty()) {
-                    // Offline mode: the next reserved position of the pending batch, used exactly once.
-                    const PreBatch b = ps.batches.front();
-                    pending.pre = true;
-                    pending.pre_seq = b.seq;
-                    pending.pre_idx = ps.next;
-                    pending.pre_count = b.count;
-                    pending.pre_offset = b.offset + uint64_t(ps.next) * uint64_t(K);
-                    if (++ps.next == b.count) {
-                        ps.batches.pop_front();
-                        ps.next = 0;
-                    }
-                    masks->fill_at(pending.pre_offset, r.data(), n);
-                } else {
-                    masks->fill(r.data(), n);
-                }
-                Encoder e(MsgType::offload);
-                e.scalar<int32_t>(Tag::layer, l);
-                e.scalar<uint8_t>(Tag::stage, uint8_t(st));
-                e.scalar<uint64_t>(Tag::crossing, pending.crossing);
-                std::vector<uint8_t> pl;
-                for (Proj p : off) pl.push_back(uint8_t(p));
-                e.add(Tag::projs, pl);
-                e.scalar<int32_t>(Tag::count_t, T);
-                e.scalar<int32_t>(Tag::count_k, int32_t(K));
-                if (pending.pre) {
-                    e.scalar<uint64_t>(Tag::batch, pending.pre_seq);
-                    e.scalar<uint32_t>(Tag::batch_index, pending.pre_idx);
-                }
-                auto* dst = e.reserve(Tag::activations, WireType::u32, n);
-                for (size_t i = 0; i < n; ++i) {
-                    const uint32_t v = uint32_t(xq[i]) + r[i];
-                    std::memcpy(dst + 4 * i, &v, 4);
-                }
-                flops += n;
-                e.scalar<uint64_t>(Tag::flops, take_flops());
-                return e.finish();
-            }
+            if (!off.empty()) return send_offload(l, st, std::move(off), T, K, false);
             fw->finish_stage();
         }
+        return classify();
+    }
+
+    // After the last block: the classifier on the final-normed states of the tokens whose logits are needed, as
+    // one more base projection (offloaded on masked inputs unless secret), dequantised into `logits` [n][vocab].
+    std::vector<uint8_t> classify() {
+        const int T = fw->T(), d = cfg.dim, V = cfg.vocab_size;
+        cls_rows.clear();
+        if (output == wire::OutputKind::sample) {
+            cls_rows.push_back(T - 1);
+        } else if (output == wire::OutputKind::nll) {
+            for (int t = 0; t < T; ++t)
+                if (targets[size_t(t)] >= 0) cls_rows.push_back(t);
+        }
+        if (cls_rows.empty()) return finish_pass();
+        const int n = int(cls_rows.size());
+        cls_in.resize(size_t(n) * size_t(d));
+        for (int i = 0; i < n; ++i) fw->final_hidden(cls_rows[size_t(i)], cls_in.data() + size_t(i) * d);
+        xq.resize(size_t(n) * size_t(d));
+        xs.resize(size_t(n));
+        quantize_activations(cls_in.data(), n, d, activation_bits(d), xq.data(), xs.data());
+        wipe(cls_in);
+        logits.resize(size_t(n) * size_t(V));
+        ProjState& s = proj(cfg.n_layers, kClassifierSlot);
+        if (s.offload) return send_offload(cfg.n_layers, Stage::qkv, {kClassifierSlot}, n, d, true);
+        acc.resize(size_t(n) * size_t(V));
+        gemm_i16(nullptr, s.packed, xq.data(), n, acc.data());
+        dequantize_product(acc.data(), n, s.rows, s.scale.data(), xs.data(), logits.data());
+        flops += 2 * uint64_t(n) * uint64_t(s.rows * s.cols);
         return finish_pass();
+    }
+
+    // Masks the quantised input xq [T][K] of a crossing and sends it out for the offloaded projections.
+    std::vector<uint8_t> send_offload(int l, Stage st, std::vector<Proj> off, int T, int64_t K, bool classifier) {
+        // One fresh pad per element of this crossing: x' = x + r (mod 2^32) is uniform, independent of x.
+        const size_t n = size_t(T * K);
+        r.resize(n);
+        pending = Pending{true, l, st, ++crossings, off, T, K};
+        pending.classifier = classifier;
+        PreSlot& ps = pre[size_t(l) * kStages + size_t(st)];
+        if (T == 1 && !ps.batches.empty()) {
+            // Offline mode: the next reserved position of the pending batch, used exactly once.
+            const PreBatch b = ps.batches.front();
+            pending.pre = true;
+            pending.pre_seq = b.seq;
+            pending.pre_idx = ps.next;
+            pending.pre_count = b.count;
+            pending.pre_offset = b.offset + uint64_t(ps.next) * uint64_t(K);
+            if (++ps.next == b.count) {
+                ps.batches.pop_front();
+                ps.next = 0;
+            }
+            masks->fill_at(pending.pre_offset, r.data(), n);
+        } else {
+            masks->fill(r.data(), n);
+        }
+        Encoder e(MsgType::offload);
+        e.scalar<int32_t>(Tag::layer, l);
+        e.scalar<uint8_t>(Tag::stage, uint8_t(st));
+        e.scalar<uint64_t>(Tag::crossing, pending.crossing);
+        std::vector<uint8_t> pl;
+        for (Proj p : off) pl.push_back(uint8_t(p));
+        e.add(Tag::projs, pl);
+        e.scalar<int32_t>(Tag::count_t, T);
+        e.scalar<int32_t>(Tag::count_k, int32_t(K));
+        if (pending.pre) {
+            e.scalar<uint64_t>(Tag::batch, pending.pre_seq);
+            e.scalar<uint32_t>(Tag::batch_index, pending.pre_idx);
+        }
+        auto* dst = e.reserve(Tag::activations, WireType::u32, n);
+        for (size_t i = 0; i < n; ++i) {
+            const uint32_t v = uint32_t(xq[i]) + r[i];
+            std::memcpy(dst + 4 * i, &v, 4);
+        }
+        flops += n;
+        e.scalar<uint64_t>(Tag::flops, take_flops());
+        return e.finish();
     }
 
     std::vector<uint8_t> products(const Message& m) {
@@ -570,16 +628,21 @@ struct TrustedCore::Impl {
             flops += 2 * uint64_t(T) * uint64_t(s.rows + s.cols);
             if (!s.key->check_batch(acc.data(), xq.data(), T)) {
                 const std::string msg = "integrity check failed: the accelerator's product for " +
-                                        proj_tensor_name(pending.layer, p) + " (crossing " +
+                                        (pending.classifier ? std::string("the classifier")
+                                                            : proj_tensor_name(pending.layer, p)) +
+                                        " (crossing " +
                                         std::to_string(pending.crossing) + ") is wrong; the session is stopped";
                 fail(Status::integrity, msg);
             }
-            dequantize_product(acc.data(), T, s.rows, s.scale.data(), xs.data(), fw->proj_output(p));
+            dequantize_product(acc.data(), T, s.rows, s.scale.data(), xs.data(),
+                               pending.classifier ? logits.data() : fw->proj_output(p));
         }
+        const bool classifier = pending.classifier;
         pending = Pending{};
         wipe(r);
         wipe(wr);
         wipe(pre_plain);
+        if (classifier) return finish_pass();
         fw->finish_stage();
         return run();
     }
@@ -615,15 +678,17 @@ struct TrustedCore::Impl {
         const int32_t l = m.scalar<int32_t>(Tag::layer);
         const uint8_t st_raw = m.scalar<uint8_t>(Tag::stage);
         const int32_t count = m.scalar<int32_t>(Tag::count_t);
-        if (l < 0 || l >= cfg.n_layers) bad("precompute: layer " + std::to_string(l) + " out of range");
-        if (st_raw >= kStages) bad("precompute: stage " + std::to_string(st_raw) + " out of range");
+        if (l < 0 || l > cfg.n_layers) bad("precompute: layer " + std::to_string(l) + " out of range");
+        if (st_raw >= kStages || (l == cfg.n_layers && st_raw != uint8_t(Stage::qkv)))
+            bad("precompute: stage " + std::to_string(st_raw) + " out of range");
         if (count < 1 || uint32_t(count) > kMaxPrecomputeCount)
             bad("precompute: count " + std::to_string(count) + " out of range [1, " + std::to_string(kMaxPrecomputeCount) + "]");
         const Stage st = Stage(st_raw);
         std::vector<Proj> off;
         uint64_t rows = 0;
         int64_t K = 0;
-        for (Proj p : stage_projs(st))
+        const std::span<const Proj> sp = l == cfg.n_layers ? std::span<const Proj>(&kClassifierSlot, 1) : stage_projs(st);
+        for (Proj p : sp)
             if (proj(l, p).offload) {
                 off.push_back(p);
                 rows += uint64_t(proj(l, p).rows);
@@ -678,30 +743,19 @@ struct TrustedCore::Impl {
     }
 
     std::vector<uint8_t> finish_pass() {
-        const int T = fw->T(), V = cfg.vocab_size;
+        const int V = cfg.vocab_size;
         Encoder e(output == wire::OutputKind::none ? MsgType::ok : MsgType::result);
+        // logits [cls_rows.size()][V], computed by classify() (and products() when offloaded)
         if (output == wire::OutputKind::sample) {
-            logits.resize(size_t(V));
-            fw->logits(T - 1, 1, logits.data());
             const int32_t tok = sampler->sample(logits.data(), V);
             e.scalar<int32_t>(Tag::token, tok);
             if (logprobs_k > 0) release_logprobs(e);
         } else if (output == wire::OutputKind::nll) {
             double sum = 0.0;
             uint64_t count = 0;
-            constexpr int kChunk = 16;
-            logits.resize(size_t(kChunk) * V);
-            for (int t0 = 0; t0 < T; t0 += kChunk) {
-                const int n = std::min(kChunk, T - t0);
-                bool any = false;
-                for (int t = t0; t < t0 + n; ++t) any |= targets[size_t(t)] >= 0;
-                if (!any) continue;
-                fw->logits(t0, n, logits.data());
-                for (int t = t0; t < t0 + n; ++t)
-                    if (targets[size_t(t)] >= 0) {
-                        sum += token_nll(&logits[size_t(t - t0) * V], V, targets[size_t(t)]);
-                        ++count;
-                    }
+            for (size_t i = 0; i < cls_rows.size(); ++i) {
+                sum += token_nll(&logits[i * size_t(V)], V, targets[size_t(cls_rows[i])]);
+                ++count;
             }
             e.scalar<double>(Tag::nll_sum, sum);
             e.scalar<uint64_t>(Tag::nll_count, count);

@@ -55,8 +55,15 @@ struct ScopedTime {
     ~ScopedTime() { acc += seconds_since(t0); }
 };
 
-bool stage_has(Stage s, Proj p) {
-    for (Proj q : stage_projs(s))
+// The projections of a crossing slot: a block's stage, or (layer n_layers, stage qkv) the classifier.
+std::span<const Proj> slot_projs(int layer, int n_layers, Stage st) {
+    static constexpr Proj kCls[] = {kClassifierSlot};
+    if (layer == n_layers) return st == Stage::qkv ? std::span<const Proj>(kCls) : std::span<const Proj>();
+    return stage_projs(st);
+}
+
+bool slot_has(int layer, int n_layers, Stage s, Proj p) {
+    for (Proj q : slot_projs(layer, n_layers, s))
         if (q == p) return true;
     return false;
 }
@@ -114,6 +121,7 @@ private:
 SecureSession::SecureSession(const ModelWeights& w, SecureSessionParams params) : params_(std::move(params)) {
     w.validate("model");
     cfg_ = w.cfg;
+    cfg_tied_ = w.tied();
     n_ctx_ = params_.n_ctx > 0 ? std::min(params_.n_ctx, cfg_.seq_len) : cfg_.seq_len;
     if (params_.n_batch <= 0) fail(Status::invalid_argument, "batch size must be positive");
     if (params_.logprobs < 0 || params_.logprobs > cfg_.vocab_size)
@@ -134,7 +142,7 @@ SecureSession::SecureSession(const ModelWeights& w, SecureSessionParams params) 
 
     // A crossing (masked input out, products back) must fit one message: larger prefills are split into passes.
     const int64_t d = cfg_.dim, h = cfg_.hidden_dim, kv = cfg_.kv_dim();
-    const int64_t widest = std::max({d, h, d + 2 * kv, 2 * h});
+    const int64_t widest = std::max({d, h, d + 2 * kv, 2 * h, int64_t(cfg_.vocab_size)});
     const int64_t max_T = int64_t(SI_ENCLAVE_MAX_MESSAGE - kMessageSlack) / (4 * widest);
     if (max_T < 1)
         fail(Status::unsupported, "a single token's crossing of this model (" + std::to_string(4 * widest) +
@@ -148,7 +156,7 @@ SecureSession::SecureSession(const ModelWeights& w, SecureSessionParams params) 
 
     // The public int8 base projections, quantised once here: the same bytes go to the accelerator and the enclave
     // (which would catch any difference with Freivalds' check).
-    projs_.resize(size_t(cfg_.n_layers) * 7);
+    projs_.resize(size_t(cfg_.n_layers) * 7 + 1);
     for (int l = 0; l < cfg_.n_layers; ++l) {
         const LayerWeights& L = w.layers[size_t(l)];
         const std::vector<float>* src[7] = {&L.wq, &L.wk, &L.wv, &L.wo, &L.w1, &L.w2, &L.w3};
@@ -161,6 +169,16 @@ SecureSession::SecureSession(const ModelWeights& w, SecureSessionParams params) 
             hp.scale.resize(size_t(s.rows));
             quantize_rows_i8(src[int(p)]->data(), s.rows, s.cols, hp.q.data(), hp.scale.data(), nullptr);
         }
+    }
+    {
+        // The classifier (output, or token_embd when tied) is one more public base projection (layer n_layers).
+        HostProj& hp = projs_.back();
+        hp.rows = cfg_.vocab_size;
+        hp.cols = cfg_.dim;
+        hp.q.resize(size_t(hp.rows * hp.cols));
+        hp.scale.resize(size_t(hp.rows));
+        const std::vector<float>& W = w.tied() ? w.tok_embeddings : w.classifier;
+        quantize_rows_i8(W.data(), hp.rows, hp.cols, hp.q.data(), hp.scale.data(), nullptr);
     }
     plan_.assign(projs_.size(), 0);
     if (params_.mode == SecureMode::gpu_only)
@@ -193,6 +211,14 @@ std::vector<std::string> SecureSession::warnings() const {
     return w;
 }
 
+const char* SecureSession::op_name(int layer, int p) const {
+    return layer == cfg_.n_layers ? "classifier" : trace_op(Proj(p));
+}
+
+bool SecureSession::classifier_secret() const {
+    return is_secret("output.weight") || (cfg_tied_ && is_secret("token_embd.weight"));
+}
+
 void SecureSession::upload_accelerator(int layer, int p, SessionStats& s) {
     HostProj& hp = projs_[size_t(layer) * 7 + size_t(p)];
     {
@@ -200,7 +226,7 @@ void SecureSession::upload_accelerator(int layer, int p, SessionStats& s) {
         hp.handle = accel_->upload_i8(hp.q.data(), hp.rows, hp.cols);
     }
     s.bytes_to_accelerator += hp.q.size();
-    if (trace_) trace_->write(layer, trace_op(Proj(p)), "weight", TraceDType::i8, {hp.rows, hp.cols}, hp.q.data());
+    if (trace_) trace_->write(layer, op_name(layer, p), "weight", TraceDType::i8, {hp.rows, hp.cols}, hp.q.data());
 }
 
 // ---- gpu-only ---------------------------------------------------------------------------------------------------
@@ -216,10 +242,10 @@ void SecureSession::load_gpu(const ModelWeights& w) {
     if (secrets)
         warnings_.push_back("insecure: secret tensors are processed in plaintext on the host and the accelerator");
     gpu_ = std::make_unique<Gpu>();
-    gpu_->fw = std::make_unique<StagedForward>(cfg_, n_ctx_, w.tied(), pool_.get());
+    // the classifier is the int8 base projection at layer n_layers, on the accelerator like q .. w2
+    gpu_->fw = std::make_unique<StagedForward>(cfg_, n_ctx_, true, pool_.get());
     StagedForward& fw = *gpu_->fw;
     std::copy(w.tok_embeddings.begin(), w.tok_embeddings.end(), fw.tok_embeddings().begin());
-    if (!w.tied()) std::copy(w.classifier.begin(), w.classifier.end(), fw.classifier().begin());
     std::copy(w.final_norm.begin(), w.final_norm.end(), fw.final_norm().begin());
     for (int l = 0; l < cfg_.n_layers; ++l) {
         std::copy(w.layers[size_t(l)].attn_norm.begin(), w.layers[size_t(l)].attn_norm.end(), fw.attn_norm(l).begin());
@@ -239,6 +265,8 @@ void SecureSession::load_gpu(const ModelWeights& w) {
             upload_accelerator(l, int(p), load_);
             plan_[size_t(l) * 7 + size_t(p)] = 1;
         }
+    upload_accelerator(cfg_.n_layers, int(kClassifierSlot), load_);
+    plan_.back() = 1;
     gpu_->sampler = std::make_unique<Sampler>(SamplerParams{0.0f, 0, 1.0f, 0});
 }
 
@@ -289,6 +317,36 @@ void SecureSession::run_gpu_pass(std::span<const int32_t> tokens) {
     abort.armed = false;
     stats_.host.flops += double(fw.flops() - f0);
     pos_ = fw.pos();
+}
+
+// Logits [n][vocab] of tokens t0 .. t0 + n - 1 of the finished pass: final norm, then the int8 classifier on the
+// accelerator (mul_mat_int), exactly as the enclave computes it.
+void SecureSession::gpu_logits(int t0, int n, float* out) {
+    StagedForward& fw = *gpu_->fw;
+    const int64_t d = cfg_.dim;
+    const uint64_t f0 = fw.flops();
+    std::vector<float> h(size_t(n) * size_t(d));
+    for (int i = 0; i < n; ++i) fw.final_hidden(t0 + i, h.data() + size_t(i) * size_t(d));
+    stats_.host.flops += double(fw.flops() - f0);
+    gpu_->xq.resize(size_t(n) * size_t(d));
+    gpu_->xs.resize(size_t(n));
+    quantize_activations(h.data(), n, d, activation_bits(d), gpu_->xq.data(), gpu_->xs.data());
+    const HostProj& hp = projs_.back();
+    gpu_->acc.resize(size_t(n) * size_t(hp.rows));
+    {
+        ScopedTime t{stats_.accelerator.seconds};
+        accel_->mul_mat_int(hp.handle, gpu_->xq.data(), n, gpu_->acc.data());
+    }
+    ++stats_.accelerator_calls;
+    ++stats_.crossings;
+    stats_.accelerator.flops += 2.0 * double(n) * double(hp.rows * hp.cols);
+    stats_.bytes_to_accelerator += size_t(n) * size_t(d) * 4;
+    stats_.bytes_from_accelerator += size_t(n) * size_t(hp.rows) * 4;
+    if (trace_) {
+        trace_->write(cfg_.n_layers, "classifier", "input", TraceDType::i32, {n, d}, gpu_->xq.data());
+        trace_->write(cfg_.n_layers, "classifier", "output", TraceDType::i32, {n, hp.rows}, gpu_->acc.data());
+    }
+    dequantize_product(gpu_->acc.data(), n, hp.rows, hp.scale.data(), gpu_->xs.data(), out);
 }
 
 // ---- enclave modes ----------------------------------------------------------------------------------------------
@@ -373,7 +431,13 @@ void SecureSession::load_enclave(const ModelWeights& w) {
     };
     upload(TensorKind::tok_embeddings, 0, 0, w.tok_embeddings.data(), w.tok_embeddings.size(), false, nullptr);
     upload(TensorKind::final_norm, 0, 0, w.final_norm.data(), w.final_norm.size(), false, nullptr);
-    if (!w.tied()) upload(TensorKind::classifier, 0, 0, w.classifier.data(), w.classifier.size(), false, nullptr);
+    {
+        const HostProj& hp = projs_.back();
+        const uint8_t secret = classifier_secret() ? 1 : 0;
+        upload(TensorKind::classifier_i8, 0, 0, hp.q.data(), hp.q.size(), true,
+               [&](Encoder& e) { e.scalar<uint8_t>(Tag::secret, secret); });
+        upload(TensorKind::classifier_scale, 0, 0, hp.scale.data(), hp.scale.size(), false, nullptr);
+    }
     for (int l = 0; l < cfg_.n_layers; ++l) {
         const LayerWeights& L = w.layers[size_t(l)];
         upload(TensorKind::attn_norm, l, 0, L.attn_norm.data(), L.attn_norm.size(), false, nullptr);
@@ -408,6 +472,11 @@ void SecureSession::load_enclave(const ModelWeights& w) {
                                            ", which must stay inside");
             if (off) upload_accelerator(l, int(p), load_);
         }
+    if (plan_.back() != 0) {
+        if (classifier_secret() || params_.mode != SecureMode::secureinfer)
+            fail(Status::security, "the trusted core's plan offloads the classifier, which must stay inside");
+        upload_accelerator(cfg_.n_layers, int(kClassifierSlot), load_);
+    }
     set_sampler(SamplerParams{0.0f, 0, 1.0f, 0});
 }
 
@@ -436,11 +505,11 @@ std::vector<uint8_t> SecureSession::run_enclave_pass(std::span<const int32_t> to
         const uint8_t stage = m.scalar<uint8_t>(Tag::stage);
         const uint64_t crossing = m.scalar<uint64_t>(Tag::crossing);
         const auto projs = m.array<uint8_t>(Tag::projs);
-        if (layer < 0 || layer >= cfg_.n_layers || stage >= kStages || T < 1 || T > n_batch_ || projs.empty())
+        if (layer < 0 || layer > cfg_.n_layers || stage >= kStages || T < 1 || T > n_batch_ || projs.empty())
             fail(Status::internal, "the trusted core sent a malformed offload request");
         size_t total = 0;
         for (uint8_t p : projs) {
-            if (p > 6 || !stage_has(Stage(stage), Proj(p)) || !plan_[size_t(layer) * 7 + p] ||
+            if (p > 6 || !slot_has(layer, cfg_.n_layers, Stage(stage), Proj(p)) || !plan_[size_t(layer) * 7 + p] ||
                 projs_[size_t(layer) * 7 + p].cols != K)
                 fail(Status::internal, "the trusted core sent an offload request outside its plan");
             total += size_t(T) * size_t(projs_[size_t(layer) * 7 + p].rows);
@@ -469,10 +538,10 @@ std::vector<uint8_t> SecureSession::run_enclave_pass(std::span<const int32_t> to
             out += y.size() * 4;
             if (trace_) {
                 if (first)
-                    in_file = trace_->write(layer, trace_op(Proj(p)), "input", TraceDType::u32, {T, K}, x.data());
+                    in_file = trace_->write(layer, op_name(layer, p), "input", TraceDType::u32, {T, K}, x.data());
                 else
-                    trace_->index(layer, trace_op(Proj(p)), "input", TraceDType::u32, {T, K}, in_file);
-                trace_->write(layer, trace_op(Proj(p)), "output", TraceDType::u32, {T, hp.rows}, y.data());
+                    trace_->index(layer, op_name(layer, p), "input", TraceDType::u32, {T, K}, in_file);
+                trace_->write(layer, op_name(layer, p), "output", TraceDType::u32, {T, hp.rows}, y.data());
             }
             first = false;
         }
@@ -540,9 +609,7 @@ int32_t SecureSession::eval_sample(std::span<const int32_t> tokens, std::vector<
             if (!last) continue;
             const int V = cfg_.vocab_size;
             gpu_->logits.resize(size_t(V));
-            const uint64_t f0 = gpu_->fw->flops();
-            gpu_->fw->logits(int(chunk.size()) - 1, 1, gpu_->logits.data());
-            stats_.host.flops += double(gpu_->fw->flops() - f0);
+            gpu_logits(int(chunk.size()) - 1, 1, gpu_->logits.data());
             token = gpu_->sampler->sample(gpu_->logits.data(), V);
             gpu_->fw->end_pass();
             if (params_.logprobs > 0 && logprobs) {
@@ -621,16 +688,14 @@ std::pair<double, uint64_t> SecureSession::eval_nll(std::span<const int32_t> tok
             run_gpu_pass(chunk);
             const int V = cfg_.vocab_size;
             gpu_->logits.resize(size_t(V));
-            const uint64_t f0 = gpu_->fw->flops();
             double part = 0.0;
             for (size_t i = 0; i < n; ++i) {
                 if (tchunk[i] < 0) continue;
-                gpu_->fw->logits(int(i), 1, gpu_->logits.data());
+                gpu_logits(int(i), 1, gpu_->logits.data());
                 part += token_nll(gpu_->logits.data(), V, tchunk[i]);
                 ++count;
             }
             gpu_->fw->end_pass();
-            stats_.host.flops += double(gpu_->fw->flops() - f0);
             sum += part;
             if (trace_) trace_->write(-1, "nll", "output", TraceDType::f64, {1}, &part);
         } else {
@@ -659,12 +724,10 @@ const float* SecureSession::eval_logits(std::span<const int32_t> tokens, bool al
         const auto chunk = tokens.subspan(b, cn);
         trace_tokens_in(chunk);
         run_gpu_pass(chunk);
-        const uint64_t f0 = gpu_->fw->flops();
         if (all_logits)
-            gpu_->fw->logits(0, int(cn), gpu_->logits.data() + b * size_t(V));
+            gpu_logits(0, int(cn), gpu_->logits.data() + b * size_t(V));
         else if (b + cn == n)
-            gpu_->fw->logits(int(cn) - 1, 1, gpu_->logits.data());
-        stats_.host.flops += double(gpu_->fw->flops() - f0);
+            gpu_logits(int(cn) - 1, 1, gpu_->logits.data());
         gpu_->fw->end_pass();
     }
     return gpu_->logits.data();
@@ -675,7 +738,7 @@ void SecureSession::precompute(int tokens, const std::function<void(int, int)>& 
         fail(Status::unsupported, std::string("precomputed unblinding factors need the secureinfer preset, not ") +
                                       secure_mode_name(params_.mode));
     if (tokens < 1) fail(Status::invalid_argument, "precompute: the token count must be positive");
-    if (sealed_.empty()) sealed_.resize(size_t(cfg_.n_layers) * kStages);
+    if (sealed_.empty()) sealed_.resize(size_t(cfg_.n_layers + 1) * kStages);
     const auto t0 = std::chrono::steady_clock::now();
     // the (layer, stage) slots with offloaded projections, and how many positions one message can carry
     struct Slot {
@@ -685,10 +748,10 @@ void SecureSession::precompute(int tokens, const std::function<void(int, int)>& 
     };
     std::vector<Slot> slots;
     int total = 0;
-    for (int l = 0; l < cfg_.n_layers; ++l)
+    for (int l = 0; l <= cfg_.n_layers; ++l)  // the blocks, then the classifier
         for (int st = 0; st < kStages; ++st) {
             int64_t rows = 0;
-            for (Proj p : stage_projs(Stage(st)))
+            for (Proj p : slot_projs(l, cfg_.n_layers, Stage(st)))
                 if (plan_[size_t(l) * 7 + size_t(p)]) rows += projs_[size_t(l) * 7 + size_t(p)].rows;
             if (rows == 0) continue;
             const int per_call = int(std::max<int64_t>(
@@ -731,10 +794,10 @@ void SecureSession::precompute(int tokens, const std::function<void(int, int)>& 
 int SecureSession::precomputed_available() const {
     if (sealed_.empty()) return 0;
     int64_t best = -1;
-    for (int l = 0; l < cfg_.n_layers; ++l)
+    for (int l = 0; l <= cfg_.n_layers; ++l)
         for (int st = 0; st < kStages; ++st) {
             bool used = false;
-            for (Proj p : stage_projs(Stage(st))) used |= plan_[size_t(l) * 7 + size_t(p)] != 0;
+            for (Proj p : slot_projs(l, cfg_.n_layers, Stage(st))) used |= plan_[size_t(l) * 7 + size_t(p)] != 0;
             if (!used) continue;
             int64_t n = 0;
             for (const SealedBatch& b : sealed_[size_t(l) * kStages + size_t(st)]) n += b.count - b.next;

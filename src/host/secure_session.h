@@ -139,6 +139,9 @@ private:
     void upload_accelerator(int layer, int p, SessionStats& s);
     std::vector<uint8_t> run_enclave_pass(std::span<const int32_t> tokens, int output, std::span<const int32_t> targets);
     void run_gpu_pass(std::span<const int32_t> tokens);
+    void gpu_logits(int t0, int n, float* out);
+    const char* op_name(int layer, int p) const;
+    bool classifier_secret() const;
     void trace_tokens_in(std::span<const int32_t> tokens);
     bool is_secret(const std::string& name) const;
 
@@ -153,7 +156,8 @@ private:
     std::vector<std::string> warnings_;
     // host copies of the public int8 projections until they are uploaded, then the accelerator's handles
     struct HostProj;
-    std::vector<HostProj> projs_;  // [layer][7]
+    std::vector<HostProj> projs_;  // [layer][7], then the classifier (layer n_layers, slot kClassifierSlot)
+    bool cfg_tied_ = true;
     std::vector<uint8_t> plan_;
     SessionStats stats_, load_;
     bool failed_ = false;  // an integrity failure ended the session
