@@ -86,3 +86,16 @@ void axpy_f32(float* y, float alpha, const float* x, int n) {
 }
 
 }  // namespace si
+
+namespace si {
+
+void attend_head(float* out, const float* q, const float* keys, const float* values, int n_keys, size_t stride,
+                 int head_dim, float* att) {
+    const float inv_sqrt = 1.0f / std::sqrt(float(head_dim));
+    for (int p = 0; p < n_keys; ++p) att[p] = dot_f32(q, keys + size_t(p) * stride, head_dim) * inv_sqrt;
+    softmax(att, n_keys);
+    std::fill_n(out, head_dim, 0.0f);
+    for (int p = 0; p < n_keys; ++p) axpy_f32(out, att[p], values + size_t(p) * stride, head_dim);
+}
+
+}  // namespace si

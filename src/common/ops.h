@@ -1,5 +1,6 @@
 // Element-wise and row-wise operations of the LLaMA block. Pure functions on caller-owned buffers.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace si {
@@ -26,4 +27,11 @@ namespace si {
 float dot_f32(const float* a, const float* b, int n);
 // y[i] += alpha * x[i]
 void axpy_f32(float* y, float alpha, const float* x, int n);
+}  // namespace si
+
+namespace si {
+// One query head of causal attention: out[0..head_dim) = sum_p softmax_p(q . k_p / sqrt(head_dim)) v_p over the
+// positions p < n_keys, where k_p = keys + p * stride and v_p = values + p * stride. att is scratch of n_keys floats.
+void attend_head(float* out, const float* q, const float* keys, const float* values, int n_keys, size_t stride,
+                 int head_dim, float* att);
 }  // namespace si

@@ -210,20 +210,14 @@ void StagedForward::attention() {
     const int n_heads = cfg_.n_heads, group = cfg_.n_heads / cfg_.n_kv_heads;
     const float* kc = key_cache_.data() + size_t(layer_) * n_ctx_ * kv;
     const float* vc = value_cache_.data() + size_t(layer_) * n_ctx_ * kv;
-    const float inv_sqrt = 1.0f / std::sqrt(float(hd));
     const int pos = pass_pos_, T = T_;
     run(pool_, int64_t(T) * n_heads, [&](int64_t begin, int64_t end) {
         SecretVector<float> att(size_t(pos + T));
         for (int64_t i = begin; i < end; ++i) {
             const int t = int(i / n_heads), h = int(i % n_heads);
-            const int n_keys = pos + t + 1;
-            const float* q = &q_[size_t(t) * d + size_t(h) * hd];
             const size_t kv_off = size_t(h / group) * hd;
-            for (int p = 0; p < n_keys; ++p) att[size_t(p)] = dot_f32(q, kc + size_t(p) * kv + kv_off, hd) * inv_sqrt;
-            softmax(att.data(), n_keys);
-            float* out = &xb2_[size_t(t) * d + size_t(h) * hd];
-            std::fill_n(out, hd, 0.0f);
-            for (int p = 0; p < n_keys; ++p) axpy_f32(out, att[size_t(p)], vc + size_t(p) * kv + kv_off, hd);
+            attend_head(&xb2_[size_t(t) * d + size_t(h) * hd], &q_[size_t(t) * d + size_t(h) * hd], kc + kv_off,
+                        vc + kv_off, pos + t + 1, size_t(kv), hd, att.data());
         }
     });
     for (int t = 0; t < T; ++t) flops_ += uint64_t(n_heads) * uint64_t(pos + t + 1) * uint64_t(hd) * 4;

@@ -156,19 +156,13 @@ void Engine::eval_batch(const int32_t* tokens, int T, bool all_logits, float* lo
         }
 
         // causal grouped-query attention, one (token, head) pair per work item -> xb2 [T][dim]
-        const float inv_sqrt = 1.0f / std::sqrt(float(hd));
         pool->parallel_for(int64_t(T) * n_heads, 1, [&](int64_t begin, int64_t end) {
             std::vector<float> att(size_t(pos_ + T));
             for (int64_t i = begin; i < end; ++i) {
                 const int t = int(i / n_heads), h = int(i % n_heads);
-                const int n_keys = pos_ + t + 1;
-                const float* q = &qkv_[size_t(t) * qkv_stride + size_t(h) * hd];
                 const size_t kv_off = size_t(h / group) * hd;
-                for (int p = 0; p < n_keys; ++p) att[size_t(p)] = dot_f32(q, kc + size_t(p) * kv + kv_off, hd) * inv_sqrt;
-                softmax(att.data(), n_keys);
-                float* out = &xb2_[size_t(t) * d + size_t(h) * hd];
-                std::fill_n(out, hd, 0.0f);
-                for (int p = 0; p < n_keys; ++p) axpy_f32(out, att[size_t(p)], vc + size_t(p) * kv + kv_off, hd);
+                attend_head(&xb2_[size_t(t) * d + size_t(h) * hd], &qkv_[size_t(t) * qkv_stride + size_t(h) * hd],
+                            kc + kv_off, vc + kv_off, pos_ + t + 1, size_t(kv), hd, att.data());
             }
         });
 
