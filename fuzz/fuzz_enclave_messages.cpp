@@ -83,6 +83,20 @@ void load_tiny(si_enclave* e) {
         must_ok(e, u.finish());
         upload_f32(TensorKind::proj_scale, 0, p, size_t(rows[p]));
     }
+    {  // the classifier (tied: token_embd) as int8 rows with scales, offloaded like the projections
+        std::vector<int8_t> w(size_t(v * d));
+        for (size_t i = 0; i < w.size(); ++i) w[i] = int8_t(int(i * 17 % 255) - 127);
+        Encoder u(MsgType::upload);
+        u.scalar<uint32_t>(Tag::kind, uint32_t(TensorKind::classifier_i8));
+        u.scalar<int32_t>(Tag::layer, 0);
+        u.scalar<int32_t>(Tag::proj, 0);
+        u.scalar<uint64_t>(Tag::offset, 0);
+        u.scalar<uint64_t>(Tag::total, w.size());
+        u.add(Tag::data_i8, w);
+        u.scalar<uint8_t>(Tag::secret, 0);
+        must_ok(e, u.finish());
+        upload_f32(TensorKind::classifier_scale, 0, 0, size_t(v));
+    }
     must_ok(e, Encoder(MsgType::finalize).finish());
 }
 
