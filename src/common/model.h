@@ -59,4 +59,14 @@ enum class Proj { q, k, v, o, w1, w2, w3 };
 inline constexpr Proj kAllProj[] = {Proj::q, Proj::k, Proj::v, Proj::o, Proj::w1, Proj::w2, Proj::w3};
 const char* proj_name(Proj p);  // "q", "k", ... "w3"
 
+// Rows (outputs) and columns (inputs) of a projection; binds as `auto [out, in] = proj_shape(cfg, p)`.
+struct ProjShape {
+    int64_t rows = 0, cols = 0;
+};
+ProjShape proj_shape(const ModelConfig& cfg, Proj p);
+// GGUF stem of a projection: "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_down", "ffn_up".
+const char* proj_gguf_stem(Proj p);
+// The GGUF tensor name of a projection, e.g. "blk.3.attn_q.weight".
+std::string proj_tensor_name(int layer, Proj p);
+
 }  // namespace si

@@ -48,25 +48,6 @@ const char* stage_name(Stage s) {
     return "?";
 }
 
-ProjShape proj_shape(const ModelConfig& cfg, Proj p) {
-    const int64_t d = cfg.dim, h = cfg.hidden_dim, kv = cfg.kv_dim();
-    switch (p) {
-        case Proj::q: return {d, d};
-        case Proj::k: return {kv, d};
-        case Proj::v: return {kv, d};
-        case Proj::o: return {d, d};
-        case Proj::w1: return {h, d};
-        case Proj::w2: return {d, h};
-        case Proj::w3: return {h, d};
-    }
-    return {};
-}
-
-std::string proj_tensor_name(int layer, Proj p) {
-    static const char* const kNames[] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_down", "ffn_up"};
-    return "blk." + std::to_string(layer) + "." + kNames[int(p)] + ".weight";
-}
-
 double token_nll(const float* logits, int n, int target) {
     double mx = logits[0];
     for (int v = 1; v < n; ++v) mx = std::max(mx, double(logits[v]));

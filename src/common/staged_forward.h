@@ -31,13 +31,6 @@ constexpr int kStages = 4;
 std::span<const Proj> stage_projs(Stage s);  // qkv: q, k, v; attn_out: o; ffn_in: w1, w3; ffn_out: w2
 const char* stage_name(Stage s);             // "qkv", "attn_out", "ffn_in", "ffn_out"
 
-// Rows (outputs) and columns (inputs) of a projection.
-struct ProjShape {
-    int64_t rows = 0, cols = 0;
-};
-ProjShape proj_shape(const ModelConfig& cfg, Proj p);
-// The GGUF tensor name of a projection, e.g. "blk.3.attn_q.weight".
-std::string proj_tensor_name(int layer, Proj p);
 // The classifier [vocab][dim] as a base projection of the partition presets: it crosses as layer n_layers,
 // stage qkv, projection slot 0 (one more crossing per pass, after the last block).
 constexpr Proj kClassifierSlot = Proj::q;

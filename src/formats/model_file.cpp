@@ -22,7 +22,7 @@ Vocab load_vocab_for(const std::string& path, int n_vocab) {
 
 std::string find_tokenizer_beside(const std::string& model_path, int n_vocab) {
     const auto dir = std::filesystem::path(model_path).parent_path();
-    for (const std::string name : {"tok" + std::to_string(n_vocab) + ".bin", std::string("tokenizer.bin")}) {
+    for (const std::string& name : {"tok" + std::to_string(n_vocab) + ".bin", std::string("tokenizer.bin")}) {
         const auto p = dir / name;
         if (std::filesystem::exists(p)) return p.string();
     }

@@ -7,37 +7,6 @@
 
 namespace si::train {
 
-const char* proj_gguf_stem(Proj p) {
-    switch (p) {
-        case Proj::q: return "attn_q";
-        case Proj::k: return "attn_k";
-        case Proj::v: return "attn_v";
-        case Proj::o: return "attn_output";
-        case Proj::w1: return "ffn_gate";
-        case Proj::w2: return "ffn_down";
-        case Proj::w3: return "ffn_up";
-    }
-    return "?";
-}
-
-std::string proj_tensor_name(int layer, Proj p) {
-    return "blk." + std::to_string(layer) + "." + proj_gguf_stem(p) + ".weight";
-}
-
-std::pair<int, int> proj_shape(const ModelConfig& cfg, Proj p) {
-    const int d = cfg.dim, h = cfg.hidden_dim, kv = cfg.kv_dim();
-    switch (p) {
-        case Proj::q: return {d, d};
-        case Proj::k: return {kv, d};
-        case Proj::v: return {kv, d};
-        case Proj::o: return {d, d};
-        case Proj::w1: return {h, d};
-        case Proj::w2: return {d, h};
-        case Proj::w3: return {h, d};
-    }
-    return {0, 0};
-}
-
 std::vector<Proj> parse_proj_list(const std::string& list) {
     std::array<bool, kNumProj> on{};
     std::stringstream ss(list);

@@ -23,12 +23,7 @@ namespace si::train {
 inline constexpr int kNumProj = 7;
 inline int proj_index(Proj p) { return int(p); }
 
-// GGUF stem of a projection: "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_down", "ffn_up".
-const char* proj_gguf_stem(Proj p);
-// "blk.<layer>.<stem>.weight"
-std::string proj_tensor_name(int layer, Proj p);
-// {out, in} of a projection.
-std::pair<int, int> proj_shape(const ModelConfig& cfg, Proj p);
+// proj_gguf_stem, proj_tensor_name and proj_shape are in common/model.h.
 // Parses "q,k,v,o,w1,w2,w3" (any subset, any order, "all" for every projection); throws si::Error(invalid_argument)
 // naming the unknown entry. The result is in canonical order without duplicates.
 std::vector<Proj> parse_proj_list(const std::string& list);
