@@ -112,6 +112,7 @@ typedef struct si_context_params {
     const char* trace_dir;           /* write the boundary trace (DESIGN.md section 7) there; NULL: none */
     int logprobs;                    /* release the top-K log-probabilities of each sampled token; 0: none */
     float logprob_noise;             /* std of the Gaussian noise added to them before release; default 0 */
+    const char* accelerator;         /* accelerator backend of the presets: "cpu" (default; NULL means it) or "cuda" */
 } si_context_params;
 
 si_context_params si_context_default_params(void);

@@ -1,6 +1,7 @@
 // The accelerator op cases, shared by tests/test_backend_ops.cpp (correctness against scalar references) and
 // bench/bench_backend_ops.cpp (timing): which backends exist, which shapes each op runs on, and the inputs.
-// A new backend (e.g. CUDA) joins by adding one entry to backends_under_test().
+// A new backend joins by adding one entry to backends_under_test(); the CUDA one joins when this build has it and
+// the machine has a CUDA device.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -18,10 +19,14 @@ struct BackendEntry {
     std::function<std::unique_ptr<Accelerator>(ThreadPool*)> make;
 };
 
+inline bool cuda_device_present() { return cuda_backend_built() && !cuda_device_name().empty(); }
+
 inline std::vector<BackendEntry> backends_under_test() {
-    return {
+    std::vector<BackendEntry> b = {
         {"cpu", [](ThreadPool* pool) { return make_cpu_accelerator(pool); }},
     };
+    if (cuda_device_present()) b.push_back({"cuda", [](ThreadPool* pool) { return make_cuda_accelerator(pool); }});
+    return b;
 }
 
 constexpr AccelOp kAllOps[] = {AccelOp::mul_mat_masked, AccelOp::mul_mat_i8, AccelOp::mul_mat_f32,

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 
 #include "backend_ops_cases.h"
 #include "common/error.h"
@@ -136,6 +137,45 @@ TEST(BackendOps, IntExtremeOperands) {
                 acc->release(w);
             }
     }
+}
+
+// The CUDA backend runs every case above when present; this says which way it went, and checks the paths a
+// model-sized prefill and decode take (tensor-core byte planes for T > 8, the gemv kernel otherwise) on one shape.
+TEST(BackendOps, CudaBackend) {
+    if (!cuda_backend_built()) GTEST_SKIP() << "this build has no CUDA backend (no CUDA toolkit at configure time)";
+    if (!cuda_device_present()) {
+        try {
+            make_cuda_accelerator(nullptr);
+            ADD_FAILURE() << "make_cuda_accelerator succeeded without a device";
+        } catch (const Error& e) {
+            EXPECT_EQ(e.status(), Status::unsupported);
+            EXPECT_NE(std::string(e.what()).find("no CUDA device"), std::string::npos) << e.what();
+        }
+        GTEST_SKIP() << "no CUDA device on this machine";
+    }
+    std::printf("cuda device: %s\n", cuda_device_name().c_str());
+    auto acc = make_cuda_accelerator(nullptr);
+    for (const Shape& s : {Shape{2048, 768, 1}, Shape{2048, 768, 8}, Shape{2048, 768, 9}, Shape{768, 2048, 128},
+                           Shape{5632, 2048, 64}, Shape{250, 5632, 33}})
+        for (const AccelOp op : kAllOps) {
+            const OpInputs in = make_inputs(op, s, uint64_t(s.N * 31 + s.T));
+            WeightHandle w = upload(*acc, op, s, in);
+            OpOutputs out;
+            run_op(*acc, op, w, s, in, out);
+            EXPECT_EQ(compare(op, s, in, out, std::string("cuda/") + op_name(op) + "/" + shape_name(s)), 0);
+            acc->release(w);
+        }
+}
+
+TEST(BackendOps, UnknownBackendName) {
+    try {
+        make_accelerator("tpu", nullptr);
+        FAIL() << "no error";
+    } catch (const Error& e) {
+        EXPECT_EQ(e.status(), Status::invalid_argument);
+        EXPECT_STREQ(e.what(), "unknown accelerator backend 'tpu' (valid: cpu, cuda)");
+    }
+    EXPECT_STREQ(make_accelerator("cpu", nullptr)->name(), "cpu");
 }
 
 TEST(BackendOps, RejectsWhatItDoesNotSupport) {

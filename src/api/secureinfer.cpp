@@ -177,6 +177,7 @@ si_context_params si_context_default_params(void) {
     p.trace_dir = nullptr;
     p.logprobs = 0;
     p.logprob_noise = 0.0f;
+    p.accelerator = nullptr;
     return p;
 }
 
@@ -224,6 +225,7 @@ int si_context_init(si_model* model, const si_context_params* params, si_context
                       : p.enclave_host == SI_HOST_WORKER  ? si::EnclaveHostKind::worker
                                                           : si::EnclaveHostKind::automatic;
             if (p.trace_dir) sp.trace_dir = p.trace_dir;
+            if (p.accelerator) sp.accelerator_backend = p.accelerator;
             sp.secret_tensors = model->secret_tensors;
             if (p.secret_tensors) {
                 const std::string list = p.secret_tensors;

@@ -96,4 +96,13 @@ inline void Accelerator::mul_mat_int(const WeightHandle&, const int32_t*, int64_
 // it must outlive the backend.
 std::unique_ptr<Accelerator> make_cpu_accelerator(ThreadPool* pool);
 
+// The CUDA backend (src/backends/cuda.cu), built when CMake finds the CUDA toolkit. Throws Status::unsupported when
+// this build has no CUDA support or the machine no CUDA device.
+std::unique_ptr<Accelerator> make_cuda_accelerator(ThreadPool* pool);
+bool cuda_backend_built();
+std::string cuda_device_name();  // the first CUDA device's name; empty when there is none (or no CUDA support)
+
+// The backends by name: "cpu", "cuda". Throws Status::invalid_argument for an unknown name.
+std::unique_ptr<Accelerator> make_accelerator(const std::string& name, ThreadPool* pool);
+
 }  // namespace si

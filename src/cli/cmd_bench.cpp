@@ -2,7 +2,9 @@
 // (gpu-only, enclave-only, secureinfer; int8 base), all alternating within every repetition, medians. Models are
 // a file (-m) or a random-weight model of a named shape (--shape). The runner secureinfer-offline precomputes the
 // unblinding factors of every decode step (n_gen plus a margin) before each decode repetition; that offline time
-// is reported apart, as precompute tokens/s.
+// is reported apart, as precompute tokens/s. The presets run on every --backends accelerator backend. For each preset
+// the table also projects decode speed on SGX1/SGX2 machines (host/sgx_cost.h: measured time per domain plus the
+// plan's enclave transitions and EPC paging), and --plot draws the decode latency per domain as SVG.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -16,7 +18,10 @@
 #include "engine/engine.h"
 #include "engine/random_model.h"
 #include "formats/model_file.h"
+#include "backends/accelerator.h"
+#include "host/plan.h"
 #include "host/secure_session.h"
+#include "host/sgx_cost.h"
 
 namespace si::cli {
 
@@ -40,12 +45,70 @@ std::vector<int32_t> bench_tokens(int n, int vocab) {
     return t;
 }
 
+struct PlotBar {
+    std::string label;
+    double enclave_ms = 0, accel_ms = 0, host_ms = 0, other_ms = 0;
+};
+
+// Horizontal stacked bars, one per preset run: decode milliseconds per token by domain; "other" is the rest of the
+// wall time (crossing the process boundary, copies, bookkeeping).
+std::string latency_svg(const std::string& title, const std::vector<PlotBar>& bars) {
+    const int left = 260, width = 560, row = 28, top = 50;
+    double max_ms = 1e-9;
+    for (const auto& b : bars) max_ms = std::max(max_ms, b.enclave_ms + b.accel_ms + b.host_ms + b.other_ms);
+    const int height = top + row * int(bars.size()) + 70;
+    std::string svg;
+    char buf[512];
+    std::snprintf(buf, sizeof buf,
+                  "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" "
+                  "font-size=\"12\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n"
+                  "<text x=\"10\" y=\"22\" font-size=\"14\">%s</text>\n",
+                  left + width + 40, height, title.c_str());
+    svg += buf;
+    const char* colors[] = {"#c0392b", "#2980b9", "#27ae60", "#95a5a6"};
+    const char* names[] = {"enclave", "accelerator", "host", "other"};
+    for (size_t i = 0; i < bars.size(); ++i) {
+        const auto& b = bars[i];
+        const double parts[] = {b.enclave_ms, b.accel_ms, b.host_ms, b.other_ms};
+        const int y = top + row * int(i);
+        std::snprintf(buf, sizeof buf, "<text x=\"%d\" y=\"%d\" text-anchor=\"end\">%s</text>\n", left - 8, y + 16,
+                      b.label.c_str());
+        svg += buf;
+        double x = left;
+        for (int k = 0; k < 4; ++k) {
+            const double w = parts[k] / max_ms * width;
+            if (w <= 0) continue;
+            std::snprintf(buf, sizeof buf,
+                          "<rect x=\"%.1f\" y=\"%d\" width=\"%.1f\" height=\"20\" fill=\"%s\"><title>%s %.3f ms</title></rect>\n",
+                          x, y + 2, w, colors[k], names[k], parts[k]);
+            svg += buf;
+            x += w;
+        }
+        std::snprintf(buf, sizeof buf, "<text x=\"%.1f\" y=\"%d\">%.2f ms</text>\n", x + 4, y + 16,
+                      b.enclave_ms + b.accel_ms + b.host_ms + b.other_ms);
+        svg += buf;
+    }
+    const int ly = top + row * int(bars.size()) + 20;
+    for (int k = 0; k < 4; ++k) {
+        std::snprintf(buf, sizeof buf,
+                      "<rect x=\"%d\" y=\"%d\" width=\"12\" height=\"12\" fill=\"%s\"/><text x=\"%d\" y=\"%d\">%s</text>\n",
+                      left + 130 * k, ly, colors[k], left + 130 * k + 16, ly + 11, names[k]);
+        svg += buf;
+    }
+    std::snprintf(buf, sizeof buf, "<text x=\"%d\" y=\"%d\">decode milliseconds per token (median run's stats)</text>\n",
+                  left, ly + 34);
+    svg += buf;
+    svg += "</svg>\n";
+    return svg;
+}
+
 }  // namespace
 
 Runner add_bench(CLI::App& app) {
     auto* sub = app.add_subcommand("bench", "measure prefill and decode tokens/s (f32 and int8 weights, alternating, medians)");
     struct Opts {
-        std::string model, shape = "stories110m", json;
+        std::string model, shape = "stories110m", json, plot;
+        std::vector<std::string> backends{"cpu"};
         std::vector<std::string> weights{"f32", "int8"};
         std::vector<std::string> modes{"plain"};
         std::string host = "worker";
@@ -63,7 +126,10 @@ Runner add_bench(CLI::App& app) {
                                          "secureinfer, secureinfer-offline (decode with precomputed unblinding factors)")
         ->delimiter(',')->check(CLI::IsMember({"plain", "gpu-only", "enclave-only", "secureinfer", "secureinfer-offline"}));
     sub->add_option("--host", o->host, "enclave host of the presets")->check(CLI::IsMember({"worker", "inprocess"}));
+    sub->add_option("--backends", o->backends, "accelerator backends the presets run on (cpu, cuda)")
+        ->delimiter(',')->check(CLI::IsMember({"cpu", "cuda"}));
     sub->add_option("--json", o->json, "also write the results as JSON to this file");
+    sub->add_option("--plot", o->plot, "write an SVG of the presets' decode latency per domain to this file");
     return [o]() -> int {
         ModelWeights w;
         std::string model_name;
@@ -81,6 +147,8 @@ Runner add_bench(CLI::App& app) {
         // One runner per configuration: the plaintext engine per weight format, a secure session per preset.
         struct Run {
             std::string name;
+            std::string backend;  // presets only
+            SecureMode mode = SecureMode::secureinfer;
             std::unique_ptr<Engine> engine;
             std::unique_ptr<SecureSession> session;
             std::vector<double> pp, tg;
@@ -100,23 +168,30 @@ Runner add_bench(CLI::App& app) {
                     p.n_threads = o->threads;
                     p.n_ctx = n_ctx;
                     p.weights = f == "int8" ? WeightFormat::int8 : WeightFormat::f32;
-                    runs.push_back({"plain " + f, std::make_unique<Engine>(w, p), nullptr, {}, {}, {}, false, {}});
+                    runs.push_back({"plain " + f, "", SecureMode::secureinfer, std::make_unique<Engine>(w, p), nullptr,
+                                    {}, {}, {}, false, {}});
                 }
                 continue;
             }
-            SecureSessionParams sp;
-            const bool offline = m == "secureinfer-offline";
-            sp.mode = offline ? SecureMode::secureinfer : *parse_secure_mode(m);
-            sp.n_ctx = n_ctx;
-            sp.n_threads = o->threads;
-            sp.host = o->host == "inprocess" ? EnclaveHostKind::inprocess : EnclaveHostKind::worker;
-            runs.push_back({m + " int8", nullptr, std::make_unique<SecureSession>(w, sp), {}, {}, {}, offline, {}});
+            for (const auto& b : o->backends) {
+                SecureSessionParams sp;
+                const bool offline = m == "secureinfer-offline";
+                sp.mode = offline ? SecureMode::secureinfer : *parse_secure_mode(m);
+                sp.n_ctx = n_ctx;
+                sp.n_threads = o->threads;
+                sp.host = o->host == "inprocess" ? EnclaveHostKind::inprocess : EnclaveHostKind::worker;
+                sp.accelerator_backend = b;
+                runs.push_back({m + " int8", b, sp.mode, nullptr, std::make_unique<SecureSession>(w, sp), {}, {}, {},
+                                offline, {}});
+            }
         }
         w = ModelWeights{};  // the runners hold their own copies
         const auto prompt = bench_tokens(o->n_prompt, c.vocab_size);
         const auto gen = bench_tokens(o->n_gen, c.vocab_size);
         std::fprintf(stderr, "bench: %s, dim %d, %d layers, hidden %d, vocab %d, %d threads\n", model_name.c_str(), c.dim,
                      c.n_layers, c.hidden_dim, c.vocab_size, o->threads > 0 ? o->threads : ThreadPool::default_threads());
+        if (std::find(o->backends.begin(), o->backends.end(), "cuda") != o->backends.end())
+            std::fprintf(stderr, "bench: cuda device: %s\n", cuda_device_name().c_str());
         // warm-up, then alternate formats inside every repetition so that drifts in machine load hit all alike
         for (auto& r : runs) {
             r.reset();
@@ -150,17 +225,42 @@ Runner add_bench(CLI::App& app) {
         }
         std::fprintf(stderr, "\n");
         nlohmann::json out = nlohmann::json::array();
-        std::printf("| model | runner | test | t/s (median) | min | max | decode ms/token: enclave / accel / host | crossings/token | KiB crossing/token |\n"
-                    "|---|---|---|---|---|---|---|---|---|\n");
+        std::printf("| model | runner | backend | test | t/s (median) | min | max | decode ms/token: enclave / accel / host | crossings/token | KiB crossing/token | SGX1 / SGX2 projected t/s |\n"
+                    "|---|---|---|---|---|---|---|---|---|---|---|\n");
+        std::vector<PlotBar> bars;
         for (const auto& r : runs) {
             const double per_tok = 1.0 / std::max(1, o->n_gen);
             const SessionStats& st = r.tg_stats;
-            char dom[96] = "-", cross[32] = "-", kib[32] = "-";
+            char dom[96] = "-", cross[32] = "-", kib[32] = "-", sgx[64] = "-";
+            nlohmann::json sgx_json;
             if (r.session) {
                 std::snprintf(dom, sizeof dom, "%.3f / %.3f / %.3f", st.enclave.seconds * 1e3 * per_tok,
                               st.accelerator.seconds * 1e3 * per_tok, st.host.seconds * 1e3 * per_tok);
                 std::snprintf(cross, sizeof cross, "%.1f", double(st.crossings) * per_tok);
                 std::snprintf(kib, sizeof kib, "%.1f", double(st.bytes_to_accelerator + st.bytes_from_accelerator) / 1024.0 * per_tok);
+                if (!r.tg.empty()) {
+                    // The decode step at the middle of the generated span, projected with the measured domain times.
+                    PlanParams pp;
+                    pp.mode = r.mode == SecureMode::gpu_only       ? Mode::gpu_only
+                              : r.mode == SecureMode::enclave_only ? Mode::enclave_only
+                                                                   : Mode::secureinfer;
+                    pp.n_tokens = 1;
+                    pp.n_ctx = std::max(1, o->n_gen / 2);
+                    pp.offline_unblinding = r.offline;
+                    const Plan plan = make_plan(c, pp);
+                    const StepTimes times{st.enclave.seconds * per_tok, st.accelerator.seconds * per_tok,
+                                          st.host.seconds * per_tok};
+                    const double t1 = project_sgx(plan, times, sgx_params("sgx1")).total_s();
+                    const double t2 = project_sgx(plan, times, sgx_params("sgx2")).total_s();
+                    std::snprintf(sgx, sizeof sgx, "%.1f / %.1f", 1.0 / t1, 1.0 / t2);
+                    sgx_json = {{"sgx1_decode_tps", 1.0 / t1}, {"sgx2_decode_tps", 1.0 / t2}};
+                    const double wall_ms = 1e3 / median(r.tg);
+                    PlotBar bar{r.name + (r.offline ? " (offline)" : "") + " [" + r.backend + "]",
+                                st.enclave.seconds * 1e3 * per_tok, st.accelerator.seconds * 1e3 * per_tok,
+                                st.host.seconds * 1e3 * per_tok, 0.0};
+                    bar.other_ms = std::max(0.0, wall_ms - bar.enclave_ms - bar.accel_ms - bar.host_ms);
+                    bars.push_back(bar);
+                }
             }
             for (auto [name, v] : {std::pair{std::string("pp") + std::to_string(o->n_prompt), &r.pp},
                                    std::pair{std::string("tg") + std::to_string(o->n_gen), &r.tg},
@@ -169,21 +269,24 @@ Runner add_bench(CLI::App& app) {
                 const bool tg = name[0] == 't';
                 if (name[0] == 'p' && name[1] == 'r') {
                     // the offline phase: tokens of unblinding factors per second
-                    std::printf("| %s | %s | %s | %.2f | %.2f | %.2f | offline, before decode | | |\n", model_name.c_str(),
-                                r.name.c_str(), name.c_str(), median(*v), *std::min_element(v->begin(), v->end()),
-                                *std::max_element(v->begin(), v->end()));
-                    out.push_back({{"model", model_name}, {"runner", r.name}, {"test", name}, {"tps_median", median(*v)},
+                    std::printf("| %s | %s | %s | %s | %.2f | %.2f | %.2f | offline, before decode | | | |\n", model_name.c_str(),
+                                r.name.c_str(), r.backend.c_str(), name.c_str(), median(*v),
+                                *std::min_element(v->begin(), v->end()), *std::max_element(v->begin(), v->end()));
+                    out.push_back({{"model", model_name}, {"runner", r.name}, {"backend", r.backend}, {"test", name}, {"tps_median", median(*v)},
                                    {"tps_all", *v}, {"offline", true}, {"precompute_tps_median", median(*v)},
                                    {"offline_seconds", st.offline.seconds}, {"offline_flops", st.offline.flops},
                                    {"threads", o->threads > 0 ? o->threads : ThreadPool::default_threads()}});
                     continue;
                 }
-                std::printf("| %s | %s | %s | %.2f | %.2f | %.2f | %s | %s | %s |\n", model_name.c_str(), r.name.c_str(), name.c_str(),
-                            median(*v), *std::min_element(v->begin(), v->end()), *std::max_element(v->begin(), v->end()),
-                            tg ? dom : "", tg ? cross : "", tg ? kib : "");
+                std::printf("| %s | %s | %s | %s | %.2f | %.2f | %.2f | %s | %s | %s | %s |\n", model_name.c_str(), r.name.c_str(),
+                            r.engine ? "-" : r.backend.c_str(), name.c_str(), median(*v),
+                            *std::min_element(v->begin(), v->end()), *std::max_element(v->begin(), v->end()),
+                            tg ? dom : "", tg ? cross : "", tg ? kib : "", tg ? sgx : "");
                 nlohmann::json rec = {{"model", model_name}, {"runner", r.name}, {"test", name}, {"tps_median", median(*v)},
                                       {"tps_all", *v}, {"threads", o->threads > 0 ? o->threads : ThreadPool::default_threads()}};
                 if (r.engine) rec["weight_bytes"] = r.weight_bytes();
+                if (r.session) rec["backend"] = r.backend;
+                if (r.session && !name.empty() && name[0] == 'p') rec["prefill_tps"] = median(*v);
                 if (r.session && tg) {
                     const double flops = st.enclave.flops + st.accelerator.flops + st.host.flops;
                     rec["decode_seconds_per_token"] = {{"enclave", st.enclave.seconds * per_tok},
@@ -193,6 +296,8 @@ Runner add_bench(CLI::App& app) {
                     rec["bytes_crossing_per_token"] = double(st.bytes_to_accelerator + st.bytes_from_accelerator) * per_tok;
                     rec["offloaded_flops_share"] = flops > 0 ? st.accelerator.flops / flops : 0.0;
                     rec["isolation"] = r.session->isolation();
+                    rec["decode_tps"] = median(*v);
+                    if (!sgx_json.is_null()) rec["sgx_projection"] = sgx_json;
                     if (r.offline) {
                         rec["precompute_tps_median"] = median(r.pre);
                         rec["offline_seconds_per_token"] = st.offline.seconds / double(std::max<uint64_t>(1, st.precomputed_tokens));
@@ -205,6 +310,12 @@ Runner add_bench(CLI::App& app) {
             std::ofstream f(o->json);
             f << out.dump(2) << "\n";
             if (!f) throw Error(Status::io, o->json + ": cannot write");
+        }
+        if (!o->plot.empty()) {
+            if (bars.empty()) throw UsageError("--plot needs a preset in --modes and -n > 0");
+            std::ofstream f(o->plot);
+            f << latency_svg("secureinfer bench: " + model_name, bars);
+            if (!f) throw Error(Status::io, o->plot + ": cannot write");
         }
         return 0;
     };

@@ -20,7 +20,7 @@ struct ModelOptions {
     int threads = 0, ctx = 0, batch = 512;
     float lora_scale = 1.0f;
     // partition preset and its options
-    std::string mode = "secureinfer", host = "auto", secret, trace;
+    std::string mode = "secureinfer", host = "auto", secret, trace, backend = "cpu";
     bool insecure = false, stats = false;
     CLI::Option* weights_opt = nullptr;
 
@@ -46,6 +46,9 @@ struct ModelOptions {
         sub->add_option("--host", host, "where the trusted core runs: worker (hardened process), inprocess (no "
                                         "isolation, tests only), auto (worker if its executable exists)")
             ->check(CLI::IsMember({"auto", "worker", "inprocess"}));
+        sub->add_option("--backend", backend, "accelerator backend of the presets: cpu, cuda (needs a CUDA build and "
+                                              "an NVIDIA GPU)")
+            ->check(CLI::IsMember({"cpu", "cuda"}));
         sub->add_flag("--insecure", insecure, "gpu-only: run a model with secret tensors anyway (benchmarking only)");
         sub->add_option("--secret", secret, "comma-separated tensor names to treat as secret, e.g. "
                                             "blk.0.attn_q.weight ('*': every tensor), in addition to those the "
@@ -62,6 +65,9 @@ struct ModelOptions {
             throw UsageError("--stats, --trace, --insecure and --secret need one of the modes secureinfer, "
                              "gpu-only, enclave-only");
         if (insecure && mode != "gpu-only") throw UsageError("--insecure applies to --mode gpu-only only");
+        if (mode == "plain" && backend != "cpu")
+            throw UsageError("--backend applies to the modes secureinfer, gpu-only, enclave-only (--mode plain runs "
+                             "the CPU engine)");
     }
     si_model_params model_params() const {
         si_model_params p = si_model_default_params();
@@ -84,6 +90,7 @@ struct ModelOptions {
         p.insecure = insecure ? 1 : 0;
         p.secret_tensors = secret.empty() ? nullptr : secret.c_str();
         p.trace_dir = trace.empty() ? nullptr : trace.c_str();
+        p.accelerator = backend.c_str();
         return p;
     }
 };

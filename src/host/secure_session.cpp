@@ -151,7 +151,8 @@ SecureSession::SecureSession(const ModelWeights& w, SecureSessionParams params) 
     n_batch_ = int(std::min<int64_t>({params_.n_batch, max_T, n_ctx_}));
 
     pool_ = std::make_unique<ThreadPool>(params_.n_threads);
-    accel_ = params_.accelerator ? params_.accelerator : std::shared_ptr<Accelerator>(make_cpu_accelerator(pool_.get()));
+    accel_ = params_.accelerator ? params_.accelerator
+                                 : std::shared_ptr<Accelerator>(make_accelerator(params_.accelerator_backend, pool_.get()));
     if (!params_.trace_dir.empty()) trace_ = std::make_unique<TraceWriter>(params_.trace_dir);
 
     // The public int8 base projections, quantised once here: the same bytes go to the accelerator and the enclave

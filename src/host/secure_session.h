@@ -49,6 +49,7 @@ struct SecureSessionParams {
     EnclaveHostKind host = EnclaveHostKind::automatic;
     std::string worker_path;  // empty: the default (next to the executable, or $SI_WORKER)
     std::string trace_dir;    // non-empty: write the boundary trace there
+    std::string accelerator_backend = "cpu";  // make_accelerator() name: "cpu" or "cuda"
     // Tensors the model declares secret, by GGUF name ("blk.0.attn_q.weight", "token_embd.weight", ...); "*" marks
     // every tensor. LoRA adapter tensors are always secret.
     std::vector<std::string> secret_tensors;
