@@ -61,11 +61,18 @@ typedef struct si_model_params {
     float lora_scale; /* multiplies the adapter's alpha / rank scaling; default 1 */
 } si_model_params;
 
+/* Defaults: no tokenizer path (found beside the model), no adapter, lora_scale 1. */
 si_model_params si_model_default_params(void);
-/* Loads a GGUF or llama2.c model. On success *out owns the model; free it with si_model_free. */
+/* Loads a GGUF or llama2.c model, or a protected package (`secureinfer pack`; docs/PACKAGES.md): then only its
+   public tensors are loaded here, its secret ones stay encrypted until a context's enclave opens them, and the
+   model runs only in SI_MODE_SECUREINFER and SI_MODE_ENCLAVE_ONLY. On success *out owns the model; free it with
+   si_model_free. */
 int si_model_load(const char* path, const si_model_params* params, si_model** out);
+/* Frees a model (NULL is a no-op). Free its contexts first. */
 void si_model_free(si_model* model);
 
+/* The vocabulary size, the context length the model was trained with, and the BOS / EOS token ids (0, 0, -1, -1
+   for a NULL model). */
 int si_model_n_vocab(const si_model* model);
 int si_model_n_ctx_train(const si_model* model);
 si_token si_model_bos(const si_model* model);
@@ -112,14 +119,26 @@ typedef struct si_context_params {
     const char* trace_dir;           /* write the boundary trace (DESIGN.md section 7) there; NULL: none */
     int logprobs;                    /* release the top-K log-probabilities of each sampled token; 0: none */
     float logprob_noise;             /* std of the Gaussian noise added to them before release; default 0 */
+    /* Protected packages: how the enclave obtains the model key (tried in this order; NULL: not used). */
+    const char* sealed_key_path;     /* unseal from this file if it exists; after a key release, seal to it */
+    const char* keyserver_url;       /* attestation-gated release by the owner's keyserver, "http://host:port" */
+    const char* owner_key_file;      /* development only: the owner key, read by this (untrusted) process */
     const char* accelerator;         /* accelerator backend of the presets: "cpu" (default; NULL means it) or "cuda" */
 } si_context_params;
 
+/* Defaults: all CPUs, the model's context, n_batch 512, SI_MODE_SECUREINFER, SI_HOST_AUTO, f32 weights (plain
+   mode), no trace, no log-probabilities; every pointer NULL. */
 si_context_params si_context_default_params(void);
+/* Creates a context for `model` (params NULL: the defaults): in the secure modes this starts the trusted core
+   (a worker process with SI_HOST_WORKER / SI_HOST_AUTO) and uploads the weights. On success *out owns the context;
+   free it with si_context_free before the model. A context is used by one thread at a time; several contexts of
+   one model may run on different threads. */
 int si_context_init(si_model* model, const si_context_params* params, si_context** out);
+/* Frees a context and stops its trusted core (NULL is a no-op). */
 void si_context_free(si_context* ctx);
 /* Clears the KV cache. */
 void si_context_reset(si_context* ctx);
+/* The number of tokens in the KV cache, and the context length (0 for a NULL context). */
 int si_context_pos(const si_context* ctx);
 int si_context_n_ctx(const si_context* ctx);
 
@@ -148,6 +167,7 @@ typedef struct si_stats {
     uint64_t load_bytes_to_enclave, load_bytes_to_accelerator;
     double load_seconds;
 } si_stats;
+/* Fills *out with the context's counters; SI_ERR_INVALID_ARGUMENT in SI_MODE_PLAIN. */
 int si_context_stats(const si_context* ctx, si_stats* out);
 /* SI_MODE_SECUREINFER only: precomputes the unblinding factors of the next n_tokens decode steps offline (kept
    sealed outside the enclave, each consumed once); later steps fall back to online unblinding. progress (may be
@@ -173,6 +193,7 @@ typedef struct si_sampler_params {
     uint64_t seed;     /* default 0; pass a random value for non-reproducible output */
 } si_sampler_params;
 
+/* Defaults: temperature 0.8, top_k 40, top_p 0.95, seed 0. */
 si_sampler_params si_sampler_default_params(void);
 
 /* Called for every generated token with its text; return non-zero to stop generation. */

@@ -19,6 +19,8 @@ cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DSI_TESTS=ON >/dev/null
 cmake --build build -j"$jobs"
 step "Release tests"
 ctest --test-dir build --output-on-failure -j"$jobs"
+step "Security evaluation, quick suite (docs/SECURITY-EVAL.md)"
+build/secureinfer security-report --quick -q -o build/security-report
 
 step "ASan + UBSan build"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSI_SANITIZE=ON -DSI_TESTS=ON >/dev/null

@@ -241,6 +241,32 @@ TEST(Secure, WorkerProcessHostGivesTheSameTokens) {
     EXPECT_EQ(greedy(s, {1}, 32), greedy(ref, {1}, 32));
 }
 
+// The trusted core's matrix products (enclave-only, online unblinding, precompute) run on its own thread pool,
+// which the worker starts before its seccomp filter: several threads give the same tokens as one, and the worker
+// survives them (a thread created after the filter would kill it).
+TEST(Secure, EnclaveThreadsGiveTheSameTokens) {
+    const std::string worker = default_worker_path();
+    if (access(worker.c_str(), X_OK) != 0) GTEST_SKIP() << "no worker executable at " << worker;
+    const std::vector<int32_t> prompt = {1, 403, 407, 261, 378};
+    for (SecureMode m : {SecureMode::enclave_only, SecureMode::secureinfer}) {
+        auto one = params(m);
+        one.n_threads = 1;
+        SecureSession ref(stories(), one);
+        const auto want = greedy(ref, prompt, 24);
+        for (EnclaveHostKind h : {EnclaveHostKind::worker, EnclaveHostKind::inprocess}) {
+            auto p = params(m);
+            p.n_threads = 3;
+            p.host = h;
+            // an injected backend: the core gets its threads in secureinfer mode too (not so with the CPU backend
+            // it would share the cores with)
+            if (m == SecureMode::secureinfer) p.accelerator = std::shared_ptr<Accelerator>(make_cpu_accelerator(nullptr));
+            SecureSession s(stories(), p);
+            if (m == SecureMode::secureinfer) s.precompute(6);  // a matrix-matrix product on the pool
+            EXPECT_EQ(greedy(s, prompt, 24), want) << secure_mode_name(m) << " " << s.isolation();
+        }
+    }
+}
+
 TEST(Secure, SeededSamplingMatchesAcrossModes) {
     std::vector<std::vector<int32_t>> runs;
     for (SecureMode m : {SecureMode::gpu_only, SecureMode::secureinfer}) {

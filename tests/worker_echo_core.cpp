@@ -68,6 +68,10 @@ extern "C" int si_ecall_create(const si_ocall_table* ocalls, si_enclave** out) {
     return 0;
 }
 
+extern "C" int si_ecall_create_ex(const si_ocall_table* ocalls, const si_platform*, si_enclave** out) {
+    return si_ecall_create(ocalls, out);
+}
+
 extern "C" int si_ecall_process(si_enclave* e, const uint8_t* req, size_t n, uint8_t* resp, size_t cap,
                                 size_t* resp_len) {
     *resp_len = 0;

@@ -15,6 +15,7 @@
 #include "engine/engine.h"
 #include "formats/gguf.h"
 #include "formats/model_file.h"
+#include "host/package.h"
 #include "host/secure_session.h"
 #include "train/lora.h"
 
@@ -27,6 +28,8 @@ struct si_model {
     float lora_scale = 1.0f;
     // Tensors the model file declares secret (GGUF key secureinfer.secret_tensors).
     std::vector<std::string> secret_tensors;
+    // A protected package: `file` is its public model; the secret tensors stay encrypted in here.
+    std::shared_ptr<const si::Package> package;
 };
 
 struct si_context {
@@ -114,8 +117,16 @@ int si_model_load(const char* path, const si_model_params* params, si_model** ou
         *out = nullptr;
         const si_model_params p = params ? *params : si_model_default_params();
         auto m = std::make_unique<si_model>();
-        m->file = si::load_model_file(path, p.tokenizer_path ? p.tokenizer_path : "");
-        if (m->file.format == si::ModelFileFormat::gguf) {
+        if (si::is_package_file(path)) {
+            if (p.lora_path)
+                si::fail(si::Status::invalid_argument, "a protected package carries its own adapters; lora_path "
+                                                       "cannot be added to it");
+            m->package = si::Package::open(path);
+            m->file = m->package->model();
+        } else {
+            m->file = si::load_model_file(path, p.tokenizer_path ? p.tokenizer_path : "");
+        }
+        if (m->file.format == si::ModelFileFormat::gguf && !m->package) {
             const si::gguf::Reader r = si::gguf::Reader::open(path);
             if (r.has(kSecretTensorsKey)) m->secret_tensors = r.get_str_array(kSecretTensorsKey);
         }
@@ -177,6 +188,9 @@ si_context_params si_context_default_params(void) {
     p.trace_dir = nullptr;
     p.logprobs = 0;
     p.logprob_noise = 0.0f;
+    p.sealed_key_path = nullptr;
+    p.keyserver_url = nullptr;
+    p.owner_key_file = nullptr;
     p.accelerator = nullptr;
     return p;
 }
@@ -196,6 +210,9 @@ int si_context_init(si_model* model, const si_context_params* params, si_context
         auto c = std::make_unique<si_context>();
         c->model = model;
         c->mode = p.mode;
+        if (model->package && (p.mode == SI_MODE_PLAIN || p.mode == SI_MODE_GPU_ONLY))
+            si::fail(si::Status::security, "a protected package runs only in the secureinfer and enclave-only modes: "
+                                           "its secret tensors open only inside the enclave");
         if (p.mode == SI_MODE_PLAIN) {
             si::EngineParams ep;
             ep.n_threads = p.n_threads;
@@ -237,6 +254,10 @@ int si_context_init(si_model* model, const si_context_params* params, si_context
                 }
             }
             sp.lora = model->lora.get();
+            sp.package = model->package;
+            if (p.sealed_key_path) sp.key.sealed_key_path = p.sealed_key_path;
+            if (p.keyserver_url) sp.key.keyserver_url = p.keyserver_url;
+            if (p.owner_key_file) sp.key.owner_key_file = p.owner_key_file;
             sp.lora_scale = model->lora_scale;
             sp.logprobs = p.logprobs;
             sp.logprob_noise = p.logprob_noise;

@@ -27,12 +27,35 @@ typedef struct si_ocall_table {
     /* Diagnostics only (never secrets): level 0 info, 1 warning, 2 error. May be NULL. */
     void (*log)(void* ctx, int level, const char* message);
     void* ctx;
+    /* Parallel loops of the core's matrix products (enclave-only, online unblinding, precompute): calls
+       fn(arg, begin, end) on disjoint chunks covering [0, n), each a multiple of grain long except the last, on the
+       enclave's threads, and returns when all are done. Without SGX the worker process provides it with threads it
+       starts before its seccomp filter; under SGX they would be threads entering through their own TCS (untested).
+       NULL: the core runs everything on the calling thread. */
+    void (*parallel_for)(void* ctx, int64_t n, int64_t grain, void (*fn)(void* arg, int64_t begin, int64_t end),
+                         void* arg);
 } si_ocall_table;
 
 typedef struct si_enclave si_enclave;
 
+/* What the platform (under SGX: the CPU and the quoting enclave; without SGX: the hardened worker process) tells
+   the trusted core about itself, for attestation and sealing (docs/PACKAGES.md). */
+typedef struct si_platform {
+    const char* quote_type;   /* "software-tee" without SGX */
+    uint8_t measurement[32];  /* the enclave's identity (MRENCLAVE; without SGX: worker binary + configuration) */
+    uint8_t sealing_key[32];  /* derived from a device secret and the measurement (EGETKEY, MRENCLAVE policy) */
+    /* The quoting component, outside the trusted core: signs a report. Returns 0 and the quote's length, or
+       non-zero. */
+    int (*quote)(void* ctx, const uint8_t* report, size_t report_len, uint8_t* quote, size_t quote_cap,
+                 size_t* quote_len);
+    void* ctx;
+} si_platform;
+
 /* Creates a trusted core instance. Returns 0 or a negative si_retcode code (secureinfer.h). */
 int si_ecall_create(const si_ocall_table* ocalls, si_enclave** out);
+/* The same, with a platform (may be NULL: then attest, release with sealing, and unseal are refused). The core
+   copies what it needs; the caller may wipe *platform afterwards. */
+int si_ecall_create_ex(const si_ocall_table* ocalls, const si_platform* platform, si_enclave** out);
 
 /* Processes one request. On success returns 0 and writes the response (at most resp_cap bytes) and its length.
    On failure returns a negative si_retcode code and writes a NUL-terminated, secret-free error message into resp

@@ -49,7 +49,7 @@ uint32_t rd32(const uint8_t* p) {
 void wr16(std::vector<uint8_t>& b, size_t at, uint16_t v) { std::memcpy(b.data() + at, &v, 2); }
 void wr32(std::vector<uint8_t>& b, size_t at, uint32_t v) { std::memcpy(b.data() + at, &v, 4); }
 
-bool known_type(uint16_t t) { return (t >= 1 && t <= 8) || (t >= 101 && t <= 105); }
+bool known_type(uint16_t t) { return (t >= 1 && t <= 13) || (t >= 101 && t <= 106); }
 
 constexpr size_t pad8(size_t n) { return (n + 7) & ~size_t(7); }
 
@@ -83,6 +83,12 @@ const char* msg_type_name(MsgType t) {
         case MsgType::result: return "result";
         case MsgType::plan: return "plan";
         case MsgType::sealed: return "sealed";
+        case MsgType::attest: return "attest";
+        case MsgType::release: return "release";
+        case MsgType::unseal: return "unseal";
+        case MsgType::manifest: return "manifest";
+        case MsgType::upload_secret: return "upload_secret";
+        case MsgType::quote: return "quote";
     }
     return "?";
 }
@@ -93,7 +99,8 @@ const char* tag_name(Tag t) {
         "data_i8", "secret", "rank", "scale", "temperature", "top_k", "top_p", "seed", "logprobs", "logprob_noise",
         "tokens", "output", "targets", "stage", "crossing", "projs", "activations", "products", "count_t", "count_k",
         "pos", "flops", "token", "logprob_ids", "logprob_values", "nll_sum", "nll_count", "plan",
-        "batch", "batch_index", "sealed"};
+        "batch", "batch_index", "sealed", "nonce", "quote", "wrapped_key", "sealed_key", "manifest", "ciphertext",
+        "model_id"};
     static_assert(sizeof(kNames) / sizeof(kNames[0]) == kMaxTag + 1);
     return uint16_t(t) <= kMaxTag ? kNames[uint16_t(t)] : "?";
 }

@@ -38,12 +38,19 @@ enum class MsgType : uint16_t {
     products = 6,   // the accelerator's (masked) products of the pending crossing
     reset = 7,      // forget the KV cache
     precompute = 8, // offline unblinding factors for the next `count_t` crossings of (layer, stage)
+    // protected packages (docs/PACKAGES.md)
+    attest = 9,        // a fresh ephemeral X25519 key and a quote binding it to the measurement and `nonce`
+    release = 10,      // the model key wrapped to that key (`wrapped_key`, `model_id`); answer: ok [+ sealed_key]
+    unseal = 11,       // a sealed model key from an earlier release (`sealed_key`)
+    manifest = 12,     // the package's authenticated header, manifest and secret table (`manifest`)
+    upload_secret = 13,// one encrypted chunk (`ciphertext`, chunk index in `offset`) of a secret tensor
     // responses (trusted core -> host)
     ok = 101,       // done; carries pos and the enclave's work counters
     offload = 102,  // a crossing: masked activations for the accelerator
     result = 103,   // the end of a pass: a sampled token, log-probabilities, or a summed NLL
     plan = 104,     // which projections are offloaded (answer to finalize)
     sealed = 105,   // a batch of sealed unblinding factors (answer to precompute), to be stored by the host
+    quote = 106,    // answer to attest: `quote`
 };
 
 enum class WireType : uint8_t { u8 = 1, i8 = 2, i32 = 3, u32 = 4, f32 = 5, u64 = 6, f64 = 7 };
@@ -91,8 +98,15 @@ enum class Tag : uint16_t {
     batch = 39,         // u64: sequence number of a precomputed batch (monotonic per core, from 1)
     batch_index = 40,   // u32: position within a precomputed batch
     sealed = 41,        // u8[]: sealed unblinding factors: count_t units of (12-byte IV | ciphertext | 16-byte tag)
+    nonce = 42,         // u8[32]: the verifier's nonce
+    quote = 43,         // u8[]: a signed attestation quote (enclave/package_crypto.h)
+    wrapped_key = 44,   // u8[80]: a model key wrapped to the enclave's ephemeral key
+    sealed_key = 45,    // u8[]: a model key sealed to the enclave's measurement
+    manifest = 46,      // u8[]: package header | manifest | secret table | MAC
+    ciphertext = 47,    // u8[]: an encrypted chunk with its tag
+    model_id = 48,      // u8[16]
 };
-constexpr uint16_t kMaxTag = 41;
+constexpr uint16_t kMaxTag = 48;
 
 enum class TensorKind : uint32_t {
     tok_embeddings = 0,  // f32 [vocab][dim]

@@ -25,6 +25,16 @@ Runner add_plan(CLI::App& app);
 Runner add_finetune(CLI::App& app);
 
 Runner add_precompute(CLI::App& app);
+// protected packages (cmd_package.cpp)
+Runner add_keygen(CLI::App& app);
+Runner add_pack(CLI::App& app);
+Runner add_inspect(CLI::App& app);
+Runner add_measure(CLI::App& app);
+Runner add_keyserver(CLI::App& app);
+// security evaluation (cmd_attack.cpp)
+Runner add_attack(CLI::App& app);
+Runner add_security_report(CLI::App& app);
+Runner add_serve(CLI::App& app);
 
 // A one-line progress bar on stderr ("label [#####     ] done/total"), ended with a newline when done == total.
 void progress_bar(const char* label, int done, int total);

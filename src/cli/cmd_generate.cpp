@@ -23,10 +23,22 @@ struct ModelOptions {
     std::string mode = "secureinfer", host = "auto", secret, trace, backend = "cpu";
     bool insecure = false, stats = false;
     CLI::Option* weights_opt = nullptr;
+    // protected packages (docs/PACKAGES.md)
+    std::string package, keyserver, key_file, sealed_key;
+    bool require_model = true;
 
-    void add(CLI::App* sub, bool require_model = true) {
+    void add(CLI::App* sub, bool require_model_file = true) {
+        require_model = require_model_file;
         auto* m = sub->add_option("-m,--model", model, "model file (GGUF or llama2.c checkpoint)");
-        if (require_model) m->required();
+        sub->add_option("--package", package, "protected model package (secureinfer pack): public tensors loaded "
+                                              "here, secret ones opened only inside the enclave")
+            ->excludes(m);
+        sub->add_option("--keyserver", keyserver, "package: obtain the model key from this keyserver after "
+                                                  "attestation, e.g. http://127.0.0.1:8377");
+        sub->add_option("--key-file", key_file, "package: the owner key itself (development only: the key passes "
+                                                "through this untrusted process)");
+        sub->add_option("--sealed-key", sealed_key, "package: unseal the model key from this file if it exists "
+                                                    "(no keyserver needed); after a key release, seal it here");
         sub->add_option("--tokenizer", tokenizer, "tokenizer.bin for llama2.c checkpoints (default: tok<vocab>.bin or tokenizer.bin beside the model)");
         sub->add_option("-t,--threads", threads, "worker threads (0: all CPUs)")->check(CLI::Range(0, 1024));
         sub->add_option("-c,--ctx-size", ctx, "context length (0: the model's)")->check(CLI::Range(0, 1 << 20));
@@ -65,6 +77,11 @@ struct ModelOptions {
             throw UsageError("--stats, --trace, --insecure and --secret need one of the modes secureinfer, "
                              "gpu-only, enclave-only");
         if (insecure && mode != "gpu-only") throw UsageError("--insecure applies to --mode gpu-only only");
+        if (require_model && model.empty() && package.empty()) throw UsageError("--model is required (or --package)");
+        if (package.empty() && (!keyserver.empty() || !key_file.empty() || !sealed_key.empty()))
+            throw UsageError("--keyserver, --key-file and --sealed-key apply to --package only");
+        if (!package.empty() && !lora.empty())
+            throw UsageError("--lora cannot be added to a --package (the package carries its own adapters)");
         if (mode == "plain" && backend != "cpu")
             throw UsageError("--backend applies to the modes secureinfer, gpu-only, enclave-only (--mode plain runs "
                              "the CPU engine)");
@@ -90,9 +107,13 @@ struct ModelOptions {
         p.insecure = insecure ? 1 : 0;
         p.secret_tensors = secret.empty() ? nullptr : secret.c_str();
         p.trace_dir = trace.empty() ? nullptr : trace.c_str();
+        p.keyserver_url = keyserver.empty() ? nullptr : keyserver.c_str();
+        p.owner_key_file = key_file.empty() ? nullptr : key_file.c_str();
+        p.sealed_key_path = sealed_key.empty() ? nullptr : sealed_key.c_str();
         p.accelerator = backend.c_str();
         return p;
     }
+    const std::string& path() const { return package.empty() ? model : package; }
 };
 
 // Loud warnings about weakened protection (e.g. no isolation), once, before any output.
@@ -182,7 +203,7 @@ Runner add_run(CLI::App& app) {
         if (*logprobs > 0 && o->mode == "plain")
             throw UsageError("--logprobs needs one of the modes secureinfer, gpu-only, enclave-only");
         if (*precompute > 0 && o->mode != "secureinfer") throw UsageError("--precompute needs --mode secureinfer");
-        secureinfer::Model model(o->model, o->model_params());
+        secureinfer::Model model(o->path(), o->model_params());
         si_context_params cp = o->context_params();
         cp.logprobs = *logprobs;
         cp.logprob_noise = *logprobs_noise;
@@ -242,7 +263,7 @@ Runner add_perplexity(CLI::App& app) {
     sub->add_option("--chunks", *max_windows, "score at most this many windows (0: all)")->check(CLI::Range(0, 1 << 30));
     return [=]() -> int {
         o->check();
-        secureinfer::Model model(o->model, o->model_params());
+        secureinfer::Model model(o->path(), o->model_params());
         si_context_params cp = o->context_params();
         if (*window > si_model_n_ctx_train(model.get()))
             throw UsageError("--ctx " + std::to_string(*window) + " exceeds the model's context of " + std::to_string(si_model_n_ctx_train(model.get())));

@@ -21,10 +21,15 @@ int ThreadPool::default_threads() {
     return n == 0 ? 1 : int(n);
 }
 
-ThreadPool::ThreadPool(int n_threads) {
+ThreadPool::ThreadPool(int n_threads, int spin) : spin_(spin < 0 ? kSpin : spin) {
     if (n_threads <= 0) n_threads = default_threads();
     for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+    // Return only once every worker runs: their start-up (libc's and a sanitizer's per-thread set-up) is then
+    // over, which a process that restricts its system calls next (the enclave worker) relies on.
+    while (started_.load(std::memory_order_acquire) < int(workers_.size())) std::this_thread::yield();
 }
+
+ThreadPool::ThreadPool(ExternalRunner runner, void* ctx) : external_(runner), external_ctx_(ctx) {}
 
 ThreadPool::~ThreadPool() {
     {
@@ -49,10 +54,11 @@ void ThreadPool::run_chunks() {
 }
 
 void ThreadPool::worker_loop() {
+    started_.fetch_add(1, std::memory_order_release);
     uint64_t seen = 0;
     for (;;) {
         // Spin briefly: in decoding, loops follow each other within microseconds.
-        for (int i = 0; i < kSpin && published_.load(std::memory_order_acquire) == seen; ++i) SI_PAUSE();
+        for (int i = 0; i < spin_ && published_.load(std::memory_order_acquire) == seen; ++i) SI_PAUSE();
         {
             std::unique_lock<std::mutex> lock(mu_);
             cv_start_.wait(lock, [&] { return generation_ != seen; });
@@ -70,6 +76,13 @@ void ThreadPool::worker_loop() {
 void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
     if (n <= 0) return;
     grain = std::max<int64_t>(1, grain);
+    if (external_ && n > grain) {
+        external_(
+            external_ctx_, n, grain,
+            [](void* arg, int64_t b, int64_t e) { (*static_cast<const std::function<void(int64_t, int64_t)>*>(arg))(b, e); },
+            const_cast<void*>(static_cast<const void*>(&fn)));
+        return;
+    }
     if (workers_.empty() || n <= grain) {
         fn(0, n);
         return;
@@ -87,7 +100,7 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void
     cv_start_.notify_all();
     run_chunks();
     // Spin briefly for the workers, then sleep.
-    for (int i = 0; i < kSpin && busy_.load(std::memory_order_acquire) != 0; ++i) SI_PAUSE();
+    for (int i = 0; i < spin_ && busy_.load(std::memory_order_acquire) != 0; ++i) SI_PAUSE();
     std::unique_lock<std::mutex> lock(mu_);
     cv_done_.wait(lock, [&] { return busy_.load(std::memory_order_acquire) == 0; });
     job_ = nullptr;

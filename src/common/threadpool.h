@@ -14,8 +14,15 @@ namespace si {
 
 class ThreadPool {
 public:
-    // n_threads <= 0 picks the number of online CPUs.
-    explicit ThreadPool(int n_threads = 0);
+    // n_threads <= 0 picks the number of online CPUs. spin: pause instructions a worker spins between loops before
+    // it sleeps (-1: the default, tuned for decoding).
+    explicit ThreadPool(int n_threads = 0, int spin = -1);
+
+    // Loops that run on threads someone else owns: the trusted core's pool is built on its platform's
+    // parallel_for OCALL (enclave_abi.h), since the core itself never creates threads.
+    using ExternalRunner = void (*)(void* ctx, int64_t n, int64_t grain, void (*fn)(void* arg, int64_t begin, int64_t end),
+                                    void* arg);
+    ThreadPool(ExternalRunner runner, void* ctx);
     ~ThreadPool();
     ThreadPool(const ThreadPool&) = delete;
     ThreadPool& operator=(const ThreadPool&) = delete;
@@ -42,6 +49,10 @@ private:
     std::atomic<int64_t> next_{0};
     std::atomic<int> busy_{0};
     std::atomic<uint64_t> published_{0};
+    std::atomic<int> started_{0};
+    int spin_ = 0;
+    ExternalRunner external_ = nullptr;
+    void* external_ctx_ = nullptr;
 };
 
 }  // namespace si

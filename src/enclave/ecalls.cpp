@@ -12,7 +12,7 @@
 
 struct si_enclave {
     si::TrustedCore core;
-    explicit si_enclave(const si_ocall_table* ocalls) : core(ocalls) {}
+    si_enclave(const si_ocall_table* ocalls, const si_platform* platform) : core(ocalls, platform) {}
 };
 
 namespace {
@@ -30,10 +30,14 @@ int error_out(uint8_t* resp, size_t cap, size_t* resp_len, int code, const char*
 }  // namespace
 
 extern "C" int si_ecall_create(const si_ocall_table* ocalls, si_enclave** out) {
+    return si_ecall_create_ex(ocalls, nullptr, out);
+}
+
+extern "C" int si_ecall_create_ex(const si_ocall_table* ocalls, const si_platform* platform, si_enclave** out) {
     if (!out) return int(si::Status::invalid_argument);
     *out = nullptr;
     try {
-        *out = new si_enclave(ocalls);
+        *out = new si_enclave(ocalls, platform);
         return 0;
     } catch (const si::Error& e) {
         return int(e.status());

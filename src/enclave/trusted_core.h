@@ -39,7 +39,8 @@ namespace si {
 
 class TrustedCore {
 public:
-    explicit TrustedCore(const si_ocall_table* ocalls);
+    // platform (may be null): measurement, sealing key and quoting for protected packages.
+    explicit TrustedCore(const si_ocall_table* ocalls, const si_platform* platform = nullptr);
     ~TrustedCore();
     TrustedCore(const TrustedCore&) = delete;
     TrustedCore& operator=(const TrustedCore&) = delete;

@@ -2,6 +2,7 @@
 // no isolation), hardened worker process (the default without SGX hardware), SGX enclave (documented build path).
 // A host only transports opaque request/response messages (src/boundary/enclave_abi.h); it never interprets them.
 #pragma once
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -23,5 +24,11 @@ public:
 };
 
 std::unique_ptr<EnclaveHost> make_inprocess_host();
+// With a software TEE platform from the device files in device_dir (host/software_tee.h), measured as this
+// executable with the in-process configuration: for tests of attestation and sealing.
+// enclave_threads: threads of the core's parallel loops (0: all CPUs).
+std::unique_ptr<EnclaveHost> make_inprocess_host(const std::string& device_dir, int enclave_threads = 1);
+// That measurement.
+std::array<uint8_t, 32> inprocess_measurement();
 
 }  // namespace si

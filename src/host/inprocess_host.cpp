@@ -7,7 +7,9 @@
 
 #include "boundary/enclave_abi.h"
 #include "common/error.h"
+#include "common/threadpool.h"
 #include "host/enclave_host.h"
+#include "host/software_tee.h"
 
 namespace si {
 
@@ -25,8 +27,15 @@ void log_to_stderr(void*, int level, const char* message) {
 
 class InProcessHost final : public EnclaveHost {
 public:
-    InProcessHost() {
-        const int rc = si_ecall_create(&ocalls_, &enclave_);
+    explicit InProcessHost(const std::string& device_dir = "", int enclave_threads = 1) {
+        if (enclave_threads != 1) {
+            pool_ = std::make_unique<ThreadPool>(enclave_threads, kEnclaveSpin);
+            ocalls_.ctx = pool_.get();
+            ocalls_.parallel_for = pool_parallel_for;
+        }
+        if (!device_dir.empty())
+            platform_ = std::make_unique<tee::SoftwarePlatform>(device_dir, inprocess_measurement());
+        const int rc = si_ecall_create_ex(&ocalls_, platform_ ? platform_->get() : nullptr, &enclave_);
         if (rc != 0) fail(status_from_code(rc), "trusted core failed to start (si_ecall_create returned " +
                                                     std::to_string(rc) + ")");
     }
@@ -63,7 +72,15 @@ public:
     }
 
 private:
-    si_ocall_table ocalls_{log_to_stderr, nullptr};
+    // The core's loops are rare and long (matrix products): its threads sleep soon after each.
+    static constexpr int kEnclaveSpin = 2000;
+    static void pool_parallel_for(void* ctx, int64_t n, int64_t grain, void (*fn)(void*, int64_t, int64_t), void* arg) {
+        static_cast<ThreadPool*>(ctx)->parallel_for(n, grain, [&](int64_t b, int64_t e) { fn(arg, b, e); });
+    }
+
+    std::unique_ptr<ThreadPool> pool_;  // declared before the core's handle: outlives it
+    si_ocall_table ocalls_{log_to_stderr, nullptr, nullptr};
+    std::unique_ptr<tee::SoftwarePlatform> platform_;  // outlives the core, which calls its quoting component
     si_enclave* enclave_ = nullptr;
     std::unique_ptr<uint8_t[]> buffer_;
     std::mutex mu_;
@@ -72,5 +89,14 @@ private:
 }  // namespace
 
 std::unique_ptr<EnclaveHost> make_inprocess_host() { return std::make_unique<InProcessHost>(); }
+
+std::unique_ptr<EnclaveHost> make_inprocess_host(const std::string& device_dir, int enclave_threads) {
+    return std::make_unique<InProcessHost>(device_dir, enclave_threads);
+}
+
+std::array<uint8_t, 32> inprocess_measurement() {
+    static const pkg::Hash binary = tee::file_sha256("/proc/self/exe");  // hashed once per process
+    return tee::measurement(binary, tee::inprocess_config());
+}
 
 }  // namespace si

@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <random>
 
@@ -18,7 +20,11 @@
 #include "common/staged_forward.h"
 #include "common/threadpool.h"
 #include "enclave/fixed_point.h"
+#include "enclave/package_crypto.h"
 #include "host/enclave_host.h"
+#include "host/keyserver.h"
+#include "host/package.h"
+#include "host/software_tee.h"
 #include "host/trace.h"
 #include "host/worker_host.h"
 #include "train/lora.h"
@@ -129,6 +135,14 @@ SecureSession::SecureSession(const ModelWeights& w, SecureSessionParams params) 
     if (!std::isfinite(params_.logprob_noise) || params_.logprob_noise < 0.0f)
         fail(Status::invalid_argument, "the log-probability noise must be a non-negative number");
 
+    if (params_.package) {
+        if (params_.lora)
+            fail(Status::invalid_argument, "a protected package carries its own adapters; another cannot be added");
+        if (params_.mode == SecureMode::gpu_only)
+            fail(Status::security, "a protected package's secret tensors open only inside the enclave: the gpu-only "
+                                   "preset cannot run it");
+        for (const auto& n : params_.package->secret_base_tensors()) params_.secret_tensors.push_back(n);
+    }
     // Secret declarations must name real tensors, so a typo cannot silently leave a tensor public.
     std::vector<std::string> names = {"token_embd.weight", "output_norm.weight", "output.weight"};
     for (int l = 0; l < cfg_.n_layers; ++l) {
@@ -389,12 +403,27 @@ void SecureSession::load_enclave(const ModelWeights& w) {
                 warnings_.push_back("the enclave worker executable (secureinfer-worker) was not found: the trusted "
                                     "core runs INSIDE this process with NO isolation");
         }
+        // A package needs the software TEE's platform (attestation, sealing): its device files come first.
+        std::string device_dir;
+        if (params_.package) {
+            device_dir = params_.key.device_dir.empty() ? tee::default_device_dir() : params_.key.device_dir;
+            tee::provision_device(device_dir);
+        }
+        // The trusted core's loop threads. In secureinfer mode with the CPU backend the accelerator's threads run
+        // on the same cores between the core's steps and spin briefly after each product: two pools would fight
+        // (measured: online decode 2.8x slower on 16 cores), so the core keeps to one thread there.
+        const bool shares_cores = params_.mode == SecureMode::secureinfer && !params_.accelerator &&
+                                  params_.accelerator_backend == "cpu";
+        const int enclave_threads = shares_cores ? 1 : params_.n_threads;
         if (kind == EnclaveHostKind::worker) {
             WorkerOptions o;
             o.worker_path = params_.worker_path;
+            o.device_dir = device_dir;
+            o.enclave_threads = enclave_threads;
+            o.spin = std::chrono::microseconds(params_.worker_spin_us);
             host_ = make_worker_host(o);
         } else {
-            host_ = make_inprocess_host();
+            host_ = make_inprocess_host(device_dir, enclave_threads);
         }
     }
 
@@ -406,6 +435,13 @@ void SecureSession::load_enclave(const ModelWeights& w) {
         e.add(Tag::cfg_floats, std::vector<float>{cfg_.rope_theta, cfg_.norm_eps});
         e.scalar<uint8_t>(Tag::offload, params_.mode == SecureMode::secureinfer ? 1 : 0);
         e.scalar<uint8_t>(Tag::tied, w.tied() ? 1 : 0);
+        call(e.finish(), load_);
+    }
+    if (params_.package) {
+        obtain_package_key();
+        // The core authenticates the header, manifest and secret table before anything is uploaded.
+        Encoder e(MsgType::manifest);
+        e.add(Tag::manifest, params_.package->authenticated_prefix());
         call(e.finish(), load_);
     }
     // Every tensor goes in by chunks; `first` adds the fields the first chunk of some kinds carries.
@@ -430,9 +466,13 @@ void SecureSession::load_enclave(const ModelWeights& w) {
             if (n == 0) break;
         }
     };
-    upload(TensorKind::tok_embeddings, 0, 0, w.tok_embeddings.data(), w.tok_embeddings.size(), false, nullptr);
-    upload(TensorKind::final_norm, 0, 0, w.final_norm.data(), w.final_norm.size(), false, nullptr);
-    {
+    if (!package_secret(uint32_t(TensorKind::tok_embeddings), 0, 0))
+        upload(TensorKind::tok_embeddings, 0, 0, w.tok_embeddings.data(), w.tok_embeddings.size(), false, nullptr);
+    if (!package_secret(uint32_t(TensorKind::final_norm), 0, 0))
+        upload(TensorKind::final_norm, 0, 0, w.final_norm.data(), w.final_norm.size(), false, nullptr);
+    // (a secret classifier, or a secret tied embedding, reaches the core only encrypted)
+    if (!package_secret(uint32_t(TensorKind::classifier), 0, 0) &&
+        !(w.tied() && package_secret(uint32_t(TensorKind::tok_embeddings), 0, 0))) {
         const HostProj& hp = projs_.back();
         const uint8_t secret = classifier_secret() ? 1 : 0;
         upload(TensorKind::classifier_i8, 0, 0, hp.q.data(), hp.q.size(), true,
@@ -441,9 +481,12 @@ void SecureSession::load_enclave(const ModelWeights& w) {
     }
     for (int l = 0; l < cfg_.n_layers; ++l) {
         const LayerWeights& L = w.layers[size_t(l)];
-        upload(TensorKind::attn_norm, l, 0, L.attn_norm.data(), L.attn_norm.size(), false, nullptr);
-        upload(TensorKind::ffn_norm, l, 0, L.ffn_norm.data(), L.ffn_norm.size(), false, nullptr);
+        if (!package_secret(uint32_t(TensorKind::attn_norm), l, 0))
+            upload(TensorKind::attn_norm, l, 0, L.attn_norm.data(), L.attn_norm.size(), false, nullptr);
+        if (!package_secret(uint32_t(TensorKind::ffn_norm), l, 0))
+            upload(TensorKind::ffn_norm, l, 0, L.ffn_norm.data(), L.ffn_norm.size(), false, nullptr);
         for (Proj p : kAllProj) {
+            if (package_secret(uint32_t(TensorKind::proj_weight), l, int(p))) continue;
             const HostProj& hp = projs_[size_t(l) * 7 + size_t(p)];
             const uint8_t secret = is_secret(proj_tensor_name(l, p)) ? 1 : 0;
             upload(TensorKind::proj_weight, l, int(p), hp.q.data(), hp.q.size(), true,
@@ -460,6 +503,18 @@ void SecureSession::load_enclave(const ModelWeights& w) {
             });
             upload(TensorKind::lora_b, t.layer, int(t.proj), t.b.data(), t.b.size(), false, nullptr);
         }
+    if (params_.package)
+        // The secret tensors: ciphertext only, chunk by chunk; the core opens each into its place.
+        for (const auto& st : params_.package->secrets())
+            for (size_t c = 0; c < st.chunks.size(); ++c) {
+                Encoder e(MsgType::upload_secret);
+                e.scalar<uint32_t>(Tag::kind, st.entry.kind);
+                e.scalar<int32_t>(Tag::layer, st.entry.layer);
+                e.scalar<int32_t>(Tag::proj, st.entry.proj);
+                e.scalar<uint64_t>(Tag::offset, uint64_t(c));
+                e.add(Tag::ciphertext, st.chunks[c]);
+                call(e.finish(), load_);
+            }
     const std::vector<uint8_t> resp = call(wire::Encoder(MsgType::finalize).finish(), load_);
     const Message m = wire::decode(resp);
     if (m.type() != MsgType::plan) fail(Status::internal, "the trusted core did not answer finalize with a plan");
@@ -479,6 +534,77 @@ void SecureSession::load_enclave(const ModelWeights& w) {
         upload_accelerator(cfg_.n_layers, int(kClassifierSlot), load_);
     }
     set_sampler(SamplerParams{0.0f, 0, 1.0f, 0});
+}
+
+bool SecureSession::package_secret(uint32_t kind, int layer, int proj) const {
+    if (!params_.package) return false;
+    for (const auto& st : params_.package->secrets())
+        if (st.entry.kind == kind && st.entry.layer == layer && st.entry.proj == proj) return true;
+    return false;
+}
+
+// The model key reaches the core wrapped to a fresh ephemeral key of its own (release) or sealed to its measurement
+// (unseal); this process never sees it, except on the development path with the owner key file.
+void SecureSession::obtain_package_key() {
+    const PackageKeySource& k = params_.key;
+    const pkg::ModelId& id = params_.package->model_id();
+    if (!k.sealed_key_path.empty() && std::filesystem::exists(k.sealed_key_path)) {
+        std::ifstream f(k.sealed_key_path, std::ios::binary);
+        const std::vector<uint8_t> blob((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+        Encoder e(MsgType::unseal);
+        e.add(Tag::sealed_key, blob);
+        try {
+            call(e.finish(), load_);
+            return;
+        } catch (const Error& err) {
+            if (k.keyserver_url.empty() && k.owner_key_file.empty()) throw;
+            warnings_.push_back(std::string(err.what()) + "; asking for the key again");
+        }
+    }
+    if (k.keyserver_url.empty() && k.owner_key_file.empty())
+        fail(Status::invalid_argument, "a protected package needs its model key: give a keyserver URL, a sealed key "
+                                       "file that exists, or (development only) the owner key file");
+    pkg::Nonce nonce{};
+    if (!k.keyserver_url.empty())
+        nonce = keyserver_nonce(k.keyserver_url);
+    else
+        pkg::random_bytes(nonce);
+    Encoder a(MsgType::attest);
+    a.add(Tag::nonce, std::span<const uint8_t>(nonce));
+    const std::vector<uint8_t> qresp = call(a.finish(), load_);
+    const Message qm = wire::decode(qresp);
+    if (qm.type() != MsgType::quote) fail(Status::internal, "the trusted core did not answer attest with a quote");
+    const wire::Field& qf = qm.field(Tag::quote, WireType::u8);
+    const std::span<const uint8_t> quote(qf.data, qf.count);
+    std::array<uint8_t, pkg::kWrappedBytes> wrapped{};
+    if (!k.keyserver_url.empty()) {
+        wrapped = keyserver_release(k.keyserver_url, quote, id);
+    } else {
+        // Development path: this process plays the keyserver without verifying anything.
+        warnings_.push_back("the owner key was read by this process (owner key file): the model key is not "
+                            "protected from the host; use a keyserver outside development");
+        pkg::Key owner = read_owner_key(k.owner_key_file);
+        SecretVector<uint8_t> model_key(pkg::kKeyBytes);
+        pkg::derive_model_key(owner, id, model_key.data());
+        secure_zero(owner.data(), owner.size());
+        wrapped = pkg::wrap_model_key(model_key.data(), pkg::decode_quote(quote).report, id);
+    }
+    Encoder r(MsgType::release);
+    r.add(Tag::wrapped_key, std::span<const uint8_t>(wrapped));
+    r.add(Tag::model_id, std::span<const uint8_t>(id));
+    const std::vector<uint8_t> rresp = call(r.finish(), load_);
+    const Message rm = wire::decode(rresp);
+    if (!k.sealed_key_path.empty() && rm.has(Tag::sealed_key)) {
+        const wire::Field& sf = rm.field(Tag::sealed_key, WireType::u8);
+        const std::string tmp = k.sealed_key_path + ".tmp";
+        {
+            std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+            f.write(reinterpret_cast<const char*>(sf.data), std::streamsize(sf.count));
+            if (!f) fail(Status::io, tmp + ": cannot write the sealed key");
+        }
+        if (std::rename(tmp.c_str(), k.sealed_key_path.c_str()) != 0)
+            fail(Status::io, k.sealed_key_path + ": cannot write the sealed key");
+    }
 }
 
 void SecureSession::trace_tokens_in(std::span<const int32_t> tokens) {

@@ -27,6 +27,7 @@ namespace si {
 
 class Accelerator;
 class EnclaveHost;
+class Package;
 class ThreadPool;
 class TraceWriter;
 namespace train {
@@ -39,6 +40,15 @@ std::optional<SecureMode> parse_secure_mode(const std::string& s);
 
 enum class EnclaveHostKind { automatic, inprocess, worker };
 
+// How the trusted core obtains the model key of a protected package (docs/PACKAGES.md). Tried in this order: the
+// sealed key (when sealed_key_path names an existing file), the keyserver, the owner key file.
+struct PackageKeySource {
+    std::string keyserver_url;    // attestation-gated release: "http://127.0.0.1:8377"
+    std::string owner_key_file;   // development only: the owner key is read by this (untrusted) process
+    std::string sealed_key_path;  // unseal from here if the file exists; after a release, seal the key to here
+    std::string device_dir;       // the software TEE's device files; empty: tee::default_device_dir()
+};
+
 struct SecureSessionParams {
     SecureMode mode = SecureMode::secureinfer;
     int n_ctx = 0;      // 0: the model's context length
@@ -50,10 +60,16 @@ struct SecureSessionParams {
     std::string worker_path;  // empty: the default (next to the executable, or $SI_WORKER)
     std::string trace_dir;    // non-empty: write the boundary trace there
     std::string accelerator_backend = "cpu";  // make_accelerator() name: "cpu" or "cuda"
+    // Worker host: busy-wait this long on each doorbell before sleeping (a core for lower latency per crossing).
+    int worker_spin_us = 0;
     // Tensors the model declares secret, by GGUF name ("blk.0.attn_q.weight", "token_embd.weight", ...); "*" marks
     // every tensor. LoRA adapter tensors are always secret.
     std::vector<std::string> secret_tensors;
     const train::LoraAdapter* lora = nullptr;  // applied as W0 x + scale * B (A x); must outlive the constructor
+    // A protected package: the weights argument is its public model (zeros where secret tensors go); its secret
+    // tensors go into the trusted core encrypted, after the core obtained the model key from `key`.
+    std::shared_ptr<const Package> package;
+    PackageKeySource key;
     float lora_scale = 1.0f;
     int logprobs = 0;            // top-K log-probabilities released with each sampled token
     float logprob_noise = 0.0f;  // standard deviation of the Gaussian noise added to them before release
@@ -137,6 +153,8 @@ private:
     std::vector<uint8_t> call(const std::vector<uint8_t>& request, SessionStats& s);
     void load_enclave(const ModelWeights& w);
     void load_gpu(const ModelWeights& w);
+    void obtain_package_key();
+    bool package_secret(uint32_t kind, int layer, int proj) const;
     void upload_accelerator(int layer, int p, SessionStats& s);
     std::vector<uint8_t> run_enclave_pass(std::span<const int32_t> tokens, int output, std::span<const int32_t> targets);
     void run_gpu_pass(std::span<const int32_t> tokens);

@@ -19,6 +19,7 @@
 
 #include "common/error.h"
 #include "host/shm_ring.h"
+#include "host/software_tee.h"
 
 namespace si {
 
@@ -172,6 +173,8 @@ void WorkerHostImpl::start() {
         "--gid=" + std::to_string(opts_.run_as_gid),
     };
     if (opts_.force_secret_fallback) args.push_back("--no-memfd-secret");
+    if (!opts_.device_dir.empty()) args.push_back("--device-dir=" + opts_.device_dir);
+    if (opts_.enclave_threads != 1) args.push_back("--threads=" + std::to_string(std::max(0, opts_.enclave_threads)));
     std::vector<char*> argv, envp;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -349,6 +352,11 @@ std::string default_worker_path() {
     const ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
     if (n <= 0) fail(Status::io, "cannot locate the enclave worker: /proc/self/exe is unreadable; set SI_WORKER");
     return dirname_of(std::string(buf, size_t(n))) + "/secureinfer-worker";
+}
+
+std::array<uint8_t, 32> worker_measurement(const WorkerOptions& o) {
+    const std::string path = o.worker_path.empty() ? default_worker_path() : o.worker_path;
+    return tee::measurement(tee::file_sha256(path), tee::worker_config(!o.force_secret_fallback, o.run_as_uid, o.run_as_gid));
 }
 
 std::unique_ptr<WorkerHost> make_worker_host(const WorkerOptions& options) {

@@ -7,6 +7,7 @@
 #pragma once
 #include <sys/types.h>
 
+#include <array>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -36,6 +37,11 @@ struct WorkerOptions {
     std::chrono::milliseconds start_timeout{30000};
     // Testing only: skip memfd_secret so the fallback path runs on kernels that have it.
     bool force_secret_fallback = false;
+    // The software TEE's device files (host/software_tee.h): with them the worker can attest and seal. Empty:
+    // neither.
+    std::string device_dir;
+    // Threads of the trusted core's parallel loops, started before the worker's seccomp filter (0: all CPUs).
+    int enclave_threads = 1;
 };
 
 class WorkerHost : public EnclaveHost {
@@ -52,5 +58,8 @@ std::unique_ptr<WorkerHost> make_worker_host(const WorkerOptions& options = {});
 
 // Where make_worker_host looks for the worker when WorkerOptions::worker_path is empty.
 std::string default_worker_path();
+
+// The measurement a worker started with these options reports (its binary and its security configuration).
+std::array<uint8_t, 32> worker_measurement(const WorkerOptions& options = {});
 
 }  // namespace si

@@ -166,13 +166,18 @@ ModelRef<const float> Trainer::weight_view() const {
     return r;
 }
 
-void Trainer::sample_window(int step, int index, int32_t* tokens, int32_t* targets) const {
+Trainer::WindowOrigin Trainer::window_origin(int step, int index) const {
     const uint64_t total = start_offsets_.back();
     const uint64_t h = mix64(mix64(opt_.seed) + (uint64_t(uint32_t(step)) << 20) + uint64_t(index));
     const uint64_t r = uint64_t(unit(h) * double(total));
     const size_t f = size_t(std::upper_bound(start_offsets_.begin(), start_offsets_.end(), r) - start_offsets_.begin());
     const uint64_t first = f == 0 ? 0 : start_offsets_[f - 1];
-    const int32_t* src = corpus_.train[f].data() + (r - first);
+    return {f, r - first};
+}
+
+void Trainer::sample_window(int step, int index, int32_t* tokens, int32_t* targets) const {
+    const WindowOrigin o = window_origin(step, index);
+    const int32_t* src = corpus_.train[o.stream].data() + o.offset;
     tokens[0] = corpus_.bos;
     std::copy_n(src, opt_.ctx - 1, tokens + 1);
     std::copy_n(src, opt_.ctx, targets);

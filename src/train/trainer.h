@@ -106,6 +106,15 @@ public:
     const std::vector<float>& parameters() const { return params_; }
     const ParamLayout& layout() const { return layout_; }
 
+    // Where training window `index` of step `step` starts: the training stream and the token offset in it (the
+    // window is ctx tokens from there). A pure function of (seed, step, index) and the data; the security
+    // evaluation uses it to tell the windows an adapter was trained on (membership inference, A7).
+    struct WindowOrigin {
+        size_t stream = 0;
+        uint64_t offset = 0;
+    };
+    WindowOrigin window_origin(int step, int index) const;
+
 private:
     void sample_window(int step, int index, int32_t* tokens, int32_t* targets) const;
     ModelRef<const float> weight_view() const;

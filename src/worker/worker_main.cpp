@@ -33,7 +33,10 @@
 #include "boundary/enclave_abi.h"
 #include "common/error.h"
 #include "common/secret_memory.h"
+#include "common/threadpool.h"
+#include "enclave/package_crypto.h"
 #include "host/shm_ring.h"
+#include "host/software_tee.h"
 #include "worker/secret_arena.h"
 
 namespace {
@@ -51,6 +54,8 @@ struct Args {
     uid_t uid = 65534;
     gid_t gid = 65534;
     bool try_memfd_secret = true;
+    std::string device_dir;  // the software TEE's device files; empty: no attestation or sealing
+    int threads = 1;         // the trusted core's loop threads (0: all CPUs)
 };
 
 void say(const std::string& line) {
@@ -84,12 +89,14 @@ Args parse_args(int argc, char** argv) {
         const char* val = eq == std::string::npos ? "" : argv[i] + eq + 1;
         uint64_t v = 0;
         if (key == "--no-memfd-secret" && eq == std::string::npos) a.try_memfd_secret = false;
+        else if (key == "--device-dir" && eq != std::string::npos && *val) a.device_dir = val;
         else if (!parse_u64(val, v)) usage("bad argument: " + arg);
         else if (key == "--ring-fd" && v <= 1024) a.ring_fd = int(v);
         else if (key == "--secret-bytes" && v > 0) a.secret_bytes = size_t(v);
         else if (key == "--spin-ns" && v <= 1000000000ull) a.spin_ns = v;
         else if (key == "--uid" && v < 0xffffffffull) a.uid = uid_t(v);
         else if (key == "--gid" && v < 0xffffffffull) a.gid = gid_t(v);
+        else if (key == "--threads" && v <= 1024) a.threads = int(v);
         else usage("bad argument: " + arg);
     }
     if (a.ring_fd < 0) usage("missing --ring-fd");
@@ -190,6 +197,7 @@ void warm_up_openssl() {
     for (const char* name : {"AES-256-CTR", "AES-256-GCM", "AES-128-ECB"})
         EVP_CIPHER_free(EVP_CIPHER_fetch(nullptr, name, nullptr));
     EVP_MD_free(EVP_MD_fetch(nullptr, "SHA256", nullptr));
+    si::pkg::warm_up();  // HKDF, HMAC, X25519, Ed25519: attestation and packages
     unsigned char b[32];
     RAND_bytes(b, sizeof b);
     RAND_priv_bytes(b, sizeof b);
@@ -238,6 +246,14 @@ std::string install_seccomp() {
     if (rc == 0) rc = seccomp_load(ctx);
     seccomp_release(ctx);
     return rc == 0 ? "" : std::string("cannot install the seccomp filter: ") + std::strerror(-rc);
+}
+
+// The trusted core's parallel loops run on a pool started before the seccomp filter (which admits no clone; the
+// filter is synchronised onto these threads too).
+constexpr int kEnclaveSpin = 2000;  // the core's loops are rare and long: its threads sleep soon after each
+
+void parallel_for_ocall(void* ctx, int64_t n, int64_t grain, void (*fn)(void*, int64_t, int64_t), void* arg) {
+    static_cast<si::ThreadPool*>(ctx)->parallel_for(n, grain, [&](int64_t b, int64_t e) { fn(arg, b, e); });
 }
 
 void log_ocall(void*, int level, const char* message) {
@@ -343,12 +359,29 @@ int main(int argc, char** argv) {
     if (CRYPTO_set_mem_functions(openssl_malloc, openssl_realloc, openssl_free) != 1)
         fail_start(h, si::Status::internal, "cannot route OpenSSL's allocations to the secret arena");
 
+    // The software TEE's platform (measurement, sealing key, quoting), read while the device files are still
+    // reachable: the measurement covers this very binary and its security configuration.
+    std::unique_ptr<si::tee::SoftwarePlatform> platform;
+    if (!args.device_dir.empty()) {
+        try {
+            const si::pkg::Hash m = si::tee::measurement(
+                si::tee::file_sha256("/proc/self/exe"),
+                si::tee::worker_config(args.try_memfd_secret, uint32_t(args.uid), uint32_t(args.gid)));
+            platform = std::make_unique<si::tee::SoftwarePlatform>(args.device_dir, m);
+        } catch (const si::Error& e) {
+            fail_start(h, e.status(), std::string("software TEE platform: ") + e.what());
+        }
+    }
+
     drop_privileges(h, args);
 
     warm_up_openssl();
-    const si_ocall_table ocalls{log_ocall, nullptr};
+    // Started, and running, before the seccomp filter (ThreadPool returns once every thread runs).
+    std::unique_ptr<si::ThreadPool> pool;
+    if (args.threads != 1) pool = std::make_unique<si::ThreadPool>(args.threads, kEnclaveSpin);
+    const si_ocall_table ocalls{log_ocall, pool.get(), pool ? parallel_for_ocall : nullptr};
     si_enclave* enclave = nullptr;
-    const int rc = si_ecall_create(&ocalls, &enclave);
+    const int rc = si_ecall_create_ex(&ocalls, platform ? platform->get() : nullptr, &enclave);
     if (rc != 0 || !enclave)
         fail_start(h, si::Status(checked_status(rc ? rc : int(si::Status::internal))),
                    "trusted core failed to start (si_ecall_create returned " + std::to_string(rc) + ")");

@@ -1,0 +1,136 @@
+// Experiments of the security evaluation: one (scheme, attack) pair run over seeds, its null distribution (the same
+// attack on S5 serving a decoy adapter, scored against the victim's secret), intervals and a verdict; and the suite
+// behind `secureinfer security-report`, which writes report.md, report.json and report.svg.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "attack/api_attacks.h"
+#include "attack/attacks.h"
+#include "attack/linalg.h"
+#include "attack/schemes.h"
+#include "common/model.h"
+#include "common/tokenizer.h"
+#include "host/secure_session.h"
+#include "train/lora.h"
+
+namespace si::attack {
+
+enum class Attack { a1, a2, a3, a4, a5, a6, a7, a8 };
+const char* attack_name(Attack a);         // "A1" ...
+const char* attack_description(Attack a);
+std::optional<Attack> parse_attack(const std::string& s);
+
+// How an API-level attack queries S5 (A6, A7), and which model A7 scores with. The default is the default API:
+// sampled tokens only.
+struct AttackVariant {
+    int logprobs = 0;             // top-K log-probabilities the session releases (0: off, the default; -1: vocabulary)
+    float logprob_noise = 0.0f;   // their Gaussian perturbation (SecureSessionParams::logprob_noise)
+    bool nll_oracle = false;      // query the perplexity feature (SecureSession::eval_nll) instead of eval_sample
+    bool white_box = false;       // A7: score with the fine-tuned weights as the scheme's trace exposes them
+    std::string label() const;    // "" for the default; e.g. "logprobs=512, noise=0.5"
+};
+
+struct EvalConfig {
+    std::string model, tokenizer;     // public base (declared attacker knowledge)
+    std::string victim_adapter;       // the private fine-tune (secret; used to run the victim and to score only)
+    std::string shared_dir = "../shared";
+    std::string work_dir;             // traces and decoys go here
+    bool quick = false;
+    int seeds = 3;
+    int threads = 1;
+    int a8_trials = 1000;
+    EnclaveHostKind host = EnclaveHostKind::automatic;
+    bool keep_traces = false;
+    bool verbose = true;
+};
+
+// Everything an experiment needs, loaded once: the base, tokenizer, victim adapter, text streams, and the decoy
+// adapters (one per seed, trained here on TinyStories with the project's trainer, never on the private corpus).
+class EvalContext {
+public:
+    explicit EvalContext(const EvalConfig& cfg);
+    ~EvalContext();  // removes a temporary work directory it created (unless keep_traces)
+    const EvalConfig& config() const { return cfg_; }
+    const ModelWeights& base() const { return base_; }
+    const train::LoraAdapter& victim() const { return victim_; }
+    const train::LoraAdapter& decoy(int seed);  // trained on first use
+    // `count` windows of `len` tokens (BOS first) from a text source ("persuasion", "tinystories"), at seeded
+    // positions.
+    std::vector<std::vector<int32_t>> prompts(const std::string& source, int count, int len, uint64_t seed);
+    std::string trace_dir(const std::string& name);
+    void drop_trace(const std::string& dir);
+    double decoy_seconds() const { return decoy_seconds_; }
+    int32_t bos() const { return tok_->bos(); }
+
+    // The private corpus (the victim's five training novels, held-out tails removed: A5's budget is drawn from it,
+    // A7's candidate windows come from it) and the whole of Persuasion (A5's held-out evaluation); loaded on first use.
+    const train::TextCorpus& private_corpus();
+    const std::vector<int32_t>& persuasion();
+    // A5: perplexity on Persuasion of a model fine-tuned from `start` on seed's budget (cached: the trainer is
+    // deterministic, so the same start and seed give the same model), of the victim, and the evaluation windows.
+    double a5_fine_tuned_ppl(int seed, const ModelWeights& start);
+    double a5_victim_ppl();
+    double a5_base_ppl();
+    const std::vector<std::vector<int32_t>>& a5_eval_windows();
+    // A7: the candidate windows of seed (members and never-trained windows of the victim's recipe) and the public
+    // base's evaluation of them (the attacker's calibration), cached per seed.
+    const MembershipSet& a7_set(int seed);
+    const WindowEval& a7_base_eval(int seed);
+
+private:
+    const std::vector<int32_t>& text(const std::string& source);
+    EvalConfig cfg_;
+    ModelWeights base_;
+    std::unique_ptr<Tokenizer> tok_;
+    train::LoraAdapter victim_;
+    std::vector<std::optional<train::LoraAdapter>> decoys_;
+    std::map<std::string, std::vector<int32_t>> texts_;
+    double decoy_seconds_ = 0.0;
+    std::optional<train::TextCorpus> private_;
+    std::optional<std::vector<int32_t>> persuasion_;
+    std::vector<std::vector<int32_t>> a5_windows_;
+    std::map<std::pair<int, uint64_t>, double> a5_ppl_;
+    std::optional<double> a5_victim_ppl_, a5_base_ppl_;
+    std::map<int, MembershipSet> a7_sets_;
+    std::map<int, WindowEval> a7_base_;
+    bool own_work_dir_ = false;
+};
+
+struct ExperimentResult {
+    Scheme scheme = Scheme::s5;
+    Attack attack = Attack::a1;
+    std::string variant;           // AttackVariant::label(): "" for the default API
+    bool informative = false;      // reported, but neither a positive control nor a claim about S5's default API
+    std::string metric;            // name of the metric
+    std::string direction;         // "higher leaks more" / "distance from 0.5 leaks"
+    double threshold = 0.0;        // success threshold of the attack (positive controls must reach it)
+    std::vector<double> values;    // per seed
+    std::vector<double> null_values;  // per seed: the attack on S5 serving a decoy, scored against the victim
+    Interval interval, null_interval;
+    bool has_null = false;
+    bool control = false;          // a weak scheme: the attack must break it
+    bool broken = false;
+    std::string isolation;         // the enclave host (S5) or "simulated"
+    nlohmann::json extra;          // secondary metrics per seed
+    double seconds = 0.0;
+    std::string verdict() const { return broken ? "broken" : "not broken"; }
+};
+
+// Runs `attack` against `scheme` over cfg.seeds seeds (A8: cfg.a8_trials trials in all) and, for S5 (and A7 on any
+// scheme), the decoy null.
+ExperimentResult run_experiment(EvalContext& ctx, Scheme scheme, Attack attack, const AttackVariant& variant = {});
+
+nlohmann::json result_json(const ExperimentResult& r);
+
+// The suite: every (scheme, attack) pair the attacks apply to; writes report.md, report.json and report.svg into
+// out_dir. Returns the results.
+std::vector<ExperimentResult> security_report(EvalContext& ctx, const std::string& out_dir, const std::string& command);
+
+}  // namespace si::attack

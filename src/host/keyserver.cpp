@@ -1,0 +1,201 @@
+#include "host/keyserver.h"
+
+#include <httplib.h>
+#include <nlohmann/json.hpp>
+
+#include <cstdio>
+#include <thread>
+
+#include "common/error.h"
+#include "common/secret_memory.h"
+#include "host/software_tee.h"
+
+namespace si {
+
+namespace {
+
+using json = nlohmann::json;
+
+[[noreturn]] void refuse(const std::string& why) { fail(Status::security, why); }
+
+std::string hex(std::span<const uint8_t> b) { return pkg::to_hex(b); }
+
+std::vector<uint8_t> unhex(const std::string& s, const char* what) {
+    std::vector<uint8_t> b(s.size() / 2);
+    if (s.size() % 2 != 0 || s.size() > 16384 || !pkg::from_hex(s, b))
+        fail(Status::invalid_argument, std::string(what) + " is not hex");
+    return b;
+}
+
+constexpr size_t kMaxNonces = 4096;  // outstanding and remembered-as-used nonces, each
+
+}  // namespace
+
+pkg::Report verify_quote(std::span<const uint8_t> quote, const AttestationPolicy& policy,
+                         const std::function<void(const std::string&)>& warn) {
+    pkg::Quote q;
+    try {
+        q = pkg::decode_quote(quote);
+    } catch (const Error& e) {
+        refuse(std::string("quote refused: ") + e.what());
+    }
+    if (!pkg::ed25519_verify(q.quoting_pub, q.signed_bytes, q.signature))
+        refuse("quote refused: its signature does not verify (altered or forged quote)");
+    if (policy.quoting_key && !pkg::equal(*policy.quoting_key, q.quoting_pub))
+        refuse("quote refused: signed by quoting key " + hex(q.quoting_pub) + ", not the pinned one");
+    if (q.type == tee::kSoftwareTee) {
+        if (!policy.accept_software_tee)
+            refuse("quote refused: type software-tee (no hardware TEE; its signature proves nothing against the "
+                   "device's owner); the verifier must be told to accept it (--accept-software-tee)");
+        if (warn)
+            warn("WARNING: accepting a software-tee quote (measurement " + hex(q.report.measurement) +
+                 "): no hardware root of trust; the device's owner could have forged it");
+    } else {
+        refuse("quote refused: unsupported quote type '" + q.type + "'");
+    }
+    bool allowed = false;
+    for (const auto& m : policy.allowed_measurements) allowed = allowed || pkg::equal(m, q.report.measurement);
+    if (!allowed) refuse("quote refused: measurement " + hex(q.report.measurement) + " is not in the allow list");
+    return q.report;
+}
+
+KeyService::KeyService(const pkg::Key& owner_key, AttestationPolicy policy, std::chrono::seconds nonce_ttl)
+    : owner_(owner_key), policy_(std::move(policy)), ttl_(nonce_ttl) {
+    warn_ = [](const std::string& s) { std::fprintf(stderr, "secureinfer keyserver: %s\n", s.c_str()); };
+    now_ = [] { return Clock::now(); };
+}
+
+KeyService::~KeyService() { secure_zero(owner_.data(), owner_.size()); }
+
+pkg::Nonce KeyService::new_nonce() {
+    pkg::Nonce n{};
+    pkg::random_bytes(n);
+    std::lock_guard<std::mutex> lock(mu_);
+    issued_[n] = now_();
+    issued_order_.push_back(n);
+    while (issued_order_.size() > kMaxNonces) {
+        issued_.erase(issued_order_.front());
+        issued_order_.pop_front();
+    }
+    return n;
+}
+
+std::array<uint8_t, pkg::kWrappedBytes> KeyService::release(std::span<const uint8_t> quote, const pkg::ModelId& id) {
+    const pkg::Report r = verify_quote(quote, policy_, warn_);
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (used_.count(r.nonce)) refuse("quote refused: its nonce was already used (a replayed quote)");
+        const auto it = issued_.find(r.nonce);
+        if (it == issued_.end()) refuse("quote refused: its nonce was not issued by this keyserver");
+        const auto age = std::chrono::duration_cast<std::chrono::seconds>(now_() - it->second);
+        issued_.erase(it);
+        used_.insert(r.nonce);
+        used_order_.push_back(r.nonce);
+        while (used_order_.size() > kMaxNonces) {
+            used_.erase(used_order_.front());
+            used_order_.pop_front();
+        }
+        if (age > ttl_)
+            refuse("quote refused: its nonce is stale (issued " + std::to_string(age.count()) +
+                   " s ago; the limit is " + std::to_string(ttl_.count()) + " s)");
+    }
+    SecretVector<uint8_t> model_key(pkg::kKeyBytes);
+    pkg::derive_model_key(owner_, id, model_key.data());
+    return pkg::wrap_model_key(model_key.data(), r, id);
+}
+
+struct KeyServer::Impl {
+    KeyService& service;
+    httplib::Server server;
+    std::thread thread;
+    explicit Impl(KeyService& s) : service(s) {}
+};
+
+KeyServer::KeyServer(KeyService& service) : impl_(std::make_unique<Impl>(service)) {
+    auto& svc = impl_->service;
+    impl_->server.Post("/v1/nonce", [&svc](const httplib::Request&, httplib::Response& res) {
+        res.set_content(json{{"nonce", hex(svc.new_nonce())}}.dump(), "application/json");
+    });
+    impl_->server.Post("/v1/key", [&svc](const httplib::Request& req, httplib::Response& res) {
+        try {
+            const json body = json::parse(req.body);
+            const std::vector<uint8_t> quote = unhex(body.at("quote").get<std::string>(), "quote");
+            pkg::ModelId id{};
+            if (!pkg::from_hex(body.at("model_id").get<std::string>(), id))
+                fail(Status::invalid_argument, "model_id is not 16 bytes of hex");
+            const auto wrapped = svc.release(quote, id);
+            res.set_content(json{{"wrapped_key", hex(wrapped)}}.dump(), "application/json");
+            std::fprintf(stderr, "secureinfer keyserver: released the key of model %s\n", hex(id).c_str());
+        } catch (const Error& e) {
+            res.status = e.status() == Status::security ? 403 : 400;
+            res.set_content(json{{"error", e.what()}}.dump(), "application/json");
+            std::fprintf(stderr, "secureinfer keyserver: refused: %s\n", e.what());
+        } catch (const std::exception& e) {
+            res.status = 400;
+            res.set_content(json{{"error", std::string("bad request: ") + e.what()}}.dump(), "application/json");
+        }
+    });
+}
+
+KeyServer::~KeyServer() { stop(); }
+
+int KeyServer::start(const std::string& host, int port) {
+    int bound = port;
+    if (port == 0)
+        bound = impl_->server.bind_to_any_port(host);
+    else if (!impl_->server.bind_to_port(host, port))
+        bound = -1;
+    if (bound <= 0) fail(Status::io, "keyserver: cannot listen on " + host + ":" + std::to_string(port));
+    impl_->thread = std::thread([this] { impl_->server.listen_after_bind(); });
+    return bound;
+}
+
+void KeyServer::stop() {
+    impl_->server.stop();
+    if (impl_->thread.joinable()) impl_->thread.join();
+}
+
+void KeyServer::wait() {
+    if (impl_->thread.joinable()) impl_->thread.join();
+}
+
+namespace {
+
+json post(const std::string& url, const std::string& path, const json& body) {
+    httplib::Client cli(url);
+    cli.set_connection_timeout(10);
+    cli.set_read_timeout(30);
+    const auto res = cli.Post(path, body.dump(), "application/json");
+    if (!res) fail(Status::io, "keyserver " + url + ": cannot connect (" + httplib::to_string(res.error()) + ")");
+    json j;
+    try {
+        j = json::parse(res->body);
+    } catch (const json::exception&) {
+        fail(Status::io, "keyserver " + url + ": answered HTTP " + std::to_string(res->status) + " without JSON");
+    }
+    if (res->status != 200)
+        fail(res->status == 403 ? Status::security : Status::invalid_argument,
+             "keyserver refused to release the model key: " + j.value("error", "HTTP " + std::to_string(res->status)));
+    return j;
+}
+
+}  // namespace
+
+pkg::Nonce keyserver_nonce(const std::string& url) {
+    const json j = post(url, "/v1/nonce", json::object());
+    pkg::Nonce n{};
+    if (!j.contains("nonce") || !pkg::from_hex(j["nonce"].get<std::string>(), n))
+        fail(Status::io, "keyserver " + url + ": malformed nonce");
+    return n;
+}
+
+std::array<uint8_t, pkg::kWrappedBytes> keyserver_release(const std::string& url, std::span<const uint8_t> quote,
+                                                          const pkg::ModelId& model_id) {
+    const json j = post(url, "/v1/key", json{{"quote", hex(quote)}, {"model_id", hex(model_id)}});
+    std::array<uint8_t, pkg::kWrappedBytes> w{};
+    if (!j.contains("wrapped_key") || !pkg::from_hex(j["wrapped_key"].get<std::string>(), w))
+        fail(Status::io, "keyserver " + url + ": malformed wrapped key");
+    return w;
+}
+
+}  // namespace si
