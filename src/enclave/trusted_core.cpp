@@ -1,7 +1,6 @@
 #include "enclave/trusted_core.h"
 
 #include <openssl/crypto.h>
-#include <openssl/evp.h>
 #include <openssl/rand.h>
 
 #include <algorithm>
@@ -109,41 +108,18 @@ void seal_iv(uint64_t seq, uint32_t idx, uint8_t (&iv)[kSealIvBytes]) {
     for (int i = 0; i < 4; ++i) iv[8 + i] = uint8_t(idx >> (8 * i));
 }
 
-struct CipherCtx {
-    EVP_CIPHER_CTX* c = EVP_CIPHER_CTX_new();
-    ~CipherCtx() { EVP_CIPHER_CTX_free(c); }
-};
+// The sealed factors use the packages' AES-256-GCM (same IV and tag sizes): out = ciphertext | tag.
+static_assert(kSealIvBytes == pkg::kIvBytes && kSealTagBytes == pkg::kTagBytes);
 
-// AES-256-GCM: out = ciphertext | tag (n + 16 bytes).
 void gcm_seal(const uint8_t* key, const uint8_t (&iv)[kSealIvBytes], const std::vector<uint8_t>& aad,
               const uint8_t* in, size_t n, uint8_t* out) {
-    CipherCtx x;
-    int len = 0;
-    if (!x.c || EVP_EncryptInit_ex(x.c, EVP_aes_256_gcm(), nullptr, nullptr, nullptr) != 1 ||
-        EVP_CIPHER_CTX_ctrl(x.c, EVP_CTRL_GCM_SET_IVLEN, int(kSealIvBytes), nullptr) != 1 ||
-        EVP_EncryptInit_ex(x.c, nullptr, nullptr, key, iv) != 1 ||
-        EVP_EncryptUpdate(x.c, nullptr, &len, aad.data(), int(aad.size())) != 1 ||
-        EVP_EncryptUpdate(x.c, out, &len, in, int(n)) != 1 || EVP_EncryptFinal_ex(x.c, out + len, &len) != 1 ||
-        EVP_CIPHER_CTX_ctrl(x.c, EVP_CTRL_GCM_GET_TAG, int(kSealTagBytes), out + n) != 1)
-        fail(Status::internal, "sealing the unblinding factors failed");
+    pkg::gcm_seal(key, iv, aad, in, n, out);
 }
 
 // Opens ciphertext | tag; false when authentication fails (out is then cleansed).
 bool gcm_open(const uint8_t* key, const uint8_t (&iv)[kSealIvBytes], const std::vector<uint8_t>& aad,
               const uint8_t* in, size_t n, uint8_t* out) {
-    CipherCtx x;
-    int len = 0;
-    uint8_t tag[kSealTagBytes];
-    std::memcpy(tag, in + n, kSealTagBytes);
-    const bool ok = x.c && EVP_DecryptInit_ex(x.c, EVP_aes_256_gcm(), nullptr, nullptr, nullptr) == 1 &&
-                    EVP_CIPHER_CTX_ctrl(x.c, EVP_CTRL_GCM_SET_IVLEN, int(kSealIvBytes), nullptr) == 1 &&
-                    EVP_DecryptInit_ex(x.c, nullptr, nullptr, key, iv) == 1 &&
-                    EVP_DecryptUpdate(x.c, nullptr, &len, aad.data(), int(aad.size())) == 1 &&
-                    EVP_DecryptUpdate(x.c, out, &len, in, int(n)) == 1 &&
-                    EVP_CIPHER_CTX_ctrl(x.c, EVP_CTRL_GCM_SET_TAG, int(kSealTagBytes), tag) == 1 &&
-                    EVP_DecryptFinal_ex(x.c, out + len, &len) == 1;
-    if (!ok) OPENSSL_cleanse(out, n);
-    return ok;
+    return pkg::gcm_open(key, iv, aad, in, n, out);
 }
 
 template <class V>
