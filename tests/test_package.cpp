@@ -52,7 +52,7 @@ struct Packed {
     pkg::Key owner{};
 };
 
-Packed make_package(const std::string& secret = "lora") {
+Packed make_package(const std::string& secret = "lora", int release_logprobs = 0, bool release_nll = false) {
     Packed p;
     p.dir = test::scratch_dir();
     p.path = p.dir + "/model.sipkg";
@@ -65,6 +65,8 @@ Packed make_package(const std::string& secret = "lora") {
     o.tokenizer = kTok;
     o.loras = {kAdapter};
     o.secret = secret;
+    o.release_logprobs = release_logprobs;
+    o.release_nll = release_nll;
     write_package(p.path, o, p.owner);
     return p;
 }
@@ -190,6 +192,42 @@ TEST(Package, SecretAllKeepsEveryWeightInTheEnclave) {
     SecureSession s(package->model().weights, package_params(pk, package));
     EXPECT_EQ(std::count(s.plan().begin(), s.plan().end(), 1), 0);  // nothing offloaded
     EXPECT_EQ(greedy(s, 16), reference_tokens(16));
+}
+
+// Log-probabilities and log-likelihoods are oracles on the model's outputs (SECURITY-EVAL.md, A6): the trusted core
+// releases them for a package only as far as its owner allowed at packing time, whatever the host asks.
+TEST(Package, OwnerPolicyBoundsWhatLeavesBesidesTokens) {
+    const std::vector<int32_t> tokens = {1, 403, 407, 261}, targets = {403, 407, 261, 378};
+    {
+        const Packed pk = make_package();
+        const auto package = Package::open(pk.path);
+        EXPECT_EQ(package->release(), 0u);
+        SecureSession s(package->model().weights, package_params(pk, package));
+        expect_error([&] { s.eval_nll(tokens, targets); }, Status::security,
+                     "the package's owner does not allow log-likelihood evaluation (perplexity)");
+        auto p = package_params(pk, package);
+        p.logprobs = 1;
+        SecureSession lp(package->model().weights, p);
+        lp.set_sampler(SamplerParams{0.0f, 0, 1.0f, 0});
+        expect_error([&] { lp.eval_sample(std::vector<int32_t>{1}); }, Status::security,
+                     "the package's owner allows at most 0 log-probabilities per token; 1 were asked");
+    }
+    const Packed pk = make_package("lora", 5, true);
+    const auto package = Package::open(pk.path);
+    EXPECT_EQ(package->release(), 5u | pkg::kReleaseNll);
+    auto p = package_params(pk, package);
+    p.logprobs = 5;
+    SecureSession s(package->model().weights, p);
+    const auto [nll, n] = s.eval_nll(tokens, targets);
+    EXPECT_EQ(n, targets.size());
+    EXPECT_GT(nll, 0.0);
+    s.reset();
+    s.set_sampler(SamplerParams{0.0f, 0, 1.0f, 0});
+    std::vector<TokenLogprob> lps;
+    s.eval_sample(std::vector<int32_t>{1}, &lps);
+    EXPECT_EQ(lps.size(), 5u);
+    EXPECT_NE(describe_package(pk.path).find("release: top-5 log-probabilities per token, log-likelihood evaluation "
+                                             "allowed"), std::string::npos);
 }
 
 TEST(Package, NamedSecretTensorStaysInside) {

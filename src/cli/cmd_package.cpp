@@ -41,6 +41,11 @@ Runner add_pack(CLI::App& app) {
                                            "tensor: a fully proprietary model), or comma-separated tensor names")
         ->default_val("lora");
     sub->add_option("--name", o->name, "model name in the manifest");
+    sub->add_option("--release-logprobs", o->release_logprobs, "let the enclave release up to this many top "
+                                                               "log-probabilities per token (default 0: none)")
+        ->check(CLI::Range(0, 65535));
+    sub->add_flag("--release-nll", o->release_nll, "let the enclave evaluate log-likelihoods of given text "
+                                                   "(perplexity; default: refused)");
     sub->add_option("--key-file", *key_file, "owner key (secureinfer keygen)")->required();
     sub->add_option("-o,--output", *out, "package file to write")->required();
     return [=]() -> int {

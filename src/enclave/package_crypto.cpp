@@ -161,7 +161,7 @@ void derive_tensor_key(const uint8_t* model_key, const ModelId& id, std::string_
 std::array<uint8_t, kHeaderBytes> encode_header(const Header& h) {
     std::vector<uint8_t> a(kMagic, kMagic + 8);
     put(a, h.version, 4);
-    put(a, 0, 4);
+    put(a, h.release, 4);
     a.insert(a.end(), h.model_id.begin(), h.model_id.end());
     put(a, h.manifest_len, 8);
     put(a, h.table_len, 8);
@@ -183,7 +183,8 @@ Header decode_header(std::span<const uint8_t> b) {
         fail(Status::unsupported, "package format version " + std::to_string(h.version) +
                                       " is not supported (this build reads version " +
                                       std::to_string(kFormatVersion) + ")");
-    if (get(b.data() + 12, 4) != 0 || get(b.data() + 56, 8) != 0)
+    h.release = uint32_t(get(b.data() + 12, 4));
+    if ((h.release & ~(kReleaseLogprobsMask | kReleaseNll)) != 0 || get(b.data() + 56, 8) != 0)
         fail(Status::format, "package header: non-zero reserved fields");
     std::memcpy(h.model_id.data(), b.data() + 16, kIdBytes);
     h.manifest_len = get(b.data() + 32, 8);

@@ -77,8 +77,14 @@ constexpr size_t kHeaderBytes = 64;
 // chunk fits one enclave message.
 constexpr uint64_t kChunkElements = uint64_t(1) << 20;
 
+// What the owner lets the trusted core release beyond sampled tokens (header bytes 12-15, authenticated with the
+// manifest). 0: nothing: no log-probabilities, no log-likelihood evaluation (perplexity).
+constexpr uint32_t kReleaseLogprobsMask = 0xFFFFu;  // the largest top-K of log-probabilities per token
+constexpr uint32_t kReleaseNll = 1u << 16;          // log-likelihoods of given tokens (si_eval_nll, perplexity)
+
 struct Header {
     uint32_t version = kFormatVersion;
+    uint32_t release = 0;  // kRelease* bits
     ModelId model_id{};
     uint64_t manifest_len = 0, table_len = 0, payload_offset = 0;
 };

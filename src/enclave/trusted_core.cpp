@@ -146,6 +146,7 @@ struct TrustedCore::Impl {
     std::unique_ptr<Sampler> sampler;
     int logprobs_k = 0;
     float logprob_noise = 0.0f;
+    uint32_t release_policy = 0;  // a package's owner policy (pkg::kRelease*); only read when `package`
 
     Pending pending;
     uint64_t crossings = 0;
@@ -642,6 +643,7 @@ struct TrustedCore::Impl {
         table = std::move(t);
         table_next.assign(table.size(), 0);
         package = true;
+        release_policy = h.release;
     }
 
     static bool secret_entry_in(const std::vector<pkg::SecretEntry>& t, size_t before, uint32_t kind, int layer, int p) {
@@ -743,6 +745,14 @@ struct TrustedCore::Impl {
         const uint8_t out = m.scalar<uint8_t>(Tag::output);
         if (out > 2) bad("eval: unknown output kind " + std::to_string(out));
         output = wire::OutputKind(out);
+        // A package's owner decides what may leave besides sampled tokens: both are oracles on the outputs.
+        if (package && output == wire::OutputKind::nll && !(release_policy & pkg::kReleaseNll))
+            fail(Status::security, "the package's owner does not allow log-likelihood evaluation (perplexity); it "
+                                   "must be packed with --release-nll");
+        if (package && output == wire::OutputKind::sample && logprobs_k > int(release_policy & pkg::kReleaseLogprobsMask))
+            fail(Status::security, "the package's owner allows at most " +
+                                       std::to_string(release_policy & pkg::kReleaseLogprobsMask) +
+                                       " log-probabilities per token; " + std::to_string(logprobs_k) + " were asked");
         targets.clear();
         if (output == wire::OutputKind::nll) {
             targets = m.array<int32_t>(Tag::targets, tf.count);

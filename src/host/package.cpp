@@ -310,6 +310,10 @@ PackResult write_package(const std::string& out_path, const PackOptions& o, cons
     const std::vector<uint8_t> tbl = pkg::encode_table(table);
     pkg::Header h;
     h.model_id = id;
+    if (o.release_logprobs < 0 || uint32_t(o.release_logprobs) > pkg::kReleaseLogprobsMask)
+        fail(Status::invalid_argument, "pack: --release-logprobs must be in [0, " +
+                                           std::to_string(pkg::kReleaseLogprobsMask) + "]");
+    h.release = uint32_t(o.release_logprobs) | (o.release_nll ? pkg::kReleaseNll : 0u);
     h.manifest_len = man.size();
     h.table_len = tbl.size();
     h.payload_offset = pkg::kHeaderBytes + man.size() + tbl.size() + pkg::kHashBytes;
@@ -492,6 +496,9 @@ std::string describe_package(const std::string& path) {
     o << "package: " << path << "\n";
     o << "format: secureinfer-package version " << m.at("version") << "\n";
     o << "model id: " << m.at("model_id").get<std::string>() << "\n";
+    const uint32_t rel = p->release();
+    o << "release: top-" << (rel & pkg::kReleaseLogprobsMask) << " log-probabilities per token, "
+      << ((rel & pkg::kReleaseNll) ? "log-likelihood evaluation allowed" : "no log-likelihood evaluation") << "\n";
     o << "name: " << m.at("name").get<std::string>() << "\n";
     const auto& c = m.at("config");
     o << "config: dim " << c.at("dim") << ", hidden " << c.at("hidden_dim") << ", layers " << c.at("n_layers")

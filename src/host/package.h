@@ -37,6 +37,11 @@ struct PackOptions {
     // (the adapters are always secret).
     std::string secret = "lora";
     std::string name;  // model name in the manifest (default: the base file's name)
+    // What the trusted core may release besides sampled tokens (enforced inside it): the largest top-K of
+    // log-probabilities per token (0: none), and log-likelihood evaluation (perplexity). Both are oracles on the
+    // model's outputs (docs/SECURITY-EVAL.md, A6), so neither is allowed by default.
+    int release_logprobs = 0;
+    bool release_nll = false;
 };
 
 struct PackResult {
@@ -69,6 +74,7 @@ public:
 
     const std::string& path() const { return path_; }
     const pkg::ModelId& model_id() const { return header_.model_id; }
+    uint32_t release() const { return header_.release; }  // pkg::kRelease* bits
     // Header | manifest | secret table | MAC: what the trusted core authenticates.
     std::span<const uint8_t> authenticated_prefix() const;
     const std::string& manifest_json() const { return manifest_; }
