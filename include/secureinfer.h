@@ -124,6 +124,8 @@ typedef struct si_context_params {
     const char* keyserver_url;       /* attestation-gated release by the owner's keyserver, "http://host:port" */
     const char* owner_key_file;      /* development only: the owner key, read by this (untrusted) process */
     const char* accelerator;         /* accelerator backend of the presets: "cpu" (default; NULL means it) or "cuda" */
+    int worker_spin_us;              /* SI_HOST_WORKER: busy-wait this long on each doorbell before sleeping, on
+                                        both sides (a core each for lower latency per crossing); default 0 */
 } si_context_params;
 
 /* Defaults: all CPUs, the model's context, n_batch 512, SI_MODE_SECUREINFER, SI_HOST_AUTO, f32 weights (plain

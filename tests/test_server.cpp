@@ -435,7 +435,9 @@ TEST(Server, SigtermFinishesInFlightAndExitsZero) {
     for (const Client& c : clients) {
         const Proc p = wait_proc(c.pid, c.out, c.err);
         const std::string b = read_if_exists(c.body);
-        if (p.exit_code == 7) continue;  // never connected: the server had stopped listening
+        // Never served: refused (7: the server had stopped listening), or (52) accepted by the kernel's backlog but
+        // not yet read when the listener closed, then closed unanswered; neither got a partial response.
+        if (p.exit_code == 7 || (p.exit_code == 52 && read_if_exists(c.body).empty())) continue;
         EXPECT_EQ(p.exit_code, 0) << p.err;
         if (p.out == "200") {
             // a stream that started is never cut short

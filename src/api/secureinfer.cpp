@@ -192,6 +192,7 @@ si_context_params si_context_default_params(void) {
     p.keyserver_url = nullptr;
     p.owner_key_file = nullptr;
     p.accelerator = nullptr;
+    p.worker_spin_us = 0;
     return p;
 }
 
@@ -243,6 +244,9 @@ int si_context_init(si_model* model, const si_context_params* params, si_context
                                                           : si::EnclaveHostKind::automatic;
             if (p.trace_dir) sp.trace_dir = p.trace_dir;
             if (p.accelerator) sp.accelerator_backend = p.accelerator;
+            require(p.worker_spin_us >= 0 && p.worker_spin_us <= 1000000,
+                    "si_context_init: worker_spin_us must be in [0, 1000000]");
+            sp.worker_spin_us = p.worker_spin_us;
             sp.secret_tensors = model->secret_tensors;
             if (p.secret_tensors) {
                 const std::string list = p.secret_tensors;

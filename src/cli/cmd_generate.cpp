@@ -21,6 +21,7 @@ struct ModelOptions {
     float lora_scale = 1.0f;
     // partition preset and its options
     std::string mode = "secureinfer", host = "auto", secret, trace, backend = "cpu";
+    int spin_us = 0;
     bool insecure = false, stats = false;
     CLI::Option* weights_opt = nullptr;
     // protected packages (docs/PACKAGES.md)
@@ -61,6 +62,10 @@ struct ModelOptions {
         sub->add_option("--backend", backend, "accelerator backend of the presets: cpu, cuda (needs a CUDA build and "
                                               "an NVIDIA GPU)")
             ->check(CLI::IsMember({"cpu", "cuda"}));
+        sub->add_option("--spin-us", spin_us, "worker host: busy-wait this many microseconds on each doorbell before "
+                                              "sleeping, on both sides (lower latency per crossing for a core each; "
+                                              "default 0)")
+            ->check(CLI::Range(0, 1000000));
         sub->add_flag("--insecure", insecure, "gpu-only: run a model with secret tensors anyway (benchmarking only)");
         sub->add_option("--secret", secret, "comma-separated tensor names to treat as secret, e.g. "
                                             "blk.0.attn_q.weight ('*': every tensor), in addition to those the "
@@ -111,6 +116,7 @@ struct ModelOptions {
         p.owner_key_file = key_file.empty() ? nullptr : key_file.c_str();
         p.sealed_key_path = sealed_key.empty() ? nullptr : sealed_key.c_str();
         p.accelerator = backend.c_str();
+        p.worker_spin_us = spin_us;
         return p;
     }
     const std::string& path() const { return package.empty() ? model : package; }

@@ -23,7 +23,7 @@ struct ServeOptions {
     std::string package, keyserver, key_file, sealed_key;  // protected packages (docs/PACKAGES.md)
     std::string backend = "cpu";
     float lora_scale = 1.0f;
-    int threads = 0, ctx = 0, batch = 512;
+    int threads = 0, ctx = 0, batch = 512, spin_us = 0;
     std::string mode = "secureinfer", enclave_host = "auto", secret;
     bool insecure = false;
     int logprobs = 0;
@@ -61,6 +61,9 @@ Runner add_serve(CLI::App& app) {
         ->check(CLI::IsMember({"auto", "worker", "inprocess"}));
     sub->add_option("--backend", o->backend, "accelerator backend of the presets: cpu, cuda")
         ->check(CLI::IsMember({"cpu", "cuda"}));
+    sub->add_option("--spin-us", o->spin_us, "worker host: busy-wait this many microseconds on each doorbell before "
+                                             "sleeping (see 'run')")
+        ->check(CLI::Range(0, 1000000));
     sub->add_flag("--insecure", o->insecure, "gpu-only: serve a model with secret tensors anyway (benchmarking only)");
     sub->add_option("--secret", o->secret, "comma-separated tensor names to treat as secret ('*': every tensor)");
     sub->add_option("--logprobs", o->logprobs, "let the enclave release the top-K log-probabilities of every sampled "
@@ -120,6 +123,7 @@ Runner add_serve(CLI::App& app) {
         cp.secret_tensors = o->secret.empty() ? nullptr : o->secret.c_str();
         cp.logprob_noise = o->logprobs_noise;
         cp.accelerator = o->backend.c_str();
+        cp.worker_spin_us = o->spin_us;
         cp.keyserver_url = o->keyserver.empty() ? nullptr : o->keyserver.c_str();
         cp.owner_key_file = o->key_file.empty() ? nullptr : o->key_file.c_str();
         cp.sealed_key_path = o->sealed_key.empty() ? nullptr : o->sealed_key.c_str();
