@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 jobs=$(nproc)
-fuzz_seconds=${SI_FUZZ_SECONDS:-45}
+fuzz_seconds=${SI_FUZZ_SECONDS:-30}
 
 bash scripts/install-deps.sh
 
@@ -23,7 +23,7 @@ step "Security evaluation, quick suite (docs/SECURITY-EVAL.md)"
 build/secureinfer security-report --quick -q -o build/security-report
 
 step "ASan + UBSan build"
-cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSI_SANITIZE=ON -DSI_TESTS=ON >/dev/null
+cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSI_SANITIZE=ON -DSI_TESTS=ON -DSI_BENCH=OFF >/dev/null
 cmake --build build-asan -j"$jobs"
 step "ASan + UBSan tests"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
