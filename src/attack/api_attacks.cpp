@@ -10,6 +10,7 @@
 #include "common/error.h"
 #include "common/threadpool.h"
 #include "host/secure_session.h"
+#include "host/trace.h"
 #include "train/params.h"
 #include "train/transformer.h"
 
@@ -126,28 +127,11 @@ train::TrainOptions reference_recipe() {
 
 // ---- A5 ---------------------------------------------------------------------------------------------------------
 
-namespace {
-
-std::optional<Proj> proj_of_op(const std::string& op) {
-    static const char* const kOps[] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
-    for (int i = 0; i < 7; ++i)
-        if (op == kOps[i]) return Proj(i);
-    return std::nullopt;
-}
-
-std::vector<float>& projection_tensor(ModelWeights& w, int layer, Proj p) {
-    LayerWeights& L = w.layers[size_t(layer)];
-    std::vector<float>* t[7] = {&L.wq, &L.wk, &L.wv, &L.wo, &L.w1, &L.w2, &L.w3};
-    return *t[int(p)];
-}
-
-}  // namespace
-
 std::map<ProjKey, Mat> leaked_weights(const TraceReader& trace, const ModelWeights& base) {
     std::map<ProjKey, Mat> out;
     for (const TraceEntry& e : trace.entries()) {
         if (e.role != "weight" || e.layer < 0 || e.layer >= base.cfg.n_layers) continue;
-        const auto p = proj_of_op(e.op);
+        const auto p = trace_op_proj(e.op);
         if (!p) continue;
         const Mat W0 = base_projection(base, e.layer, *p);
         Mat Wp(e.rows(), e.cols());
@@ -163,7 +147,7 @@ std::map<ProjKey, Mat> leaked_weights(const TraceReader& trace, const ModelWeigh
 ModelWeights apply_estimates(const ModelWeights& base, const std::map<ProjKey, Mat>& estimates) {
     ModelWeights w = base;
     for (const auto& [key, m] : estimates) {
-        std::vector<float>& t = projection_tensor(w, key.first, key.second);
+        std::vector<float>& t = proj_weights(w.layers[size_t(key.first)], key.second);
         if (t.size() != m.a.size()) fail(Status::invalid_argument, "apply_estimates: estimate does not fit the base");
         for (size_t i = 0; i < t.size(); ++i) t[i] = float(m.a[i]);
     }

@@ -13,17 +13,11 @@
 #include "backends/accelerator.h"
 #include "common/error.h"
 #include "host/secure_session.h"
+#include "host/trace.h"
 
 namespace si::attack {
 
 namespace {
-
-std::optional<Proj> proj_of_op(const std::string& op) {
-    static const char* const kOps[] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
-    for (int i = 0; i < 7; ++i)
-        if (op == kOps[i]) return Proj(i);
-    return std::nullopt;
-}
 
 Mat normalise_rows(const Mat& W) {
     Mat U = W;
@@ -137,7 +131,7 @@ std::map<ProjKey, Mat> a1_align_weights(const TraceReader& trace, const ModelWei
     std::map<ProjKey, Mat> out;
     for (const TraceEntry& e : trace.entries()) {
         if (e.role != "weight" || e.layer < 0 || e.layer >= base.cfg.n_layers) continue;
-        const auto p = proj_of_op(e.op);
+        const auto p = trace_op_proj(e.op);
         if (!p) continue;
         Mat Wp(e.rows(), e.cols());
         Wp.a = trace.load(e);
@@ -151,7 +145,7 @@ std::map<ProjKey, Mat> a2_regress(const TraceReader& trace, const ModelWeights& 
     std::map<ProjKey, std::vector<const TraceEntry*>> ins, outs;
     for (const TraceEntry& e : trace.entries()) {
         if (e.layer < 0 || e.layer >= base.cfg.n_layers) continue;
-        const auto p = proj_of_op(e.op);
+        const auto p = trace_op_proj(e.op);
         if (!p) continue;
         if (e.role == "input") ins[{e.layer, *p}].push_back(&e);
         if (e.role == "output") outs[{e.layer, *p}].push_back(&e);

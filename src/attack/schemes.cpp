@@ -45,10 +45,9 @@ std::optional<Scheme> parse_scheme(const std::string& s) {
 
 Mat base_projection(const ModelWeights& w, int layer, Proj p) {
     const LayerWeights& L = w.layers[size_t(layer)];
-    const std::vector<float>* src[7] = {&L.wq, &L.wk, &L.wv, &L.wo, &L.w1, &L.w2, &L.w3};
     const ProjShape s = proj_shape(w.cfg, p);
     Mat m(s.rows, s.cols);
-    for (size_t i = 0; i < m.a.size(); ++i) m.a[i] = double((*src[int(p)])[i]);
+    for (size_t i = 0; i < m.a.size(); ++i) m.a[i] = double(proj_weights(L, p)[i]);
     return m;
 }
 
@@ -69,11 +68,6 @@ Mat lora_delta(const train::LoraAdapter& adapter, const ModelConfig& cfg, int la
 }
 
 namespace {
-
-const char* trace_op(Proj p) {
-    static const char* const kOps[] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
-    return kOps[int(p)];
-}
 
 int stage_of(Proj p) {
     switch (p) {
@@ -142,13 +136,12 @@ WeakSession::WeakSession(Scheme scheme, const ModelWeights& base, const train::L
     slots_.resize(size_t(cfg_.n_layers) * 7);
     for (int l = 0; l < cfg_.n_layers; ++l) {
         const LayerWeights& L = src->layers[size_t(l)];
-        const std::vector<float>* ws[7] = {&L.wq, &L.wk, &L.wv, &L.wo, &L.w1, &L.w2, &L.w3};
         for (Proj p : kAllProj) {
             Slot& s = slots_[size_t(l) * 7 + size_t(p)];
             const ProjShape sh = proj_shape(cfg_, p);
             s.rows = sh.rows;
             s.cols = sh.cols;
-            const std::vector<float>& W = *ws[int(p)];
+            const std::vector<float>& W = proj_weights(L, p);
             switch (scheme) {
                 case Scheme::s0:
                 case Scheme::s2:

@@ -96,4 +96,13 @@ std::string proj_tensor_name(int layer, Proj p) {
     return "blk." + std::to_string(layer) + "." + proj_gguf_stem(p) + ".weight";
 }
 
+std::vector<float>& proj_weights(LayerWeights& L, Proj p) {
+    std::vector<float>* const w[7] = {&L.wq, &L.wk, &L.wv, &L.wo, &L.w1, &L.w2, &L.w3};
+    return *w[int(p)];
+}
+
+const std::vector<float>& proj_weights(const LayerWeights& L, Proj p) {
+    return proj_weights(const_cast<LayerWeights&>(L), p);
+}
+
 }  // namespace si

@@ -68,5 +68,8 @@ ProjShape proj_shape(const ModelConfig& cfg, Proj p);
 const char* proj_gguf_stem(Proj p);
 // The GGUF tensor name of a projection, e.g. "blk.3.attn_q.weight".
 std::string proj_tensor_name(int layer, Proj p);
+// A block's weight matrix of a projection (proj_shape rows x cols, row-major).
+std::vector<float>& proj_weights(LayerWeights& L, Proj p);
+const std::vector<float>& proj_weights(const LayerWeights& L, Proj p);
 
 }  // namespace si

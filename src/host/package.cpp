@@ -64,11 +64,10 @@ std::vector<BaseTensor> base_tensors(const ModelWeights& w) {
                      &L.attn_norm, 1});
         t.push_back({"blk." + std::to_string(l) + ".ffn_norm.weight", {d}, uint32_t(TensorKind::ffn_norm), l, 0,
                      &L.ffn_norm, 1});
-        const std::vector<float>* src[7] = {&L.wq, &L.wk, &L.wv, &L.wo, &L.w1, &L.w2, &L.w3};
         for (Proj p : kAllProj) {
             const ProjShape s = proj_shape(c, p);
             t.push_back({proj_tensor_name(l, p), {uint64_t(s.cols), uint64_t(s.rows)}, uint32_t(TensorKind::proj_weight),
-                         l, int(p), src[int(p)], uint64_t(s.cols)});
+                         l, int(p), &proj_weights(L, p), uint64_t(s.cols)});
         }
     }
     t.push_back({"output_norm.weight", {d}, uint32_t(TensorKind::final_norm), 0, 0, &w.final_norm, 1});

@@ -45,11 +45,6 @@ constexpr size_t kChunkBytes = size_t(8) << 20;
 // Room for headers and small fields next to the bulk field of a crossing.
 constexpr size_t kMessageSlack = 64 << 10;
 
-const char* trace_op(Proj p) {
-    static const char* const kOps[] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
-    return kOps[int(p)];
-}
-
 double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -174,7 +169,6 @@ SecureSession::SecureSession(const ModelWeights& w, SecureSessionParams params) 
     projs_.resize(size_t(cfg_.n_layers) * 7 + 1);
     for (int l = 0; l < cfg_.n_layers; ++l) {
         const LayerWeights& L = w.layers[size_t(l)];
-        const std::vector<float>* src[7] = {&L.wq, &L.wk, &L.wv, &L.wo, &L.w1, &L.w2, &L.w3};
         for (Proj p : kAllProj) {
             const ProjShape s = proj_shape(cfg_, p);
             HostProj& hp = projs_[size_t(l) * 7 + size_t(p)];
@@ -182,7 +176,7 @@ SecureSession::SecureSession(const ModelWeights& w, SecureSessionParams params) 
             hp.cols = s.cols;
             hp.q.resize(size_t(s.rows * s.cols));
             hp.scale.resize(size_t(s.rows));
-            quantize_rows_i8(src[int(p)]->data(), s.rows, s.cols, hp.q.data(), hp.scale.data(), nullptr);
+            quantize_rows_i8(proj_weights(L, p).data(), s.rows, s.cols, hp.q.data(), hp.scale.data(), nullptr);
         }
     }
     {

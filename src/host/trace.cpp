@@ -8,6 +8,18 @@
 namespace si {
 
 namespace {
+constexpr const char* kTraceOps[] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
+}  // namespace
+
+const char* trace_op(Proj p) { return kTraceOps[int(p)]; }
+
+std::optional<Proj> trace_op_proj(std::string_view op) {
+    for (Proj p : kAllProj)
+        if (op == kTraceOps[int(p)]) return p;
+    return std::nullopt;
+}
+
+namespace {
 
 size_t dtype_size(TraceDType t) {
     switch (t) {

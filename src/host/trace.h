@@ -7,10 +7,18 @@
 #pragma once
 #include <cstdint>
 #include <cstdio>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
+#include "common/model.h"
+
 namespace si {
+
+// The "op" of a projection's product in the index: "wq", "wk", "wv", "wo", "w1", "w2", "w3"; and back.
+const char* trace_op(Proj p);
+std::optional<Proj> trace_op_proj(std::string_view op);
 
 enum class TraceDType { i8, i32, u32, f32, f64 };
 
