@@ -126,6 +126,10 @@ typedef struct si_context_params {
     const char* accelerator;         /* accelerator backend of the presets: "cpu" (default; NULL means it) or "cuda" */
     int worker_spin_us;              /* SI_HOST_WORKER: busy-wait this long on each doorbell before sleeping, on
                                         both sides (a core each for lower latency per crossing); default 0 */
+    int pin_cpu;                     /* SI_HOST_WORKER, >= 0: the thread calling si_context_init (which must be the
+                                        one that then uses the context) and the worker's serving thread both run
+                                        on this CPU only, so that a doorbell switches threads on one CPU instead of
+                                        waking a sleeping one; -1 (default): no pinning */
 } si_context_params;
 
 /* Defaults: all CPUs, the model's context, n_batch 512, SI_MODE_SECUREINFER, SI_HOST_AUTO, f32 weights (plain

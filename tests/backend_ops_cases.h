@@ -44,12 +44,12 @@ inline std::string shape_name(const Shape& s) {
 }
 
 // Correctness table: K around the 16/32/64-byte vector widths and their tails, row counts around the 4-row tiles,
-// token counts around the token tiles, one K large enough that a single byte plane's int32 sum can wrap.
+// token counts around the token tiles (and several tiles of the largest), one K large enough that a single byte plane's int32 sum can wrap.
 inline std::vector<Shape> test_shapes() {
     return {
         {1, 1, 1},     {3, 1, 2},      {4, 3, 1},      {5, 63, 3},     {17, 64, 1},   {16, 65, 4},
         {33, 172, 5},  {64, 2048, 1},  {7, 2048, 9},   {288, 768, 1},  {100, 100, 64}, {13, 5000, 2},
-        {130, 129, 7}, {3, 70000, 2},  {21, 31, 17},   {6, 127, 65},
+        {130, 129, 7}, {3, 70000, 2},  {21, 31, 17},   {6, 127, 65},  {200, 96, 150},
     };
 }
 

@@ -2,6 +2,12 @@
 // quality, matmul kernels against scalar references, and llama2.c checkpoint validation.
 #include <gtest/gtest.h>
 
+#include <thread>
+
+#include <mutex>
+
+#include <map>
+
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -37,6 +43,22 @@ const ModelWeights& stories() {
 }
 
 }  // namespace
+
+TEST(ThreadPool, RunOnEachThreadVisitsEveryThreadOnce) {
+    for (int n : {1, 2, 5}) {
+        ThreadPool pool(n);
+        std::mutex mu;
+        std::map<std::thread::id, int> calls;
+        for (int round = 0; round < 3; ++round)
+            pool.run_on_each_thread([&] {
+                std::lock_guard<std::mutex> lock(mu);
+                ++calls[std::this_thread::get_id()];
+            });
+        EXPECT_EQ(int(calls.size()), n);
+        for (const auto& [id, c] : calls) EXPECT_EQ(c, 3);
+        EXPECT_EQ(calls.count(std::this_thread::get_id()), 1u);  // the caller takes part
+    }
+}
 
 TEST(Engine, Stories260KHyperParameters) {
     const auto& c = stories().cfg;

@@ -7,6 +7,7 @@
 #include "secureinfer.h"
 
 #include <gtest/gtest.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -63,6 +64,15 @@ const ModelWeights& tiny() {
         return random_model(c, 7, true);
     }();
     return w;
+}
+
+std::string error_of(const std::function<void()>& f) {
+    try {
+        f();
+    } catch (const Error& e) {
+        return e.what();
+    }
+    return "";
 }
 
 Status status_of(const std::function<void()>& f) {
@@ -245,6 +255,41 @@ TEST(Secure, WorkerProcessHostGivesTheSameTokens) {
     EXPECT_EQ(greedy(spinning, {1}, 32), want);
 }
 
+// pin_cpu: the constructing thread and the worker's serving thread share one CPU; same tokens. A CPU that is not
+// there is a clear start-up error.
+TEST(Secure, PinnedWorkerGivesTheSameTokens) {
+    const std::string worker = default_worker_path();
+    if (access(worker.c_str(), X_OK) != 0) GTEST_SKIP() << "no worker executable at " << worker;
+    cpu_set_t saved;
+    ASSERT_EQ(sched_getaffinity(0, sizeof saved, &saved), 0);
+    int cpu = 0;
+    while (cpu < CPU_SETSIZE && !CPU_ISSET(cpu, &saved)) ++cpu;
+    ASSERT_LT(cpu, CPU_SETSIZE);
+    SecureSession ref(stories(), params(SecureMode::gpu_only));
+    const auto want = greedy(ref, {1}, 32);
+    auto p = params(SecureMode::secureinfer, 2);
+    p.host = EnclaveHostKind::worker;
+    p.pin_cpu = cpu;
+    {
+        SecureSession s(stories(), p);
+        cpu_set_t now;
+        ASSERT_EQ(sched_getaffinity(0, sizeof now, &now), 0);
+        EXPECT_EQ(CPU_COUNT(&now), 1);
+        EXPECT_TRUE(CPU_ISSET(cpu, &now));
+        s.precompute(8);  // the worker's loop threads were not confined with its serving thread
+        EXPECT_EQ(greedy(s, {1}, 32), want);
+    }
+    ASSERT_EQ(sched_setaffinity(0, sizeof saved, &saved), 0);
+    int absent = CPU_SETSIZE - 1;
+    while (absent > 0 && CPU_ISSET(absent, &saved)) --absent;
+    p.pin_cpu = absent;
+    const std::string err = error_of([&] { SecureSession bad(stories(), p); });
+    EXPECT_NE(err.find("cannot run on CPU " + std::to_string(absent)), std::string::npos) << err;
+    cpu_set_t after;
+    ASSERT_EQ(sched_getaffinity(0, sizeof after, &after), 0);
+    EXPECT_TRUE(CPU_EQUAL(&after, &saved));  // a failed start leaves the caller's affinity alone
+}
+
 // The trusted core's matrix products (enclave-only, online unblinding, precompute) run on its own thread pool,
 // which the worker starts before its seccomp filter: several threads give the same tokens as one, and the worker
 // survives them (a thread created after the filter would kill it).
@@ -268,6 +313,19 @@ TEST(Secure, EnclaveThreadsGiveTheSameTokens) {
             if (m == SecureMode::secureinfer) s.precompute(6);  // a matrix-matrix product on the pool
             EXPECT_EQ(greedy(s, prompt, 24), want) << secure_mode_name(m) << " " << s.isolation();
         }
+    }
+    // With the CPU backend the core keeps single-token products to one thread but still precomputes (products
+    // and sealing) on its pool: in the worker that is OpenSSL on threads under the seccomp filter.
+    for (EnclaveHostKind h : {EnclaveHostKind::worker, EnclaveHostKind::inprocess}) {
+        auto one = params(SecureMode::secureinfer);
+        SecureSession ref(stories(), one);
+        const auto want = greedy(ref, prompt, 40);
+        auto p = params(SecureMode::secureinfer, 3);
+        p.host = h;
+        SecureSession s(stories(), p);
+        s.precompute(48);
+        EXPECT_EQ(greedy(s, prompt, 40), want) << s.isolation();
+        EXPECT_GT(s.precomputed_available(), 0);
     }
 }
 
@@ -306,7 +364,8 @@ TEST(Secure, TamperedProductIsCaughtInEveryTrial) {
         reference = greedy(s, prompt, kSteps);
         products = acc->calls();
     }
-    ASSERT_EQ(products, int64_t(kSteps) * (w.cfg.n_layers * 7 + 1));  // the seven projections and the classifier
+    // one product per crossing: the four stages of every block (q|k|v and w1|w3 stacked), then the classifier
+    ASSERT_EQ(products, int64_t(kSteps) * (w.cfg.n_layers * kStages + 1));
     std::mt19937_64 rng(2024);
     int caught = 0;
     constexpr int kTrials = 1000;
@@ -328,7 +387,7 @@ TEST(Secure, TamperedProductIsCaughtInEveryTrial) {
         ASSERT_TRUE(acc->tampered()) << "trial " << trial;
         ASSERT_EQ(st, Status::integrity) << "trial " << trial << ": tampering with product " << target << " missed";
         // Tokens released before the tampered step are the untampered ones; none from the tampered step or after.
-        const int64_t tampered_step = target / (w.cfg.n_layers * 7 + 1);
+        const int64_t tampered_step = target / (w.cfg.n_layers * kStages + 1);
         ASSERT_EQ(int64_t(released.size()), tampered_step) << "trial " << trial;
         ASSERT_TRUE(std::equal(released.begin(), released.end(), reference.begin()));
         // The session is over: every later call fails.
@@ -344,7 +403,7 @@ TEST(Secure, TamperedProductIsCaughtInEveryTrial) {
 TEST(Secure, TamperingWithStoriesIsCaught) {
     std::mt19937_64 rng(99);
     for (int trial = 0; trial < 10; ++trial) {
-        const int64_t target = int64_t(rng() % 700);  // within 20 decoding steps of 35 products
+        const int64_t target = int64_t(rng() % 420);  // within 20 decoding steps of 21 products
         auto p = params(SecureMode::secureinfer);
         auto acc = std::make_shared<TamperingAccelerator>(nullptr, target, rng());
         p.accelerator = acc;
@@ -456,7 +515,8 @@ TEST(Secure, SecretTensorsStayOffTheAccelerator) {
     EXPECT_EQ(cls_secret.plan().back(), 0);
     EXPECT_EQ(cls_secret.plan()[size_t(1) * 7 + size_t(Proj::w1)], 0);
     EXPECT_EQ(greedy(cls_secret, {1}, 48), want);
-    EXPECT_EQ(acc->calls(), int64_t(48) * (5 * 7 - 1)) << "no classifier product on the accelerator";
+    // every stage of the five blocks keeps an offloaded projection (w3 goes alone in block 1); no classifier
+    EXPECT_EQ(acc->calls(), int64_t(48) * (5 * kStages)) << "no classifier product on the accelerator";
     auto all = params(SecureMode::secureinfer);
     all.secret_tensors = {"*"};
     SecureSession everything(stories(), all);

@@ -193,6 +193,7 @@ si_context_params si_context_default_params(void) {
     p.owner_key_file = nullptr;
     p.accelerator = nullptr;
     p.worker_spin_us = 0;
+    p.pin_cpu = -1;
     return p;
 }
 
@@ -247,6 +248,8 @@ int si_context_init(si_model* model, const si_context_params* params, si_context
             require(p.worker_spin_us >= 0 && p.worker_spin_us <= 1000000,
                     "si_context_init: worker_spin_us must be in [0, 1000000]");
             sp.worker_spin_us = p.worker_spin_us;
+            require(p.pin_cpu >= -1 && p.pin_cpu < 1024, "si_context_init: pin_cpu must be -1 or a CPU number below 1024");
+            sp.pin_cpu = p.pin_cpu;
             sp.secret_tensors = model->secret_tensors;
             if (p.secret_tensors) {
                 const std::string list = p.secret_tensors;

@@ -1,5 +1,7 @@
 #include "boundary/enclave_messages.h"
 
+#include <algorithm>
+
 #include <bit>
 #include <cstring>
 
@@ -100,12 +102,14 @@ const char* tag_name(Tag t) {
         "tokens", "output", "targets", "stage", "crossing", "projs", "activations", "products", "count_t", "count_k",
         "pos", "flops", "token", "logprob_ids", "logprob_values", "nll_sum", "nll_count", "plan",
         "batch", "batch_index", "sealed", "nonce", "quote", "wrapped_key", "sealed_key", "manifest", "ciphertext",
-        "model_id"};
+        "model_id", "serial_decode"};
     static_assert(sizeof(kNames) / sizeof(kNames[0]) == kMaxTag + 1);
     return uint16_t(t) <= kMaxTag ? kNames[uint16_t(t)] : "?";
 }
 
-Encoder::Encoder(MsgType type) : buf_(kHeaderBytes, 0) {
+Encoder::Encoder(MsgType type, size_t capacity) {
+    buf_.reserve(std::max<size_t>(capacity, kHeaderBytes));
+    buf_.assign(kHeaderBytes, 0);
     wr32(buf_, 0, kMagic);
     wr16(buf_, 4, kMessageVersion);
     wr16(buf_, 6, uint16_t(type));

@@ -105,8 +105,9 @@ enum class Tag : uint16_t {
     manifest = 46,      // u8[]: package header | manifest | secret table | MAC
     ciphertext = 47,    // u8[]: an encrypted chunk with its tag
     model_id = 48,      // u8[16]
+    serial_decode = 49, // u8 (configure, optional): 1 runs single-token products on the calling thread only
 };
-constexpr uint16_t kMaxTag = 48;
+constexpr uint16_t kMaxTag = 49;
 
 enum class TensorKind : uint32_t {
     tok_embeddings = 0,  // f32 [vocab][dim]
@@ -128,7 +129,9 @@ enum class OutputKind : uint8_t { none = 0, sample = 1, nll = 2 };
 // Builds a message. Fields are appended in order; finish() returns the bytes.
 class Encoder {
 public:
-    explicit Encoder(MsgType type);
+    // capacity: the expected message size in bytes, reserved up front so that large payloads are not copied again
+    // as the buffer grows.
+    explicit Encoder(MsgType type, size_t capacity = 0);
     template <class T>
     Encoder& add(Tag tag, std::span<const T> values);
     template <class T>

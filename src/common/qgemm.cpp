@@ -110,41 +110,67 @@ void kernel_tile(const PackedI8& W, const Planes& X, int64_t nb, int64_t t0, boo
 #endif
 }
 
-// Token tiles of C columns over the row blocks [nb_begin, nb_end), RB blocks at a time.
+// Token tiles of C columns over the row blocks [nb_begin, nb_end) and tokens [t_begin, t_end), RB blocks at a time.
 template <int P, int RB, int C>
-void run_blocks(const PackedI8& W, const Planes& X, int64_t T, bool top_signed, uint32_t* Y, int64_t nb_begin, int64_t nb_end) {
+void run_blocks(const PackedI8& W, const Planes& X, int64_t t_begin, int64_t t_end, bool top_signed, uint32_t* Y,
+                int64_t nb_begin, int64_t nb_end) {
     int64_t nb = nb_begin;
     for (; nb + RB <= nb_end; nb += RB) {
-        int64_t t = 0;
-        for (; t + C <= T; t += C) kernel_tile<P, RB, C>(W, X, nb, t, top_signed, Y, W.rows);
-        for (; t < T; ++t) kernel_tile<P, RB, 1>(W, X, nb, t, top_signed, Y, W.rows);
+        int64_t t = t_begin;
+        for (; t + C <= t_end; t += C) kernel_tile<P, RB, C>(W, X, nb, t, top_signed, Y, W.rows);
+        for (; t < t_end; ++t) kernel_tile<P, RB, 1>(W, X, nb, t, top_signed, Y, W.rows);
     }
     for (; nb < nb_end; ++nb) {
-        int64_t t = 0;
-        for (; t + C <= T; t += C) kernel_tile<P, 1, C>(W, X, nb, t, top_signed, Y, W.rows);
-        for (; t < T; ++t) kernel_tile<P, 1, 1>(W, X, nb, t, top_signed, Y, W.rows);
+        int64_t t = t_begin;
+        for (; t + C <= t_end; t += C) kernel_tile<P, 1, C>(W, X, nb, t, top_signed, Y, W.rows);
+        for (; t < t_end; ++t) kernel_tile<P, 1, 1>(W, X, nb, t, top_signed, Y, W.rows);
     }
+}
+
+// Multi-token products run as (row chunk, token tile) tasks. A tile's planes (P * tile * K bytes) stay in L2 while
+// its row chunks sweep them; short-and-wide products split their tokens further so that a pool of any size (the
+// trusted core does not know how many threads its platform lends it) gets at least kMinTasks tasks.
+constexpr int64_t kRowBlocksPerTask = 4;
+constexpr int64_t kMaxTokenTile = 64;
+constexpr int64_t kMinTasks = 64;
+
+int64_t token_tile(int64_t T, int64_t n_row_chunks) {
+    int64_t tiles = (T + kMaxTokenTile - 1) / kMaxTokenTile;
+    if (n_row_chunks * tiles < kMinTasks) tiles = std::min((T + 7) / 8, (kMinTasks + n_row_chunks - 1) / n_row_chunks);
+    return round_up((T + tiles - 1) / tiles, 8);
 }
 
 template <int P>
 void gemm_planes(ThreadPool* pool, const PackedI8& W, const Planes& X, int64_t T, bool top_signed, uint32_t* Y) {
     const int64_t n_blocks = round_up(W.rows, kBlock) / kBlock;
-    auto body = [&](int64_t b, int64_t e) {
-        if (T == 1) {
-            // decode: more row blocks in flight to hide the accumulate latency
-            run_blocks<P, (P >= 4 ? 2 : 4), 1>(W, X, T, top_signed, Y, b, e);
-        } else if constexpr (P == 1) {
-            run_blocks<1, 2, 8>(W, X, T, top_signed, Y, b, e);
-        } else if constexpr (P == 2) {
-            run_blocks<2, 2, 4>(W, X, T, top_signed, Y, b, e);
-        } else {
-            run_blocks<P, 2, 2>(W, X, T, top_signed, Y, b, e);
+    if (T == 1) {
+        // decode: more row blocks in flight to hide the accumulate latency
+        auto body = [&](int64_t b, int64_t e) { run_blocks<P, (P >= 4 ? 2 : 4), 1>(W, X, 0, 1, top_signed, Y, b, e); };
+        if (pool)
+            pool->parallel_for(n_blocks, kRowBlocksPerTask, body);
+        else
+            body(0, n_blocks);
+        return;
+    }
+    // Tasks are (row chunk, token tile) pairs, row chunks outermost so that neighbouring tasks share weights.
+    const int64_t n_row_chunks = (n_blocks + kRowBlocksPerTask - 1) / kRowBlocksPerTask;
+    const int64_t tile = token_tile(T, n_row_chunks), n_token_tiles = (T + tile - 1) / tile;
+    auto body = [&](int64_t task_begin, int64_t task_end) {
+        for (int64_t task = task_begin; task < task_end; ++task) {
+            const int64_t b = task / n_token_tiles * kRowBlocksPerTask, e = std::min(n_blocks, b + kRowBlocksPerTask);
+            const int64_t t0 = task % n_token_tiles * tile, t1 = std::min(T, t0 + tile);
+            if constexpr (P == 1)
+                run_blocks<1, 2, 8>(W, X, t0, t1, top_signed, Y, b, e);
+            else if constexpr (P == 2)
+                run_blocks<2, 2, 4>(W, X, t0, t1, top_signed, Y, b, e);
+            else
+                run_blocks<P, 2, 2>(W, X, t0, t1, top_signed, Y, b, e);
         }
     };
     if (pool)
-        pool->parallel_for(n_blocks, 4, body);
+        pool->parallel_for(n_row_chunks * n_token_tiles, 1, body);
     else
-        body(0, n_blocks);
+        body(0, n_row_chunks * n_token_tiles);
 }
 
 Planes make_planes(int P, int64_t T, int64_t cols, int64_t cols4) {

@@ -106,4 +106,21 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void
     job_ = nullptr;
 }
 
+void ThreadPool::run_on_each_thread(const std::function<void()>& fn) {
+    if (external_) {
+        fn();  // the runner's threads are not ours to visit
+        return;
+    }
+    // One index per thread: whoever takes an index waits until every index is taken, so no thread takes two.
+    const int n = size();
+    std::atomic<int> arrived{0};
+    parallel_for(n, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            arrived.fetch_add(1, std::memory_order_acq_rel);
+            while (arrived.load(std::memory_order_acquire) < n) std::this_thread::yield();
+            fn();
+        }
+    });
+}
+
 }  // namespace si

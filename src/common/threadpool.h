@@ -33,6 +33,10 @@ public:
     // last. Returns when all chunks are done. Not reentrant: fn must not call parallel_for on the same pool.
     void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
+    // Calls fn once on every thread of the pool, the caller's included, each call on its own thread; returns when
+    // all are done. For per-thread set-up, e.g. before a process restricts the system calls its threads may make.
+    void run_on_each_thread(const std::function<void()>& fn);
+
     static int default_threads();
 
 private:

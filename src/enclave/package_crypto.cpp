@@ -83,18 +83,30 @@ void random_bytes(std::span<uint8_t> out) {
         fail(Status::internal, "no randomness available from the operating system");
 }
 
-void gcm_seal(const uint8_t* key, const uint8_t* iv, std::span<const uint8_t> aad, const uint8_t* in, size_t n,
-              uint8_t* out) {
-    CipherCtx x;
+GcmSealer::GcmSealer() : c_(EVP_CIPHER_CTX_new()) {
+    if (!c_ || EVP_EncryptInit_ex(c_, EVP_aes_256_gcm(), nullptr, nullptr, nullptr) != 1 ||
+        EVP_CIPHER_CTX_ctrl(c_, EVP_CTRL_GCM_SET_IVLEN, int(kIvBytes), nullptr) != 1) {
+        EVP_CIPHER_CTX_free(c_);
+        crypto_fail("AES-256-GCM set-up");
+    }
+}
+
+GcmSealer::~GcmSealer() { EVP_CIPHER_CTX_free(c_); }
+
+void GcmSealer::seal(const uint8_t* key, const uint8_t* iv, std::span<const uint8_t> aad, const uint8_t* in, size_t n,
+                     uint8_t* out) {
     int len = 0;
     if (n > size_t(INT32_MAX)) fail(Status::invalid_argument, "AES-GCM: message too large");
-    if (!x.c || EVP_EncryptInit_ex(x.c, EVP_aes_256_gcm(), nullptr, nullptr, nullptr) != 1 ||
-        EVP_CIPHER_CTX_ctrl(x.c, EVP_CTRL_GCM_SET_IVLEN, int(kIvBytes), nullptr) != 1 ||
-        EVP_EncryptInit_ex(x.c, nullptr, nullptr, key, iv) != 1 ||
-        (!aad.empty() && EVP_EncryptUpdate(x.c, nullptr, &len, aad.data(), int(aad.size())) != 1) ||
-        (n && EVP_EncryptUpdate(x.c, out, &len, in, int(n)) != 1) || EVP_EncryptFinal_ex(x.c, out + n, &len) != 1 ||
-        EVP_CIPHER_CTX_ctrl(x.c, EVP_CTRL_GCM_GET_TAG, int(kTagBytes), out + n) != 1)
+    if (EVP_EncryptInit_ex(c_, nullptr, nullptr, key, iv) != 1 ||
+        (!aad.empty() && EVP_EncryptUpdate(c_, nullptr, &len, aad.data(), int(aad.size())) != 1) ||
+        (n && EVP_EncryptUpdate(c_, out, &len, in, int(n)) != 1) || EVP_EncryptFinal_ex(c_, out + n, &len) != 1 ||
+        EVP_CIPHER_CTX_ctrl(c_, EVP_CTRL_GCM_GET_TAG, int(kTagBytes), out + n) != 1)
         crypto_fail("AES-256-GCM encryption");
+}
+
+void gcm_seal(const uint8_t* key, const uint8_t* iv, std::span<const uint8_t> aad, const uint8_t* in, size_t n,
+              uint8_t* out) {
+    GcmSealer().seal(key, iv, aad, in, n, out);
 }
 
 bool gcm_open(const uint8_t* key, const uint8_t* iv, std::span<const uint8_t> aad, const uint8_t* in, size_t n,

@@ -20,6 +20,8 @@
 
 #include "common/secret_memory.h"
 
+typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX;
+
 namespace si::pkg {
 
 constexpr size_t kKeyBytes = 32, kIdBytes = 16, kNonceBytes = 32, kHashBytes = 32, kPubBytes = 32;
@@ -48,6 +50,21 @@ void gcm_seal(const uint8_t* key, const uint8_t* iv, std::span<const uint8_t> aa
               uint8_t* out);
 bool gcm_open(const uint8_t* key, const uint8_t* iv, std::span<const uint8_t> aad, const uint8_t* in, size_t n,
               uint8_t* out);
+
+// gcm_seal for many messages: one cipher context, re-keyed for each, so that sealing a batch allocates nothing per
+// message (allocations inside the trusted core go to one shared secret arena). Freeing it cleanses the key schedule.
+class GcmSealer {
+public:
+    GcmSealer();
+    ~GcmSealer();
+    GcmSealer(const GcmSealer&) = delete;
+    GcmSealer& operator=(const GcmSealer&) = delete;
+    void seal(const uint8_t* key, const uint8_t* iv, std::span<const uint8_t> aad, const uint8_t* in, size_t n,
+              uint8_t* out);
+
+private:
+    EVP_CIPHER_CTX* c_ = nullptr;
+};
 
 std::string to_hex(std::span<const uint8_t> bytes);
 // Parses exactly out.size() bytes of hex; false on any other input.

@@ -4,6 +4,7 @@
 #include <openssl/rand.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <deque>
@@ -108,13 +109,8 @@ void seal_iv(uint64_t seq, uint32_t idx, uint8_t (&iv)[kSealIvBytes]) {
     for (int i = 0; i < 4; ++i) iv[8 + i] = uint8_t(idx >> (8 * i));
 }
 
-// The sealed factors use the packages' AES-256-GCM (same IV and tag sizes): out = ciphertext | tag.
+// The sealed factors use the packages' AES-256-GCM (same IV and tag sizes): ciphertext | tag.
 static_assert(kSealIvBytes == pkg::kIvBytes && kSealTagBytes == pkg::kTagBytes);
-
-void gcm_seal(const uint8_t* key, const uint8_t (&iv)[kSealIvBytes], const std::vector<uint8_t>& aad,
-              const uint8_t* in, size_t n, uint8_t* out) {
-    pkg::gcm_seal(key, iv, aad, in, n, out);
-}
 
 // Opens ciphertext | tag; false when authentication fails (out is then cleansed).
 bool gcm_open(const uint8_t* key, const uint8_t (&iv)[kSealIvBytes], const std::vector<uint8_t>& aad,
@@ -137,6 +133,9 @@ struct TrustedCore::Impl {
     int n_ctx = 0;
     bool offload_mode = false;
     bool tied = true;
+    // The accelerator runs on this core's CPUs (the host says so): single-token products stay on the calling
+    // thread, since the pool's threads would compete with the accelerator's between the steps of a decode.
+    bool serial_decode = false;
     std::unique_ptr<StagedForward> fw;
     std::vector<ProjState> projs;  // [layer][7], then the classifier (layer n_layers, slot kClassifierSlot)
     std::map<uint64_t, uint64_t> received;  // tensor key -> elements received so far (uploads arrive in order)
@@ -186,6 +185,8 @@ struct TrustedCore::Impl {
     std::vector<uint32_t> table_next;
 
     ProjState& proj(int layer, Proj p) { return projs[size_t(layer) * 7 + size_t(p)]; }
+    // The threads of a product over T tokens.
+    ThreadPool* loop_pool(int64_t T) const { return T == 1 && serial_decode ? nullptr : pool.get(); }
 
     // ---- configuration and uploads -------------------------------------------------------------------------
 
@@ -209,7 +210,8 @@ struct TrustedCore::Impl {
         if (ctx < 1 || ctx > c.seq_len)
             bad("configure: context length " + std::to_string(ctx) + " out of range [1, " + std::to_string(c.seq_len) + "]");
         const uint8_t off = m.scalar<uint8_t>(Tag::offload), t = m.scalar<uint8_t>(Tag::tied);
-        if (off > 1 || t > 1) bad("configure: offload and tied must be 0 or 1");
+        const uint8_t serial = m.has(Tag::serial_decode) ? m.scalar<uint8_t>(Tag::serial_decode) : 0;
+        if (off > 1 || t > 1 || serial > 1) bad("configure: offload, tied and serial_decode must be 0 or 1");
         activation_bits(std::max(c.dim, c.hidden_dim));  // refuses inner dimensions without exact int32 products
 
         // Everything this model will need, counted before anything is allocated.
@@ -233,6 +235,7 @@ struct TrustedCore::Impl {
         n_ctx = ctx;
         offload_mode = off == 1;
         tied = t == 1;
+        serial_decode = serial == 1;
         // the core never holds an f32 classifier: it is the int8 base projection at layer n_layers
         fw = std::make_unique<StagedForward>(cfg, n_ctx, true, nullptr);
         projs = std::vector<ProjState>(size_t(cfg.n_layers) * 7 + 1);
@@ -781,7 +784,7 @@ struct TrustedCore::Impl {
                     continue;
                 }
                 acc.resize(size_t(T * s.rows));
-                gemm_i16(pool.get(), s.packed, xq.data(), T, acc.data());
+                gemm_i16(loop_pool(T), s.packed, xq.data(), T, acc.data());
                 dequantize_product(acc.data(), T, s.rows, s.scale.data(), xs.data(), fw->proj_output(p));
                 flops += 2 * uint64_t(T) * uint64_t(s.rows * s.cols);
             }
@@ -814,7 +817,7 @@ struct TrustedCore::Impl {
         ProjState& s = proj(cfg.n_layers, kClassifierSlot);
         if (s.offload) return send_offload(cfg.n_layers, Stage::qkv, {kClassifierSlot}, n, d, true);
         acc.resize(size_t(n) * size_t(V));
-        gemm_i16(pool.get(), s.packed, xq.data(), n, acc.data());
+        gemm_i16(loop_pool(n), s.packed, xq.data(), n, acc.data());
         dequantize_product(acc.data(), n, s.rows, s.scale.data(), xs.data(), logits.data());
         flops += 2 * uint64_t(n) * uint64_t(s.rows * s.cols);
         return finish_pass();
@@ -897,7 +900,7 @@ struct TrustedCore::Impl {
                 pre_at += 4 * n;
             } else {
                 // W r online: the same exact mod-2^32 product the accelerator computes on x'.
-                gemm_masked(pool.get(), s.packed, r.data(), T, wr.data());
+                gemm_masked(loop_pool(T), s.packed, r.data(), T, wr.data());
                 flops += 2 * uint64_t(T) * uint64_t(s.rows * s.cols);
             }
             acc.resize(n);
@@ -1001,23 +1004,40 @@ struct TrustedCore::Impl {
         e.scalar<int32_t>(Tag::count_t, count);
         e.scalar<int32_t>(Tag::count_k, int32_t(K));
         uint8_t* dst = e.reserve(Tag::sealed, WireType::u8, size_t(sealed_bytes));
-        pre_plain.resize(size_t(unit));
-        for (uint32_t t = 0; t < uint32_t(count); ++t) {
-            // unit t: W_p r_t for every projection p of the stage, in order
-            size_t o = 0, base = 0;
-            for (Proj p : off) {
-                const size_t pr = size_t(proj(l, p).rows);
-                std::memcpy(pre_plain.data() + o, pre_wr.data() + base + size_t(t) * pr, 4 * pr);
-                o += 4 * pr;
-                base += size_t(count) * pr;
+        // Units are sealed independently (own IV and AAD), so they are sealed in parallel, in a few contiguous parts
+        // with one cipher context each; a failure inside a loop is reported after it, on this thread.
+        std::atomic<bool> seal_failed{false};
+        const int64_t parts = std::min<int64_t>(count, 64);
+        auto seal_parts = [&](int64_t part_begin, int64_t part_end) {
+            try {
+                pkg::GcmSealer sealer;
+                SecretVector<uint8_t> plain(static_cast<size_t>(unit), 0);
+                for (int64_t t = part_begin * count / parts; t < part_end * count / parts; ++t) {
+                    // unit t: W_p r_t for every projection p of the stage, in order
+                    size_t o = 0, base = 0;
+                    for (Proj p : off) {
+                        const size_t pr = size_t(proj(l, p).rows);
+                        std::memcpy(plain.data() + o, pre_wr.data() + base + size_t(t) * pr, 4 * pr);
+                        o += 4 * pr;
+                        base += size_t(count) * pr;
+                    }
+                    uint8_t iv[kSealIvBytes];
+                    seal_iv(seq, uint32_t(t), iv);
+                    sealer.seal(seal_key.data(), iv,
+                                seal_aad(l, st, range.offset + uint64_t(t) * uint64_t(K), uint32_t(count), seq, uint32_t(t), K),
+                                plain.data(), size_t(unit), dst + size_t(t) * (unit + kSealTagBytes));
+                }
+                wipe(plain);
+            } catch (...) {
+                seal_failed = true;
             }
-            uint8_t iv[kSealIvBytes];
-            seal_iv(seq, t, iv);
-            gcm_seal(seal_key.data(), iv, seal_aad(l, st, range.offset + uint64_t(t) * uint64_t(K), uint32_t(count), seq, t, K),
-                     pre_plain.data(), size_t(unit), dst + size_t(t) * (unit + kSealTagBytes));
-        }
+        };
+        if (pool)
+            pool->parallel_for(parts, 1, seal_parts);
+        else
+            seal_parts(0, parts);
+        if (seal_failed) fail(Status::internal, "precompute: sealing the unblinding factors failed");
         flops += sealed_bytes;  // nominal: encryption
-        wipe(pre_plain);
         wipe(pre_wr);
         pre[size_t(l) * kStages + size_t(st)].batches.push_back(PreBatch{seq, range.offset, uint32_t(count)});
         e.scalar<uint64_t>(Tag::flops, take_flops());

@@ -1,5 +1,7 @@
 #include "host/secure_session.h"
 
+#include <sched.h>
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -91,15 +93,33 @@ struct SecureSession::HostProj {
     int64_t rows = 0, cols = 0;
     std::vector<int8_t> q;     // until uploaded
     std::vector<float> scale;  // gpu-only dequantisation
-    WeightHandle handle;
 };
+
+// The accelerator's weight for one crossing slot: its offloaded projections stacked row-wise (q|k|v, w1|w3), so
+// that a crossing is one product (its input crosses once; a GPU pays its fixed cost per call once).
+struct SecureSession::SlotWeights {
+    WeightHandle handle;
+    std::vector<uint8_t> projs;  // the projections, in stage order
+    int64_t rows = 0;            // their rows together
+};
+
+namespace {
+// Y [T][rows] of a stacked product to the wire layout: projection after projection, each [T][rows_p].
+void unstack(const uint32_t* y, int64_t T, int64_t rows, std::span<const int64_t> proj_rows, uint8_t* out) {
+    int64_t at = 0;
+    for (const int64_t r : proj_rows) {
+        for (int64_t t = 0; t < T; ++t, out += r * 4) std::memcpy(out, y + t * rows + at, size_t(r) * 4);
+        at += r;
+    }
+}
+}  // namespace
 
 // The gpu-only preset's plaintext state on the host.
 struct SecureSession::Gpu {
     std::unique_ptr<StagedForward> fw;
     std::unique_ptr<Sampler> sampler;
     std::vector<float> logits;
-    std::vector<int32_t> xq, acc;
+    std::vector<int32_t> xq, acc, stacked;
     std::vector<float> xs;
     std::mt19937_64 noise{std::random_device{}()};
 };
@@ -199,8 +219,8 @@ SecureSession::SecureSession(const ModelWeights& w, SecureSessionParams params) 
 
 SecureSession::~SecureSession() {
     if (accel_)
-        for (auto& hp : projs_)
-            if (hp.handle) accel_->release(hp.handle);
+        for (auto& sw : slots_)
+            if (sw.handle) accel_->release(sw.handle);
 }
 
 bool SecureSession::is_secret(const std::string& name) const {
@@ -228,14 +248,35 @@ bool SecureSession::classifier_secret() const {
     return is_secret("output.weight") || (cfg_tied_ && is_secret("token_embd.weight"));
 }
 
-void SecureSession::upload_accelerator(int layer, int p, SessionStats& s) {
-    HostProj& hp = projs_[size_t(layer) * 7 + size_t(p)];
-    {
-        ScopedTime t{s.accelerator.seconds};
-        hp.handle = accel_->upload_i8(hp.q.data(), hp.rows, hp.cols);
-    }
-    s.bytes_to_accelerator += hp.q.size();
-    if (trace_) trace_->write(layer, op_name(layer, p), "weight", TraceDType::i8, {hp.rows, hp.cols}, hp.q.data());
+void SecureSession::upload_slots(SessionStats& s) {
+    slots_.resize(size_t(cfg_.n_layers + 1) * kStages);
+    std::vector<int8_t> stacked;
+    for (int l = 0; l <= cfg_.n_layers; ++l)
+        for (int st = 0; st < kStages; ++st) {
+            SlotWeights& sw = slots_[size_t(l) * kStages + size_t(st)];
+            stacked.clear();
+            int64_t cols = 0;
+            for (Proj p : slot_projs(l, cfg_.n_layers, Stage(st))) {
+                if (!plan_[size_t(l) * 7 + size_t(p)]) continue;
+                const HostProj& hp = projs_[size_t(l) * 7 + size_t(p)];
+                sw.projs.push_back(uint8_t(p));
+                sw.rows += hp.rows;
+                cols = hp.cols;
+                stacked.insert(stacked.end(), hp.q.begin(), hp.q.end());
+                s.bytes_to_accelerator += hp.q.size();
+                if (trace_) trace_->write(l, op_name(l, int(p)), "weight", TraceDType::i8, {hp.rows, hp.cols}, hp.q.data());
+            }
+            if (sw.projs.empty()) continue;
+            ScopedTime t{s.accelerator.seconds};
+            sw.handle = accel_->upload_i8(stacked.data(), sw.rows, cols);
+        }
+}
+
+const SecureSession::SlotWeights& SecureSession::slot_weights(int layer, int stage, std::span<const uint8_t> projs) const {
+    const SlotWeights& sw = slots_[size_t(layer) * kStages + size_t(stage)];
+    if (!sw.handle || !std::equal(projs.begin(), projs.end(), sw.projs.begin(), sw.projs.end()))
+        fail(Status::internal, "the trusted core sent an offload request outside its plan");
+    return sw;
 }
 
 // ---- gpu-only ---------------------------------------------------------------------------------------------------
@@ -269,13 +310,8 @@ void SecureSession::load_gpu(const ModelWeights& w) {
             std::copy(t.a.begin(), t.a.end(), u.a.begin());
             std::copy(t.b.begin(), t.b.end(), u.b.begin());
         }
-    for (int l = 0; l < cfg_.n_layers; ++l)
-        for (Proj p : kAllProj) {
-            upload_accelerator(l, int(p), load_);
-            plan_[size_t(l) * 7 + size_t(p)] = 1;
-        }
-    upload_accelerator(cfg_.n_layers, int(kClassifierSlot), load_);
-    plan_.back() = 1;
+    std::fill(plan_.begin(), plan_.end(), uint8_t(1));
+    upload_slots(load_);
     gpu_->sampler = std::make_unique<Sampler>(SamplerParams{0.0f, 0, 1.0f, 0});
 }
 
@@ -297,28 +333,35 @@ void SecureSession::run_gpu_pass(std::span<const int32_t> tokens) {
         gpu_->xq.resize(size_t(T * K));
         gpu_->xs.resize(size_t(T));
         quantize_activations(fw.stage_input(), T, K, activation_bits(K), gpu_->xq.data(), gpu_->xs.data());
+        const SlotWeights& sw = slots_[size_t(l) * kStages + size_t(fw.stage())];
+        gpu_->stacked.resize(size_t(T * sw.rows));
+        {
+            ScopedTime t{stats_.accelerator.seconds};
+            accel_->mul_mat_int(sw.handle, gpu_->xq.data(), T, gpu_->stacked.data());
+        }
+        ++stats_.accelerator_calls;
+        stats_.accelerator.flops += 2.0 * double(T) * double(sw.rows * K);
+        stats_.bytes_to_accelerator += size_t(T * K) * 4;
+        stats_.bytes_from_accelerator += size_t(T * sw.rows) * 4;
+        std::vector<int64_t> rows;
+        for (uint8_t p : sw.projs) rows.push_back(projs_[size_t(l) * 7 + p].rows);
+        gpu_->acc.resize(size_t(T * sw.rows));
+        unstack(reinterpret_cast<const uint32_t*>(gpu_->stacked.data()), T, sw.rows, rows,
+                reinterpret_cast<uint8_t*>(gpu_->acc.data()));
         std::string in_file;
-        bool first = true;
-        for (Proj p : stage_projs(fw.stage())) {
+        const int32_t* acc = gpu_->acc.data();
+        for (uint8_t pi : sw.projs) {
+            const Proj p = Proj(pi);
             const HostProj& hp = projs_[size_t(l) * 7 + size_t(p)];
-            gpu_->acc.resize(size_t(T * hp.rows));
-            {
-                ScopedTime t{stats_.accelerator.seconds};
-                accel_->mul_mat_int(hp.handle, gpu_->xq.data(), T, gpu_->acc.data());
-            }
-            ++stats_.accelerator_calls;
-            stats_.accelerator.flops += 2.0 * double(T) * double(hp.rows * hp.cols);
-            stats_.bytes_to_accelerator += first ? size_t(T * K) * 4 : 0;
-            stats_.bytes_from_accelerator += size_t(T * hp.rows) * 4;
             if (trace_) {
-                if (first)
+                if (in_file.empty())
                     in_file = trace_->write(l, trace_op(p), "input", TraceDType::i32, {T, K}, gpu_->xq.data());
                 else
                     trace_->index(l, trace_op(p), "input", TraceDType::i32, {T, K}, in_file);
-                trace_->write(l, trace_op(p), "output", TraceDType::i32, {T, hp.rows}, gpu_->acc.data());
+                trace_->write(l, trace_op(p), "output", TraceDType::i32, {T, hp.rows}, acc);
             }
-            first = false;
-            dequantize_product(gpu_->acc.data(), T, hp.rows, hp.scale.data(), gpu_->xs.data(), fw.proj_output(p));
+            dequantize_product(acc, T, hp.rows, hp.scale.data(), gpu_->xs.data(), fw.proj_output(p));
+            acc += T * hp.rows;
         }
         ++stats_.crossings;
         fw.finish_stage();
@@ -344,7 +387,7 @@ void SecureSession::gpu_logits(int t0, int n, float* out) {
     gpu_->acc.resize(size_t(n) * size_t(hp.rows));
     {
         ScopedTime t{stats_.accelerator.seconds};
-        accel_->mul_mat_int(hp.handle, gpu_->xq.data(), n, gpu_->acc.data());
+        accel_->mul_mat_int(slots_[size_t(cfg_.n_layers) * kStages].handle, gpu_->xq.data(), n, gpu_->acc.data());
     }
     ++stats_.accelerator_calls;
     ++stats_.crossings;
@@ -403,19 +446,27 @@ void SecureSession::load_enclave(const ModelWeights& w) {
             device_dir = params_.key.device_dir.empty() ? tee::default_device_dir() : params_.key.device_dir;
             tee::provision_device(device_dir);
         }
-        // The trusted core's loop threads. In secureinfer mode with the CPU backend the accelerator's threads run
-        // on the same cores between the core's steps and spin briefly after each product: two pools would fight
-        // (measured: online decode 2.8x slower on 16 cores), so the core keeps to one thread there.
-        const bool shares_cores = params_.mode == SecureMode::secureinfer && !params_.accelerator &&
-                                  params_.accelerator_backend == "cpu";
-        const int enclave_threads = shares_cores ? 1 : params_.n_threads;
+        const int enclave_threads = params_.n_threads;
         if (kind == EnclaveHostKind::worker) {
             WorkerOptions o;
             o.worker_path = params_.worker_path;
             o.device_dir = device_dir;
             o.enclave_threads = enclave_threads;
             o.spin = std::chrono::microseconds(params_.worker_spin_us);
+            if (params_.pin_cpu >= CPU_SETSIZE)
+                fail(Status::invalid_argument, "pin_cpu " + std::to_string(params_.pin_cpu) + " is not a CPU number");
+            o.serve_cpu = params_.pin_cpu;
             host_ = make_worker_host(o);
+            // Pinned after the worker started: it would inherit this thread's affinity, and its loop threads need
+            // every CPU (the worker pins its own serving thread).
+            if (params_.pin_cpu >= 0) {
+                cpu_set_t set;
+                CPU_ZERO(&set);
+                CPU_SET(params_.pin_cpu, &set);
+                if (sched_setaffinity(0, sizeof set, &set) != 0)
+                    fail(Status::invalid_argument, "cannot run on CPU " + std::to_string(params_.pin_cpu) + ": " +
+                                                       std::strerror(errno));
+            }
         } else {
             host_ = make_inprocess_host(device_dir, enclave_threads);
         }
@@ -429,6 +480,13 @@ void SecureSession::load_enclave(const ModelWeights& w) {
         e.add(Tag::cfg_floats, std::vector<float>{cfg_.rope_theta, cfg_.norm_eps});
         e.scalar<uint8_t>(Tag::offload, params_.mode == SecureMode::secureinfer ? 1 : 0);
         e.scalar<uint8_t>(Tag::tied, w.tied() ? 1 : 0);
+        // In secureinfer mode with the CPU backend the accelerator's threads run on the same cores between the
+        // core's steps and spin briefly after each product: two pools would fight over single-token products
+        // (measured: online decode 2.8x slower on 16 cores, 1.6x on 2), so the core keeps those to one thread.
+        // Its multi-token products (prefill, precompute) still use every thread.
+        const bool shares_cores = params_.mode == SecureMode::secureinfer && !params_.accelerator &&
+                                  params_.accelerator_backend == "cpu";
+        e.scalar<uint8_t>(Tag::serial_decode, shares_cores ? 1 : 0);
         call(e.finish(), load_);
     }
     if (params_.package) {
@@ -520,13 +578,10 @@ void SecureSession::load_enclave(const ModelWeights& w) {
             if (off && (secret || params_.mode != SecureMode::secureinfer))
                 fail(Status::security, "the trusted core's plan offloads " + proj_tensor_name(l, p) +
                                            ", which must stay inside");
-            if (off) upload_accelerator(l, int(p), load_);
         }
-    if (plan_.back() != 0) {
-        if (classifier_secret() || params_.mode != SecureMode::secureinfer)
-            fail(Status::security, "the trusted core's plan offloads the classifier, which must stay inside");
-        upload_accelerator(cfg_.n_layers, int(kClassifierSlot), load_);
-    }
+    if (plan_.back() != 0 && (classifier_secret() || params_.mode != SecureMode::secureinfer))
+        fail(Status::security, "the trusted core's plan offloads the classifier, which must stay inside");
+    upload_slots(load_);
     set_sampler(SamplerParams{0.0f, 0, 1.0f, 0});
 }
 
@@ -637,34 +692,37 @@ std::vector<uint8_t> SecureSession::run_enclave_pass(std::span<const int32_t> to
         }
         x.resize(size_t(T) * size_t(K));
         m.copy(Tag::activations, x.data(), x.size());
-        Encoder pe(MsgType::products);
+        // products, then (offline unblinding) the sealed unit: reserved at once, header and field tags aside
+        const size_t unit_bytes = m.has(Tag::batch) ? total * 4 + 64 : 0;
+        Encoder pe(MsgType::products, total * 4 + unit_bytes + 256);
         pe.scalar<int32_t>(Tag::layer, layer);
         pe.scalar<uint8_t>(Tag::stage, stage);
         pe.scalar<uint64_t>(Tag::crossing, crossing);
         uint8_t* out = pe.reserve(Tag::products, WireType::u32, total);
-        std::string in_file;
-        bool first = true;
-        for (uint8_t p : projs) {
-            const HostProj& hp = projs_[size_t(layer) * 7 + p];
-            y.resize(size_t(T) * size_t(hp.rows));
-            {
-                ScopedTime t{stats_.accelerator.seconds};
-                accel_->mul_mat_masked(hp.handle, x.data(), T, y.data());
-            }
-            ++stats_.accelerator_calls;
-            stats_.accelerator.flops += 2.0 * double(T) * double(hp.rows * hp.cols);
-            stats_.bytes_to_accelerator += first ? x.size() * 4 : 0;
-            stats_.bytes_from_accelerator += y.size() * 4;
-            std::memcpy(out, y.data(), y.size() * 4);
-            out += y.size() * 4;
-            if (trace_) {
-                if (first)
+        const SlotWeights& sw = slot_weights(layer, stage, projs);
+        y.resize(size_t(T) * size_t(sw.rows));
+        {
+            ScopedTime t{stats_.accelerator.seconds};
+            accel_->mul_mat_masked(sw.handle, x.data(), T, y.data());
+        }
+        ++stats_.accelerator_calls;
+        stats_.accelerator.flops += 2.0 * double(T) * double(sw.rows * K);
+        stats_.bytes_to_accelerator += x.size() * 4;
+        stats_.bytes_from_accelerator += y.size() * 4;
+        std::vector<int64_t> rows;
+        for (uint8_t p : projs) rows.push_back(projs_[size_t(layer) * 7 + p].rows);
+        unstack(y.data(), T, sw.rows, rows, out);
+        if (trace_) {
+            std::string in_file;
+            for (uint8_t p : projs) {
+                const int64_t r = projs_[size_t(layer) * 7 + p].rows;
+                if (in_file.empty())
                     in_file = trace_->write(layer, op_name(layer, p), "input", TraceDType::u32, {T, K}, x.data());
                 else
                     trace_->index(layer, op_name(layer, p), "input", TraceDType::u32, {T, K}, in_file);
-                trace_->write(layer, op_name(layer, p), "output", TraceDType::u32, {T, hp.rows}, y.data());
+                trace_->write(layer, op_name(layer, p), "output", TraceDType::u32, {T, r}, out);
+                out += T * r * 4;
             }
-            first = false;
         }
         if (m.has(Tag::batch)) {
             // Offline unblinding: hand back the sealed unit the core asks for (the core authenticates it).

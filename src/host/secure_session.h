@@ -62,6 +62,10 @@ struct SecureSessionParams {
     std::string accelerator_backend = "cpu";  // make_accelerator() name: "cpu" or "cuda"
     // Worker host: busy-wait this long on each doorbell before sleeping (a core for lower latency per crossing).
     int worker_spin_us = 0;
+    // Worker host, >= 0: the thread that constructs the session and the worker's serving thread both run on this
+    // CPU only, so that the doorbells switch threads on one CPU (WorkerOptions::serve_cpu). The constructing
+    // thread keeps that affinity; it must be the thread that then calls the session. -1: no pinning.
+    int pin_cpu = -1;
     // Tensors the model declares secret, by GGUF name ("blk.0.attn_q.weight", "token_embd.weight", ...); "*" marks
     // every tensor. LoRA adapter tensors are always secret.
     std::vector<std::string> secret_tensors;
@@ -155,7 +159,11 @@ private:
     void load_gpu(const ModelWeights& w);
     void obtain_package_key();
     bool package_secret(uint32_t kind, int layer, int proj) const;
-    void upload_accelerator(int layer, int p, SessionStats& s);
+    // Uploads every offloaded (plan_) projection, one weight per crossing slot (layer, stage).
+    void upload_slots(SessionStats& s);
+    // The accelerator's weight of a crossing slot, checked against the projections a crossing names.
+    struct SlotWeights;
+    const SlotWeights& slot_weights(int layer, int stage, std::span<const uint8_t> projs) const;
     std::vector<uint8_t> run_enclave_pass(std::span<const int32_t> tokens, int output, std::span<const int32_t> targets);
     void run_gpu_pass(std::span<const int32_t> tokens);
     void gpu_logits(int t0, int n, float* out);
@@ -173,9 +181,10 @@ private:
     std::unique_ptr<TraceWriter> trace_;
     std::unique_ptr<Gpu> gpu_;
     std::vector<std::string> warnings_;
-    // host copies of the public int8 projections until they are uploaded, then the accelerator's handles
+    // host copies of the public int8 projections until they are uploaded (their scales stay)
     struct HostProj;
     std::vector<HostProj> projs_;  // [layer][7], then the classifier (layer n_layers, slot kClassifierSlot)
+    std::vector<SlotWeights> slots_;  // [layer][kStages], then the classifier's slot (layer n_layers, stage qkv)
     bool cfg_tied_ = true;
     std::vector<uint8_t> plan_;
     SessionStats stats_, load_;

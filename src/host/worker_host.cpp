@@ -175,6 +175,7 @@ void WorkerHostImpl::start() {
     if (opts_.force_secret_fallback) args.push_back("--no-memfd-secret");
     if (!opts_.device_dir.empty()) args.push_back("--device-dir=" + opts_.device_dir);
     if (opts_.enclave_threads != 1) args.push_back("--threads=" + std::to_string(std::max(0, opts_.enclave_threads)));
+    if (opts_.serve_cpu >= 0) args.push_back("--cpu=" + std::to_string(opts_.serve_cpu));
     std::vector<char*> argv, envp;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);

@@ -42,6 +42,10 @@ struct WorkerOptions {
     std::string device_dir;
     // Threads of the trusted core's parallel loops, started before the worker's seccomp filter (0: all CPUs).
     int enclave_threads = 1;
+    // >= 0: the worker's serving thread runs on this CPU only (its loop threads keep every CPU). Put the thread
+    // that calls the worker on the same CPU and a doorbell becomes a switch between two threads of one CPU
+    // instead of a wake-up of a sleeping one (an inter-processor interrupt, costly in a virtual machine).
+    int serve_cpu = -1;
 };
 
 class WorkerHost : public EnclaveHost {

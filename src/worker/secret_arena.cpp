@@ -132,14 +132,21 @@ void* SecretArena::allocate(size_t n) {
 void SecretArena::free(void* p, size_t n) {
     if (!p) return;
     auto* b = static_cast<uint8_t*>(p);
-    std::lock_guard<std::mutex> lock(mu_);
     if (b < base_ || b >= base_ + size_) std::abort();
     const size_t off = size_t(b - base_);
-    auto u = used_.find(off);
-    if (u == used_.end() || round_up(n == 0 ? 1 : n, kAlign) != u->second) std::abort();
-    size_t start = off, len = u->second;
-    used_.erase(u);
+    size_t len = 0;
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto u = used_.find(off);
+        if (u == used_.end() || round_up(n == 0 ? 1 : n, kAlign) != u->second) std::abort();
+        len = u->second;
+        used_.erase(u);
+    }
+    // Zeroed outside the lock (the core frees large buffers from several threads): the block is in neither map
+    // meanwhile, so it can be neither handed out nor freed twice.
     secure_zero(b, len);
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t start = off;
     // Coalesce with both neighbours so large buffers can be allocated again after churn.
     auto next = free_.lower_bound(off);
     if (next != free_.end() && next->first == off + len) {

@@ -9,12 +9,15 @@
 // The host is the adversary here: everything read from the ring is read once and bounds-checked before use, and
 // requests are copied into private memory before the trusted core sees them (as SGX's [in] buffers are).
 #include <fcntl.h>
+#include <signal.h>
 #include <grp.h>
+#include <sched.h>
 #include <seccomp.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <openssl/crypto.h>
@@ -56,6 +59,7 @@ struct Args {
     bool try_memfd_secret = true;
     std::string device_dir;  // the software TEE's device files; empty: no attestation or sealing
     int threads = 1;         // the trusted core's loop threads (0: all CPUs)
+    int cpu = -1;            // >= 0: the serving thread's only CPU
 };
 
 void say(const std::string& line) {
@@ -94,6 +98,7 @@ Args parse_args(int argc, char** argv) {
         else if (key == "--ring-fd" && v <= 1024) a.ring_fd = int(v);
         else if (key == "--secret-bytes" && v > 0) a.secret_bytes = size_t(v);
         else if (key == "--spin-ns" && v <= 1000000000ull) a.spin_ns = v;
+        else if (key == "--cpu" && v < CPU_SETSIZE) a.cpu = int(v);
         else if (key == "--uid" && v < 0xffffffffull) a.uid = uid_t(v);
         else if (key == "--gid" && v < 0xffffffffull) a.gid = gid_t(v);
         else if (key == "--threads" && v <= 1024) a.threads = int(v);
@@ -204,9 +209,28 @@ void warm_up_openssl() {
     OPENSSL_cleanse(b, sizeof b);
 }
 
-// The allow-list for the serving loop. Anything else kills the process (SIGSYS), which the host reports.
+// A call outside the allow-list traps here: the handler names the call on stderr (async-signal-safe: write, getpid,
+// gettid and tgkill are allowed) and the process then dies of SIGSYS, which the host reports.
+void on_forbidden_syscall(int, siginfo_t* info, void*) {
+    char msg[] = "secureinfer-worker: forbidden system call 0000000000, stopping\n";
+    char* digits = msg + sizeof("secureinfer-worker: forbidden system call ") - 1;
+    unsigned v = unsigned(info->si_syscall);
+    for (int i = 9; i >= 0; --i, v /= 10) digits[i] = char('0' + v % 10);
+    [[maybe_unused]] ssize_t n = write(2, msg, sizeof msg - 1);
+    // SA_RESETHAND restored the default action and SA_NODEFER left SIGSYS unblocked: this kills the process.
+    syscall(SYS_tgkill, getpid(), syscall(SYS_gettid), SIGSYS);
+    _exit(128 + SIGSYS);
+}
+
+// The allow-list for the serving loop. Anything else traps (on_forbidden_syscall) and kills the process (SIGSYS),
+// which the host reports.
 std::string install_seccomp() {
-    scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_KILL_PROCESS);
+    struct sigaction sa {};
+    sa.sa_sigaction = on_forbidden_syscall;
+    sa.sa_flags = SA_SIGINFO | SA_RESETHAND | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGSYS, &sa, nullptr) != 0) return std::string("cannot install the SIGSYS handler: ") + std::strerror(errno);
+    scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_TRAP);
     if (!ctx) return "seccomp_init failed";
     int rc = 0;
     auto allow = [&](int nr) {
@@ -248,6 +272,21 @@ std::string install_seccomp() {
     return rc == 0 ? "" : std::string("cannot install the seccomp filter: ") + std::strerror(-rc);
 }
 
+// What the core's loops may do on a pool thread, done once on each before the seccomp filter: the thread's malloc
+// arena (glibc sizes arenas by counting CPUs, through files) and OpenSSL's per-thread state, as sealing
+// precomputed unblinding factors in parallel uses AES-256-GCM from these threads.
+void warm_up_thread() {
+    void* p = std::malloc(size_t(1) << 20);
+    if (p) std::memset(p, 0, size_t(1) << 20);
+    std::free(p);
+    uint8_t key[32], iv[12], plain[64] = {}, sealed[64 + 16];
+    RAND_bytes(key, sizeof key);
+    RAND_bytes(iv, sizeof iv);
+    si::pkg::gcm_seal(key, iv, {}, plain, sizeof plain, sealed);
+    (void)si::pkg::gcm_open(key, iv, {}, sealed, sizeof plain, plain);
+    OPENSSL_cleanse(key, sizeof key);
+}
+
 // The trusted core's parallel loops run on a pool started before the seccomp filter (which admits no clone; the
 // filter is synchronised onto these threads too).
 constexpr int kEnclaveSpin = 2000;  // the core's loops are rare and long: its threads sleep soon after each
@@ -269,10 +308,9 @@ int32_t checked_status(int rc) {
 
 void serve(ring::Header& h, uint8_t* base, const ring::Layout& l, si_enclave* enclave, std::chrono::nanoseconds spin,
            pid_t host) {
-    // Private copies of request and response: the host cannot change a request while the core reads it, nor
-    // see the core's work in progress. Reserved once at full size; pages are committed as messages touch them.
-    std::unique_ptr<uint8_t[]> req(new uint8_t[l.request_capacity ? l.request_capacity : 1]);
-    std::unique_ptr<uint8_t[]> resp(new uint8_t[l.response_capacity ? l.response_capacity : 1]);
+    // The ECALL works as SGX's marshalling does: si_ecall_process copies the request into the core's secret memory
+    // before reading it (so the host cannot change it under the core) and writes the finished response at the end.
+    // The shared areas are therefore handed to it directly, without private copies on this side.
     uint8_t* const shm_req = base + l.request_offset;
     uint8_t* const shm_resp = base + l.response_offset;
 
@@ -299,20 +337,17 @@ void serve(ring::Header& h, uint8_t* base, const ring::Layout& l, si_enclave* en
             error = "request length " + std::to_string(len) + " exceeds the ring's request area of " +
                     std::to_string(l.request_capacity) + " bytes";
         } else {
-            std::memcpy(req.get(), shm_req, len);
-            resp[0] = 0;
+            if (l.response_capacity) shm_resp[0] = 0;
             size_t rlen = 0;
-            const int rc = si_ecall_process(enclave, req.get(), len, resp.get(), l.response_capacity, &rlen);
+            const int rc = si_ecall_process(enclave, shm_req, len, shm_resp, l.response_capacity, &rlen);
             if (rc == 0 && rlen <= l.response_capacity) {
-                std::memcpy(shm_resp, resp.get(), rlen);
                 out_len = rlen;
             } else if (rc == 0) {
                 status = int32_t(si::Status::internal);
                 error = "trusted core reported a response larger than its buffer";
             } else {
                 status = checked_status(rc);
-                out_len = strnlen(reinterpret_cast<const char*>(resp.get()), l.response_capacity);
-                std::memcpy(shm_resp, resp.get(), out_len);
+                out_len = strnlen(reinterpret_cast<const char*>(shm_resp), l.response_capacity);
             }
         }
         if (!error.empty()) {
@@ -378,13 +413,26 @@ int main(int argc, char** argv) {
     warm_up_openssl();
     // Started, and running, before the seccomp filter (ThreadPool returns once every thread runs).
     std::unique_ptr<si::ThreadPool> pool;
-    if (args.threads != 1) pool = std::make_unique<si::ThreadPool>(args.threads, kEnclaveSpin);
+    if (args.threads != 1) {
+        pool = std::make_unique<si::ThreadPool>(args.threads, kEnclaveSpin);
+        pool->run_on_each_thread(warm_up_thread);
+    }
     const si_ocall_table ocalls{log_ocall, pool.get(), pool ? parallel_for_ocall : nullptr};
     si_enclave* enclave = nullptr;
     const int rc = si_ecall_create_ex(&ocalls, platform ? platform->get() : nullptr, &enclave);
     if (rc != 0 || !enclave)
         fail_start(h, si::Status(checked_status(rc ? rc : int(si::Status::internal))),
                    "trusted core failed to start (si_ecall_create returned " + std::to_string(rc) + ")");
+
+    // After the loop threads started (they keep every CPU), before the filter (which admits no affinity call).
+    if (args.cpu >= 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(args.cpu, &set);
+        if (sched_setaffinity(0, sizeof set, &set) != 0)
+            fail_start(h, si::Status::invalid_argument,
+                       "cannot run on CPU " + std::to_string(args.cpu) + ": " + std::strerror(errno));
+    }
 
     if (const std::string err = install_seccomp(); !err.empty()) fail_start(h, si::Status::security, err);
 
