@@ -108,6 +108,21 @@ TEST(Cli, HelpAndUsageErrors) {
     usage({"run", "-m", kModel, "-n", "abc"}, "-n");
     usage({"tokenize", "-p", "x"}, "exactly one of --model and --tokenizer");
     usage({"perplexity", "-m", kModel, "-f", "x", "--ctx", "100000"}, "exceeds the model's context");
+    usage({"run", "-m", kModel, "--pin-cpu", "5000"}, "must be auto, off, -1 or a CPU number below 1024");
+    usage({"bench", "--pin-cpu", "first"}, "--pin-cpu");
+}
+
+// The secure preset with its worker pinned to a CPU, or not: the same text.
+TEST(Cli, PinnedWorkerRunsTheSameText) {
+    std::string want;
+    for (const char* pin : {"off", "0", "auto"}) {
+        const auto r = run_cli({"run", "-m", kModel, "--tokenizer", kTok, "-n", "48", "--temp", "0", "--mode",
+                                "secureinfer", "--host", "worker", "--pin-cpu", pin});
+        ASSERT_EQ(r.exit_code, 0) << pin << ": " << r.err;
+        if (want.empty()) want = r.out;
+        EXPECT_EQ(r.out, want) << pin;
+    }
+    EXPECT_EQ(want.rfind("Once upon a time, there was a little girl named Lily.", 0), 0u) << want;
 }
 
 TEST(Cli, BadFilesFailWithNamedErrors) {

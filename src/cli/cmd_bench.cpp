@@ -112,7 +112,8 @@ Runner add_bench(CLI::App& app) {
         std::vector<std::string> weights{"f32", "int8"};
         std::vector<std::string> modes{"plain"};
         std::string host = "worker";
-        int n_prompt = 512, n_gen = 128, reps = 3, threads = 0, spin_us = 0, pin_cpu = -1;
+        int n_prompt = 512, n_gen = 128, reps = 3, threads = 0, spin_us = 0;
+        std::string pin_cpu = "auto";
     };
     auto o = std::make_shared<Opts>();
     sub->add_option("-m,--model", o->model, "model file (default: a random-weight model of --shape)");
@@ -131,9 +132,10 @@ Runner add_bench(CLI::App& app) {
     sub->add_option("--spin-us", o->spin_us, "worker host: busy-wait this many microseconds on each doorbell before "
                                              "sleeping (default 0: never spin)")
         ->check(CLI::Range(0, 1000000));
-    sub->add_option("--pin-cpu", o->pin_cpu, "worker host: run this thread and the worker's serving thread on this CPU "
-                                              "only (-1: no pinning)")
-        ->check(CLI::Range(-1, 1023));
+    sub->add_option("--pin-cpu", o->pin_cpu, "worker host: run this thread and the worker's serving thread on one CPU: "
+                                              "auto (default: for the cuda backend's presets, the CPU it starts on), "
+                                              "off, or a CPU number")
+        ->check(pin_cpu_validator());
     sub->add_option("--json", o->json, "also write the results as JSON to this file");
     sub->add_option("--plot", o->plot, "write an SVG of the presets' decode latency per domain to this file");
     return [o]() -> int {
@@ -188,7 +190,7 @@ Runner add_bench(CLI::App& app) {
                 sp.host = o->host == "inprocess" ? EnclaveHostKind::inprocess : EnclaveHostKind::worker;
                 sp.accelerator_backend = b;
                 sp.worker_spin_us = o->spin_us;
-                sp.pin_cpu = o->pin_cpu;
+                sp.pin_cpu = resolve_pin_cpu(o->pin_cpu, b);
                 runs.push_back({m + " int8", b, sp.mode, nullptr, std::make_unique<SecureSession>(w, sp), {}, {}, {},
                                 offline, {}});
             }

@@ -22,7 +22,7 @@ struct ModelOptions {
     // partition preset and its options
     std::string mode = "secureinfer", host = "auto", secret, trace, backend = "cpu";
     int spin_us = 0;
-    int pin_cpu = -1;
+    std::string pin_cpu = "auto";
     bool insecure = false, stats = false;
     CLI::Option* weights_opt = nullptr;
     // protected packages (docs/PACKAGES.md)
@@ -68,9 +68,10 @@ struct ModelOptions {
                                               "default 0)")
             ->check(CLI::Range(0, 1000000));
         sub->add_option("--pin-cpu", pin_cpu, "worker host: run this process's thread and the worker's serving thread "
-                                              "on this CPU only (doorbells then switch threads on one CPU; default -1: "
-                                              "no pinning)")
-            ->check(CLI::Range(-1, 1023));
+                                              "on one CPU, so that doorbells switch threads instead of waking a "
+                                              "sleeping CPU: auto (default: with --backend cuda, the CPU it starts "
+                                              "on), off, or a CPU number")
+            ->check(pin_cpu_validator());
         sub->add_flag("--insecure", insecure, "gpu-only: run a model with secret tensors anyway (benchmarking only)");
         sub->add_option("--secret", secret, "comma-separated tensor names to treat as secret, e.g. "
                                             "blk.0.attn_q.weight ('*': every tensor), in addition to those the "
@@ -122,7 +123,7 @@ struct ModelOptions {
         p.sealed_key_path = sealed_key.empty() ? nullptr : sealed_key.c_str();
         p.accelerator = backend.c_str();
         p.worker_spin_us = spin_us;
-        p.pin_cpu = pin_cpu;
+        p.pin_cpu = resolve_pin_cpu(pin_cpu, backend);
         return p;
     }
     const std::string& path() const { return package.empty() ? model : package; }

@@ -6,6 +6,7 @@
 #include <cstdio>
 
 #include "cli/cli.h"
+
 #include "common/error.h"
 #include "common/threadpool.h"
 #include "engine/random_model.h"
@@ -13,17 +14,6 @@
 #include "host/secure_session.h"
 
 namespace si::cli {
-
-void progress_bar(const char* label, int done, int total) {
-    constexpr int kWidth = 40;
-    const int fill = total > 0 ? int(int64_t(kWidth) * done / total) : kWidth;
-    char bar[kWidth + 1];
-    for (int i = 0; i < kWidth; ++i) bar[i] = i < fill ? '#' : ' ';
-    bar[kWidth] = '\0';
-    std::fprintf(stderr, "\r%s: [%s] %d/%d", label, bar, done, total);
-    if (done >= total) std::fputc('\n', stderr);
-    std::fflush(stderr);
-}
 
 Runner add_precompute(CLI::App& app) {
     auto* sub = app.add_subcommand("precompute", "precompute sealed unblinding factors (secureinfer, offline) and "

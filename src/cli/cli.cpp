@@ -1,0 +1,43 @@
+// Helpers shared by the commands (cli.h).
+#include "cli/cli.h"
+
+#include <sched.h>
+
+#include <cstdint>
+#include <cstdio>
+
+namespace si::cli {
+
+int resolve_pin_cpu(const std::string& value, const std::string& backend) {
+    if (value == "off" || value == "-1") return -1;
+    if (value == "auto") {
+        if (backend != "cuda") return -1;
+        const int cpu = sched_getcpu();
+        return cpu >= 0 ? cpu : -1;
+    }
+    return std::stoi(value);  // checked by pin_cpu_validator
+}
+
+CLI::Validator pin_cpu_validator() {
+    return CLI::Validator(
+        [](std::string& v) -> std::string {
+            if (v == "auto" || v == "off" || v == "-1") return "";
+            if (!v.empty() && v.size() <= 4 && v.find_first_not_of("0123456789") == std::string::npos && std::stoi(v) < 1024)
+                return "";
+            return "must be auto, off, -1 or a CPU number below 1024, not '" + v + "'";
+        },
+        "auto|off|CPU");
+}
+
+void progress_bar(const char* label, int done, int total) {
+    constexpr int kWidth = 40;
+    const int fill = total > 0 ? int(int64_t(kWidth) * done / total) : kWidth;
+    char bar[kWidth + 1];
+    for (int i = 0; i < kWidth; ++i) bar[i] = i < fill ? '#' : ' ';
+    bar[kWidth] = '\0';
+    std::fprintf(stderr, "\r%s: [%s] %d/%d", label, bar, done, total);
+    if (done >= total) std::fputc('\n', stderr);
+    std::fflush(stderr);
+}
+
+}  // namespace si::cli
