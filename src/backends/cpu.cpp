@@ -12,11 +12,11 @@
 #include <algorithm>
 #include <memory>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include "backends/accelerator.h"
 #include "common/error.h"
+#include "backends/weight_table.h"
 #include "common/matmul.h"
 #include "common/qgemm.h"
 #include "common/threadpool.h"
@@ -58,29 +58,26 @@ public:
     }
 
     WeightHandle upload_i8(const int8_t* W, int64_t N, int64_t K) override {
-        check_shape(W, N, K);
+        weights_.check_shape(W, N, K);
         auto w = std::make_unique<CpuWeight>();
         w->type = DType::i8;
         w->N = N;
         w->K = K;
         w->i8 = PackedI8::pack(W, N, K);
-        return add(std::move(w));
+        return weights_.add(std::move(w));
     }
 
     WeightHandle upload_f32(const float* W, int64_t N, int64_t K) override {
-        check_shape(W, N, K);
+        weights_.check_shape(W, N, K);
         auto w = std::make_unique<CpuWeight>();
         w->type = DType::f32;
         w->N = N;
         w->K = K;
         w->f32.assign(W, W + N * K);
-        return add(std::move(w));
+        return weights_.add(std::move(w));
     }
 
-    void release(WeightHandle& h) override {
-        if (h.id != 0) weights_.erase(h.id);
-        h = WeightHandle{};
-    }
+    void release(WeightHandle& h) override { weights_.release(h); }
 
     void mul_mat_masked(const WeightHandle& h, const uint32_t* X, int64_t T, uint32_t* Y) override {
         const CpuWeight& w = lookup(h, AccelOp::mul_mat_masked, T, X, Y);
@@ -110,33 +107,12 @@ public:
     }
 
 private:
-    static void check_shape(const void* W, int64_t N, int64_t K) {
-        if (!W || N < 1 || K < 1 || N > kMaxDim || K > kMaxDim || N > (int64_t(1) << 40) / K)
-            fail(Status::invalid_argument, "cpu backend: bad weight shape " + std::to_string(N) + "x" + std::to_string(K));
-    }
-
-    WeightHandle add(std::unique_ptr<CpuWeight> w) {
-        const WeightHandle h{++next_id_, w->type, w->N, w->K};
-        weights_.emplace(h.id, std::move(w));
-        return h;
-    }
-
     const CpuWeight& lookup(const WeightHandle& h, AccelOp op, int64_t T, const void* X, const void* Y) const {
-        const auto it = weights_.find(h.id);
-        if (it == weights_.end()) fail(Status::invalid_argument, "cpu backend: unknown weight handle");
-        const CpuWeight& w = *it->second;
-        if (h.type != w.type || h.rows != w.N || h.cols != w.K)
-            fail(Status::invalid_argument, "cpu backend: weight handle does not match its weight");
-        if (!supports(op, w.type))
-            fail(Status::unsupported, std::string("cpu backend: ") + op_name(op) + " on " + dtype_name(w.type) + " weights");
-        if (T < 0 || (T > 0 && (!X || !Y)) || T > kMaxDim / std::max(w.N, w.K))
-            fail(Status::invalid_argument, std::string("cpu backend: ") + op_name(op) + ": bad activations");
-        return w;
+        return weights_.lookup(*this, h, op, T, X, Y);
     }
 
     ThreadPool* pool_;
-    uint64_t next_id_ = 0;
-    std::unordered_map<uint64_t, std::unique_ptr<CpuWeight>> weights_;
+    WeightTable<CpuWeight> weights_{"cpu", kMaxDim};
 };
 
 }  // namespace

@@ -25,10 +25,10 @@
 #include <cstring>
 #include <memory>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include "backends/accelerator.h"
+#include "backends/weight_table.h"
 #include "common/error.h"
 
 namespace si {
@@ -246,7 +246,7 @@ public:
     }
 
     WeightHandle upload_i8(const int8_t* W, int64_t N, int64_t K) override {
-        check_shape(W, N, K);
+        weights_.check_shape(W, N, K);
         auto w = std::make_unique<CudaWeight>();
         w->type = DType::i8;
         w->N = N;
@@ -261,11 +261,11 @@ public:
         row_sums<<<unsigned((N + 127) / 128), 128, 0, stream_>>>(w->i8.ptr, w->rowsum.ptr, int(N), w->Kp);
         SI_CUDA_CHECK(cudaGetLastError());
         SI_CUDA_CHECK(cudaStreamSynchronize(stream_));  // W may be freed by the caller on return
-        return add(std::move(w));
+        return weights_.add(std::move(w));
     }
 
     WeightHandle upload_f32(const float* W, int64_t N, int64_t K) override {
-        check_shape(W, N, K);
+        weights_.check_shape(W, N, K);
         auto w = std::make_unique<CudaWeight>();
         w->type = DType::f32;
         w->N = N;
@@ -273,13 +273,10 @@ public:
         w->f32.alloc(size_t(N * K));
         SI_CUDA_CHECK(cudaMemcpyAsync(w->f32.ptr, W, size_t(N * K) * sizeof(float), cudaMemcpyHostToDevice, stream_));
         SI_CUDA_CHECK(cudaStreamSynchronize(stream_));
-        return add(std::move(w));
+        return weights_.add(std::move(w));
     }
 
-    void release(WeightHandle& h) override {
-        if (h.id != 0) weights_.erase(h.id);
-        h = WeightHandle{};
-    }
+    void release(WeightHandle& h) override { weights_.release(h); }
 
     void mul_mat_masked(const WeightHandle& h, const uint32_t* X, int64_t T, uint32_t* Y) override {
         const CudaWeight& w = lookup(h, AccelOp::mul_mat_masked, T, X, Y);
@@ -392,35 +389,14 @@ private:
         return true;
     }
 
-    static void check_shape(const void* W, int64_t N, int64_t K) {
-        if (!W || N < 1 || K < 1 || N > kMaxDim || K > kMaxDim || N > (int64_t(1) << 40) / K)
-            fail(Status::invalid_argument, "cuda backend: bad weight shape " + std::to_string(N) + "x" + std::to_string(K));
-    }
-
-    WeightHandle add(std::unique_ptr<CudaWeight> w) {
-        const WeightHandle h{++next_id_, w->type, w->N, w->K};
-        weights_.emplace(h.id, std::move(w));
-        return h;
-    }
-
     const CudaWeight& lookup(const WeightHandle& h, AccelOp op, int64_t T, const void* X, const void* Y) const {
-        const auto it = weights_.find(h.id);
-        if (it == weights_.end()) fail(Status::invalid_argument, "cuda backend: unknown weight handle");
-        const CudaWeight& w = *it->second;
-        if (h.type != w.type || h.rows != w.N || h.cols != w.K)
-            fail(Status::invalid_argument, "cuda backend: weight handle does not match its weight");
-        if (!supports(op, w.type))
-            fail(Status::unsupported, std::string("cuda backend: ") + op_name(op) + " on " + dtype_name(w.type) + " weights");
-        if (T < 0 || (T > 0 && (!X || !Y)) || T > kMaxDim / std::max(w.N, w.K + 16))
-            fail(Status::invalid_argument, std::string("cuda backend: ") + op_name(op) + ": bad activations");
-        return w;
+        return weights_.lookup(*this, h, op, T, X, Y);
     }
 
     cudaStream_t stream_ = nullptr;
     cublasHandle_t blas_ = nullptr;
     bool planes_ok_ = true;
-    uint64_t next_id_ = 0;
-    std::unordered_map<uint64_t, std::unique_ptr<CudaWeight>> weights_;
+    WeightTable<CudaWeight> weights_{"cuda", kMaxDim, 16};  // activation buffers carry K + 16 columns
     DeviceBuffer<uint32_t> dx_u32_, dy_u32_;
     DeviceBuffer<int8_t> dplanes_;
     DeviceBuffer<int32_t> dz_;

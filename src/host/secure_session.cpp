@@ -1,7 +1,6 @@
 #include "host/secure_session.h"
 
 #include <sched.h>
-
 #include <unistd.h>
 
 #include <algorithm>
