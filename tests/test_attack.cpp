@@ -29,31 +29,15 @@ using namespace si::attack;
 
 namespace {
 
-const ModelWeights& stories() {
-    static const ModelWeights w = load_llama2c(test::shared("models/stories260K.bin"));
-    return w;
-}
+using test::stories;
 
 // A random LoRA adapter on every projection (B != 0), with a delta of a few percent of the base weights, like a
 // trained one.
 train::LoraAdapter random_adapter(const ModelConfig& cfg, int rank, uint64_t seed, float magnitude = 0.05f) {
-    train::LoraAdapter ad;
-    ad.alpha = float(rank);
     SplitMix rng(seed);
-    for (int l = 0; l < cfg.n_layers; ++l)
-        for (Proj p : kAllProj) {
-            const ProjShape s = proj_shape(cfg, p);
-            train::LoraTensor t;
-            t.layer = l;
-            t.proj = p;
-            t.rank = rank;
-            t.a.resize(size_t(rank * s.cols));
-            t.b.resize(size_t(s.rows * rank));
-            for (auto& v : t.a) v = float(rng.normal() / std::sqrt(double(s.cols)));
-            for (auto& v : t.b) v = float(magnitude * rng.normal());
-            ad.tensors.push_back(std::move(t));
-        }
-    return ad;
+    return test::lora_on_every_projection(
+        cfg, rank, float(rank), [&](const ProjShape& s) { return float(rng.normal() / std::sqrt(double(s.cols))); },
+        [&](const ProjShape&) { return float(magnitude * rng.normal()); });
 }
 
 std::vector<std::vector<int32_t>> token_prompts(int count, int len, uint64_t seed) {

@@ -37,10 +37,7 @@ std::vector<int32_t> greedy(Engine& e, std::vector<int32_t> prompt, int n) {
     return out;
 }
 
-const ModelWeights& stories() {
-    static const ModelWeights w = load_llama2c(test::shared("models/stories260K.bin"));
-    return w;
-}
+using test::stories;
 
 }  // namespace
 

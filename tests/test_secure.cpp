@@ -45,10 +45,7 @@ namespace {
 
 const std::vector<int32_t> kGolden = {403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338};
 
-const ModelWeights& stories() {
-    static const ModelWeights w = load_llama2c(test::shared("models/stories260K.bin"));
-    return w;
-}
+using test::stories;
 
 // A small random model for the many-trial tests: GQA, untied classifier.
 const ModelWeights& tiny() {
@@ -108,22 +105,8 @@ std::vector<int32_t> greedy(SecureSession& s, const std::vector<int32_t>& prompt
 train::LoraAdapter random_lora(const ModelConfig& cfg, uint64_t seed, int rank = 4) {
     std::mt19937_64 rng(seed);
     std::normal_distribution<float> nd(0.0f, 0.15f);
-    train::LoraAdapter ad;
-    ad.alpha = float(2 * rank);  // tensor scale = user scale * alpha / rank = 2
-    for (int l = 0; l < cfg.n_layers; ++l)
-        for (Proj p : kAllProj) {
-            const ProjShape s = proj_shape(cfg, p);
-            train::LoraTensor t;
-            t.layer = l;
-            t.proj = p;
-            t.rank = rank;
-            t.a.resize(size_t(rank * s.cols));
-            t.b.resize(size_t(s.rows * rank));
-            for (auto& v : t.a) v = nd(rng);
-            for (auto& v : t.b) v = nd(rng);
-            ad.tensors.push_back(std::move(t));
-        }
-    return ad;
+    const test::LoraDraw draw = [&](const ProjShape&) { return nd(rng); };
+    return test::lora_on_every_projection(cfg, rank, float(2 * rank), draw, draw);  // scale alpha / rank = 2
 }
 
 // Forwards to the CPU backend; alters one value of the `target`-th product (counting from 0).

@@ -26,10 +26,7 @@ using namespace si::train;
 
 namespace {
 
-const ModelWeights& stories() {
-    static const ModelWeights w = load_llama2c(test::shared("models/stories260K.bin"));
-    return w;
-}
+using test::stories;
 
 const Tokenizer& stories_tok() {
     static const Tokenizer t(load_vocab_file(test::shared("models/tok512.bin")), "tok512.bin");
@@ -235,24 +232,10 @@ bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
 
 // Random LoRA factors (B != 0) for every projection of stories260K.
 LoraAdapter random_adapter(int rank, float alpha, uint64_t seed) {
-    LoraAdapter ad;
-    ad.alpha = alpha;
     std::mt19937_64 rng(seed);
     std::normal_distribution<float> n(0.0f, 0.05f);
-    for (int l = 0; l < stories().cfg.n_layers; ++l)
-        for (Proj p : kAllProj) {
-            const auto [out, in] = proj_shape(stories().cfg, p);
-            LoraTensor t;
-            t.layer = l;
-            t.proj = p;
-            t.rank = rank;
-            t.a.resize(size_t(rank * in));
-            t.b.resize(size_t(out * rank));
-            for (auto& x : t.a) x = n(rng);
-            for (auto& x : t.b) x = n(rng);
-            ad.tensors.push_back(std::move(t));
-        }
-    return ad;
+    const test::LoraDraw draw = [&](const ProjShape&) { return n(rng); };
+    return test::lora_on_every_projection(stories().cfg, rank, alpha, draw, draw);
 }
 
 }  // namespace

@@ -12,9 +12,36 @@
 
 #include <gtest/gtest.h>
 
+#include "formats/llama2c.h"
+
 namespace si::test {
 
 std::string shared(const std::string& rel) { return std::string(SI_SHARED_DIR) + "/" + rel; }
+
+const ModelWeights& stories() {
+    static const ModelWeights w = load_llama2c(shared("models/stories260K.bin"));
+    return w;
+}
+
+train::LoraAdapter lora_on_every_projection(const ModelConfig& cfg, int rank, float alpha, const LoraDraw& draw_a,
+                                            const LoraDraw& draw_b) {
+    train::LoraAdapter ad;
+    ad.alpha = alpha;
+    for (int l = 0; l < cfg.n_layers; ++l)
+        for (Proj p : kAllProj) {
+            const ProjShape s = proj_shape(cfg, p);
+            train::LoraTensor t;
+            t.layer = l;
+            t.proj = p;
+            t.rank = rank;
+            t.a.resize(size_t(rank * s.cols));
+            t.b.resize(size_t(s.rows * rank));
+            for (auto& v : t.a) v = draw_a(s);
+            for (auto& v : t.b) v = draw_b(s);
+            ad.tensors.push_back(std::move(t));
+        }
+    return ad;
+}
 
 std::string scratch_dir() {
     const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();

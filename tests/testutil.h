@@ -1,7 +1,11 @@
 // Helpers shared by the tests: paths to ../shared data, a scratch directory, and running the CLI.
 #pragma once
+#include <functional>
 #include <string>
 #include <vector>
+
+#include "common/model.h"
+#include "train/lora.h"
 
 namespace si::test {
 
@@ -19,5 +23,14 @@ struct CliResult {
 };
 // Runs the secureinfer CLI with the given arguments (no shell), capturing stdout and stderr.
 CliResult run_cli(const std::vector<std::string>& args, const std::string& stdin_data = "");
+
+// The shared stories260K model, loaded once.
+const ModelWeights& stories();
+
+// A LoRA adapter of rank `rank` on every projection of every layer. Projection after projection (layer, then
+// si::kAllProj order), A [rank][cols] is filled with draw_a(its shape), then B [rows][rank] with draw_b(its shape).
+using LoraDraw = std::function<float(const ProjShape&)>;
+train::LoraAdapter lora_on_every_projection(const ModelConfig& cfg, int rank, float alpha, const LoraDraw& draw_a,
+                                            const LoraDraw& draw_b);
 
 }  // namespace si::test

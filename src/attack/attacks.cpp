@@ -413,6 +413,15 @@ double a4_distinguish(const std::vector<Mat>& passes, const std::vector<int>& la
 
 namespace {
 
+// One alteration of a product word, by kind: an added offset, a flipped bit, a +-1 change (delta != 0).
+void alter_word(uint32_t& w, uint64_t kind, uint32_t delta) {
+    switch (kind % 3) {
+        case 0: w += delta; break;
+        case 1: w ^= uint32_t(1) << (delta % 32); break;
+        default: w += (delta & 1) ? 1u : ~0u; break;
+    }
+}
+
 // Alters one chosen product of the masked offload (the production path's only accelerator op).
 class TamperingAccelerator final : public Accelerator {
 public:
@@ -447,11 +456,7 @@ public:
             std::copy(previous.begin(), previous.end(), Y);
             return;
         }
-        switch (kind % 3) {
-            case 0: Y[i] += delta; break;
-            case 1: Y[i] ^= uint32_t(1) << (delta % 32); break;
-            default: Y[i] += (delta & 1) ? 1u : ~0u; break;
-        }
+        alter_word(Y[i], kind, delta);
     }
 
 private:
@@ -496,15 +501,19 @@ TamperResult a8_tamper(Scheme scheme, const ModelWeights& base, const train::Lor
     };
     std::vector<int32_t> reference;
     int64_t products = 0;
-    if (scheme == Scheme::s5) {
+    // S5: the production session, its accelerator replaced by one that tampers
+    auto s5_params = [&](std::shared_ptr<Accelerator> acc) {
         SecureSessionParams p;
         p.mode = SecureMode::secureinfer;
         p.lora = adapter;
         p.n_threads = 1;
         p.host = options.host;
+        p.accelerator = std::move(acc);
+        return p;
+    };
+    if (scheme == Scheme::s5) {
         auto acc = std::make_shared<TamperingAccelerator>(-1, 0);
-        p.accelerator = acc;
-        SecureSession s(base, p);
+        SecureSession s(base, s5_params(acc));
         res.isolation = s.isolation();
         int f = -1;
         if (greedy_s5(s, reference, f) != Status::ok) fail(Status::internal, "A8: the untampered reference run failed");
@@ -537,22 +546,14 @@ TamperResult a8_tamper(Scheme scheme, const ModelWeights& base, const train::Lor
             }
         }
     } quiet;
-    const int64_t per_step_guess = products / steps;  // decode steps after the first have this many or fewer
-    (void)per_step_guess;
     for (int trial = 0; trial < trials; ++trial) {
         const int64_t target = int64_t(rng.below(uint64_t(products)));
         const uint64_t tseed = rng.next();
         ++res.trials;
         std::vector<int32_t> released;
         if (scheme == Scheme::s5) {
-            SecureSessionParams p;
-            p.mode = SecureMode::secureinfer;
-            p.lora = adapter;
-            p.n_threads = 1;
-            p.host = options.host;
             auto acc = std::make_shared<TamperingAccelerator>(target, tseed);
-            p.accelerator = acc;
-            SecureSession s(base, p);
+            SecureSession s(base, s5_params(acc));
             int fail_step = -1;
             const Status st = greedy_s5(s, released, fail_step);
             if (acc->tampered()) ++res.tampered;
@@ -579,11 +580,7 @@ TamperResult a8_tamper(Scheme scheme, const ModelWeights& base, const train::Lor
                 const size_t i = size_t(trng.below(n));
                 uint32_t delta = 0;
                 while (delta == 0) delta = uint32_t(trng.next());
-                switch (trng.below(3)) {
-                    case 0: words[i] += delta; break;
-                    case 1: words[i] ^= uint32_t(1) << (delta % 32); break;
-                    default: words[i] += (delta & 1) ? 1u : ~0u; break;
-                }
+                alter_word(words[i], trng.below(3), delta);
             });
             try {
                 greedy_weak(s, released);

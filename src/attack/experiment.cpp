@@ -8,6 +8,7 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <sstream>
 
 #include "common/error.h"
@@ -18,35 +19,42 @@ namespace si::attack {
 
 namespace fs = std::filesystem;
 
-const char* attack_name(Attack a) {
-    switch (a) {
-        case Attack::a1: return "A1";
-        case Attack::a2: return "A2";
-        case Attack::a3: return "A3";
-        case Attack::a4: return "A4";
-        case Attack::a5: return "A5";
-        case Attack::a6: return "A6";
-        case Attack::a7: return "A7";
-        case Attack::a8: return "A8";
-    }
-    return "?";
-}
+namespace {
+// Per attack, in enum order: its name, what it does, the metric it reports, which way that metric leaks, and the
+// value at which a scheme counts as broken.
+struct AttackInfo {
+    const char* name;
+    const char* description;
+    const char* metric;
+    const char* direction;
+    double threshold;
+};
+constexpr AttackInfo kAttacks[] = {
+    {"A1", "alignment of offloaded weights with the public base (Hungarian matching, scale fit)", "delta cosine rho",
+     "higher leaks more", 0.9},
+    {"A2", "least-squares regression of the offloaded map from boundary inputs and outputs", "delta cosine rho",
+     "higher leaks more", 0.9},
+    {"A3", "mask hygiene: repeated masks within and across sessions", "mask repeat rate", "higher leaks more", 0.01},
+    {"A4", "distinguishing the masked activations of two chosen prompts (logistic regression per token)", "AUC",
+     "distance from 0.5 leaks", 0.9},
+    {"A5",
+     "surrogate fine-tuning from the base plus the weights the trace leaks, on 1% of the private corpus; leakage "
+     "ratio on Persuasion",
+     "leakage ratio L", "higher leaks more", 0.05},
+    {"A6", "last-layer extraction from released log-probabilities (SVD, subspace cosine)", "subspace cosine",
+     "higher leaks more", 0.9},
+    {"A7", "membership inference on the adapter's training windows (calibrated loss / agreement, AUC)",
+     "membership AUC", "higher leaks more", 0.9},
+    {"A8", "tampering with accelerator results", "detection rate", "lower leaks more", 1.0},
+};
+static_assert(std::size(kAttacks) == size_t(Attack::a8) + 1);
 
-const char* attack_description(Attack a) {
-    switch (a) {
-        case Attack::a1: return "alignment of offloaded weights with the public base (Hungarian matching, scale fit)";
-        case Attack::a2: return "least-squares regression of the offloaded map from boundary inputs and outputs";
-        case Attack::a3: return "mask hygiene: repeated masks within and across sessions";
-        case Attack::a4: return "distinguishing the masked activations of two chosen prompts (logistic regression per token)";
-        case Attack::a5:
-            return "surrogate fine-tuning from the base plus the weights the trace leaks, on 1% of the private corpus; "
-                   "leakage ratio on Persuasion";
-        case Attack::a6: return "last-layer extraction from released log-probabilities (SVD, subspace cosine)";
-        case Attack::a7: return "membership inference on the adapter's training windows (calibrated loss / agreement, AUC)";
-        case Attack::a8: return "tampering with accelerator results";
-    }
-    return "?";
-}
+const AttackInfo& info(Attack a) { return kAttacks[size_t(a)]; }
+}  // namespace
+
+const char* attack_name(Attack a) { return info(a).name; }
+
+const char* attack_description(Attack a) { return info(a).description; }
 
 std::optional<Attack> parse_attack(const std::string& s) {
     for (Attack a : {Attack::a1, Attack::a2, Attack::a3, Attack::a4, Attack::a5, Attack::a6, Attack::a7, Attack::a8}) {
@@ -524,44 +532,9 @@ ExperimentResult run_experiment(EvalContext& ctx, Scheme scheme, Attack attack, 
         r.informative = scheme != Scheme::s5 || !r.variant.empty();
     }
     r.extra = nlohmann::json::array();
-    switch (attack) {
-        case Attack::a1:
-        case Attack::a2:
-            r.metric = "delta cosine rho";
-            r.direction = "higher leaks more";
-            r.threshold = 0.9;
-            break;
-        case Attack::a3:
-            r.metric = "mask repeat rate";
-            r.direction = "higher leaks more";
-            r.threshold = 0.01;
-            break;
-        case Attack::a4:
-            r.metric = "AUC";
-            r.direction = "distance from 0.5 leaks";
-            r.threshold = 0.9;
-            break;
-        case Attack::a5:
-            r.metric = "leakage ratio L";
-            r.direction = "higher leaks more";
-            r.threshold = 0.05;
-            break;
-        case Attack::a6:
-            r.metric = "subspace cosine";
-            r.direction = "higher leaks more";
-            r.threshold = 0.9;
-            break;
-        case Attack::a7:
-            r.metric = "membership AUC";
-            r.direction = "higher leaks more";
-            r.threshold = 0.9;
-            break;
-        case Attack::a8:
-            r.metric = "detection rate";
-            r.direction = "lower leaks more";
-            r.threshold = 1.0;
-            break;
-    }
+    r.metric = info(attack).metric;
+    r.direction = info(attack).direction;
+    r.threshold = info(attack).threshold;
     const int seeds = std::max(ctx.config().seeds, 1);
     nlohmann::json null_extra = nlohmann::json::array();
     int64_t detected = 0, trials = 0;
