@@ -125,7 +125,9 @@ typedef struct si_context_params {
     const char* owner_key_file;      /* development only: the owner key, read by this (untrusted) process */
     const char* accelerator;         /* accelerator backend of the presets: "cpu" (default; NULL means it) or "cuda" */
     int worker_spin_us;              /* SI_HOST_WORKER: busy-wait this long on each doorbell before sleeping, on
-                                        both sides (a core each for lower latency per crossing); default 0 */
+                                        both sides (a core each for lower latency per crossing; without pin_cpu
+                                        the core also opens each crossing's precomputed factors while the
+                                        accelerator computes); default 0 */
     int pin_cpu;                     /* SI_HOST_WORKER, >= 0: the thread calling si_context_init (which must be the
                                         one that then uses the context) and the worker's serving thread both run
                                         on this CPU only, so that a doorbell switches threads on one CPU instead of

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -271,6 +272,28 @@ TEST(Secure, PinnedWorkerGivesTheSameTokens) {
     cpu_set_t after;
     ASSERT_EQ(sched_getaffinity(0, sizeof after, &after), 0);
     EXPECT_TRUE(CPU_EQUAL(&after, &saved));  // a failed start leaves the caller's affinity alone
+}
+
+// With spinning doorbells the worker serves a request while the host goes on: each precomputed crossing's sealed
+// unit then goes ahead of its products, as one more call, and the tokens stay the same.
+TEST(Secure, SpinningWorkerOpensUnitsAheadWithTheSameTokens) {
+    const std::string worker = default_worker_path();
+    if (access(worker.c_str(), X_OK) != 0) GTEST_SKIP() << "no worker executable at " << worker;
+    SecureSession ref(stories(), params(SecureMode::gpu_only));
+    const auto want = greedy(ref, {1}, 16);
+    uint64_t calls[2] = {0, 0};
+    for (int spin : {0, 1}) {
+        auto p = params(SecureMode::secureinfer);
+        p.host = EnclaveHostKind::worker;
+        p.worker_spin_us = spin ? 50 : 0;
+        SecureSession s(stories(), p);
+        s.precompute(8);
+        s.reset_stats();
+        EXPECT_EQ(greedy(s, {1}, 16), want) << "spin " << spin;
+        calls[spin] = s.stats().enclave_calls;
+    }
+    // the first 8 passes are single-token, so each of their crossings used a precomputed unit
+    EXPECT_EQ(calls[1] - calls[0], uint64_t(8 * (4 * stories().cfg.n_layers + 1)));
 }
 
 // The trusted core's matrix products (enclave-only, online unblinding, precompute) run on its own thread pool,
@@ -1026,20 +1049,22 @@ TEST(Secure, CliModesStatsAndTrace) {
 namespace {
 
 // An enclave host in the middle: records the precompute answers and the crossings, and can tamper with the sealed
-// unit that one products request hands back.
+// unit that one request hands back (a products request, or with `ahead` the unit request sent before it).
 class SealedWatchHost final : public EnclaveHost {
 public:
     enum class Tamper { none, replay, flip, foreign };
-    explicit SealedWatchHost(Tamper t) : inner_(make_inprocess_host()), tamper_(t) {}
+    explicit SealedWatchHost(Tamper t, bool ahead = false) : inner_(make_inprocess_host()), tamper_(t), ahead_(ahead) {}
     std::string isolation() const override { return inner_->isolation(); }
+    bool concurrent() const override { return ahead_; }
     void call(std::span<const uint8_t> request, std::vector<uint8_t>& response) override {
         const wire::Message m = wire::decode(request);
         std::vector<uint8_t> changed;
-        if (m.type() == wire::MsgType::products && m.has(wire::Tag::sealed)) {
+        if ((m.type() == wire::MsgType::products || m.type() == wire::MsgType::unit) && m.has(wire::Tag::sealed)) {
             const int32_t layer = m.scalar<int32_t>(wire::Tag::layer);
             const uint8_t stage = m.scalar<uint8_t>(wire::Tag::stage);
             const auto unit = m.array<uint8_t>(wire::Tag::sealed);
             ++sealed_seen;
+            if (m.type() == wire::MsgType::unit) ++units_ahead;
             std::vector<uint8_t> use = unit;
             if (!tampered) {
                 if (tamper_ == Tamper::flip) {
@@ -1054,11 +1079,11 @@ public:
             }
             last_[{layer, stage}] = unit;
             if (use != unit) {
-                wire::Encoder e(wire::MsgType::products);
+                wire::Encoder e(m.type());
                 e.scalar<int32_t>(wire::Tag::layer, layer);
                 e.scalar<uint8_t>(wire::Tag::stage, stage);
                 e.scalar<uint64_t>(wire::Tag::crossing, m.scalar<uint64_t>(wire::Tag::crossing));
-                e.add(wire::Tag::products, m.array<uint32_t>(wire::Tag::products));
+                if (m.has(wire::Tag::products)) e.add(wire::Tag::products, m.array<uint32_t>(wire::Tag::products));
                 e.add(wire::Tag::sealed, use);
                 changed = e.finish();
             }
@@ -1085,12 +1110,13 @@ public:
     };
     std::vector<Range> ranges;
     uint64_t online_since = 0, precomputed_crossings = 0;
-    int sealed_seen = 0;
+    int sealed_seen = 0, units_ahead = 0;
     bool tampered = false;
 
 private:
     std::unique_ptr<EnclaveHost> inner_;
     Tamper tamper_;
+    bool ahead_ = false;
     std::map<std::pair<int32_t, uint8_t>, std::vector<uint8_t>> last_;
 };
 
@@ -1118,6 +1144,16 @@ TEST(Secure, PrecomputedFactorsGiveTheSameTokensAsOnline) {
     EXPECT_EQ(off.precomputed_available(), 0);
     EXPECT_GT(host->precomputed_crossings, 0u);
     EXPECT_EQ(host->sealed_seen, int(host->precomputed_crossings));
+    EXPECT_EQ(host->units_ahead, 0);
+    // a concurrent host gets each unit ahead of its products (the core opens it while the accelerator computes)
+    auto ahead = std::make_shared<SealedWatchHost>(SealedWatchHost::Tamper::none, true);
+    p.enclave_host = ahead;
+    SecureSession early(stories(), p);
+    early.precompute(24);
+    EXPECT_EQ(greedy(early, prompt, 24), want);
+    EXPECT_GT(ahead->precomputed_crossings, 0u);
+    EXPECT_EQ(ahead->units_ahead, int(ahead->precomputed_crossings));
+    EXPECT_EQ(ahead->sealed_seen, ahead->units_ahead);
     // fewer than needed: the rest falls back to online unblinding, with the same tokens and one warning
     SecureSession part(stories(), params(SecureMode::secureinfer));
     part.precompute(7);
@@ -1134,8 +1170,12 @@ TEST(Secure, PrecomputedFactorsGiveTheSameTokensAsOnline) {
 
 TEST(Secure, SealedFactorsAreConsumedExactlyOnce) {
     const std::vector<int32_t> prompt = {1, 403, 407};
-    for (auto t : {SealedWatchHost::Tamper::replay, SealedWatchHost::Tamper::flip, SealedWatchHost::Tamper::foreign}) {
-        auto host = std::make_shared<SealedWatchHost>(t);
+    for (int variant = 0; variant < 6; ++variant) {
+        const auto t = std::array{SealedWatchHost::Tamper::replay, SealedWatchHost::Tamper::flip,
+                                  SealedWatchHost::Tamper::foreign}[variant % 3];
+        const bool ahead = variant >= 3;  // the unit travels alone, before the products
+        SCOPED_TRACE(ahead ? "unit ahead of its products" : "unit with its products");
+        auto host = std::make_shared<SealedWatchHost>(t, ahead);
         auto p = params(SecureMode::secureinfer);
         p.enclave_host = host;
         SecureSession s(stories(), p);
@@ -1186,6 +1226,106 @@ TEST(Secure, SealedFactorsAreConsumedExactlyOnce) {
     pe.add(wire::Tag::products, std::vector<uint32_t>(n, 0));
     EXPECT_EQ(status_of([&] { inner->call(pe.finish(), resp); }), Status::integrity);
     EXPECT_EQ(status_of([&] { s.eval(std::vector<int32_t>{1}); }), Status::integrity);
+}
+
+// The unit request (a crossing's sealed unit ahead of its products) is accepted once, only for the pending crossing,
+// and only when that crossing uses precomputed factors; the products then come without it.
+TEST(Secure, SealedUnitAheadFollowsTheProtocol) {
+    auto inner = std::shared_ptr<EnclaveHost>(make_inprocess_host());
+    auto p = params(SecureMode::secureinfer);
+    p.enclave_host = inner;
+    SecureSession s(stories(), p);  // loads the model into the core behind `inner`
+    const size_t rows = size_t(stories().cfg.dim + 2 * stories().cfg.kv_dim());
+    wire::Encoder pre(wire::MsgType::precompute);
+    pre.scalar<int32_t>(wire::Tag::layer, 0);
+    pre.scalar<uint8_t>(wire::Tag::stage, 0);
+    pre.scalar<int32_t>(wire::Tag::count_t, 4);
+    std::vector<uint8_t> sealed_resp, resp;
+    inner->call(pre.finish(), sealed_resp);
+    const wire::Message sm = wire::decode(sealed_resp);
+    ASSERT_EQ(sm.type(), wire::MsgType::sealed);
+    const auto blob = sm.array<uint8_t>(wire::Tag::sealed);
+    const size_t unit_bytes = rows * 4 + 16;
+    ASSERT_EQ(blob.size(), 4 * unit_bytes);
+    const auto unit_of = [&](uint32_t idx) {
+        return std::vector<uint8_t>(blob.begin() + std::ptrdiff_t(idx * unit_bytes),
+                                    blob.begin() + std::ptrdiff_t((idx + 1) * unit_bytes));
+    };
+    // starts a pass over `tokens` and returns its first crossing
+    const auto begin_pass = [&](std::vector<int32_t> tokens) {
+        wire::Encoder ev(wire::MsgType::eval);
+        ev.add(wire::Tag::tokens, tokens);
+        ev.scalar<uint8_t>(wire::Tag::output, 0);
+        inner->call(ev.finish(), resp);
+        return resp;
+    };
+    const auto message = [&](wire::MsgType type, const wire::Message& off, const std::vector<uint8_t>* unit,
+                             bool with_products) {
+        wire::Encoder e(type);
+        e.scalar<int32_t>(wire::Tag::layer, off.scalar<int32_t>(wire::Tag::layer));
+        e.scalar<uint8_t>(wire::Tag::stage, off.scalar<uint8_t>(wire::Tag::stage));
+        e.scalar<uint64_t>(wire::Tag::crossing, off.scalar<uint64_t>(wire::Tag::crossing));
+        if (with_products)
+            e.add(wire::Tag::products, std::vector<uint32_t>(size_t(off.scalar<int32_t>(wire::Tag::count_t)) * rows, 0));
+        if (unit) e.add(wire::Tag::sealed, *unit);
+        return e.finish();
+    };
+    const auto error_of = [&](const std::vector<uint8_t>& req) {
+        try {
+            inner->call(req, resp);
+        } catch (const Error& e) {
+            return std::pair<Status, std::string>(e.status(), e.what());
+        }
+        return std::pair<Status, std::string>(Status::ok, "");
+    };
+
+    // the same unit twice
+    std::vector<uint8_t> first = begin_pass({1});
+    wire::Message off = wire::decode(first);
+    ASSERT_EQ(off.type(), wire::MsgType::offload);
+    ASSERT_EQ(off.scalar<uint32_t>(wire::Tag::batch_index), 0u);
+    const auto u0 = unit_of(0);
+    EXPECT_EQ(error_of(message(wire::MsgType::unit, off, &u0, false)).first, Status::ok);
+    EXPECT_EQ(wire::decode(resp).type(), wire::MsgType::ok);
+    auto e = error_of(message(wire::MsgType::unit, off, &u0, false));
+    EXPECT_EQ(e.first, Status::invalid_argument);
+    EXPECT_NE(e.second.find("unit: the crossing's sealed unit was already sent"), std::string::npos) << e.second;
+
+    // a unit, then products that carry it again (the pass above was abandoned; this one uses position 1)
+    first = begin_pass({1});
+    off = wire::decode(first);
+    ASSERT_EQ(off.scalar<uint32_t>(wire::Tag::batch_index), 1u);
+    const auto u1 = unit_of(1);
+    EXPECT_EQ(error_of(message(wire::MsgType::unit, off, &u1, false)).first, Status::ok);
+    e = error_of(message(wire::MsgType::products, off, &u1, true));
+    EXPECT_EQ(e.first, Status::invalid_argument);
+    EXPECT_NE(e.second.find("products: the crossing's sealed unit was already sent"), std::string::npos) << e.second;
+
+    // a unit for another crossing than the pending one
+    first = begin_pass({1});
+    off = wire::decode(first);
+    const auto u2 = unit_of(2);
+    wire::Encoder wrong(wire::MsgType::unit);
+    wrong.scalar<int32_t>(wire::Tag::layer, 0);
+    wrong.scalar<uint8_t>(wire::Tag::stage, 0);
+    wrong.scalar<uint64_t>(wire::Tag::crossing, off.scalar<uint64_t>(wire::Tag::crossing) + 1);
+    wrong.add(wire::Tag::sealed, u2);
+    e = error_of(wrong.finish());
+    EXPECT_EQ(e.first, Status::invalid_argument);
+    EXPECT_NE(e.second.find("unit: they answer crossing"), std::string::npos) << e.second;
+
+    // a unit for a crossing that uses no precomputed factors (two tokens: online unblinding)
+    first = begin_pass({1, 403});
+    off = wire::decode(first);
+    ASSERT_FALSE(off.has(wire::Tag::batch));
+    const auto u3 = unit_of(3);
+    e = error_of(message(wire::MsgType::unit, off, &u3, false));
+    EXPECT_EQ(e.first, Status::invalid_argument);
+    EXPECT_NE(e.second.find("unit: sealed unblinding factors for a crossing that uses none"), std::string::npos)
+        << e.second;
+    // a unit outside a pass
+    e = error_of(message(wire::MsgType::unit, off, &u3, false));
+    EXPECT_NE(e.second.find("unit: no crossing is pending"), std::string::npos) << e.second;
 }
 
 TEST(Secure, PrecomputedAndOnlineMasksNeverOverlap) {

@@ -51,7 +51,7 @@ uint32_t rd32(const uint8_t* p) {
 void wr16(std::vector<uint8_t>& b, size_t at, uint16_t v) { std::memcpy(b.data() + at, &v, 2); }
 void wr32(std::vector<uint8_t>& b, size_t at, uint32_t v) { std::memcpy(b.data() + at, &v, 4); }
 
-bool known_type(uint16_t t) { return (t >= 1 && t <= 13) || (t >= 101 && t <= 106); }
+bool known_type(uint16_t t) { return (t >= 1 && t <= 14) || (t >= 101 && t <= 106); }
 
 constexpr size_t pad8(size_t n) { return (n + 7) & ~size_t(7); }
 
@@ -90,6 +90,7 @@ const char* msg_type_name(MsgType t) {
         case MsgType::unseal: return "unseal";
         case MsgType::manifest: return "manifest";
         case MsgType::upload_secret: return "upload_secret";
+        case MsgType::unit: return "unit";
         case MsgType::quote: return "quote";
     }
     return "?";

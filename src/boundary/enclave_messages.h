@@ -44,6 +44,8 @@ enum class MsgType : uint16_t {
     unseal = 11,       // a sealed model key from an earlier release (`sealed_key`)
     manifest = 12,     // the package's authenticated header, manifest and secret table (`manifest`)
     upload_secret = 13,// one encrypted chunk (`ciphertext`, chunk index in `offset`) of a secret tensor
+    unit = 14,      // the pending crossing's sealed unblinding factors (`sealed`), sent ahead of its products so
+                    // that the core opens them while the accelerator computes
     // responses (trusted core -> host)
     ok = 101,       // done; carries pos and the enclave's work counters
     offload = 102,  // a crossing: masked activations for the accelerator

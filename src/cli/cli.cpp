@@ -8,10 +8,10 @@
 
 namespace si::cli {
 
-int resolve_pin_cpu(const std::string& value, const std::string& backend) {
+int resolve_pin_cpu(const std::string& value, const std::string& backend, int spin_us) {
     if (value == "off" || value == "-1") return -1;
     if (value == "auto") {
-        if (backend != "cuda") return -1;
+        if (backend != "cuda" || spin_us > 0) return -1;
         const int cpu = sched_getcpu();
         return cpu >= 0 ? cpu : -1;
     }

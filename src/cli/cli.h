@@ -42,7 +42,8 @@ void progress_bar(const char* label, int done, int total);
 // --pin-cpu: "auto" (the default) pins with the CUDA backend, where the host's thread and the worker's serving thread
 // otherwise wake each other across CPUs at every crossing (measured: 1.84x -> 1.53x gpu-only's decode latency on an
 // H200), to the CPU this process runs on; "off" or -1: never; N: CPU N. Returns the CPU, or -1 for none.
-int resolve_pin_cpu(const std::string& value, const std::string& backend);
+// "auto" pins nothing when the doorbells spin (spin_us > 0): two spinning threads need a CPU each.
+int resolve_pin_cpu(const std::string& value, const std::string& backend, int spin_us);
 // CLI11 validator of the same values.
 CLI::Validator pin_cpu_validator();
 

@@ -130,10 +130,11 @@ Runner add_bench(CLI::App& app) {
     sub->add_option("--backends", o->backends, "accelerator backends the presets run on (cpu, cuda)")
         ->delimiter(',')->check(CLI::IsMember({"cpu", "cuda"}));
     sub->add_option("--spin-us", o->spin_us, "worker host: busy-wait this many microseconds on each doorbell before "
-                                             "sleeping (default 0: never spin)")
+                                             "sleeping (see 'run'; default 0: never spin)")
         ->check(CLI::Range(0, 1000000));
     sub->add_option("--pin-cpu", o->pin_cpu, "worker host: run this thread and the worker's serving thread on one CPU: "
-                                              "auto (default: for the cuda backend's presets, the CPU it starts on), "
+                                              "auto (default: for the cuda backend's presets without --spin-us, the CPU "
+                                              "it starts on), "
                                               "off, or a CPU number")
         ->check(pin_cpu_validator());
     sub->add_option("--json", o->json, "also write the results as JSON to this file");
@@ -190,7 +191,7 @@ Runner add_bench(CLI::App& app) {
                 sp.host = o->host == "inprocess" ? EnclaveHostKind::inprocess : EnclaveHostKind::worker;
                 sp.accelerator_backend = b;
                 sp.worker_spin_us = o->spin_us;
-                sp.pin_cpu = resolve_pin_cpu(o->pin_cpu, b);
+                sp.pin_cpu = resolve_pin_cpu(o->pin_cpu, b, o->spin_us);
                 runs.push_back({m + " int8", b, sp.mode, nullptr, std::make_unique<SecureSession>(w, sp), {}, {}, {},
                                 offline, {}});
             }

@@ -65,12 +65,13 @@ struct ModelOptions {
             ->check(CLI::IsMember({"cpu", "cuda"}));
         sub->add_option("--spin-us", spin_us, "worker host: busy-wait this many microseconds on each doorbell before "
                                               "sleeping, on both sides (lower latency per crossing for a core each; "
-                                              "default 0)")
+                                              "with --pin-cpu off the worker also opens each crossing's precomputed "
+                                              "factors while the accelerator computes; default 0)")
             ->check(CLI::Range(0, 1000000));
         sub->add_option("--pin-cpu", pin_cpu, "worker host: run this process's thread and the worker's serving thread "
                                               "on one CPU, so that doorbells switch threads instead of waking a "
-                                              "sleeping CPU: auto (default: with --backend cuda, the CPU it starts "
-                                              "on), off, or a CPU number")
+                                              "sleeping CPU: auto (default: with --backend cuda and no --spin-us, "
+                                              "the CPU it starts on), off, or a CPU number")
             ->check(pin_cpu_validator());
         sub->add_flag("--insecure", insecure, "gpu-only: run a model with secret tensors anyway (benchmarking only)");
         sub->add_option("--secret", secret, "comma-separated tensor names to treat as secret, e.g. "
@@ -123,7 +124,7 @@ struct ModelOptions {
         p.sealed_key_path = sealed_key.empty() ? nullptr : sealed_key.c_str();
         p.accelerator = backend.c_str();
         p.worker_spin_us = spin_us;
-        p.pin_cpu = resolve_pin_cpu(pin_cpu, backend);
+        p.pin_cpu = resolve_pin_cpu(pin_cpu, backend, spin_us);
         return p;
     }
     const std::string& path() const { return package.empty() ? model : package; }

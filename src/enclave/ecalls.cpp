@@ -12,6 +12,10 @@
 
 struct si_enclave {
     si::TrustedCore core;
+    // The core's copy of the last request up to kKeptRequestBytes (secret memory, zeroed when freed): decoding makes
+    // one ECALL per crossing, and a fresh copy would be zero-filled, written and zeroed again each time.
+    si::SecretVector<uint8_t> request;
+    static constexpr size_t kKeptRequestBytes = size_t(1) << 20;
     si_enclave(const si_ocall_table* ocalls, const si_platform* platform) : core(ocalls, platform) {}
 };
 
@@ -63,7 +67,9 @@ extern "C" int si_ecall_process(si_enclave* enclave, const uint8_t* request, siz
     try {
         // The core works on its own copy: the host cannot change a request while it is being read. Requests may
         // carry secret tensors, so the copy is secret memory.
-        si::SecretVector<uint8_t> copy(request, request + request_len);
+        si::SecretVector<uint8_t> large;
+        si::SecretVector<uint8_t>& copy = request_len <= si_enclave::kKeptRequestBytes ? enclave->request : large;
+        copy.assign(request, request + request_len);
         const std::vector<uint8_t> out = enclave->core.process(std::span<const uint8_t>(copy.data(), copy.size()));
         if (out.size() > response_cap) {
             const std::string msg = "response of " + std::to_string(out.size()) + " bytes exceeds the buffer of " +

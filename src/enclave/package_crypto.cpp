@@ -26,10 +26,6 @@ uint64_t get(const uint8_t* p, int bytes) {
     return v;
 }
 
-struct CipherCtx {
-    EVP_CIPHER_CTX* c = EVP_CIPHER_CTX_new();
-    ~CipherCtx() { EVP_CIPHER_CTX_free(c); }
-};
 struct PKey {
     EVP_PKEY* k = nullptr;
     ~PKey() { EVP_PKEY_free(k); }
@@ -109,22 +105,34 @@ void gcm_seal(const uint8_t* key, const uint8_t* iv, std::span<const uint8_t> aa
     GcmSealer().seal(key, iv, aad, in, n, out);
 }
 
-bool gcm_open(const uint8_t* key, const uint8_t* iv, std::span<const uint8_t> aad, const uint8_t* in, size_t n,
-              uint8_t* out) {
+GcmOpener::GcmOpener() : c_(EVP_CIPHER_CTX_new()) {
+    if (!c_ || EVP_DecryptInit_ex(c_, EVP_aes_256_gcm(), nullptr, nullptr, nullptr) != 1 ||
+        EVP_CIPHER_CTX_ctrl(c_, EVP_CTRL_GCM_SET_IVLEN, int(kIvBytes), nullptr) != 1) {
+        EVP_CIPHER_CTX_free(c_);
+        crypto_fail("AES-256-GCM set-up");
+    }
+}
+
+GcmOpener::~GcmOpener() { EVP_CIPHER_CTX_free(c_); }
+
+bool GcmOpener::open(const uint8_t* key, const uint8_t* iv, std::span<const uint8_t> aad, const uint8_t* in, size_t n,
+                     uint8_t* out) {
     if (n > size_t(INT32_MAX)) return false;
-    CipherCtx x;
     int len = 0;
     uint8_t tag[kTagBytes];
     std::memcpy(tag, in + n, kTagBytes);
-    const bool ok = x.c && EVP_DecryptInit_ex(x.c, EVP_aes_256_gcm(), nullptr, nullptr, nullptr) == 1 &&
-                    EVP_CIPHER_CTX_ctrl(x.c, EVP_CTRL_GCM_SET_IVLEN, int(kIvBytes), nullptr) == 1 &&
-                    EVP_DecryptInit_ex(x.c, nullptr, nullptr, key, iv) == 1 &&
-                    (aad.empty() || EVP_DecryptUpdate(x.c, nullptr, &len, aad.data(), int(aad.size())) == 1) &&
-                    (n == 0 || EVP_DecryptUpdate(x.c, out, &len, in, int(n)) == 1) &&
-                    EVP_CIPHER_CTX_ctrl(x.c, EVP_CTRL_GCM_SET_TAG, int(kTagBytes), tag) == 1 &&
-                    EVP_DecryptFinal_ex(x.c, out + n, &len) == 1;
+    const bool ok = EVP_DecryptInit_ex(c_, nullptr, nullptr, key, iv) == 1 &&
+                    (aad.empty() || EVP_DecryptUpdate(c_, nullptr, &len, aad.data(), int(aad.size())) == 1) &&
+                    (n == 0 || EVP_DecryptUpdate(c_, out, &len, in, int(n)) == 1) &&
+                    EVP_CIPHER_CTX_ctrl(c_, EVP_CTRL_GCM_SET_TAG, int(kTagBytes), tag) == 1 &&
+                    EVP_DecryptFinal_ex(c_, out + n, &len) == 1;
     if (!ok && n) OPENSSL_cleanse(out, n);
     return ok;
+}
+
+bool gcm_open(const uint8_t* key, const uint8_t* iv, std::span<const uint8_t> aad, const uint8_t* in, size_t n,
+              uint8_t* out) {
+    return GcmOpener().open(key, iv, aad, in, n, out);
 }
 
 std::string to_hex(std::span<const uint8_t> bytes) {

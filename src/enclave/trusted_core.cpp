@@ -67,6 +67,7 @@ struct Pending {
     bool pre = false;
     uint64_t pre_seq = 0, pre_offset = 0;
     uint32_t pre_idx = 0, pre_count = 0;
+    bool unit_open = false;   // its sealed unit came ahead of the products (MsgType::unit) and is open in pre_plain
     bool classifier = false;  // the classifier crossing after the last block (layer n_layers)
 };
 
@@ -111,12 +112,6 @@ void seal_iv(uint64_t seq, uint32_t idx, uint8_t (&iv)[kSealIvBytes]) {
 
 // The sealed factors use the packages' AES-256-GCM (same IV and tag sizes): ciphertext | tag.
 static_assert(kSealIvBytes == pkg::kIvBytes && kSealTagBytes == pkg::kTagBytes);
-
-// Opens ciphertext | tag; false when authentication fails (out is then cleansed).
-bool gcm_open(const uint8_t* key, const uint8_t (&iv)[kSealIvBytes], const std::vector<uint8_t>& aad,
-              const uint8_t* in, size_t n, uint8_t* out) {
-    return pkg::gcm_open(key, iv, aad, in, n, out);
-}
 
 template <class V>
 void wipe(V& v) {
@@ -164,6 +159,7 @@ struct TrustedCore::Impl {
     uint64_t batch_seq = 0;          // last batch sequence number handed out
     SecretVector<uint32_t> pre_r, pre_wr;
     SecretVector<uint8_t> pre_plain;
+    pkg::GcmOpener unit_opener;      // one context for every crossing's sealed unit (its key schedule is cleansed)
 
     uint64_t flops = 0;  // integer and float work outside StagedForward
     uint64_t flops_reported = 0;
@@ -736,6 +732,7 @@ struct TrustedCore::Impl {
         if (fw) fw->abort_pass();
         wipe(r);
         wipe(xq);
+        wipe(pre_plain);
     }
 
     std::vector<uint8_t> eval(const Message& m) {
@@ -870,24 +867,42 @@ struct TrustedCore::Impl {
         return e.finish();
     }
 
-    std::vector<uint8_t> products(const Message& m) {
-        if (!pending.active) bad("products: no crossing is pending");
+    // Checks that a message (products or unit) answers the pending crossing; returns its product count.
+    uint64_t check_answers_pending(const Message& m, const char* what) {
+        if (!pending.active) bad(std::string(what) + ": no crossing is pending");
         const int32_t layer = m.scalar<int32_t>(Tag::layer);
         const uint8_t stage = m.scalar<uint8_t>(Tag::stage);
         const uint64_t crossing = m.scalar<uint64_t>(Tag::crossing);
         if (layer != pending.layer || stage != uint8_t(pending.stage) || crossing != pending.crossing)
-            bad("products: they answer crossing " + std::to_string(crossing) + " (layer " + std::to_string(layer) +
-                ", stage " + std::to_string(stage) + "), but crossing " + std::to_string(pending.crossing) +
-                " (layer " + std::to_string(pending.layer) + ", stage " + stage_name(pending.stage) + ") is pending");
-        const int T = pending.T;
+            bad(std::string(what) + ": they answer crossing " + std::to_string(crossing) + " (layer " +
+                std::to_string(layer) + ", stage " + std::to_string(stage) + "), but crossing " +
+                std::to_string(pending.crossing) + " (layer " + std::to_string(pending.layer) + ", stage " +
+                stage_name(pending.stage) + ") is pending");
         uint64_t total = 0;
-        for (Proj p : pending.projs) total += uint64_t(T) * uint64_t(proj(pending.layer, p).rows);
+        for (Proj p : pending.projs) total += uint64_t(pending.T) * uint64_t(proj(pending.layer, p).rows);
+        return total;
+    }
+
+    // The pending crossing's sealed unit ahead of its products: opened now, while the accelerator computes.
+    std::vector<uint8_t> unit(const Message& m) {
+        const uint64_t total = check_answers_pending(m, "unit");
+        if (!pending.pre) bad("unit: sealed unblinding factors for a crossing that uses none");
+        if (pending.unit_open) bad("unit: the crossing's sealed unit was already sent");
+        open_unit(m, total);
+        pending.unit_open = true;
+        return ok();
+    }
+
+    std::vector<uint8_t> products(const Message& m) {
+        const uint64_t total = check_answers_pending(m, "products");
+        const int T = pending.T;
         const wire::Field& f = m.field(Tag::products, WireType::u32, int64_t(total));
         const uint8_t* src = f.data;
-        if (pending.pre) {
+        if (pending.pre && !pending.unit_open) {
             open_unit(m, total);
         } else if (m.has(Tag::sealed)) {
-            bad("products: sealed unblinding factors for a crossing that uses none");
+            bad(pending.pre ? "products: the crossing's sealed unit was already sent"
+                            : "products: sealed unblinding factors for a crossing that uses none");
         }
         size_t pre_at = 0;
         for (Proj p : pending.projs) {
@@ -949,7 +964,7 @@ struct TrustedCore::Impl {
         const auto aad = seal_aad(pending.layer, pending.stage, pending.pre_offset, pending.pre_count, pending.pre_seq,
                                   pending.pre_idx, pending.K);
         pre_plain.resize(n);
-        if (!gcm_open(seal_key.data(), iv, aad, sf.data, n, pre_plain.data()))
+        if (!unit_opener.open(seal_key.data(), iv, aad, sf.data, n, pre_plain.data()))
             fail(Status::integrity, where + " failed authentication (replayed, altered or foreign); the session is stopped");
         flops += n;  // nominal: decryption
     }
@@ -1182,6 +1197,7 @@ std::vector<uint8_t> TrustedCore::process(std::span<const uint8_t> request) {
             case MsgType::sampler: c.set_sampler(m); return c.ok();
             case MsgType::eval: return c.eval(m);
             case MsgType::products: return c.products(m);
+            case MsgType::unit: return c.unit(m);
             case MsgType::precompute: return c.precompute(m);
             case MsgType::reset: return c.reset();
             case MsgType::attest: return c.attest(m);

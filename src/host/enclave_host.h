@@ -21,6 +21,20 @@ public:
     // Sends one request and returns the response. Throws si::Error carrying the enclave's status and message,
     // or Status::internal naming the cause when the enclave side died (e.g. "enclave worker killed by signal 31").
     virtual void call(std::span<const uint8_t> request, std::vector<uint8_t>& response) = 0;
+
+    // A call in two halves, for a request whose answer is needed only later: start_call sends it, finish_call
+    // waits for the response (errors as call). One call at a time, split or not. When concurrent() the trusted
+    // core works on the request while the caller goes on (the worker process with spinning doorbells: a core of
+    // its own serves it); otherwise start_call runs the whole call, as this default does.
+    virtual bool concurrent() const { return false; }
+    virtual void start_call(std::span<const uint8_t> request) { call(request, started_response_); }
+    virtual void finish_call(std::vector<uint8_t>& response) {
+        response = std::move(started_response_);
+        started_response_.clear();
+    }
+
+private:
+    std::vector<uint8_t> started_response_;
 };
 
 std::unique_ptr<EnclaveHost> make_inprocess_host();

@@ -413,12 +413,56 @@ std::vector<uint8_t> SecureSession::call(const std::vector<uint8_t>& request, Se
         if (e.status() == Status::integrity) failed_ = true;
         throw;
     }
+    account(request.size(), response, s);
+    return response;
+}
+
+void SecureSession::start_call(const std::vector<uint8_t>& request, SessionStats& s) {
+    if (failed_)
+        fail(Status::integrity, "the session was stopped after an integrity failure; no further output is released");
+    try {
+        ScopedTime t{s.enclave.seconds};
+        host_->start_call(request);
+    } catch (const Error& e) {
+        if (e.status() == Status::integrity) failed_ = true;
+        throw;
+    }
+}
+
+std::vector<uint8_t> SecureSession::finish_call(size_t request_bytes, SessionStats& s) {
+    std::vector<uint8_t> response;
+    try {
+        ScopedTime t{s.enclave.seconds};
+        host_->finish_call(response);
+    } catch (const Error& e) {
+        if (e.status() == Status::integrity) failed_ = true;
+        throw;
+    }
+    account(request_bytes, response, s);
+    return response;
+}
+
+void SecureSession::account(size_t request_bytes, const std::vector<uint8_t>& response, SessionStats& s) {
     ++s.enclave_calls;
-    s.bytes_to_enclave += request.size();
+    s.bytes_to_enclave += request_bytes;
     s.bytes_from_enclave += response.size();
     const Message m = wire::decode(response);
     if (m.has(Tag::flops)) s.enclave.flops += double(m.scalar<uint64_t>(Tag::flops));
-    return response;
+}
+
+std::span<const uint8_t> SecureSession::take_unit(int layer, int stage, uint64_t seq, uint32_t idx) {
+    auto& q = sealed_[size_t(layer) * kStages + size_t(stage)];
+    while (!q.empty() && q.front().seq < seq) q.pop_front();
+    if (q.empty() || q.front().seq != seq || idx >= q.front().count) return {};
+    SealedBatch& b = q.front();
+    b.next = idx + 1;
+    // The span stays valid until the batch is popped: by the next take_unit of this slot, one crossing later.
+    const std::span<const uint8_t> unit(b.blob.data() + size_t(idx) * b.unit, b.unit);
+    if (b.next == b.count) {
+        spent_.push_back(std::move(b.blob));
+        q.pop_front();
+    }
+    return unit;
 }
 
 void SecureSession::load_enclave(const ModelWeights& w) {
@@ -691,9 +735,44 @@ std::vector<uint8_t> SecureSession::run_enclave_pass(std::span<const int32_t> to
         }
         x.resize(size_t(T) * size_t(K));
         m.copy(Tag::activations, x.data(), x.size());
-        // products, then (offline unblinding) the sealed unit: reserved at once, header and field tags aside
-        const size_t unit_bytes = m.has(Tag::batch) ? total * 4 + 64 : 0;
-        Encoder pe(MsgType::products, total * 4 + unit_bytes + 256);
+        // Offline unblinding: the sealed unit the core asks for (the core authenticates it). With a concurrent
+        // enclave host it goes ahead of the products, and the core opens it while the accelerator computes.
+        std::span<const uint8_t> unit;
+        if (m.has(Tag::batch))
+            unit = take_unit(layer, stage, m.scalar<uint64_t>(Tag::batch), m.scalar<uint32_t>(Tag::batch_index));
+        else if (precomputed_ && T == 1 && !exhausted_said_) {
+            exhausted_said_ = true;
+            const char* msg = "precomputed unblinding factors exhausted: falling back to online unblinding";
+            std::fprintf(stderr, "%s\n", msg);
+            warnings_.push_back(msg);
+        }
+        // A started call is always finished, also when the accelerator throws: the host allows one at a time.
+        struct UnitAhead {
+            EnclaveHost* host = nullptr;
+            size_t bytes = 0;
+            ~UnitAhead() {
+                if (!host) return;
+                std::vector<uint8_t> ignored;
+                try {
+                    host->finish_call(ignored);
+                } catch (...) {
+                }
+            }
+        } ahead;
+        if (!unit.empty() && host_->concurrent()) {
+            Encoder ue(MsgType::unit, unit.size() + 128);
+            ue.scalar<int32_t>(Tag::layer, layer);
+            ue.scalar<uint8_t>(Tag::stage, stage);
+            ue.scalar<uint64_t>(Tag::crossing, crossing);
+            ue.add(Tag::sealed, unit);
+            const std::vector<uint8_t> req = ue.finish();
+            start_call(req, stats_);
+            ahead.host = host_.get();
+            ahead.bytes = req.size();
+            unit = {};
+        }
+        // products, then (offline unblinding, unless sent ahead) the sealed unit: reserved at once
+        Encoder pe(MsgType::products, total * 4 + (unit.empty() ? 0 : unit.size() + 64) + 256);
         pe.scalar<int32_t>(Tag::layer, layer);
         pe.scalar<uint8_t>(Tag::stage, stage);
         pe.scalar<uint64_t>(Tag::crossing, crossing);
@@ -723,24 +802,14 @@ std::vector<uint8_t> SecureSession::run_enclave_pass(std::span<const int32_t> to
                 out += T * r * 4;
             }
         }
-        if (m.has(Tag::batch)) {
-            // Offline unblinding: hand back the sealed unit the core asks for (the core authenticates it).
-            const uint64_t seq = m.scalar<uint64_t>(Tag::batch);
-            const uint32_t idx = m.scalar<uint32_t>(Tag::batch_index);
-            auto& q = sealed_[size_t(layer) * kStages + stage];
-            while (!q.empty() && q.front().seq < seq) q.pop_front();
-            if (!q.empty() && q.front().seq == seq && idx < q.front().count) {
-                SealedBatch& b = q.front();
-                pe.add(Tag::sealed, std::span<const uint8_t>(b.blob.data() + size_t(idx) * b.unit, b.unit));
-                b.next = idx + 1;
-                if (b.next == b.count) q.pop_front();
-            }
-        } else if (precomputed_ && T == 1 && !exhausted_said_) {
-            exhausted_said_ = true;
-            const char* msg = "precomputed unblinding factors exhausted: falling back to online unblinding";
-            std::fprintf(stderr, "%s\n", msg);
-            warnings_.push_back(msg);
+        if (ahead.host) {
+            ahead.host = nullptr;
+            const std::vector<uint8_t> ack = finish_call(ahead.bytes, stats_);
+            if (wire::decode(ack).type() != MsgType::ok)
+                fail(Status::internal, "the trusted core did not answer a sealed unit with ok");
         }
+        if (!unit.empty()) pe.add(Tag::sealed, unit);
+        spent_.clear();
         ++stats_.crossings;
         resp = call(pe.finish(), stats_);
     }

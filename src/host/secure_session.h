@@ -155,6 +155,12 @@ private:
     struct Gpu;
     class Timer;
     std::vector<uint8_t> call(const std::vector<uint8_t>& request, SessionStats& s);
+    // call in two halves (EnclaveHost::start_call); finish_call returns the response, accounted as call does.
+    void start_call(const std::vector<uint8_t>& request, SessionStats& s);
+    std::vector<uint8_t> finish_call(size_t request_bytes, SessionStats& s);
+    void account(size_t request_bytes, const std::vector<uint8_t>& response, SessionStats& s);
+    // The sealed unit (batch seq, index idx) of a crossing slot, or an empty span when the host holds none.
+    std::span<const uint8_t> take_unit(int layer, int stage, uint64_t seq, uint32_t idx);
     void load_enclave(const ModelWeights& w);
     void load_gpu(const ModelWeights& w);
     void obtain_package_key();
@@ -197,6 +203,7 @@ private:
         std::vector<uint8_t> blob;
     };
     std::vector<std::deque<SealedBatch>> sealed_;
+    std::vector<std::vector<uint8_t>> spent_;  // the last unit's batch, kept until that unit has been sent
     bool precomputed_ = false, exhausted_said_ = false;
 };
 

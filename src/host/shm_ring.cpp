@@ -60,8 +60,15 @@ void wake(uint32_t& word) {
     syscall(SYS_futex, &word, FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0);
 }
 
+void wake_sleepers(uint32_t& word, uint32_t& sleepers) {
+    // The doorbell store and the sleepers load are ordered by this fence, and the waiter's count increment and its
+    // doorbell load by its read-modify-write: at least one side sees the other, so no wake-up is lost.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (std::atomic_ref<uint32_t>(sleepers).load(std::memory_order_relaxed) != 0) wake(word);
+}
+
 uint32_t wait_change(uint32_t& word, uint32_t current, std::chrono::nanoseconds timeout,
-                     std::chrono::nanoseconds spin) {
+                     std::chrono::nanoseconds spin, uint32_t* sleepers) {
     using clock = std::chrono::steady_clock;
     if (spin.count() > 0) {
         const auto until = clock::now() + spin;
@@ -74,14 +81,19 @@ uint32_t wait_change(uint32_t& word, uint32_t current, std::chrono::nanoseconds 
             if ((i & 63) == 63 && clock::now() >= until) break;
         }
     }
-    uint32_t v = load(word);
-    if (v != current) return v;
+    if (sleepers) std::atomic_ref<uint32_t>(*sleepers).fetch_add(1, std::memory_order_seq_cst);
+    uint32_t v = std::atomic_ref<uint32_t>(word).load(std::memory_order_seq_cst);
+    if (v != current) {
+        if (sleepers) std::atomic_ref<uint32_t>(*sleepers).fetch_sub(1, std::memory_order_relaxed);
+        return v;
+    }
     timespec ts{};
     ts.tv_sec = time_t(timeout.count() / 1000000000);
     ts.tv_nsec = long(timeout.count() % 1000000000);
     // FUTEX_WAIT (not _PRIVATE): the word is shared with another process. It returns at once when the word
     // already changed (EAGAIN), on a wake, on a signal (EINTR) or on timeout (ETIMEDOUT); the caller loops.
     syscall(SYS_futex, &word, FUTEX_WAIT, current, &ts, nullptr, 0);
+    if (sleepers) std::atomic_ref<uint32_t>(*sleepers).fetch_sub(1, std::memory_order_relaxed);
     return load(word);
 }
 

@@ -1,6 +1,9 @@
 // The shared-memory channel between the host and the hardened worker process: one sealed memfd holding a fixed
 // header and a request area and a response area. One message is in flight at a time; 32-bit sequence words in the
-// header are the doorbells (futex wait / wake, no spinning unless asked for).
+// header are the doorbells (futex wait / wake, no spinning unless asked for). Beside each doorbell the waiting side
+// counts itself while it sleeps in the kernel, so a side that rings a doorbell makes the wake-up system call only
+// when someone sleeps: with spinning on both sides a message crosses without any system call (as SGX's switchless
+// calls do).
 //
 // Neither side trusts the other: the host is the adversary of the trusted core, and the host must survive a broken
 // worker. So each side keeps its own copy of the layout (never re-read from shared memory), reads every shared
@@ -14,7 +17,7 @@
 namespace si::ring {
 
 inline constexpr uint64_t kMagic = 0x314752494e495345ull;  // "ESINIRG1" little-endian
-inline constexpr uint32_t kVersion = 1;
+inline constexpr uint32_t kVersion = 2;
 inline constexpr size_t kPage = 4096;
 // The worker finds the ring at this descriptor number.
 inline constexpr int kWorkerFd = 3;
@@ -37,11 +40,13 @@ struct alignas(64) Header {
     alignas(64) uint32_t request_seq;
     uint32_t request_op;
     uint64_t request_len;
+    uint32_t request_sleepers;  // worker -> host: the worker sleeps on request_seq (a hint; see wake_sleepers)
 
     // Worker -> host. response_seq is the doorbell: the worker sets it to the request's sequence number when done.
     alignas(64) uint32_t response_seq;
     int32_t response_status;  // 0, or a negative si::Status
     uint64_t response_len;    // response bytes, or the length of the error message in the response area
+    uint32_t response_sleepers;  // host -> worker: the host sleeps on response_seq
 
     // Worker start-up report. worker_state is the doorbell during start-up.
     alignas(64) uint32_t worker_state;
@@ -81,9 +86,13 @@ inline void store_i32(int32_t& w, int32_t v) { std::atomic_ref<int32_t>(w).store
 
 // Wakes every waiter on a doorbell word (shared futex: the word lives in a MAP_SHARED mapping).
 void wake(uint32_t& word);
-// Waits until `word` is no longer `current`, for at most `timeout`. First spins for `spin` (0: not at all).
-// Returns the new value, or `current` on timeout. Spurious returns are possible; callers loop.
+// The same, after the doorbell was rung, only when `sleepers` (the waiters' count beside the word) says someone
+// sleeps. The other side can lie about its count; it then only delays itself (every wait has a timeout).
+void wake_sleepers(uint32_t& word, uint32_t& sleepers);
+// Waits until `word` is no longer `current`, for at most `timeout`. First spins for `spin` (0: not at all). With
+// `sleepers`, counts itself there while it sleeps. Returns the new value, or `current` on timeout. Spurious returns
+// are possible; callers loop.
 uint32_t wait_change(uint32_t& word, uint32_t current, std::chrono::nanoseconds timeout,
-                     std::chrono::nanoseconds spin = std::chrono::nanoseconds(0));
+                     std::chrono::nanoseconds spin = std::chrono::nanoseconds(0), uint32_t* sleepers = nullptr);
 
 }  // namespace si::ring

@@ -79,7 +79,10 @@ std::vector<std::string> worker_environment() {
 class WorkerHostImpl final : public WorkerHost {
 public:
     explicit WorkerHostImpl(const WorkerOptions& o) : opts_(o), spin_(o.spin) {}
-    ~WorkerHostImpl() override { shutdown(); }
+    ~WorkerHostImpl() override {
+        if (started_.owns_lock()) started_.unlock();  // a split call abandoned by an exception
+        shutdown();
+    }
 
     void start();
 
@@ -102,9 +105,28 @@ public:
         }
     }
 
-    void call(std::span<const uint8_t> request, std::vector<uint8_t>& response) override;
+    void call(std::span<const uint8_t> request, std::vector<uint8_t>& response) override {
+        std::lock_guard<std::mutex> lock(mu_);
+        send(request);
+        receive(response);
+    }
+    // With both sides spinning and the serving thread on a CPU of its own, the worker takes a request within
+    // microseconds and serves it while this thread goes on.
+    bool concurrent() const override { return spin_.count() > 0 && opts_.serve_cpu < 0; }
+    void start_call(std::span<const uint8_t> request) override {
+        std::unique_lock<std::mutex> lock(mu_);
+        send(request);
+        started_ = std::move(lock);
+    }
+    void finish_call(std::vector<uint8_t>& response) override {
+        if (!started_.owns_lock()) fail(Status::internal, "enclave worker: finish_call without start_call");
+        std::unique_lock<std::mutex> lock(std::move(started_));
+        receive(response);
+    }
 
 private:
+    void send(std::span<const uint8_t> request);          // under mu_
+    void receive(std::vector<uint8_t>& response);         // under mu_: waits for the answer to the last send
     ring::Header& header() { return *reinterpret_cast<ring::Header*>(map_); }
     bool alive();
     [[noreturn]] void fail_dead();
@@ -127,6 +149,7 @@ private:
     uint32_t kind_ = ring::secret_unlocked;
     std::vector<std::string> warnings_;
     std::mutex mu_;  // one message in flight at a time
+    std::unique_lock<std::mutex> started_;  // held from start_call to finish_call
 };
 
 void WorkerHostImpl::start() {
@@ -261,8 +284,7 @@ void WorkerHostImpl::fail_broken(const std::string& what) {
     fail(Status::internal, "enclave worker " + what + "; the worker was stopped");
 }
 
-void WorkerHostImpl::call(std::span<const uint8_t> request, std::vector<uint8_t>& response) {
-    std::lock_guard<std::mutex> lock(mu_);
+void WorkerHostImpl::send(std::span<const uint8_t> request) {
     if (!dead_.empty()) fail_dead();
     if (request.size() > layout_.request_capacity)
         fail(Status::invalid_argument, "enclave request of " + std::to_string(request.size()) +
@@ -274,11 +296,15 @@ void WorkerHostImpl::call(std::span<const uint8_t> request, std::vector<uint8_t>
     ring::store(h.request_op, ring::op_process, std::memory_order_relaxed);
     const uint32_t seq = ++seq_;
     ring::store(h.request_seq, seq);  // release: the worker sees the bytes before the doorbell
-    ring::wake(h.request_seq);
+    ring::wake_sleepers(h.request_seq, h.request_sleepers);
+}
 
+void WorkerHostImpl::receive(std::vector<uint8_t>& response) {
+    ring::Header& h = header();
+    const uint32_t seq = seq_;
     uint32_t v = ring::load(h.response_seq);
     while (v != seq) {
-        v = ring::wait_change(h.response_seq, v, kLivenessSlice, spin_);
+        v = ring::wait_change(h.response_seq, v, kLivenessSlice, spin_, &h.response_sleepers);
         if (v == seq) break;
         if (!alive()) fail_dead();
     }

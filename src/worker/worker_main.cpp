@@ -318,7 +318,7 @@ void serve(ring::Header& h, uint8_t* base, const ring::Layout& l, si_enclave* en
     for (;;) {
         uint32_t seq = ring::load(h.request_seq);
         while (seq == last) {
-            seq = ring::wait_change(h.request_seq, last, kHostCheck, spin);
+            seq = ring::wait_change(h.request_seq, last, kHostCheck, spin, &h.request_sleepers);
             if (seq == last && getppid() != host) return;  // orphaned: the host died without saying goodbye
         }
         last = seq;
@@ -357,7 +357,7 @@ void serve(ring::Header& h, uint8_t* base, const ring::Layout& l, si_enclave* en
         ring::store_i32(h.response_status, status);
         ring::store64(h.response_len, out_len);
         ring::store(h.response_seq, seq);  // release: the host sees the bytes before the doorbell
-        ring::wake(h.response_seq);
+        ring::wake_sleepers(h.response_seq, h.response_sleepers);
     }
 }
 
