@@ -243,6 +243,28 @@ TEST(FixedPoint, QuantiseAndDequantise) {
     std::vector<int32_t> qb(2);
     float sb = 0;
     EXPECT_EQ(status_of([&] { quantize_activations(bad.data(), 1, 2, 8, qb.data(), &sb); }), Status::invalid_argument);
+    for (float inf : {INFINITY, -INFINITY}) {
+        bad[1] = inf;
+        EXPECT_EQ(status_of([&] { quantize_activations(bad.data(), 1, 2, 8, qb.data(), &sb); }), Status::invalid_argument);
+    }
+}
+
+// Exact rounding (to nearest, ties to even, as nearbyint) and tokens so small that 1 / max|x| overflows a float.
+TEST(FixedPoint, QuantiseRoundsTiesToEvenAndHandlesTinyTokens) {
+    // qmax = 127 for 8 bits; max |x| = 127 makes the step 1, so x itself is rounded
+    const std::vector<float> x = {127.0f, 0.5f, 1.5f, 2.5f, -0.5f, -1.5f, -126.5f, 3.49f, -3.51f, 0.0f};
+    std::vector<int32_t> q(x.size());
+    float scale = 0;
+    quantize_activations(x.data(), 1, int64_t(x.size()), 8, q.data(), &scale);
+    EXPECT_EQ(scale, 1.0f);
+    EXPECT_EQ(q, (std::vector<int32_t>{127, 0, 2, 2, 0, -2, -126, 3, -4, 0}));
+    // max |x| = 2^-124: 127 * 2^124 overflows, the values still map onto [-127, 127]
+    const float a = std::ldexp(1.0f, -124);
+    const std::vector<float> tiny = {a, -a / 2, 0.0f, a / 4, -a};
+    std::vector<int32_t> qt(tiny.size());
+    quantize_activations(tiny.data(), 1, int64_t(tiny.size()), 8, qt.data(), &scale);
+    EXPECT_EQ(qt, (std::vector<int32_t>{127, -64, 0, 32, -127}));  // -63.5 -> -64 (even), 31.75 -> 32
+    EXPECT_GT(scale, 0.0f);
 }
 
 // ----------------------------------------------------------------------------------------------- Freivalds

@@ -4,6 +4,7 @@
 #include "common/matmul.h"
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <vector>
 
@@ -107,17 +108,43 @@ void matmul_f32(ThreadPool* pool, const float* W, int64_t N, int64_t K, const fl
 }
 
 void quantize_rows_i8(const float* W, int64_t rows, int64_t cols, int8_t* q, float* scale, int32_t* rowsum) {
+    constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: (v + M) - M rounds |v| < 2^22 to nearest, ties to even
     for (int64_t r = 0; r < rows; ++r) {
         const float* w = W + r * cols;
-        float amax = 0.0f;
-        for (int64_t c = 0; c < cols; ++c) amax = std::max(amax, std::fabs(w[c]));
+        int8_t* qr = q + r * cols;
+        // max |w| over the row, NaNs skipped, as the largest magnitude bit pattern (for non-negative floats the
+        // bit order is the numeric order): integer reductions vectorise where a float one does not.
+        uint32_t amax_bits = 0, nonfinite = 0;
+        for (int64_t c = 0; c < cols; ++c) {
+            uint32_t b;
+            std::memcpy(&b, w + c, 4);
+            b &= 0x7fffffffu;
+            nonfinite |= uint32_t(b >= 0x7f800000u);
+            b &= 0u - uint32_t(b <= 0x7f800000u);  // NaN -> 0
+            amax_bits = b > amax_bits ? b : amax_bits;
+        }
+        float amax;
+        std::memcpy(&amax, &amax_bits, 4);
         const float s = amax / 127.0f;
         const float inv = s > 0.0f ? 1.0f / s : 0.0f;
         int32_t sum = 0;
-        for (int64_t c = 0; c < cols; ++c) {
-            const int32_t v = std::clamp(int32_t(std::lrintf(w[c] * inv)), -127, 127);
-            q[r * cols + c] = int8_t(v);
-            sum += v;
+        if (!nonfinite) {
+            for (int64_t c = 0; c < cols; ++c) {
+                float v = w[c] * inv;  // round to nearest even, clamped to [-127, 127]
+                v = v > 127.0f ? 127.0f : v;
+                v = v < -127.0f ? -127.0f : v;
+                const int32_t iv = int32_t((v + kRoundMagic) - kRoundMagic);
+                qr[c] = int8_t(iv);
+                sum += iv;
+            }
+        } else {
+            // a row with infinities or NaNs (a broken model; it still loads): the same rounding, NaN -> 0
+            for (int64_t c = 0; c < cols; ++c) {
+                const float v = w[c] * inv;
+                const int32_t iv = v == v ? std::clamp(int32_t(std::lrintf(std::clamp(v, -127.0f, 127.0f))), -127, 127) : 0;
+                qr[c] = int8_t(iv);
+                sum += iv;
+            }
         }
         scale[r] = s;
         if (rowsum) rowsum[r] = sum;

@@ -1,6 +1,8 @@
 #include "enclave/fixed_point.h"
 
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <string>
 
 #include "common/error.h"
@@ -18,31 +20,54 @@ int activation_bits(int64_t K) {
     return b;
 }
 
+namespace {
+
+// round(clamp(v, -fq, fq)) for an integer fq < 2^22: v * inv can exceed qmax by a rounding error, and the clamp keeps
+// the bound of activation_bits exact (clamping before rounding gives the same result as after). Adding and
+// subtracting 1.5 * 2^23 rounds to the nearest integer, ties to even, as nearbyint does in the default rounding mode,
+// and vectorises.
+inline int32_t round_clamped(float v, float fq) {
+    constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
+    v = v > fq ? fq : v;
+    v = v < -fq ? -fq : v;
+    return int32_t((v + kRoundMagic) - kRoundMagic);
+}
+
+}  // namespace
+
 void quantize_activations(const float* X, int64_t T, int64_t K, int bits, int32_t* Q, float* scale) {
     if (bits < kMinActivationBits || bits > kMaxActivationBits)
         fail(Status::invalid_argument, "fixed point: activation width " + std::to_string(bits) + " out of range");
     const int32_t qmax = activation_qmax(bits);
+    const float fq = float(qmax);
+    static_assert(activation_qmax(kMaxActivationBits) < (1 << 22));
     for (int64_t t = 0; t < T; ++t) {
         const float* x = X + t * K;
         int32_t* q = Q + t * K;
-        float amax = 0.0f;
-        bool finite = true;
+        // max |x| as the largest magnitude bit pattern: for non-negative floats the bit order is the numeric
+        // order, and infinities and NaNs lie above every finite value. An integer reduction vectorises.
+        uint32_t amax_bits = 0;
         for (int64_t k = 0; k < K; ++k) {
-            finite &= std::isfinite(x[k]);
-            amax = std::fmax(amax, std::fabs(x[k]));
+            uint32_t b;
+            std::memcpy(&b, x + k, 4);
+            b &= 0x7fffffffu;
+            amax_bits = b > amax_bits ? b : amax_bits;
         }
-        if (!finite) fail(Status::invalid_argument, "fixed point: non-finite activation");
+        if (amax_bits >= 0x7f800000u) fail(Status::invalid_argument, "fixed point: non-finite activation");
+        float amax;
+        std::memcpy(&amax, &amax_bits, 4);
         if (amax == 0.0f) {
             scale[t] = 0.0f;
             for (int64_t k = 0; k < K; ++k) q[k] = 0;
             continue;
         }
-        scale[t] = amax / float(qmax);
-        const float inv = float(qmax) / amax;
-        for (int64_t k = 0; k < K; ++k) {
-            // x * inv can exceed qmax by a rounding error; the clamp keeps the bound of activation_bits exact.
-            const float v = std::nearbyint(x[k] * inv);
-            q[k] = int32_t(std::fmax(-float(qmax), std::fmin(float(qmax), v)));
+        scale[t] = amax / fq;
+        const float inv = fq / amax;
+        if (inv <= std::numeric_limits<float>::max()) {
+            for (int64_t k = 0; k < K; ++k) q[k] = round_clamped(x[k] * inv, fq);
+        } else {
+            // max |x| below about qmax / FLT_MAX: 1 / amax overflows, so scale through x / amax (in [-1, 1]).
+            for (int64_t k = 0; k < K; ++k) q[k] = round_clamped(x[k] / amax * fq, fq);
         }
     }
 }
