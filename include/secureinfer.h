@@ -132,6 +132,9 @@ typedef struct si_context_params {
                                         one that then uses the context) and the worker's serving thread both run
                                         on this CPU only, so that a doorbell switches threads on one CPU instead of
                                         waking a sleeping one; -1 (default): no pinning */
+    int precompute_inside_mib;       /* si_context_precompute: factors the trusted core keeps in its own memory, up
+                                        to this many MiB (at most 1024); the rest are sealed and kept by the host.
+                                        Kept factors are faster to use but occupy enclave memory; default 256 */
 } si_context_params;
 
 /* Defaults: all CPUs, the model's context, n_batch 512, SI_MODE_SECUREINFER, SI_HOST_AUTO, f32 weights (plain
@@ -177,8 +180,9 @@ typedef struct si_stats {
 } si_stats;
 /* Fills *out with the context's counters; SI_ERR_INVALID_ARGUMENT in SI_MODE_PLAIN. */
 int si_context_stats(const si_context* ctx, si_stats* out);
-/* SI_MODE_SECUREINFER only: precomputes the unblinding factors of the next n_tokens decode steps offline (kept
-   sealed outside the enclave, each consumed once); later steps fall back to online unblinding. progress (may be
+/* SI_MODE_SECUREINFER only: precomputes the unblinding factors of the next n_tokens decode steps offline (kept inside
+   the enclave up to precompute_inside_mib, sealed outside beyond; each consumed once); later steps fall back to
+   online unblinding. progress (may be
    NULL) is called after every batch with (done, total, user_data). *seconds_out (may be NULL) receives the time
    this took; it is not included in si_context_stats. */
 typedef void (*si_progress_callback)(int done, int total, void* user_data);

@@ -72,3 +72,26 @@ TEST(SgxCost, TransitionsAndPaging) {
     EXPECT_NEAR(sgx1_sec.transitions_s, sec.crossings * 13000 / 3e9, 1e-12);
     EXPECT_THROW(sgx_params("tdx"), Error);
 }
+
+// Factors kept inside the enclave: only what of the store does not fit the EPC beside the rest is paged, one step's
+// share (one unit per crossing) at a time.
+TEST(SgxCost, KeptFactorsPageTheirStepShareWhenTheStoreOverflows) {
+    PlanParams p;
+    p.mode = Mode::secureinfer;
+    p.offline_unblinding = true;
+    Plan plan = make_plan(shape_preset("stories15m"), p);
+    const StepTimes zero{};
+    const SgxParams sgx1 = sgx_params("sgx1");
+    ASSERT_LT(plan.enclave_memory, sgx1.epc_bytes);
+    EXPECT_EQ(project_sgx(plan, zero, sgx1).paging_s, 0.0);
+    const double step = 100 * 4096.0;
+    plan.kept_step_bytes = step;
+    plan.kept_factor_bytes = sgx1.epc_bytes - plan.enclave_memory;  // fits exactly
+    EXPECT_EQ(project_sgx(plan, zero, sgx1).paging_s, 0.0);
+    plan.kept_factor_bytes = 2 * (sgx1.epc_bytes - plan.enclave_memory);  // half of it outside
+    const double page = sgx1.page_fault_cycles / (sgx1.cpu_ghz * 1e9);
+    EXPECT_NEAR(project_sgx(plan, zero, sgx1).paging_s, 50 * page, 1e-12);
+    plan.kept_factor_bytes = 1e11;  // nearly all of it outside SGX1's EPC, all of it inside SGX2's 512 GiB
+    EXPECT_NEAR(project_sgx(plan, zero, sgx1).paging_s, 100 * page, page);
+    EXPECT_EQ(project_sgx(plan, zero, sgx_params("sgx2")).paging_s, 0.0);
+}

@@ -286,6 +286,7 @@ TEST(Secure, SpinningWorkerOpensUnitsAheadWithTheSameTokens) {
         auto p = params(SecureMode::secureinfer);
         p.host = EnclaveHostKind::worker;
         p.worker_spin_us = spin ? 50 : 0;
+        p.precompute_inside_bytes = 0;  // sealed units, to be sent ahead
         SecureSession s(stories(), p);
         s.precompute(8);
         s.reset_stats();
@@ -1099,8 +1100,10 @@ public:
             ranges.push_back({off, n, online_since});
             online_since = 0;
         } else if (r.type() == wire::MsgType::offload) {
-            if (r.has(wire::Tag::batch))
+            if (r.has(wire::Tag::batch)) {
                 ++precomputed_crossings;
+                if (r.has(wire::Tag::keep)) ++kept_crossings;
+            }
             else
                 online_since += uint64_t(r.scalar<int32_t>(wire::Tag::count_t)) * uint64_t(r.scalar<int32_t>(wire::Tag::count_k));
         }
@@ -1109,7 +1112,7 @@ public:
         uint64_t offset, count, online_before;  // online masks drawn since the previous precompute answer
     };
     std::vector<Range> ranges;
-    uint64_t online_since = 0, precomputed_crossings = 0;
+    uint64_t online_since = 0, precomputed_crossings = 0, kept_crossings = 0;
     int sealed_seen = 0, units_ahead = 0;
     bool tampered = false;
 
@@ -1130,6 +1133,7 @@ TEST(Secure, PrecomputedFactorsGiveTheSameTokensAsOnline) {
     auto host = std::make_shared<SealedWatchHost>(SealedWatchHost::Tamper::none);
     auto p = params(SecureMode::secureinfer);
     p.enclave_host = host;
+    p.precompute_inside_bytes = 0;  // every factor sealed and stored by the host
     SecureSession off(stories(), p);
     int calls = 0, total = 0;
     off.precompute(24, [&](int done, int t) { calls = done, total = t; });
@@ -1145,9 +1149,32 @@ TEST(Secure, PrecomputedFactorsGiveTheSameTokensAsOnline) {
     EXPECT_GT(host->precomputed_crossings, 0u);
     EXPECT_EQ(host->sealed_seen, int(host->precomputed_crossings));
     EXPECT_EQ(host->units_ahead, 0);
+    EXPECT_EQ(host->kept_crossings, 0u);
+    // kept inside the core (the default budget holds them all): no sealed unit crosses the boundary
+    auto inside = std::make_shared<SealedWatchHost>(SealedWatchHost::Tamper::none);
+    auto pk = params(SecureMode::secureinfer);
+    pk.enclave_host = inside;
+    SecureSession kept(stories(), pk);
+    kept.precompute(24);
+    EXPECT_EQ(kept.precomputed_available(), 24);
+    EXPECT_EQ(greedy(kept, prompt, 24), want);
+    EXPECT_EQ(kept.precomputed_available(), 0);
+    EXPECT_EQ(inside->precomputed_crossings, host->precomputed_crossings);
+    EXPECT_EQ(inside->kept_crossings, inside->precomputed_crossings);
+    EXPECT_EQ(inside->sealed_seen, 0);
+    // a budget for part of them: the first batches are kept, the rest sealed; the same tokens
+    auto split = std::make_shared<SealedWatchHost>(SealedWatchHost::Tamper::none);
+    pk.enclave_host = split;
+    pk.precompute_inside_bytes = 24 * 4 * 3 * stories().cfg.dim;  // about a tenth of the factors
+    SecureSession part_kept(stories(), pk);
+    part_kept.precompute(24);
+    EXPECT_EQ(greedy(part_kept, prompt, 24), want);
+    EXPECT_GT(split->kept_crossings, 0u);
+    EXPECT_GT(split->sealed_seen, 0);
+    EXPECT_EQ(split->kept_crossings + uint64_t(split->sealed_seen), split->precomputed_crossings);
     // a concurrent host gets each unit ahead of its products (the core opens it while the accelerator computes)
     auto ahead = std::make_shared<SealedWatchHost>(SealedWatchHost::Tamper::none, true);
-    p.enclave_host = ahead;
+    p.enclave_host = ahead;  // still precompute_inside_bytes = 0
     SecureSession early(stories(), p);
     early.precompute(24);
     EXPECT_EQ(greedy(early, prompt, 24), want);
@@ -1178,6 +1205,7 @@ TEST(Secure, SealedFactorsAreConsumedExactlyOnce) {
         auto host = std::make_shared<SealedWatchHost>(t, ahead);
         auto p = params(SecureMode::secureinfer);
         p.enclave_host = host;
+        p.precompute_inside_bytes = 0;
         SecureSession s(stories(), p);
         s.precompute(8);
         s.set_sampler(SamplerParams{0.0f, 0, 1.0f, 0});
@@ -1328,6 +1356,58 @@ TEST(Secure, SealedUnitAheadFollowsTheProtocol) {
     EXPECT_NE(e.second.find("unit: no crossing is pending"), std::string::npos) << e.second;
 }
 
+// Factors kept inside the core: the offload says so (keep), and a sealed unit offered for such a crossing, with its
+// products or ahead of them, is refused; keep must be 0 or 1.
+TEST(Secure, KeptFactorsTakeNoSealedUnit) {
+    auto inner = std::shared_ptr<EnclaveHost>(make_inprocess_host());
+    auto p = params(SecureMode::secureinfer);
+    p.enclave_host = inner;
+    SecureSession s(stories(), p);
+    const size_t rows = size_t(stories().cfg.dim + 2 * stories().cfg.kv_dim());
+    const auto precompute = [&](uint8_t keep) {
+        wire::Encoder pre(wire::MsgType::precompute);
+        pre.scalar<int32_t>(wire::Tag::layer, 0);
+        pre.scalar<uint8_t>(wire::Tag::stage, 0);
+        pre.scalar<int32_t>(wire::Tag::count_t, 2);
+        pre.scalar<uint8_t>(wire::Tag::keep, keep);
+        std::vector<uint8_t> r;
+        inner->call(pre.finish(), r);
+        return r;
+    };
+    std::string err = error_of([&] { precompute(2); });
+    EXPECT_NE(err.find("precompute: keep must be 0 or 1"), std::string::npos) << err;
+    const wire::Message km = wire::decode(precompute(1));
+    ASSERT_EQ(km.type(), wire::MsgType::sealed);
+    EXPECT_TRUE(km.has(wire::Tag::keep));
+    EXPECT_FALSE(km.has(wire::Tag::sealed));
+    // a sealed unit of the same slot from another batch, to offer where none belongs
+    const wire::Message sm = wire::decode(precompute(0));
+    const auto blob = sm.array<uint8_t>(wire::Tag::sealed);
+    const std::vector<uint8_t> foreign(blob.begin(), blob.begin() + std::ptrdiff_t(rows * 4 + 16));
+    for (const bool ahead : {true, false}) {
+        wire::Encoder ev(wire::MsgType::eval);
+        ev.add(wire::Tag::tokens, std::vector<int32_t>{1});
+        ev.scalar<uint8_t>(wire::Tag::output, 0);
+        std::vector<uint8_t> resp;
+        inner->call(ev.finish(), resp);
+        const std::vector<uint8_t> off_bytes = resp;
+        const wire::Message off = wire::decode(off_bytes);
+        ASSERT_EQ(off.type(), wire::MsgType::offload);
+        EXPECT_TRUE(off.has(wire::Tag::keep));
+        wire::Encoder e(ahead ? wire::MsgType::unit : wire::MsgType::products);
+        e.scalar<int32_t>(wire::Tag::layer, 0);
+        e.scalar<uint8_t>(wire::Tag::stage, 0);
+        e.scalar<uint64_t>(wire::Tag::crossing, off.scalar<uint64_t>(wire::Tag::crossing));
+        if (!ahead) e.add(wire::Tag::products, std::vector<uint32_t>(rows, 0));
+        e.add(wire::Tag::sealed, foreign);
+        err = error_of([&] { inner->call(e.finish(), resp); });
+        EXPECT_NE(err.find(std::string(ahead ? "unit" : "products") +
+                           ": the crossing's factors are kept inside the core; no sealed unit belongs to it"),
+                  std::string::npos)
+            << err;
+    }
+}
+
 TEST(Secure, PrecomputedAndOnlineMasksNeverOverlap) {
     auto host = std::make_shared<SealedWatchHost>(SealedWatchHost::Tamper::none);
     auto p = params(SecureMode::secureinfer);
@@ -1376,6 +1456,15 @@ TEST(Secure, CliAndCApiPrecompute) {
     ASSERT_EQ(cmd.exit_code, 0) << cmd.err;
     EXPECT_NE(cmd.out.find("16 tokens of unblinding factors"), std::string::npos) << cmd.out;
     EXPECT_NE(cmd.err.find("precompute: ["), std::string::npos) << cmd.err;
+    // every factor sealed to host memory: the same text
+    const auto sealed = test::run_cli({"run", "-m", model, "--tokenizer", tok, "-n", "24", "--temp", "0", "--host",
+                                       "inprocess", "-t", "1", "--precompute", "10", "--precompute-inside", "0"});
+    ASSERT_EQ(sealed.exit_code, 0) << sealed.err;
+    EXPECT_EQ(sealed.out, online.out);
+    const auto too_much = test::run_cli({"run", "-m", model, "--tokenizer", tok, "--precompute", "4",
+                                         "--precompute-inside", "2048"});
+    EXPECT_EQ(too_much.exit_code, 2) << too_much.err;
+    EXPECT_NE(too_much.err.find("--precompute-inside"), std::string::npos) << too_much.err;
     // the C API
     si_model* m = nullptr;
     si_model_params mp = si_model_default_params();
@@ -1392,6 +1481,11 @@ TEST(Secure, CliAndCApiPrecompute) {
     EXPECT_GT(calls, 0);
     EXPECT_GE(secs, 0.0);
     si_context_free(c);
+    si_context_params big = cp;
+    big.precompute_inside_mib = 1025;
+    EXPECT_EQ(si_context_init(m, &big, &c), SI_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(si_last_error()).find("precompute_inside_mib must be in [0, 1024]"), std::string::npos)
+        << si_last_error();
     cp.mode = SI_MODE_GPU_ONLY;
     ASSERT_EQ(si_context_init(m, &cp, &c), SI_OK);
     EXPECT_NE(si_context_precompute(c, 4, nullptr, nullptr, nullptr), SI_OK);

@@ -194,6 +194,7 @@ si_context_params si_context_default_params(void) {
     p.accelerator = nullptr;
     p.worker_spin_us = 0;
     p.pin_cpu = -1;
+    p.precompute_inside_mib = 256;
     return p;
 }
 
@@ -250,6 +251,9 @@ int si_context_init(si_model* model, const si_context_params* params, si_context
             sp.worker_spin_us = p.worker_spin_us;
             require(p.pin_cpu >= -1 && p.pin_cpu < 1024, "si_context_init: pin_cpu must be -1 or a CPU number below 1024");
             sp.pin_cpu = p.pin_cpu;
+            require(p.precompute_inside_mib >= 0 && p.precompute_inside_mib <= 1024,
+                    "si_context_init: precompute_inside_mib must be in [0, 1024]");
+            sp.precompute_inside_bytes = int64_t(p.precompute_inside_mib) << 20;
             sp.secret_tensors = model->secret_tensors;
             if (p.secret_tensors) {
                 const std::string list = p.secret_tensors;

@@ -103,7 +103,7 @@ const char* tag_name(Tag t) {
         "tokens", "output", "targets", "stage", "crossing", "projs", "activations", "products", "count_t", "count_k",
         "pos", "flops", "token", "logprob_ids", "logprob_values", "nll_sum", "nll_count", "plan",
         "batch", "batch_index", "sealed", "nonce", "quote", "wrapped_key", "sealed_key", "manifest", "ciphertext",
-        "model_id", "serial_decode"};
+        "model_id", "serial_decode", "keep"};
     static_assert(sizeof(kNames) / sizeof(kNames[0]) == kMaxTag + 1);
     return uint16_t(t) <= kMaxTag ? kNames[uint16_t(t)] : "?";
 }

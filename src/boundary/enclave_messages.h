@@ -108,8 +108,10 @@ enum class Tag : uint16_t {
     ciphertext = 47,    // u8[]: an encrypted chunk with its tag
     model_id = 48,      // u8[16]
     serial_decode = 49, // u8 (configure, optional): 1 runs single-token products on the calling thread only
+    keep = 50,          // u8: precompute: 1 keeps the factors inside the core (answer: sealed without `sealed`);
+                        //     offload: the crossing's factors are kept inside, the host hands back nothing
 };
-constexpr uint16_t kMaxTag = 49;
+constexpr uint16_t kMaxTag = 50;
 
 enum class TensorKind : uint32_t {
     tok_embeddings = 0,  // f32 [vocab][dim]

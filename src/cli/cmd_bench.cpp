@@ -112,7 +112,7 @@ Runner add_bench(CLI::App& app) {
         std::vector<std::string> weights{"f32", "int8"};
         std::vector<std::string> modes{"plain"};
         std::string host = "worker";
-        int n_prompt = 512, n_gen = 128, reps = 3, threads = 0, spin_us = 0;
+        int n_prompt = 512, n_gen = 128, reps = 3, threads = 0, spin_us = 0, inside_mib = 256;
         std::string pin_cpu = "auto";
     };
     auto o = std::make_shared<Opts>();
@@ -137,6 +137,10 @@ Runner add_bench(CLI::App& app) {
                                               "it starts on), "
                                               "off, or a CPU number")
         ->check(pin_cpu_validator());
+    sub->add_option("--precompute-inside", o->inside_mib, "secureinfer-offline: MiB of precomputed factors kept inside "
+                                                          "the enclave, the rest sealed to host memory (see 'run'; "
+                                                          "default 256)")
+        ->check(CLI::Range(0, 1024));
     sub->add_option("--json", o->json, "also write the results as JSON to this file");
     sub->add_option("--plot", o->plot, "write an SVG of the presets' decode latency per domain to this file");
     return [o]() -> int {
@@ -164,6 +168,7 @@ Runner add_bench(CLI::App& app) {
             SessionStats tg_stats;  // of the last decode run
             bool offline = false;   // precompute the unblinding factors before each decode run
             std::vector<double> pre;  // precompute tokens/s
+            uint64_t kept_bytes = 0;  // factors kept inside after the last precompute
             void reset() { engine ? engine->reset() : session->reset(); }
             // a step computes the logits it needs, as the engine does: the sessions sample the last token (greedy)
             void eval(std::span<const int32_t> t) { engine ? (void)engine->eval(t) : (void)session->eval_sample(t); }
@@ -192,6 +197,7 @@ Runner add_bench(CLI::App& app) {
                 sp.accelerator_backend = b;
                 sp.worker_spin_us = o->spin_us;
                 sp.pin_cpu = resolve_pin_cpu(o->pin_cpu, b, o->spin_us);
+                sp.precompute_inside_bytes = int64_t(o->inside_mib) << 20;
                 runs.push_back({m + " int8", b, sp.mode, nullptr, std::make_unique<SecureSession>(w, sp), {}, {}, {},
                                 offline, {}});
             }
@@ -225,6 +231,7 @@ Runner add_bench(CLI::App& app) {
                         const auto tp = std::chrono::steady_clock::now();
                         r.session->precompute(n_pre);
                         r.pre.push_back(n_pre / seconds_since(tp));
+                        r.kept_bytes = r.session->kept_factor_bytes();
                     }
                     const auto t0 = std::chrono::steady_clock::now();
                     for (int i = 0; i < o->n_gen; ++i) r.eval(std::span<const int32_t>(&gen[size_t(i)], 1));
@@ -258,7 +265,11 @@ Runner add_bench(CLI::App& app) {
                     pp.n_tokens = 1;
                     pp.n_ctx = std::max(1, o->n_gen / 2);
                     pp.offline_unblinding = r.offline;
-                    const Plan plan = make_plan(c, pp);
+                    Plan plan = make_plan(c, pp);
+                    if (r.offline && r.kept_bytes > 0) {
+                        plan.kept_factor_bytes = double(r.kept_bytes);
+                        plan.kept_step_bytes = double(r.kept_bytes) / double(o->n_gen + kOfflineMargin);
+                    }
                     const StepTimes times{st.enclave.seconds * per_tok, st.accelerator.seconds * per_tok,
                                           st.host.seconds * per_tok};
                     const double t1 = project_sgx(plan, times, sgx_params("sgx1")).total_s();
@@ -312,6 +323,7 @@ Runner add_bench(CLI::App& app) {
                     if (r.offline) {
                         rec["precompute_tps_median"] = median(r.pre);
                         rec["offline_seconds_per_token"] = st.offline.seconds / double(std::max<uint64_t>(1, st.precomputed_tokens));
+                        rec["factors_kept_inside_bytes"] = r.kept_bytes;  // after precompute; the rest were sealed
                     }
                 }
                 out.push_back(rec);

@@ -196,10 +196,15 @@ Runner add_run(CLI::App& app) {
     auto logprobs = std::make_shared<int>(0);
     auto logprobs_noise = std::make_shared<float>(0.0f);
     auto precompute = std::make_shared<int>(0);
+    auto inside_mib = std::make_shared<int>(256);
     o->add(sub);
     sub->add_option("--precompute", *precompute, "secureinfer: precompute the unblinding factors of this many decode "
-                                                 "steps before generating (offline; sealed outside the enclave)")
+                                                 "steps before generating (offline)")
         ->check(CLI::Range(0, 1 << 16));
+    sub->add_option("--precompute-inside", *inside_mib, "secureinfer: keep up to this many MiB of precomputed factors "
+                                                        "inside the enclave, seal the rest to host memory (default "
+                                                        "256; 0 seals all, as an SGX1 EPC would want)")
+        ->check(CLI::Range(0, 1024));
     sub->add_option("--logprobs", *logprobs, "print the top-K log-probabilities of every generated token to stderr "
                                              "(released by the enclave; off by default)")
         ->check(CLI::Range(0, 1 << 20));
@@ -221,6 +226,7 @@ Runner add_run(CLI::App& app) {
         si_context_params cp = o->context_params();
         cp.logprobs = *logprobs;
         cp.logprob_noise = *logprobs_noise;
+        cp.precompute_inside_mib = *inside_mib;
         secureinfer::Context ctx(model, cp);
         print_warnings(ctx);
         if (*precompute > 0) {

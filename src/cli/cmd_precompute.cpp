@@ -1,6 +1,7 @@
 // precompute: offline unblinding factors of the secureinfer preset (DESIGN.md section 5). Loads a model (a file,
-// or random weights of a named shape), has the trusted core precompute and seal W r for the next N decode steps of
-// every offloaded stage, and reports the throughput in tokens of unblinding factors per second.
+// or random weights of a named shape), has the trusted core precompute W r for the next N decode steps of every
+// offloaded stage (kept inside up to --precompute-inside MiB, sealed beyond), and reports the throughput in tokens
+// of unblinding factors per second.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -16,11 +17,11 @@
 namespace si::cli {
 
 Runner add_precompute(CLI::App& app) {
-    auto* sub = app.add_subcommand("precompute", "precompute sealed unblinding factors (secureinfer, offline) and "
-                                                 "measure their throughput in tokens/s");
+    auto* sub = app.add_subcommand("precompute", "precompute unblinding factors (secureinfer, offline) and measure "
+                                                 "their throughput in tokens/s");
     struct Opts {
         std::string model, tokenizer, shape = "stories110m", host = "worker";
-        int n_tokens = 128, threads = 0, ctx = 0;
+        int n_tokens = 128, threads = 0, ctx = 0, inside_mib = 256;
     };
     auto o = std::make_shared<Opts>();
     sub->add_option("-m,--model", o->model, "model file (default: a random-weight model of --shape)");
@@ -30,6 +31,9 @@ Runner add_precompute(CLI::App& app) {
     sub->add_option("-t,--threads", o->threads, "host threads (0: all CPUs)")->check(CLI::Range(0, 1024));
     sub->add_option("-c,--ctx-size", o->ctx, "context length (0: the model's)")->check(CLI::Range(0, 1 << 20));
     sub->add_option("--host", o->host, "where the trusted core runs")->check(CLI::IsMember({"worker", "inprocess"}));
+    sub->add_option("--precompute-inside", o->inside_mib, "MiB of factors kept inside the enclave, the rest sealed to "
+                                                          "host memory (default 256; 0 seals all)")
+        ->check(CLI::Range(0, 1024));
     return [o]() -> int {
         ModelWeights w;
         std::string name;
@@ -45,6 +49,7 @@ Runner add_precompute(CLI::App& app) {
         sp.n_ctx = o->ctx;
         sp.n_threads = o->threads;
         sp.host = o->host == "inprocess" ? EnclaveHostKind::inprocess : EnclaveHostKind::worker;
+        sp.precompute_inside_bytes = int64_t(o->inside_mib) << 20;
         SecureSession s(w, sp);
         for (const auto& warn : s.warnings()) std::fprintf(stderr, "secureinfer: WARNING: %s\n", warn.c_str());
         const ModelConfig c = w.cfg;

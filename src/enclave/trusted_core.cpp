@@ -67,15 +67,19 @@ struct Pending {
     bool pre = false;
     uint64_t pre_seq = 0, pre_offset = 0;
     uint32_t pre_idx = 0, pre_count = 0;
-    bool unit_open = false;   // its sealed unit came ahead of the products (MsgType::unit) and is open in pre_plain
+    bool unit_open = false;   // its factors are in pre_plain: kept inside, or a sealed unit sent ahead (MsgType::unit)
+    bool kept = false;        // its factors were kept inside the core (no sealed unit belongs to it), at kept_wr
+    uint32_t* kept_wr = nullptr;
     bool classifier = false;  // the classifier crossing after the last block (layer n_layers)
 };
 
-// A batch of precomputed unblinding factors handed out sealed: the core keeps only this bookkeeping.
+// A batch of precomputed unblinding factors: handed out sealed (the core keeps only this bookkeeping), or kept
+// inside the core, unit after unit ([count][rows]: W_p r_t for every projection p of the slot, in order).
 struct PreBatch {
     uint64_t seq = 0;     // batch sequence number
     uint64_t offset = 0;  // first mask position of the batch's reserved range
     uint32_t count = 0;   // crossings (token positions) covered
+    SecretVector<uint32_t> kept;  // empty when sealed
 };
 // Per (layer, stage): batches not yet consumed, in order, and the next position within the first.
 struct PreSlot {
@@ -85,6 +89,9 @@ struct PreSlot {
 
 constexpr size_t kSealKeyBytes = 32, kSealIvBytes = 12, kSealTagBytes = 16;
 constexpr uint32_t kMaxPrecomputeCount = 1u << 16;
+// Factors kept inside the core, all slots together: enough for a few thousand stories110M or a few hundred TinyLlama
+// decode steps; the host seals the rest.
+constexpr uint64_t kMaxKeptFactorBytes = uint64_t(1) << 30;
 
 // Associated data of one sealed unit: binds it to its crossing slot, mask range and place in its batch.
 std::vector<uint8_t> seal_aad(int layer, Stage st, uint64_t offset, uint32_t count, uint64_t seq, uint32_t idx,
@@ -157,6 +164,8 @@ struct TrustedCore::Impl {
     SecretVector<uint8_t> seal_key;  // AES-256-GCM key: random per core, never leaves it
     std::vector<PreSlot> pre;        // [layer][kStages], then the classifier's slot (layer n_layers, stage qkv)
     uint64_t batch_seq = 0;          // last batch sequence number handed out
+    uint64_t kept_bytes = 0;         // factors kept inside (PreBatch::kept), all slots
+    SecretVector<uint32_t> kept_last;  // a kept batch whose last unit the pending crossing still uses
     SecretVector<uint32_t> pre_r, pre_wr;
     SecretVector<uint8_t> pre_plain;
     pkg::GcmOpener unit_opener;      // one context for every crossing's sealed unit (its key schedule is cleansed)
@@ -727,7 +736,19 @@ struct TrustedCore::Impl {
 
     // ---- forward passes --------------------------------------------------------------------------------------
 
+    // Erases the pending crossing's kept unit (total words) from the store: each is used once.
+    void erase_kept_unit(uint64_t total) {
+        if (pending.kept && pending.kept_wr) OPENSSL_cleanse(pending.kept_wr, size_t(total) * 4);
+        pending.kept_wr = nullptr;
+        kept_last = SecretVector<uint32_t>{};  // freed, so zeroed
+    }
+
     void abandon() {
+        if (pending.active) {
+            uint64_t total = 0;
+            for (Proj p : pending.projs) total += uint64_t(pending.T) * uint64_t(proj(pending.layer, p).rows);
+            erase_kept_unit(total);
+        }
         pending = Pending{};
         if (fw) fw->abort_pass();
         wipe(r);
@@ -830,13 +851,20 @@ struct TrustedCore::Impl {
         PreSlot& ps = pre[size_t(l) * kStages + size_t(st)];
         if (T == 1 && !ps.batches.empty()) {
             // Offline mode: the next reserved position of the pending batch, used exactly once.
-            const PreBatch b = ps.batches.front();
+            PreBatch& b = ps.batches.front();
             pending.pre = true;
             pending.pre_seq = b.seq;
             pending.pre_idx = ps.next;
             pending.pre_count = b.count;
             pending.pre_offset = b.offset + uint64_t(ps.next) * uint64_t(K);
+            if (!b.kept.empty()) {
+                // Kept inside: products() reads this position's unit in place and erases it.
+                pending.kept_wr = b.kept.data() + size_t(ps.next) * (b.kept.size() / b.count);
+                pending.kept = pending.unit_open = true;
+            }
             if (++ps.next == b.count) {
+                kept_bytes -= 4 * b.kept.size();
+                kept_last = std::move(b.kept);  // the pending crossing reads its last unit
                 ps.batches.pop_front();
                 ps.next = 0;
             }
@@ -856,6 +884,7 @@ struct TrustedCore::Impl {
         if (pending.pre) {
             e.scalar<uint64_t>(Tag::batch, pending.pre_seq);
             e.scalar<uint32_t>(Tag::batch_index, pending.pre_idx);
+            if (pending.kept) e.scalar<uint8_t>(Tag::keep, 1);  // the host holds nothing for this crossing
         }
         auto* dst = e.reserve(Tag::activations, WireType::u32, n);
         for (size_t i = 0; i < n; ++i) {
@@ -887,6 +916,7 @@ struct TrustedCore::Impl {
     std::vector<uint8_t> unit(const Message& m) {
         const uint64_t total = check_answers_pending(m, "unit");
         if (!pending.pre) bad("unit: sealed unblinding factors for a crossing that uses none");
+        if (pending.kept) bad("unit: the crossing's factors are kept inside the core; no sealed unit belongs to it");
         if (pending.unit_open) bad("unit: the crossing's sealed unit was already sent");
         open_unit(m, total);
         pending.unit_open = true;
@@ -901,9 +931,11 @@ struct TrustedCore::Impl {
         if (pending.pre && !pending.unit_open) {
             open_unit(m, total);
         } else if (m.has(Tag::sealed)) {
-            bad(pending.pre ? "products: the crossing's sealed unit was already sent"
-                            : "products: sealed unblinding factors for a crossing that uses none");
+            bad(!pending.pre  ? "products: sealed unblinding factors for a crossing that uses none"
+                : pending.kept ? "products: the crossing's factors are kept inside the core; no sealed unit belongs to it"
+                               : "products: the crossing's sealed unit was already sent");
         }
+        const uint8_t* pre_src = pending.kept ? reinterpret_cast<const uint8_t*>(pending.kept_wr) : pre_plain.data();
         size_t pre_at = 0;
         for (Proj p : pending.projs) {
             ProjState& s = proj(pending.layer, p);
@@ -911,7 +943,7 @@ struct TrustedCore::Impl {
             wr.resize(n);
             if (pending.pre) {
                 // W r offline: opened from the sealed unit of this crossing.
-                std::memcpy(wr.data(), pre_plain.data() + pre_at, 4 * n);
+                std::memcpy(wr.data(), pre_src + pre_at, 4 * n);
                 pre_at += 4 * n;
             } else {
                 // W r online: the same exact mod-2^32 product the accelerator computes on x'.
@@ -938,6 +970,7 @@ struct TrustedCore::Impl {
                                pending.classifier ? logits.data() : fw->proj_output(p));
         }
         const bool classifier = pending.classifier;
+        erase_kept_unit(total);
         pending = Pending{};
         wipe(r);
         wipe(wr);
@@ -978,6 +1011,8 @@ struct TrustedCore::Impl {
         const int32_t l = m.scalar<int32_t>(Tag::layer);
         const uint8_t st_raw = m.scalar<uint8_t>(Tag::stage);
         const int32_t count = m.scalar<int32_t>(Tag::count_t);
+        const uint8_t keep = m.has(Tag::keep) ? m.scalar<uint8_t>(Tag::keep) : 0;
+        if (keep > 1) bad("precompute: keep must be 0 or 1");
         if (l < 0 || l > cfg.n_layers) bad("precompute: layer " + std::to_string(l) + " out of range");
         if (st_raw >= kStages || (l == cfg.n_layers && st_raw != uint8_t(Stage::qkv)))
             bad("precompute: stage " + std::to_string(st_raw) + " out of range");
@@ -996,7 +1031,15 @@ struct TrustedCore::Impl {
             }
         if (off.empty()) bad("precompute: layer " + std::to_string(l) + " stage " + stage_name(st) + " offloads nothing");
         const uint64_t unit = rows * 4, sealed_bytes = uint64_t(count) * (unit + kSealTagBytes);
-        if (sealed_bytes + (64u << 10) > SI_ENCLAVE_MAX_MESSAGE) bad("precompute: the batch would not fit one message");
+        if (keep) {
+            if (kept_bytes + uint64_t(count) * unit > kMaxKeptFactorBytes)
+                fail(Status::out_of_memory, "precompute: keeping " + std::to_string((uint64_t(count) * unit) >> 10) +
+                                                " KiB more unblinding factors would exceed the core's " +
+                                                std::to_string(kMaxKeptFactorBytes >> 20) + " MiB for them (" +
+                                                std::to_string(kept_bytes >> 10) + " KiB kept); seal them instead");
+        } else if (sealed_bytes + (64u << 10) > SI_ENCLAVE_MAX_MESSAGE) {
+            bad("precompute: the batch would not fit one message");
+        }
 
         const MaskRange range = masks->reserve(uint64_t(count) * uint64_t(K));
         pre_r.resize(size_t(count) * size_t(K));
@@ -1011,6 +1054,32 @@ struct TrustedCore::Impl {
         }
         wipe(pre_r);
         const uint64_t seq = ++batch_seq;
+        if (keep) {
+            // Kept inside: unit after unit, as the crossings will take them.
+            PreBatch b{seq, range.offset, uint32_t(count), SecretVector<uint32_t>(size_t(count) * size_t(rows))};
+            size_t o = 0, base = 0;
+            for (Proj p : off) {
+                const size_t pr = size_t(proj(l, p).rows);
+                for (int32_t t = 0; t < count; ++t)
+                    std::memcpy(b.kept.data() + size_t(t) * size_t(rows) + o, pre_wr.data() + base + size_t(t) * pr,
+                                4 * pr);
+                o += pr;
+                base += size_t(count) * pr;
+            }
+            wipe(pre_wr);
+            kept_bytes += 4 * b.kept.size();
+            pre[size_t(l) * kStages + size_t(st)].batches.push_back(std::move(b));
+            Encoder e(MsgType::sealed);
+            e.scalar<int32_t>(Tag::layer, l);
+            e.scalar<uint8_t>(Tag::stage, st_raw);
+            e.scalar<uint64_t>(Tag::batch, seq);
+            e.scalar<uint64_t>(Tag::offset, range.offset);
+            e.scalar<int32_t>(Tag::count_t, count);
+            e.scalar<int32_t>(Tag::count_k, int32_t(K));
+            e.scalar<uint8_t>(Tag::keep, 1);
+            e.scalar<uint64_t>(Tag::flops, take_flops());
+            return e.finish();
+        }
         Encoder e(MsgType::sealed);
         e.scalar<int32_t>(Tag::layer, l);
         e.scalar<uint8_t>(Tag::stage, st_raw);
@@ -1054,7 +1123,7 @@ struct TrustedCore::Impl {
         if (seal_failed) fail(Status::internal, "precompute: sealing the unblinding factors failed");
         flops += sealed_bytes;  // nominal: encryption
         wipe(pre_wr);
-        pre[size_t(l) * kStages + size_t(st)].batches.push_back(PreBatch{seq, range.offset, uint32_t(count)});
+        pre[size_t(l) * kStages + size_t(st)].batches.push_back(PreBatch{seq, range.offset, uint32_t(count), {}});
         e.scalar<uint64_t>(Tag::flops, take_flops());
         return e.finish();
     }
@@ -1159,6 +1228,7 @@ struct TrustedCore::Impl {
         table_next.clear();
         package = false;
         pre.clear();
+        kept_bytes = 0;
         projs.clear();
         fw.reset();
         sampler.reset();

@@ -45,6 +45,9 @@ struct Plan {
     double bytes_to_accel = 0, bytes_from_accel = 0;
     int crossings = 0;
     double enclave_memory = 0;        // bytes: secrets, KV cache, keys, scratch (and weights when computed inside)
+    // Offline mode with factors kept inside (set by the caller, who knows the store): its size, and the part each
+    // step reads once (one unit per crossing).
+    double kept_factor_bytes = 0, kept_step_bytes = 0;
     double offloaded_share() const;   // flops_accel / all online flops
 };
 

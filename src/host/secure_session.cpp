@@ -459,6 +459,7 @@ std::span<const uint8_t> SecureSession::take_unit(int layer, int stage, uint64_t
     // The span stays valid until the batch is popped: by the next take_unit of this slot, one crossing later.
     const std::span<const uint8_t> unit(b.blob.data() + size_t(idx) * b.unit, b.unit);
     if (b.next == b.count) {
+        kept_bytes_ -= b.kept;
         spent_.push_back(std::move(b.blob));
         q.pop_front();
     }
@@ -738,8 +739,10 @@ std::vector<uint8_t> SecureSession::run_enclave_pass(std::span<const int32_t> to
         // Offline unblinding: the sealed unit the core asks for (the core authenticates it). With a concurrent
         // enclave host it goes ahead of the products, and the core opens it while the accelerator computes.
         std::span<const uint8_t> unit;
-        if (m.has(Tag::batch))
+        if (m.has(Tag::batch)) {
             unit = take_unit(layer, stage, m.scalar<uint64_t>(Tag::batch), m.scalar<uint32_t>(Tag::batch_index));
+            if (m.has(Tag::keep)) unit = {};  // kept inside the core: the host only keeps count
+        }
         else if (precomputed_ && T == 1 && !exhausted_said_) {
             exhausted_said_ = true;
             const char* msg = "precomputed unblinding factors exhausted: falling back to online unblinding";
@@ -992,6 +995,7 @@ void SecureSession::precompute(int tokens, const std::function<void(int, int)>& 
         int layer;
         Stage stage;
         int per_call;
+        int64_t rows;
     };
     std::vector<Slot> slots;
     int total = 0;
@@ -1003,7 +1007,7 @@ void SecureSession::precompute(int tokens, const std::function<void(int, int)>& 
             if (rows == 0) continue;
             const int per_call = int(std::max<int64_t>(
                 1, std::min<int64_t>(1 << 16, int64_t(SI_ENCLAVE_MAX_MESSAGE - kMessageSlack) / (4 * rows + 16))));
-            slots.push_back({l, Stage(st), per_call});
+            slots.push_back({l, Stage(st), per_call, rows});
             total += (tokens + per_call - 1) / per_call;
         }
     SessionStats off;
@@ -1015,18 +1019,27 @@ void SecureSession::precompute(int tokens, const std::function<void(int, int)>& 
             e.scalar<int32_t>(Tag::layer, sl.layer);
             e.scalar<uint8_t>(Tag::stage, uint8_t(sl.stage));
             e.scalar<int32_t>(Tag::count_t, n);
+            const uint64_t bytes = uint64_t(n) * uint64_t(sl.rows) * 4;
+            const bool keep = int64_t(kept_bytes_ + bytes) <= params_.precompute_inside_bytes;
+            if (keep) e.scalar<uint8_t>(Tag::keep, 1);
             const std::vector<uint8_t> resp = call(e.finish(), off);
             const Message m = wire::decode(resp);
             if (m.type() != MsgType::sealed || m.scalar<int32_t>(Tag::layer) != sl.layer ||
-                m.scalar<uint8_t>(Tag::stage) != uint8_t(sl.stage) || m.scalar<int32_t>(Tag::count_t) != n)
+                m.scalar<uint8_t>(Tag::stage) != uint8_t(sl.stage) || m.scalar<int32_t>(Tag::count_t) != n ||
+                m.has(Tag::keep) != keep || m.has(Tag::sealed) == keep)
                 fail(Status::internal, "the trusted core did not answer precompute with the requested batch");
-            const wire::Field& f = m.field(Tag::sealed, WireType::u8);
-            if (f.count % uint32_t(n) != 0) fail(Status::internal, "the trusted core sent a malformed sealed batch");
             SealedBatch b;
             b.seq = m.scalar<uint64_t>(Tag::batch);
             b.count = uint32_t(n);
-            b.unit = f.count / uint32_t(n);
-            b.blob.assign(f.data, f.data + f.count);
+            if (keep) {
+                b.kept = bytes;
+                kept_bytes_ += bytes;
+            } else {
+                const wire::Field& f = m.field(Tag::sealed, WireType::u8);
+                if (f.count % uint32_t(n) != 0) fail(Status::internal, "the trusted core sent a malformed sealed batch");
+                b.unit = f.count / uint32_t(n);
+                b.blob.assign(f.data, f.data + f.count);
+            }
             sealed_[size_t(sl.layer) * kStages + size_t(sl.stage)].push_back(std::move(b));
             left -= n;
             if (progress) progress(++done, total);

@@ -66,6 +66,10 @@ struct SecureSessionParams {
     // CPU only, so that the doorbells switch threads on one CPU (WorkerOptions::serve_cpu). The constructing
     // thread keeps that affinity; it must be the thread that then calls the session. -1: no pinning.
     int pin_cpu = -1;
+    // precompute(): unblinding factors the trusted core keeps in its own memory, up to this many bytes (it allows
+    // at most 1 GiB); the rest it seals and the session stores in host memory. Kept factors save the opening and
+    // the transfer of a sealed unit at every crossing, but occupy enclave memory (on SGX1 the EPC: use 0 there).
+    int64_t precompute_inside_bytes = int64_t(256) << 20;
     // Tensors the model declares secret, by GGUF name ("blk.0.attn_q.weight", "token_embd.weight", ...); "*" marks
     // every tensor. LoRA adapter tensors are always secret.
     std::vector<std::string> secret_tensors;
@@ -146,6 +150,8 @@ public:
     void precompute(int tokens, const std::function<void(int done, int total)>& progress = nullptr);
     // Decode steps for which every offloaded stage still has precomputed factors.
     int precomputed_available() const;
+    // Bytes of precomputed factors the trusted core keeps for this session now (the rest are sealed in host memory).
+    uint64_t kept_factor_bytes() const { return kept_bytes_; }
 
     const SessionStats& stats() const { return stats_; }       // since load
     const SessionStats& load_stats() const { return load_; }   // loading the model (uploads)
@@ -199,12 +205,14 @@ private:
     struct SealedBatch {
         uint64_t seq = 0;
         uint32_t count = 0, next = 0;  // units, and the next one to hand back
-        size_t unit = 0;               // bytes per unit
+        size_t unit = 0;               // bytes per unit (0: kept inside the core)
         std::vector<uint8_t> blob;
+        uint64_t kept = 0;             // bytes the core keeps for this batch (0: sealed)
     };
     std::vector<std::deque<SealedBatch>> sealed_;
     std::vector<std::vector<uint8_t>> spent_;  // the last unit's batch, kept until that unit has been sent
     bool precomputed_ = false, exhausted_said_ = false;
+    uint64_t kept_bytes_ = 0;  // factors kept inside the core, not yet consumed
 };
 
 }  // namespace si

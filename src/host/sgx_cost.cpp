@@ -31,7 +31,13 @@ SgxProjection project_sgx(const Plan& plan, const StepTimes& t, const SgxParams&
                           ? 0.0
                           : ecalls * sgx.transition_cycles / (sgx.cpu_ghz * 1e9);
     const double overflow = std::max(0.0, plan.enclave_memory - sgx.epc_bytes);
-    r.paging_s = overflow / 4096.0 * sgx.page_fault_cycles / (sgx.cpu_ghz * 1e9);
+    // Kept factors are read once each, one unit per crossing: what of the store does not fit beside the rest comes
+    // in from outside the EPC, a step's share at a time.
+    const double kept_out = plan.kept_factor_bytes > 0
+                                ? std::min(1.0, std::max(0.0, plan.enclave_memory + plan.kept_factor_bytes - sgx.epc_bytes) /
+                                                    plan.kept_factor_bytes)
+                                : 0.0;
+    r.paging_s = (overflow + kept_out * plan.kept_step_bytes) / 4096.0 * sgx.page_fault_cycles / (sgx.cpu_ghz * 1e9);
     return r;
 }
 

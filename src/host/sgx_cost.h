@@ -34,7 +34,7 @@ struct StepTimes {
 struct SgxProjection {
     double compute_s = 0;      // enclave (with slowdown) + accelerator + host
     double transitions_s = 0;  // crossings x transition cost
-    double paging_s = 0;       // EPC overflow, re-read every step
+    double paging_s = 0;       // EPC overflow, re-read every step (kept factors: their step's share)
     double total_s() const { return compute_s + transitions_s + paging_s; }
 };
 
