@@ -45,8 +45,9 @@ step "bench_backend_ops (cuda)"
 "$build/bench/bench_backend_ops" --benchmark_filter='^cuda/.*threads:1/' --benchmark_min_time=0.1 \
     --benchmark_format=console 2>&1 | tee "$out/bench_backend_ops.txt" | grep -E "_T(1|64)/" | head -80
 
-step "the enclave host's cost: stories110m decode through the worker process (pinned: the default with cuda; not pinned; spinning) and in-process"
-for h in "--host $host" "--host $host --pin-cpu off" "--host $host --pin-cpu off --spin-us 200" "--host inprocess"; do
+step "the enclave host's cost: stories110m decode through the worker process (pinned: the default with cuda; factors sealed instead of kept; not pinned; spinning, sealed units sent ahead) and in-process"
+for h in "--host $host" "--host $host --precompute-inside 0" "--host $host --pin-cpu off" \
+         "--host $host --pin-cpu off --spin-us 100 --precompute-inside 0" "--host inprocess"; do
     echo "$h"
     "$build/secureinfer" bench --shape stories110m -p 0 -n 64 -r 3 $h --modes gpu-only,secureinfer-offline \
         --backends cuda 2>&1 | grep tg64
