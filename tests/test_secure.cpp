@@ -1376,12 +1376,13 @@ TEST(Secure, KeptFactorsTakeNoSealedUnit) {
     };
     std::string err = error_of([&] { precompute(2); });
     EXPECT_NE(err.find("precompute: keep must be 0 or 1"), std::string::npos) << err;
-    const wire::Message km = wire::decode(precompute(1));
+    const std::vector<uint8_t> kept_resp = precompute(1), sealed_resp = precompute(0);  // decoded views need them
+    const wire::Message km = wire::decode(kept_resp);
     ASSERT_EQ(km.type(), wire::MsgType::sealed);
     EXPECT_TRUE(km.has(wire::Tag::keep));
     EXPECT_FALSE(km.has(wire::Tag::sealed));
     // a sealed unit of the same slot from another batch, to offer where none belongs
-    const wire::Message sm = wire::decode(precompute(0));
+    const wire::Message sm = wire::decode(sealed_resp);
     const auto blob = sm.array<uint8_t>(wire::Tag::sealed);
     const std::vector<uint8_t> foreign(blob.begin(), blob.begin() + std::ptrdiff_t(rows * 4 + 16));
     for (const bool ahead : {true, false}) {

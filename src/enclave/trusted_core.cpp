@@ -942,7 +942,7 @@ struct TrustedCore::Impl {
             const size_t n = size_t(T * s.rows);
             wr.resize(n);
             if (pending.pre) {
-                // W r offline: opened from the sealed unit of this crossing.
+                // W r offline: kept inside, or opened from the sealed unit of this crossing.
                 std::memcpy(wr.data(), pre_src + pre_at, 4 * n);
                 pre_at += 4 * n;
             } else {
@@ -1054,6 +1054,13 @@ struct TrustedCore::Impl {
         }
         wipe(pre_r);
         const uint64_t seq = ++batch_seq;
+        Encoder e(MsgType::sealed);
+        e.scalar<int32_t>(Tag::layer, l);
+        e.scalar<uint8_t>(Tag::stage, st_raw);
+        e.scalar<uint64_t>(Tag::batch, seq);
+        e.scalar<uint64_t>(Tag::offset, range.offset);
+        e.scalar<int32_t>(Tag::count_t, count);
+        e.scalar<int32_t>(Tag::count_k, int32_t(K));
         if (keep) {
             // Kept inside: unit after unit, as the crossings will take them.
             PreBatch b{seq, range.offset, uint32_t(count), SecretVector<uint32_t>(size_t(count) * size_t(rows))};
@@ -1069,24 +1076,10 @@ struct TrustedCore::Impl {
             wipe(pre_wr);
             kept_bytes += 4 * b.kept.size();
             pre[size_t(l) * kStages + size_t(st)].batches.push_back(std::move(b));
-            Encoder e(MsgType::sealed);
-            e.scalar<int32_t>(Tag::layer, l);
-            e.scalar<uint8_t>(Tag::stage, st_raw);
-            e.scalar<uint64_t>(Tag::batch, seq);
-            e.scalar<uint64_t>(Tag::offset, range.offset);
-            e.scalar<int32_t>(Tag::count_t, count);
-            e.scalar<int32_t>(Tag::count_k, int32_t(K));
             e.scalar<uint8_t>(Tag::keep, 1);
             e.scalar<uint64_t>(Tag::flops, take_flops());
             return e.finish();
         }
-        Encoder e(MsgType::sealed);
-        e.scalar<int32_t>(Tag::layer, l);
-        e.scalar<uint8_t>(Tag::stage, st_raw);
-        e.scalar<uint64_t>(Tag::batch, seq);
-        e.scalar<uint64_t>(Tag::offset, range.offset);
-        e.scalar<int32_t>(Tag::count_t, count);
-        e.scalar<int32_t>(Tag::count_k, int32_t(K));
         uint8_t* dst = e.reserve(Tag::sealed, WireType::u8, size_t(sealed_bytes));
         // Units are sealed independently (own IV and AAD), so they are sealed in parallel, in a few contiguous parts
         // with one cipher context each; a failure inside a loop is reported after it, on this thread.

@@ -406,13 +406,7 @@ std::vector<uint8_t> SecureSession::call(const std::vector<uint8_t>& request, Se
     if (failed_)
         fail(Status::integrity, "the session was stopped after an integrity failure; no further output is released");
     std::vector<uint8_t> response;
-    try {
-        ScopedTime t{s.enclave.seconds};
-        host_->call(request, response);
-    } catch (const Error& e) {
-        if (e.status() == Status::integrity) failed_ = true;
-        throw;
-    }
+    timed_enclave(s, [&] { host_->call(request, response); });
     account(request.size(), response, s);
     return response;
 }
@@ -420,26 +414,24 @@ std::vector<uint8_t> SecureSession::call(const std::vector<uint8_t>& request, Se
 void SecureSession::start_call(const std::vector<uint8_t>& request, SessionStats& s) {
     if (failed_)
         fail(Status::integrity, "the session was stopped after an integrity failure; no further output is released");
-    try {
-        ScopedTime t{s.enclave.seconds};
-        host_->start_call(request);
-    } catch (const Error& e) {
-        if (e.status() == Status::integrity) failed_ = true;
-        throw;
-    }
+    timed_enclave(s, [&] { host_->start_call(request); });
 }
 
 std::vector<uint8_t> SecureSession::finish_call(size_t request_bytes, SessionStats& s) {
     std::vector<uint8_t> response;
-    try {
-        ScopedTime t{s.enclave.seconds};
-        host_->finish_call(response);
-    } catch (const Error& e) {
-        if (e.status() == Status::integrity) failed_ = true;
-        throw;
-    }
+    timed_enclave(s, [&] { host_->finish_call(response); });
     account(request_bytes, response, s);
     return response;
+}
+
+void SecureSession::timed_enclave(SessionStats& s, const std::function<void()>& f) {
+    try {
+        ScopedTime t{s.enclave.seconds};
+        f();
+    } catch (const Error& e) {
+        if (e.status() == Status::integrity) failed_ = true;  // stops the session for good
+        throw;
+    }
 }
 
 void SecureSession::account(size_t request_bytes, const std::vector<uint8_t>& response, SessionStats& s) {

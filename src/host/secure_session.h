@@ -165,6 +165,8 @@ private:
     void start_call(const std::vector<uint8_t>& request, SessionStats& s);
     std::vector<uint8_t> finish_call(size_t request_bytes, SessionStats& s);
     void account(size_t request_bytes, const std::vector<uint8_t>& response, SessionStats& s);
+    // Runs f (a host call), its time counted as the enclave's; an integrity failure stops the session.
+    void timed_enclave(SessionStats& s, const std::function<void()>& f);
     // The sealed unit (batch seq, index idx) of a crossing slot, or an empty span when the host holds none.
     std::span<const uint8_t> take_unit(int layer, int stage, uint64_t seq, uint32_t idx);
     void load_enclave(const ModelWeights& w);
