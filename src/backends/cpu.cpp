@@ -25,10 +25,6 @@ namespace si {
 
 namespace {
 
-struct SupportedOp {
-    AccelOp op;
-    DType weight;
-};
 constexpr SupportedOp kSupported[] = {
     {AccelOp::mul_mat_masked, DType::i8},
     {AccelOp::mul_mat_int, DType::i8},
@@ -51,11 +47,7 @@ public:
 
     const char* name() const override { return "cpu"; }
 
-    bool supports(AccelOp op, DType weight_type) const override {
-        for (const auto& s : kSupported)
-            if (s.op == op && s.weight == weight_type) return true;
-        return false;
-    }
+    bool supports(AccelOp op, DType weight_type) const override { return table_supports(kSupported, op, weight_type); }
 
     WeightHandle upload_i8(const int8_t* W, int64_t N, int64_t K) override {
         weights_.check_shape(W, N, K);

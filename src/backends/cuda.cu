@@ -50,10 +50,6 @@ namespace {
             fail(Status::internal, std::string("cuda backend: ") + #expr + ": " + cublasGetStatusString(si_st_)); \
     } while (0)
 
-struct SupportedOp {
-    AccelOp op;
-    DType weight;
-};
 constexpr SupportedOp kSupported[] = {
     {AccelOp::mul_mat_masked, DType::i8},
     {AccelOp::mul_mat_int, DType::i8},
@@ -239,11 +235,7 @@ public:
 
     const char* name() const override { return "cuda"; }
 
-    bool supports(AccelOp op, DType weight_type) const override {
-        for (const auto& s : kSupported)
-            if (s.op == op && s.weight == weight_type) return true;
-        return false;
-    }
+    bool supports(AccelOp op, DType weight_type) const override { return table_supports(kSupported, op, weight_type); }
 
     WeightHandle upload_i8(const int8_t* W, int64_t N, int64_t K) override {
         weights_.check_shape(W, N, K);

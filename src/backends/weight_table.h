@@ -3,6 +3,7 @@
 // the backend supports the op on that weight type, and that the product's activations are sane.
 #pragma once
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -12,6 +13,19 @@
 #include "common/error.h"
 
 namespace si {
+
+// One line of a backend's table of the ops it accepts, by weight type.
+struct SupportedOp {
+    AccelOp op;
+    DType weight;
+};
+
+template <size_t N>
+constexpr bool table_supports(const SupportedOp (&table)[N], AccelOp op, DType weight) {
+    for (const SupportedOp& s : table)
+        if (s.op == op && s.weight == weight) return true;
+    return false;
+}
 
 // W: a backend's weight, with members `DType type` and `int64_t N, K`.
 template <class W>
