@@ -1456,6 +1456,11 @@ TEST(Secure, CliAndCApiPrecompute) {
                                     "-t", "1"});
     ASSERT_EQ(cmd.exit_code, 0) << cmd.err;
     EXPECT_NE(cmd.out.find("16 tokens of unblinding factors"), std::string::npos) << cmd.out;
+    EXPECT_NE(cmd.out.find("MiB kept inside the enclave, 0.0 MiB sealed to host memory"), std::string::npos) << cmd.out;
+    const auto cmd_sealed = test::run_cli({"precompute", "-m", model, "--tokenizer", tok, "-n", "16", "--host",
+                                           "inprocess", "-t", "1", "--precompute-inside", "0"});
+    ASSERT_EQ(cmd_sealed.exit_code, 0) << cmd_sealed.err;
+    EXPECT_NE(cmd_sealed.out.find("0.0 MiB kept inside the enclave"), std::string::npos) << cmd_sealed.out;
     EXPECT_NE(cmd.err.find("precompute: ["), std::string::npos) << cmd.err;
     // every factor sealed to host memory: the same text
     const auto sealed = test::run_cli({"run", "-m", model, "--tokenizer", tok, "-n", "24", "--temp", "0", "--host",

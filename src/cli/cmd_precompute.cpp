@@ -63,6 +63,8 @@ Runner add_precompute(CLI::App& app) {
                     "in the enclave)\n",
                     o->n_tokens, secs, secs > 0 ? o->n_tokens / secs : 0.0, secs * 1e3 / o->n_tokens,
                     st.offline.flops / 1e9);
+        std::printf("precompute: %.1f MiB kept inside the enclave, %.1f MiB sealed to host memory\n",
+                    double(s.kept_factor_bytes()) / (1 << 20), double(s.sealed_factor_bytes()) / (1 << 20));
         return 0;
     };
 }

@@ -1058,6 +1058,13 @@ int SecureSession::precomputed_available() const {
     return int(std::max<int64_t>(0, best));
 }
 
+uint64_t SecureSession::sealed_factor_bytes() const {
+    uint64_t n = 0;
+    for (const auto& q : sealed_)
+        for (const SealedBatch& b : q) n += uint64_t(b.count - b.next) * b.unit;
+    return n;
+}
+
 void SecureSession::reset() {
     Timer timer(stats_);
     if (gpu_) {

@@ -152,6 +152,8 @@ public:
     int precomputed_available() const;
     // Bytes of precomputed factors the trusted core keeps for this session now (the rest are sealed in host memory).
     uint64_t kept_factor_bytes() const { return kept_bytes_; }
+    // Bytes of sealed factors (ciphertext and tags) the session holds in host memory, not yet consumed.
+    uint64_t sealed_factor_bytes() const;
 
     const SessionStats& stats() const { return stats_; }       // since load
     const SessionStats& load_stats() const { return load_; }   // loading the model (uploads)
