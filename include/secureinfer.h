@@ -188,6 +188,8 @@ int si_context_stats(const si_context* ctx, si_stats* out);
 typedef void (*si_progress_callback)(int done, int total, void* user_data);
 int si_context_precompute(si_context* ctx, int n_tokens, si_progress_callback progress, void* user_data,
                           double* seconds_out);
+/* Decode steps for which precomputed unblinding factors remain (0 outside SI_MODE_SECUREINFER or for NULL). */
+int si_context_precomputed(const si_context* ctx);
 /* The isolation the context's trusted core has, e.g. "worker process (memfd_secret, seccomp, non-dumpable)", and
    warnings about weakened protection, one per line ("" when none). Valid for the context's lifetime. */
 const char* si_context_isolation(const si_context* ctx);

@@ -245,6 +245,36 @@ TEST(Server, CompletionsEqualCliTokens) {
     EXPECT_EQ(s.stop(), 0);
 }
 
+// With --precompute the contexts decode with precomputed unblinding factors, topped up after every request: the
+// same text as the CLI's, and /health shows the idle contexts full again.
+TEST(Server, PrecomputedFactorsServeTheCliTokens) {
+    const std::string dir = si::test::scratch_dir();
+    Server s(dir, {"--precompute", "40", "--parallel", "2"});
+    EXPECT_NE(s.log().find("40 decode steps precomputed per context"), std::string::npos) << s.log();
+    Http health = curl(dir, {s.url("/health")});
+    ASSERT_EQ(health.status, 200) << health.body;
+    EXPECT_EQ(health.j["precomputed_steps"], 40) << health.body;
+    const std::string expected = cli_text("Once upon a time", 32, "0", "1");
+    for (int i = 0; i < 3; ++i) {
+        const json req = {{"prompt", "Once upon a time"}, {"max_tokens", 32}, {"temperature", 0}, {"seed", 1}};
+        const Http h = post(dir, s, "/v1/completions", req.dump());
+        ASSERT_EQ(h.status, 200) << h.body;
+        EXPECT_EQ(h.j["choices"][0]["text"], expected) << "request " << i;
+    }
+    // each request used up to 32 steps of its context's 40; the background thread tops the context up again
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    do {
+        health = curl(dir, {s.url("/health")});
+        if (health.j.value("precomputed_steps", -1) == 40) break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    } while (std::chrono::steady_clock::now() < deadline);
+    EXPECT_EQ(health.j["precomputed_steps"], 40) << health.body;
+    EXPECT_EQ(s.stop(), 0);
+    const auto bad = run_cli({"serve", "-m", kModel, "--tokenizer", kTok, "--mode", "gpu-only", "--precompute", "8"});
+    EXPECT_EQ(bad.exit_code, 2) << bad.err;
+    EXPECT_NE(bad.err.find("--precompute needs --mode secureinfer"), std::string::npos) << bad.err;
+}
+
 // Chat: the simple template, the same text streamed and not, stop strings honoured and never leaked in a stream.
 TEST(Server, ChatCompletionsAndStopStrings) {
     const std::string dir = si::test::scratch_dir();

@@ -455,6 +455,11 @@ int si_context_precompute(si_context* ctx, int n_tokens, si_progress_callback pr
     });
 }
 
+int si_context_precomputed(const si_context* ctx) {
+    if (!ctx || !ctx->session || ctx->mode != SI_MODE_SECUREINFER) return 0;
+    return ctx->session->precomputed_available();
+}
+
 const char* si_context_isolation(const si_context* ctx) { return ctx ? ctx->isolation.c_str() : ""; }
 const char* si_context_warnings(const si_context* ctx) { return ctx ? ctx->warnings.c_str() : ""; }
 

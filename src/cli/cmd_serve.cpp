@@ -89,6 +89,11 @@ Runner add_serve(CLI::App& app) {
         ->check(CLI::Range(1, 1 << 20));
     sub->add_option("--http-threads", o->http.http_threads, "connection threads (0: parallel + max-queue, at least 8)")
         ->check(CLI::Range(0, 4096));
+    sub->add_option("--precompute", o->http.precompute, "secureinfer: keep unblinding factors precomputed for this many "
+                                                        "decode steps in every context, topped up in the background "
+                                                        "after each request (default 0: decode unblinds online, about "
+                                                        "half as fast)")
+        ->check(CLI::Range(0, 1 << 16));
     sub->add_flag("-v,--verbose", o->http.verbose, "log every request on stderr");
     return [=]() -> int {
         if (o->model.empty() == o->package.empty()) throw UsageError("give one of --model and --package");
@@ -99,6 +104,8 @@ Runner add_serve(CLI::App& app) {
         if (o->mode == "plain" && o->backend != "cpu") throw UsageError("--backend needs one of the modes secureinfer, "
                                                                         "gpu-only, enclave-only");
         const std::string& path = o->package.empty() ? o->model : o->package;
+        if (o->http.precompute > 0 && o->mode != "secureinfer")
+            throw UsageError("--precompute needs --mode secureinfer");
         if (o->logprobs > 0 && o->mode == "plain")
             throw UsageError("--logprobs needs one of the modes secureinfer, gpu-only, enclave-only");
         if (o->insecure && o->mode != "gpu-only") throw UsageError("--insecure applies to --mode gpu-only only");
@@ -163,9 +170,11 @@ Runner add_serve(CLI::App& app) {
             }
         });
 
-        std::fprintf(stderr, "serve: model '%s', mode %s, context %d, %d parallel; listening on http://%s:%d\n",
-                     http.model_id.c_str(), http.mode_name.c_str(), server.n_ctx(), http.parallel, http.host.c_str(),
-                     port);
+        const std::string pre =
+            http.precompute > 0 ? ", " + std::to_string(http.precompute) + " decode steps precomputed per context" : "";
+        std::fprintf(stderr, "serve: model '%s', mode %s, context %d, %d parallel%s; listening on http://%s:%d\n",
+                     http.model_id.c_str(), http.mode_name.c_str(), server.n_ctx(), http.parallel, pre.c_str(),
+                     http.host.c_str(), port);
         std::fflush(stderr);
         server.run();
         done = true;

@@ -6,7 +6,9 @@
 // Each request runs on a context of its own from a fixed pool (Options::parallel), fresh or reset when the previous
 // request on it ended: the reset clears the KV cache and position and abandons any pass in progress, the sampler is
 // seeded anew by every request, and the one-time pads come from the enclave's stream, never reused, so nothing
-// carries from one request to the next. Requests beyond the pool wait in a bounded queue, first come first served. In the secure modes only sampled tokens (and, if the server was started
+// carries from one request to the next. With Options::precompute, a context that comes back is topped up with
+// precomputed unblinding factors by a background thread before (or, when a request is waiting, while) it is handed
+// out again. Requests beyond the pool wait in a bounded queue, first come first served. In the secure modes only sampled tokens (and, if the server was started
 // with Options::logprobs, the released top-K log-probabilities) leave the trusted core.
 #pragma once
 #include <cstddef>
@@ -27,6 +29,10 @@ struct Options {
     size_t max_body = 1 << 20;  // request body limit in bytes; larger bodies get 413
     int max_tokens = 2048;   // the largest max_tokens a request may ask for
     int logprobs = 0;        // top-K log-probabilities the contexts release (0: requests for them get 400)
+    // secureinfer: unblinding factors each context keeps precomputed for this many decode steps (0: none; decoding
+    // then unblinds online, about half as fast). Filled before the server listens, topped up in the background
+    // after every request.
+    int precompute = 0;
     int http_threads = 0;    // connection threads (0: parallel + max_queue, at least 8)
     bool verbose = false;    // a line per request on stderr
 };
