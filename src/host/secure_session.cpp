@@ -98,8 +98,9 @@ struct SecureSession::HostProj {
 // that a crossing is one product (its input crosses once; a GPU pays its fixed cost per call once).
 struct SecureSession::SlotWeights {
     WeightHandle handle;
-    std::vector<uint8_t> projs;  // the projections, in stage order
-    int64_t rows = 0;            // their rows together
+    std::vector<uint8_t> projs;       // the projections, in stage order
+    std::vector<int64_t> proj_rows;   // the rows of each
+    int64_t rows = 0;                 // their rows together
 };
 
 namespace {
@@ -259,6 +260,7 @@ void SecureSession::upload_slots(SessionStats& s) {
                 if (!plan_[size_t(l) * 7 + size_t(p)]) continue;
                 const HostProj& hp = projs_[size_t(l) * 7 + size_t(p)];
                 sw.projs.push_back(uint8_t(p));
+                sw.proj_rows.push_back(hp.rows);
                 sw.rows += hp.rows;
                 cols = hp.cols;
                 stacked.insert(stacked.end(), hp.q.begin(), hp.q.end());
@@ -342,10 +344,8 @@ void SecureSession::run_gpu_pass(std::span<const int32_t> tokens) {
         stats_.accelerator.flops += 2.0 * double(T) * double(sw.rows * K);
         stats_.bytes_to_accelerator += size_t(T * K) * 4;
         stats_.bytes_from_accelerator += size_t(T * sw.rows) * 4;
-        std::vector<int64_t> rows;
-        for (uint8_t p : sw.projs) rows.push_back(projs_[size_t(l) * 7 + p].rows);
         gpu_->acc.resize(size_t(T * sw.rows));
-        unstack(reinterpret_cast<const uint32_t*>(gpu_->stacked.data()), T, sw.rows, rows,
+        unstack(reinterpret_cast<const uint32_t*>(gpu_->stacked.data()), T, sw.rows, sw.proj_rows,
                 reinterpret_cast<uint8_t*>(gpu_->acc.data()));
         std::string in_file;
         const int32_t* acc = gpu_->acc.data();
@@ -782,9 +782,7 @@ std::vector<uint8_t> SecureSession::run_enclave_pass(std::span<const int32_t> to
         stats_.accelerator.flops += 2.0 * double(T) * double(sw.rows * K);
         stats_.bytes_to_accelerator += x.size() * 4;
         stats_.bytes_from_accelerator += y.size() * 4;
-        std::vector<int64_t> rows;
-        for (uint8_t p : projs) rows.push_back(projs_[size_t(layer) * 7 + p].rows);
-        unstack(y.data(), T, sw.rows, rows, out);
+        unstack(y.data(), T, sw.rows, sw.proj_rows, out);
         if (trace_) {
             std::string in_file;
             for (uint8_t p : projs) {
