@@ -79,13 +79,20 @@ void random_bytes(std::span<uint8_t> out) {
         fail(Status::internal, "no randomness available from the operating system");
 }
 
-GcmSealer::GcmSealer() : c_(EVP_CIPHER_CTX_new()) {
-    if (!c_ || EVP_EncryptInit_ex(c_, EVP_aes_256_gcm(), nullptr, nullptr, nullptr) != 1 ||
-        EVP_CIPHER_CTX_ctrl(c_, EVP_CTRL_GCM_SET_IVLEN, int(kIvBytes), nullptr) != 1) {
-        EVP_CIPHER_CTX_free(c_);
+namespace {
+// An AES-256-GCM context for one direction (1: encrypt, 0: decrypt) with our IV length; keys and IVs come per message.
+EVP_CIPHER_CTX* new_gcm_context(int encrypt) {
+    EVP_CIPHER_CTX* c = EVP_CIPHER_CTX_new();
+    if (!c || EVP_CipherInit_ex(c, EVP_aes_256_gcm(), nullptr, nullptr, nullptr, encrypt) != 1 ||
+        EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_IVLEN, int(kIvBytes), nullptr) != 1) {
+        EVP_CIPHER_CTX_free(c);
         crypto_fail("AES-256-GCM set-up");
     }
+    return c;
 }
+}  // namespace
+
+GcmSealer::GcmSealer() : c_(new_gcm_context(1)) {}
 
 GcmSealer::~GcmSealer() { EVP_CIPHER_CTX_free(c_); }
 
@@ -105,13 +112,7 @@ void gcm_seal(const uint8_t* key, const uint8_t* iv, std::span<const uint8_t> aa
     GcmSealer().seal(key, iv, aad, in, n, out);
 }
 
-GcmOpener::GcmOpener() : c_(EVP_CIPHER_CTX_new()) {
-    if (!c_ || EVP_DecryptInit_ex(c_, EVP_aes_256_gcm(), nullptr, nullptr, nullptr) != 1 ||
-        EVP_CIPHER_CTX_ctrl(c_, EVP_CTRL_GCM_SET_IVLEN, int(kIvBytes), nullptr) != 1) {
-        EVP_CIPHER_CTX_free(c_);
-        crypto_fail("AES-256-GCM set-up");
-    }
-}
+GcmOpener::GcmOpener() : c_(new_gcm_context(0)) {}
 
 GcmOpener::~GcmOpener() { EVP_CIPHER_CTX_free(c_); }
 
