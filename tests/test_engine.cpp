@@ -14,6 +14,7 @@
 
 #include "common/error.h"
 #include "common/matmul.h"
+#include "common/ops.h"
 #include "common/sampler.h"
 #include "common/threadpool.h"
 #include "engine/engine.h"
@@ -254,5 +255,40 @@ TEST(Matmul, PackedF32MatchesReference) {
                 }
                 EXPECT_NEAR(Y[size_t(t) * N + n], ref, 1e-6 + K * 1.2e-7 * mag) << N << "x" << K << " T=" << T;
             }
+    }
+}
+
+// The row-order attention kernel (all of a token's heads in one sweep of the cache) must give attend_head's results
+// bit for bit: the plain engine's golden tokens and the presets' token equality rest on it.
+TEST(Ops, AttendHeadsMatchesAttendHeadBitForBit) {
+    std::mt19937 rng(11);
+    std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+    const int head_dim = 24, n_heads = 6;
+    for (int group : {1, 2, 3}) {
+        const int n_kv_heads = n_heads / group;
+        const size_t stride = size_t(n_kv_heads) * head_dim;
+        for (int n_keys : {1, 2, 17, 70}) {
+            std::vector<float> q(size_t(n_heads) * head_dim), keys(n_keys * stride), values(n_keys * stride);
+            for (auto* v : {&q, &keys, &values})
+                for (float& x : *v) x = u(rng);
+            std::vector<float> want(q.size()), att(static_cast<size_t>(n_keys));
+            for (int h = 0; h < n_heads; ++h)
+                attend_head(&want[size_t(h) * head_dim], &q[size_t(h) * head_dim], keys.data() + size_t(h / group) * head_dim,
+                            values.data() + size_t(h / group) * head_dim, n_keys, stride, head_dim, att.data());
+            for (auto [h0, h1] : {std::pair{0, n_heads}, std::pair{0, 1}, std::pair{1, 4}, std::pair{5, 6}}) {
+                std::vector<float> got(q.size(), -1.0f), scratch(size_t(h1 - h0) * n_keys);
+                attend_heads(got.data(), q.data(), keys.data(), values.data(), n_keys, stride, head_dim, group, h0, h1,
+                             scratch.data());
+                for (int h = 0; h < n_heads; ++h)
+                    for (int i = 0; i < head_dim; ++i) {
+                        const size_t j = size_t(h) * head_dim + i;
+                        if (h >= h0 && h < h1)
+                            ASSERT_EQ(std::memcmp(&got[j], &want[j], 4), 0)
+                                << "group " << group << " keys " << n_keys << " head " << h << " element " << i;
+                        else
+                            ASSERT_EQ(got[j], -1.0f) << "head " << h << " outside [" << h0 << ", " << h1 << ") was written";
+                    }
+            }
+        }
     }
 }

@@ -98,4 +98,24 @@ void attend_head(float* out, const float* q, const float* keys, const float* val
     for (int p = 0; p < n_keys; ++p) axpy_f32(out, att[p], values + size_t(p) * stride, head_dim);
 }
 
+void attend_heads(float* out, const float* q, const float* keys, const float* values, int n_keys, size_t stride,
+                  int head_dim, int group, int h_begin, int h_end, float* att) {
+    const float inv_sqrt = 1.0f / std::sqrt(float(head_dim));
+    const int n = h_end - h_begin;
+    auto kv_off = [&](int h) { return size_t(h / group) * size_t(head_dim); };
+    // scores, row by row: att[h - h_begin][p]
+    for (int p = 0; p < n_keys; ++p) {
+        const float* row = keys + size_t(p) * stride;
+        for (int h = h_begin; h < h_end; ++h)
+            att[size_t(h - h_begin) * n_keys + p] = dot_f32(q + size_t(h) * head_dim, row + kv_off(h), head_dim) * inv_sqrt;
+    }
+    for (int i = 0; i < n; ++i) softmax(att + size_t(i) * n_keys, n_keys);
+    std::fill_n(out + size_t(h_begin) * head_dim, size_t(n) * head_dim, 0.0f);
+    for (int p = 0; p < n_keys; ++p) {
+        const float* row = values + size_t(p) * stride;
+        for (int h = h_begin; h < h_end; ++h)
+            axpy_f32(out + size_t(h) * head_dim, att[size_t(h - h_begin) * n_keys + p], row + kv_off(h), head_dim);
+    }
+}
+
 }  // namespace si

@@ -34,4 +34,12 @@ namespace si {
 // positions p < n_keys, where k_p = keys + p * stride and v_p = values + p * stride. att is scratch of n_keys floats.
 void attend_head(float* out, const float* q, const float* keys, const float* values, int n_keys, size_t stride,
                  int head_dim, float* att);
+
+// Query heads [h_begin, h_end) of one token, the same arithmetic as attend_head on each (bit-identical results), but
+// reading the cache row by row: a head's slice of a row is only head_dim floats, so sweeping the rows once per head
+// strides through memory the prefetchers follow poorly, while one sweep for all the heads reads it in address order.
+// q and out are the token's [n_heads][head_dim] vectors; query head h reads cache head h / group; att is scratch of
+// (h_end - h_begin) * n_keys floats.
+void attend_heads(float* out, const float* q, const float* keys, const float* values, int n_keys, size_t stride,
+                  int head_dim, int group, int h_begin, int h_end, float* att);
 }  // namespace si

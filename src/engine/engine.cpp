@@ -155,14 +155,16 @@ void Engine::eval_batch(const int32_t* tokens, int T, bool all_logits, float* lo
             std::copy_n(v, kv, vc + size_t(pos_ + t) * kv);
         }
 
-        // causal grouped-query attention, one (token, head) pair per work item -> xb2 [T][dim]
+        // causal grouped-query attention, one (token, head) pair per work item, a token's head range at a time
+        // -> xb2 [T][dim]
         pool->parallel_for(int64_t(T) * n_heads, 1, [&](int64_t begin, int64_t end) {
-            std::vector<float> att(size_t(pos_ + T));
-            for (int64_t i = begin; i < end; ++i) {
-                const int t = int(i / n_heads), h = int(i % n_heads);
-                const size_t kv_off = size_t(h / group) * hd;
-                attend_head(&xb2_[size_t(t) * d + size_t(h) * hd], &qkv_[size_t(t) * qkv_stride + size_t(h) * hd],
-                            kc + kv_off, vc + kv_off, pos_ + t + 1, size_t(kv), hd, att.data());
+            std::vector<float> att(size_t(std::min<int64_t>(end - begin, n_heads)) * size_t(pos_ + T));
+            for (int64_t i = begin; i < end;) {
+                const int t = int(i / n_heads), h0 = int(i % n_heads);
+                const int h1 = int(std::min<int64_t>(n_heads, h0 + (end - i)));
+                attend_heads(&xb2_[size_t(t) * d], &qkv_[size_t(t) * qkv_stride], kc, vc, pos_ + t + 1, size_t(kv), hd,
+                             group, h0, h1, att.data());
+                i += h1 - h0;
             }
         });
 
