@@ -24,16 +24,11 @@ constexpr int64_t kBlock = 16;  // rows per packed block = int32 lanes of a zmm 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // Byte planes of the activations: plane p of token t at planes + (p * T + t) * cols4. Padding columns hold zero.
-// Inside the trusted core these are unmasked activations, so they are wiped when released.
+// Inside the trusted core these are unmasked activations or pads: secret memory, wiped when released.
 struct Planes {
-    std::vector<uint8_t> data;
+    SecretVector<uint8_t> data;
     int64_t T = 0, cols4 = 0;
     const uint8_t* plane(int p, int64_t t) const { return data.data() + (p * T + t) * cols4; }
-    Planes() = default;
-    Planes(const Planes&) = delete;
-    Planes& operator=(const Planes&) = delete;
-    Planes(Planes&&) = default;
-    ~Planes() { secure_zero(data.data(), data.size()); }
 };
 
 // Planes recombine as Y = sum_p acc_p << 8p (mod 2^32), minus 128 * rowsum on the top plane when it held a signed
@@ -183,9 +178,11 @@ Planes make_planes(int P, int64_t T, int64_t cols, int64_t cols4) {
 
 }  // namespace
 
-PackedI8 PackedI8::pack(const int8_t* W, int64_t rows, int64_t cols) {
+PackedI8 PackedI8::pack(const int8_t* W, int64_t rows, int64_t cols, bool secret) {
     if (rows <= 0 || cols <= 0) fail(Status::invalid_argument, "PackedI8: empty matrix");
     PackedI8 p;
+    p.data = decltype(p.data)(MaybeSecretAllocator<int8_t>(secret));
+    p.rowsum = decltype(p.rowsum)(MaybeSecretAllocator<int32_t>(secret));
     p.rows = rows;
     p.cols = cols;
     p.cols4 = round_up(cols, 4);

@@ -9,19 +9,23 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/secret_memory.h"
+
 namespace si {
 
 class ThreadPool;
 
 // W [rows][cols] int8 in blocks of 16 rows; within a block, for every 4 consecutive columns k..k+3, 16 x 4 bytes
 // (row-major over the 16 rows). Rows are padded to 16 and columns to 4 with zeros.
+// A secret matrix (a fine-tuned weight inside the trusted core) is packed into secret memory, a public one into
+// ordinary memory.
 struct PackedI8 {
     int64_t rows = 0, cols = 0;
-    int64_t cols4 = 0;          // cols rounded up to 4
-    std::vector<int8_t> data;   // [rows/16][cols4/4][16][4]
-    std::vector<int32_t> rowsum;  // sum_k W[n][k], padded rows 0
+    int64_t cols4 = 0;  // cols rounded up to 4
+    std::vector<int8_t, MaybeSecretAllocator<int8_t>> data;      // [rows/16][cols4/4][16][4]
+    std::vector<int32_t, MaybeSecretAllocator<int32_t>> rowsum;  // sum_k W[n][k], padded rows 0
 
-    static PackedI8 pack(const int8_t* W, int64_t rows, int64_t cols);
+    static PackedI8 pack(const int8_t* W, int64_t rows, int64_t cols, bool secret = false);
     size_t bytes() const { return data.size() + rowsum.size() * 4; }
     // Row n, column k of the original matrix (for references and tests).
     int8_t at(int64_t n, int64_t k) const;

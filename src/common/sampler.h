@@ -2,7 +2,9 @@
 // parameters always give the same token.
 #pragma once
 #include <cstdint>
-#include <vector>
+#include <utility>
+
+#include "common/secret_memory.h"
 
 namespace si {
 
@@ -25,7 +27,7 @@ private:
     float next_uniform();  // [0, 1)
     SamplerParams params_;
     uint64_t state_;
-    std::vector<std::pair<float, int32_t>> cand_;
+    SecretVector<std::pair<float, int32_t>> cand_;  // the candidates' logits: secret inside the trusted core
 };
 
 }  // namespace si

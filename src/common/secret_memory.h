@@ -6,7 +6,9 @@
 // before the trusted core allocates anything. Every secret buffer is zeroed when it is freed.
 #pragma once
 #include <cstddef>
+#include <memory>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 extern "C" {
@@ -52,5 +54,32 @@ struct SecretAllocator {
 
 template <class T>
 using SecretVector = std::vector<T, SecretAllocator<T>>;
+
+// Secret or ordinary memory, chosen per container when it is made: for a type (such as packed weights) that holds
+// public data in one place and secret data in another. The choice travels with moves and swaps.
+template <class T>
+struct MaybeSecretAllocator {
+    using value_type = T;
+    using propagate_on_container_copy_assignment = std::true_type;
+    using propagate_on_container_move_assignment = std::true_type;
+    using propagate_on_container_swap = std::true_type;
+    bool secret = false;
+    MaybeSecretAllocator() noexcept = default;
+    explicit MaybeSecretAllocator(bool secret_memory) noexcept : secret(secret_memory) {}
+    template <class U>
+    MaybeSecretAllocator(const MaybeSecretAllocator<U>& o) noexcept : secret(o.secret) {}
+    T* allocate(size_t n) {
+        if (secret) return SecretAllocator<T>().allocate(n);
+        return std::allocator<T>().allocate(n);
+    }
+    void deallocate(T* p, size_t n) noexcept {
+        if (secret)
+            SecretAllocator<T>().deallocate(p, n);
+        else
+            std::allocator<T>().deallocate(p, n);
+    }
+    template <class U>
+    bool operator==(const MaybeSecretAllocator<U>& o) const noexcept { return secret == o.secret; }
+};
 
 }  // namespace si

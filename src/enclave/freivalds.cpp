@@ -16,11 +16,6 @@ namespace {
 constexpr uint64_t P = FreivaldsKey::kPrime;
 constexpr int64_t kMaxDim = int64_t(1) << 24;
 
-template <typename T>
-void cleanse(std::vector<T>& v) {
-    if (!v.empty()) OPENSSL_cleanse(v.data(), v.size() * sizeof(T));
-}
-
 // Field elements v < 2^61 are stored as three limbs, v = l0 + 2^21 l1 + 2^42 l2 (l0, l1 < 2^21, l2 < 2^19), so
 // that a dot product with an int32 vector is three sums of 32x32->64-bit products, which vectorise: each product
 // is below 2^52 in magnitude, so blocks of 2048 terms cannot overflow int64. The blocks are combined exactly in
@@ -28,9 +23,9 @@ void cleanse(std::vector<T>& v) {
 constexpr int kLimbBits = 21;
 constexpr int64_t kDotBlock = 2048;
 
-void split_limbs(const std::vector<uint64_t>& v, std::vector<int32_t> (&l)[3]) {
-    for (auto& x : l) x.resize(v.size());
-    for (size_t i = 0; i < v.size(); ++i) {
+void split_limbs(const uint64_t* v, size_t n, SecretVector<int32_t> (&l)[3]) {
+    for (auto& x : l) x.resize(n);
+    for (size_t i = 0; i < n; ++i) {
         l[0][i] = int32_t(v[i] & ((1u << kLimbBits) - 1));
         l[1][i] = int32_t((v[i] >> kLimbBits) & ((1u << kLimbBits) - 1));
         l[2][i] = int32_t(v[i] >> (2 * kLimbBits));
@@ -54,7 +49,7 @@ __int128 dot_limbs(const int32_t* l0, const int32_t* l1, const int32_t* l2, cons
     return total;
 }
 
-__int128 dot_limbs(const std::vector<int32_t> (&l)[3], const int32_t* b, int64_t n) {
+__int128 dot_limbs(const SecretVector<int32_t> (&l)[3], const int32_t* b, int64_t n) {
     return dot_limbs(l[0].data(), l[1].data(), l[2].data(), b, n);
 }
 
@@ -81,15 +76,9 @@ FreivaldsKey::FreivaldsKey(const int8_t* W, int64_t N, int64_t K, ThreadPool* po
     if (!W || N < 1 || K < 1 || N > kMaxDim || K > kMaxDim)
         fail(Status::invalid_argument,
              "freivalds: bad weight matrix shape " + std::to_string(N) + "x" + std::to_string(K));
-    std::vector<uint64_t> s(static_cast<size_t>(N)), u(static_cast<size_t>(K));
-    struct Cleanse {  // the plain copies of s and u are secret too, also on the error paths
-        std::vector<uint64_t>& a;
-        std::vector<uint64_t>& b;
-        ~Cleanse() {
-            cleanse(a);
-            cleanse(b);
-        }
-    } cleanse_on_exit{s, u};
+    // The plain copies of s and u (and the halves of s below) are secret too: secret memory, zeroed when freed,
+    // also on the error paths.
+    SecretVector<uint64_t> s(static_cast<size_t>(N)), u(static_cast<size_t>(K));
     // Entries uniform in [1, p - 1]: 61 random bits, rejecting 0 and p (both are 0 mod p).
     if (RAND_priv_bytes(reinterpret_cast<unsigned char*>(s.data()), int(s.size() * sizeof(uint64_t))) != 1)
         fail(Status::security, "freivalds: the OS random generator failed");
@@ -105,7 +94,7 @@ FreivaldsKey::FreivaldsKey(const int8_t* W, int64_t N, int64_t K, ThreadPool* po
     // u[k] = sum_n s[n] W[n][k] mod p. With s = hi * 2^31 + lo (hi < 2^30, lo < 2^31), each of
     // sum_n lo[n] W[n][k] and sum_n hi[n] W[n][k] fits int64 (N * 2^31 * 128 <= 2^62), so the inner loop is
     // plain 32x32->64-bit multiply-adds that vectorise; the field reduction happens once per column.
-    std::vector<int32_t> lo(static_cast<size_t>(N)), hi(static_cast<size_t>(N));
+    SecretVector<int32_t> lo(static_cast<size_t>(N)), hi(static_cast<size_t>(N));
     for (int64_t n = 0; n < N; ++n) {
         lo[n] = int32_t(s[n] & 0x7fffffffu);
         hi[n] = int32_t(s[n] >> 31);
@@ -135,10 +124,8 @@ FreivaldsKey::FreivaldsKey(const int8_t* W, int64_t N, int64_t K, ThreadPool* po
         pool->parallel_for(K, 64, columns);
     else
         columns(0, K);
-    cleanse(lo);
-    cleanse(hi);
-    split_limbs(s, s_);
-    split_limbs(u, u_);
+    split_limbs(s.data(), s.size(), s_);
+    split_limbs(u.data(), u.size(), u_);
 }
 
 FreivaldsKey::FreivaldsKey(FreivaldsKey&& other) noexcept : n_(other.n_), k_(other.k_) {
@@ -149,12 +136,7 @@ FreivaldsKey::FreivaldsKey(FreivaldsKey&& other) noexcept : n_(other.n_), k_(oth
     other.n_ = other.k_ = 0;
 }
 
-FreivaldsKey::~FreivaldsKey() {
-    for (int i = 0; i < 3; ++i) {
-        cleanse(s_[i]);
-        cleanse(u_[i]);
-    }
-}
+FreivaldsKey::~FreivaldsKey() = default;  // the limbs are zeroed as their secret memory is freed
 
 bool FreivaldsKey::check(const int32_t* y, const int32_t* x) const {
     if (n_ == 0) fail(Status::internal, "freivalds: check against an empty key");
@@ -169,8 +151,8 @@ bool FreivaldsKey::check_batch(const int32_t* Y, const int32_t* X, int64_t T) co
 }
 
 uint64_t dot_mod_p61(const uint64_t* a, const int32_t* b, int64_t n) {
-    std::vector<int32_t> l[3];
-    split_limbs(std::vector<uint64_t>(a, a + n), l);
+    SecretVector<int32_t> l[3];
+    split_limbs(a, size_t(n), l);
     return reduce_p61(dot_limbs(l, b, n));
 }
 

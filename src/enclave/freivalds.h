@@ -4,10 +4,12 @@
 // product y = W x (y: N signed integers, x: K signed integers) is accepted iff s . y == u . x (mod p). Since
 // |y|, |x| < 2^31 < p, a wrong y differs from W x by a vector d that is non-zero mod p, and s . d == 0 for at
 // most a 1/(p - 1) fraction of keys: an accelerator that does not know s is caught with probability >= 1 - 2^-60
-// per tampered product. s and u never leave the key and are cleansed on destruction.
+// per tampered product. s and u never leave the key; they live in secret memory (a forger who read them could
+// pass the check) and are zeroed on destruction.
 #pragma once
 #include <cstdint>
-#include <vector>
+
+#include "common/secret_memory.h"
 
 namespace si {
 
@@ -38,8 +40,8 @@ public:
 private:
     int64_t n_ = 0, k_ = 0;
     // s [N] (entries in [1, p - 1]) and u [K] (in [0, p - 1]), each as three limbs v = l0 + 2^21 l1 + 2^42 l2.
-    std::vector<int32_t> s_[3];
-    std::vector<int32_t> u_[3];
+    SecretVector<int32_t> s_[3];
+    SecretVector<int32_t> u_[3];
 };
 
 // Field helpers (exposed for tests).

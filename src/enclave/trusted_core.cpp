@@ -451,7 +451,7 @@ struct TrustedCore::Impl {
             ProjState& s = projs[i];
             s.offload = offload_mode && !s.secret;
             if (s.offload) s.key.emplace(s.raw.data(), s.rows, s.cols, nullptr);
-            s.packed = PackedI8::pack(s.raw.data(), s.rows, s.cols);
+            s.packed = PackedI8::pack(s.raw.data(), s.rows, s.cols, /*secret=*/s.secret);
             SecretVector<int8_t>().swap(s.raw);  // zeroed on release
             plan[i] = s.offload ? 1 : 0;
         }
@@ -1155,12 +1155,13 @@ struct TrustedCore::Impl {
         double sum = 0.0;
         for (int i = 0; i < V; ++i) sum += std::exp(double(logits[size_t(i)]) - mx);
         const double lse = mx + std::log(sum);
-        std::vector<int32_t> ids(static_cast<size_t>(V));
-        for (int i = 0; i < V; ++i) ids[size_t(i)] = i;
-        std::partial_sort(ids.begin(), ids.begin() + K, ids.end(), [&](int32_t a, int32_t b) {
+        // the ranking of the whole vocabulary is secret; only its first K entries are released
+        SecretVector<int32_t> order(static_cast<size_t>(V));
+        for (int i = 0; i < V; ++i) order[size_t(i)] = i;
+        std::partial_sort(order.begin(), order.begin() + K, order.end(), [&](int32_t a, int32_t b) {
             return logits[size_t(a)] > logits[size_t(b)] || (logits[size_t(a)] == logits[size_t(b)] && a < b);
         });
-        ids.resize(size_t(K));
+        const std::vector<int32_t> ids(order.begin(), order.begin() + K);
         std::vector<float> values(static_cast<size_t>(K));
         for (int i = 0; i < K; ++i) {
             double lp = double(logits[size_t(ids[size_t(i)])]) - lse;
