@@ -1,19 +1,14 @@
 // Protected model packages (docs/PACKAGES.md): pack -> attest -> key release -> run gives the tokens of the
 // unpacked model and adapter; every kind of bad input is refused with its own message before anything decrypted is
 // used; the package, the sealed key and the boundary trace hold no secret tensor bytes in the clear.
-#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
-#include <dirent.h>
-
 #include <filesystem>
 #include <fstream>
-#include <sstream>
-#include <unordered_map>
 #include <string>
 #include <vector>
 
@@ -22,8 +17,6 @@
 #include "boundary/enclave_abi.h"
 #include "boundary/enclave_messages.h"
 #include "common/error.h"
-#include "common/matmul.h"
-#include "common/qgemm.h"
 #include "enclave/package_crypto.h"
 #include "formats/gguf.h"
 #include "formats/model_file.h"
@@ -173,119 +166,6 @@ size_t secret_offset(const std::string& path, const std::string& tensor) {
     return 0;
 }
 
-// The worker processes this test process started, by scanning /proc for children running the worker binary.
-std::vector<pid_t> worker_children() {
-    std::vector<pid_t> out;
-    DIR* d = opendir("/proc");
-    if (!d) return out;
-    while (const dirent* e = readdir(d)) {
-        const pid_t pid = pid_t(std::atoi(e->d_name));
-        if (pid <= 0) continue;
-        std::ifstream st("/proc/" + std::to_string(pid) + "/stat");
-        std::string line;
-        if (!std::getline(st, line)) continue;
-        const size_t close = line.rfind(')');  // the command name may hold spaces
-        if (close == std::string::npos) continue;
-        std::istringstream rest(line.substr(close + 2));
-        char state = 0;
-        pid_t ppid = 0;
-        rest >> state >> ppid;
-        if (ppid == getpid() && line.find("(secureinfer-wor") != std::string::npos) out.push_back(pid);
-    }
-    closedir(d);
-    return out;
-}
-
-// Visits everything of a process's memory that /proc/PID/mem gives out, region by region, in pieces that overlap by
-// 63 bytes (so that no 64-byte window is split). memfd_secret regions give nothing: the kernel refuses to read them.
-// Reservations above 16 GiB (a sanitizer's shadow memory) are not read. Returns the bytes read.
-struct Scraped {
-    size_t read = 0, refused = 0, skipped = 0;
-};
-template <class Visit>
-Scraped scrape_memory(pid_t pid, Visit&& visit) {
-    Scraped out;
-    std::ifstream maps("/proc/" + std::to_string(pid) + "/maps");
-    const int fd = open(("/proc/" + std::to_string(pid) + "/mem").c_str(), O_RDONLY);
-    if (fd < 0) return out;
-    constexpr size_t kPiece = size_t(1) << 20, kOverlap = 63;
-    std::vector<char> buf(kPiece + kOverlap);
-    std::string line;
-    while (std::getline(maps, line)) {
-        uint64_t lo = 0, hi = 0;
-        char perms[5] = {};
-        if (std::sscanf(line.c_str(), "%lx-%lx %4s", &lo, &hi, perms) != 3 || perms[0] != 'r') continue;
-        if (line.find("[vvar") != std::string::npos || line.find("[vsyscall]") != std::string::npos) continue;
-        if (hi - lo > (uint64_t(16) << 30)) {
-            out.skipped += hi - lo;
-            continue;
-        }
-        size_t carried = 0;  // the previous piece's last bytes, at the front of buf
-        for (uint64_t at = lo; at < hi;) {
-            const size_t n = size_t(std::min<uint64_t>(kPiece, hi - at));
-            const ssize_t r = pread(fd, buf.data() + carried, n, off_t(at));
-            if (r <= 0) {
-                out.refused += hi - at;
-                break;
-            }
-            visit(buf.data(), carried + size_t(r));
-            out.read += size_t(r);
-            at += uint64_t(r);
-            const size_t keep = std::min(kOverlap, carried + size_t(r));
-            std::memmove(buf.data(), buf.data() + carried + size_t(r) - keep, keep);
-            carried = keep;
-        }
-    }
-    close(fd);
-    return out;
-}
-
-// Finds 64-byte windows of several secrets (taken at every 64th byte, as holds_secret_bytes does) anywhere in a
-// stream of memory, in one pass: the windows are looked up by their first 8 bytes. Target i is found once any window
-// of any of its tensors occurs.
-class SecretScanner {
-public:
-    void add(const std::string& name, const std::vector<std::string>& tensors) {
-        names_.push_back(name);
-        for (const auto& s : tensors)
-            for (size_t at = 0; at + 64 <= s.size(); at += 64) {
-                needles_.push_back({s.substr(at, 64), names_.size() - 1});
-                uint64_t head;
-                std::memcpy(&head, s.data() + at, 8);
-                filter_[hash(head)] = true;
-                by_head_.emplace(head, needles_.size() - 1);
-            }
-        found_.push_back(false);
-    }
-    void scan(const char* hay, size_t n) {
-        for (size_t i = 0; i + 64 <= n; ++i) {
-            uint64_t head;
-            std::memcpy(&head, hay + i, 8);
-            if (!filter_[hash(head)]) continue;
-            const auto [b, e] = by_head_.equal_range(head);
-            for (auto it = b; it != e; ++it) {
-                const Needle& nd = needles_[it->second];
-                if (std::memcmp(hay + i, nd.bytes.data(), 64) == 0) found_[nd.target] = true;
-            }
-        }
-    }
-    size_t targets() const { return names_.size(); }
-    const std::string& name(size_t i) const { return names_[i]; }
-    bool found(size_t i) const { return found_[i]; }
-
-private:
-    struct Needle {
-        std::string bytes;
-        size_t target;
-    };
-    static size_t hash(uint64_t v) { return size_t((v * 0x9E3779B97F4A7C15ull) >> 40); }  // 24 bits
-    std::vector<std::string> names_;
-    std::vector<bool> found_;
-    std::vector<Needle> needles_;
-    std::vector<bool> filter_ = std::vector<bool>(size_t(1) << 24);
-    std::unordered_multimap<uint64_t, size_t> by_head_;
-};
-
 }  // namespace
 
 // A root user on the device reads the enclave worker's memory through /proc/PID/mem while it serves a package
@@ -304,26 +184,17 @@ TEST(Package, RootReadingTheWorkerMemoryFindsNoSecretTensor) {
         GTEST_SKIP() << "the worker's secret memory is not memfd_secret here (" << s.isolation()
                      << "); the fallback is readable by root, as reported";
     EXPECT_EQ(greedy(s, 8), reference_tokens(8));
-    const std::vector<pid_t> workers = worker_children();
+    const std::vector<pid_t> workers = test::children_named("secureinfer-wor");
     ASSERT_EQ(workers.size(), 1u);
 
     const auto& w = base_model().weights;
-    // The forms a projection takes inside the core: f32 as decrypted, int8 rows, int8 packed for the kernels.
-    auto forms = [](const std::vector<float>& f32, int64_t rows, int64_t cols) {
-        std::vector<int8_t> q(static_cast<size_t>(rows * cols));
-        std::vector<float> scale(static_cast<size_t>(rows));
-        quantize_rows_i8(f32.data(), rows, cols, q.data(), scale.data(), nullptr);
-        const PackedI8 packed = PackedI8::pack(q.data(), rows, cols);
-        return std::vector<std::string>{std::string(reinterpret_cast<const char*>(f32.data()), f32.size() * 4),
-                                        std::string(reinterpret_cast<const char*>(q.data()), q.size()),
-                                        std::string(reinterpret_cast<const char*>(packed.data.data()), packed.data.size())};
-    };
     const int64_t d = w.cfg.dim, hidden = w.cfg.hidden_dim;
-    const auto secret_q = forms(w.layers[0].wq, d, d), secret_down = forms(w.layers[3].w2, d, hidden);
-    const auto public_q = forms(w.layers[1].wq, d, d);
+    const auto secret_q = test::projection_forms(w.layers[0].wq, d, d);
+    const auto secret_down = test::projection_forms(w.layers[3].w2, d, hidden);
+    const auto public_q = test::projection_forms(w.layers[1].wq, d, d);
 
     // What to look for: a public projection (the positive control), then each secret in each form.
-    SecretScanner scanner;
+    test::SecretScanner scanner;
     scanner.add("public blk.1.attn_q.weight, packed int8", {public_q[2]});
     const char* form_name[] = {"f32", "int8 rows", "packed int8"};
     for (int f = 0; f < 3; ++f) {
@@ -331,7 +202,7 @@ TEST(Package, RootReadingTheWorkerMemoryFindsNoSecretTensor) {
         scanner.add(std::string("blk.3.ffn_down.weight, ") + form_name[f], {secret_down[size_t(f)]});
     }
     scanner.add("the LoRA adapter", adapter_tensor_bytes());
-    const Scraped m = scrape_memory(workers[0], [&](const char* data, size_t n) { scanner.scan(data, n); });
+    const test::Scraped m = test::scrape_memory(workers[0], [&](const char* data, size_t n) { scanner.scan(data, n); });
     std::printf("read %zu MiB of the worker's memory; %zu MiB refused; %zu GiB of reservations not read\n",
                 m.read >> 20, m.refused >> 20, m.skipped >> 30);
     ASSERT_GT(m.read, size_t(1) << 20) << "could not read the worker's memory at all";

@@ -13,6 +13,10 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "enclave/package_crypto.h"
+#include "formats/gguf.h"
+#include "host/keyserver.h"
+#include "host/package.h"
 #include "testutil.h"
 
 using json = nlohmann::json;
@@ -523,6 +527,76 @@ TEST(Server, LoraAndPackageServeTheCliTokens) {
     const Http h = post(dir, s, "/v1/completions", req.dump());
     EXPECT_EQ(h.j["choices"][0]["text"], expected) << h.body;
     EXPECT_EQ(curl(dir, {s.url("/v1/models")}).j["data"][0]["id"], "m");
+}
+
+// The device owner reads the untrusted host's memory (the serving process: theirs to read) while it serves a
+// protected package whose key the owner's keyserver released to the enclave only. It finds the public weights the
+// host uses, but no byte of a secret tensor in any form: the host only ever holds their ciphertext.
+TEST(Server, RootReadingTheHostMemoryFindsNoSecretTensor) {
+    if (geteuid() != 0) GTEST_SKIP() << "reading the memory of a process that handed itself to a worker needs root";
+    const std::string dir = si::test::scratch_dir();
+    setenv("SI_DEVICE_DIR", (dir + "/device").c_str(), 1);
+    const std::string adapter = std::string(SI_SOURCE_DIR) + "/adapters/austen-r8.gguf";
+    const std::string key = dir + "/owner.key", pkg = dir + "/m.sipkg";
+    ASSERT_EQ(run_cli({"keygen", "-o", key}).exit_code, 0);
+    const auto packed = run_cli({"pack", "--base", kModel, "--tokenizer", kTok, "--lora", adapter, "--secret",
+                                 "blk.0.attn_q.weight,blk.3.ffn_down.weight", "--key-file", key, "-o", pkg});
+    ASSERT_EQ(packed.exit_code, 0) << packed.err;
+    const auto measured = run_cli({"measure"});
+    ASSERT_EQ(measured.exit_code, 0) << measured.err;
+    si::pkg::Hash allowed{};
+    ASSERT_TRUE(si::pkg::from_hex(measured.out.substr(0, 64), allowed)) << measured.out;
+    si::AttestationPolicy policy;
+    policy.allowed_measurements = {allowed};
+    policy.accept_software_tee = true;
+    si::KeyService ks(si::read_owner_key(key), policy);
+    ks.set_warn([](const std::string&) {});
+    si::KeyServer keyserver(ks);
+    const std::string url = "http://127.0.0.1:" + std::to_string(keyserver.start("127.0.0.1", 0));
+
+    Server s(dir, {"--package", pkg, "--keyserver", url});
+    const json req = {{"prompt", "It was"}, {"max_tokens", 16}, {"temperature", 0}};
+    const Http h = post(dir, s, "/v1/completions", req.dump());
+    ASSERT_EQ(h.status, 200) << h.body;
+
+    const auto& w = si::test::stories();
+    const int64_t d = w.cfg.dim, hidden = w.cfg.hidden_dim;
+    const auto secret_q = si::test::projection_forms(w.layers[0].wq, d, d);
+    const auto secret_down = si::test::projection_forms(w.layers[3].w2, d, hidden);
+    std::vector<std::string> adapter_tensors;
+    const si::gguf::Reader r = si::gguf::Reader::open(adapter);
+    for (const auto& t : r.tensors()) {
+        const auto b = r.tensor_data(t);
+        adapter_tensors.emplace_back(reinterpret_cast<const char*>(b.data()), b.size());
+    }
+    auto scan = [&](pid_t pid) {
+        si::test::SecretScanner scanner;
+        // the positive control: a public projection, as the accelerator backend holds it (packed int8)
+        scanner.add("public blk.1.attn_q.weight, packed int8", {si::test::projection_forms(w.layers[1].wq, d, d)[2]});
+        const char* form_name[] = {"f32", "int8 rows", "packed int8"};
+        for (int f = 0; f < 3; ++f) {
+            scanner.add(std::string("blk.0.attn_q.weight, ") + form_name[f], {secret_q[size_t(f)]});
+            scanner.add(std::string("blk.3.ffn_down.weight, ") + form_name[f], {secret_down[size_t(f)]});
+        }
+        scanner.add("the LoRA adapter", adapter_tensors);
+        const si::test::Scraped m =
+            si::test::scrape_memory(pid, [&](const char* data, size_t n) { scanner.scan(data, n); });
+        std::printf("read %zu MiB of the serving process's memory\n", m.read >> 20);
+        EXPECT_GT(m.read, size_t(1) << 20) << "could not read the serving process's memory";
+        return scanner;
+    };
+    const si::test::SecretScanner found = scan(s.pid());
+    EXPECT_TRUE(found.found(0)) << "the scan missed the " << found.name(0);
+    for (size_t i = 1; i < found.targets(); ++i) EXPECT_FALSE(found.found(i)) << "found " << found.name(i);
+
+    // The contrast: served from the plain model file and adapter (the host reads them), the same scan finds them.
+    Server plain(dir, {"--lora", adapter, "--secret", "blk.0.attn_q.weight,blk.3.ffn_down.weight"});
+    ASSERT_EQ(post(dir, plain, "/v1/completions", req.dump()).status, 200);
+    const si::test::SecretScanner leaked = scan(plain.pid());
+    EXPECT_TRUE(leaked.found(1)) << leaked.name(1);  // blk.0.attn_q.weight, f32
+    EXPECT_TRUE(leaked.found(leaked.targets() - 1)) << "the LoRA adapter";
+    EXPECT_EQ(s.stop(), 0);
+    unsetenv("SI_DEVICE_DIR");
 }
 
 // Usage errors exit 2 with one line; a port in use is a runtime error (exit 1).

@@ -1,10 +1,14 @@
 #include "testutil.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -12,6 +16,8 @@
 
 #include <gtest/gtest.h>
 
+#include "common/matmul.h"
+#include "common/qgemm.h"
 #include "formats/llama2c.h"
 
 namespace si::test {
@@ -104,6 +110,113 @@ CliResult run_cli(const std::vector<std::string>& args, const std::string& stdin
     std::filesystem::remove(out_path);
     std::filesystem::remove(err_path);
     return r;
+}
+
+std::vector<pid_t> children_named(const std::string& comm) {
+    std::vector<pid_t> out;
+    DIR* d = opendir("/proc");
+    if (!d) return out;
+    while (const dirent* e = readdir(d)) {
+        const pid_t pid = pid_t(std::atoi(e->d_name));
+        if (pid <= 0) continue;
+        std::ifstream st("/proc/" + std::to_string(pid) + "/stat");
+        std::string line;
+        if (!std::getline(st, line)) continue;
+        const size_t open = line.find('('), close = line.rfind(')');  // the name may hold spaces
+        if (open == std::string::npos || close == std::string::npos || close < open) continue;
+        std::istringstream rest(line.substr(close + 2));
+        char state = 0;
+        pid_t ppid = 0;
+        rest >> state >> ppid;
+        if (ppid == getpid() && line.substr(open + 1, close - open - 1) == comm) out.push_back(pid);
+    }
+    closedir(d);
+    return out;
+}
+
+Scraped scrape_memory(pid_t pid, const std::function<void(const char*, size_t)>& visit) {
+    Scraped out;
+    std::ifstream maps("/proc/" + std::to_string(pid) + "/maps");
+    const int fd = open(("/proc/" + std::to_string(pid) + "/mem").c_str(), O_RDONLY);
+    if (fd < 0) return out;
+    constexpr size_t kPiece = size_t(1) << 20, kOverlap = 63;
+    std::vector<char> buf(kPiece + kOverlap);
+    std::string line;
+    while (std::getline(maps, line)) {
+        unsigned long lo = 0, hi = 0;
+        char perms[5] = {};
+        if (std::sscanf(line.c_str(), "%lx-%lx %4s", &lo, &hi, perms) != 3 || perms[0] != 'r') continue;
+        if (line.find("[vvar") != std::string::npos || line.find("[vsyscall]") != std::string::npos) continue;
+        if (hi - lo > (16ul << 30)) {
+            out.skipped += hi - lo;
+            continue;
+        }
+        size_t carried = 0;  // the previous piece's last bytes, at the front of buf
+        for (unsigned long at = lo; at < hi;) {
+            const size_t n = std::min<size_t>(kPiece, hi - at);
+            const ssize_t r = pread(fd, buf.data() + carried, n, off_t(at));
+            if (r <= 0) {
+                out.refused += hi - at;
+                break;
+            }
+            visit(buf.data(), carried + size_t(r));
+            out.read += size_t(r);
+            at += size_t(r);
+            const size_t keep = std::min(kOverlap, carried + size_t(r));
+            std::memmove(buf.data(), buf.data() + carried + size_t(r) - keep, keep);
+            carried = keep;
+        }
+    }
+    close(fd);
+    return out;
+}
+
+namespace {
+size_t head_hash(uint64_t v) { return size_t((v * 0x9E3779B97F4A7C15ull) >> 40); }  // 24 bits
+}  // namespace
+
+void SecretScanner::add(const std::string& name, const std::vector<std::string>& tensors) {
+    names_.push_back(name);
+    found_.push_back(false);
+    for (const auto& s : tensors)
+        for (size_t at = 0; at + 64 <= s.size(); at += 64) {
+            needles_.push_back({s.substr(at, 64), names_.size() - 1});
+            uint64_t head;
+            std::memcpy(&head, s.data() + at, 8);
+            filter_[head_hash(head)] = true;
+            by_head_.emplace(head, needles_.size() - 1);
+        }
+}
+
+void SecretScanner::scan(const char* hay, size_t n) {
+    // Most of a process's readable memory is untouched zero pages: when no window starts with 8 zero bytes, a window
+    // starting in the first 57 bytes of an all-zero 64-byte block cannot match, so the scan skips them.
+    const bool skip_zeros = !filter_[head_hash(0)];
+    static const char kZeros[64] = {};
+    for (size_t i = 0; i + 64 <= n; ++i) {
+        if (skip_zeros && (i & 63) == 0 && std::memcmp(hay + i, kZeros, 64) == 0) {
+            i += 56;  // and the loop's ++i
+            continue;
+        }
+        uint64_t head;
+        std::memcpy(&head, hay + i, 8);
+        if (!filter_[head_hash(head)]) continue;
+        const auto [b, e] = by_head_.equal_range(head);
+        for (auto it = b; it != e; ++it) {
+            const Needle& nd = needles_[it->second];
+            if (std::memcmp(hay + i, nd.bytes.data(), 64) == 0) found_[nd.target] = true;
+        }
+    }
+}
+
+std::vector<std::string> projection_forms(const std::vector<float>& f32, int64_t rows, int64_t cols) {
+    std::vector<int8_t> q(static_cast<size_t>(rows * cols));
+    std::vector<float> scale(static_cast<size_t>(rows));
+    quantize_rows_i8(f32.data(), rows, cols, q.data(), scale.data(), nullptr);
+    const PackedI8 packed = PackedI8::pack(q.data(), rows, cols);
+    return {std::string(reinterpret_cast<const char*>(f32.data()), f32.size() * 4),
+            std::string(reinterpret_cast<const char*>(q.data()), q.size()),
+            std::string(reinterpret_cast<const char*>(packed.data.data()), packed.data.size())};
 }
 
 }  // namespace si::test

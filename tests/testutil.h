@@ -1,7 +1,11 @@
 // Helpers shared by the tests: paths to ../shared data, a scratch directory, and running the CLI.
 #pragma once
+#include <sys/types.h>
+
+#include <cstdint>
 #include <functional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "common/model.h"
@@ -32,5 +36,43 @@ const ModelWeights& stories();
 using LoraDraw = std::function<float(const ProjShape&)>;
 train::LoraAdapter lora_on_every_projection(const ModelConfig& cfg, int rank, float alpha, const LoraDraw& draw_a,
                                             const LoraDraw& draw_b);
+
+// Memory scraping, as a root user on the device would do it.
+//
+// The processes this process started that run `comm` (the kernel's 15-character command name).
+std::vector<pid_t> children_named(const std::string& comm);
+// Visits everything of a process's memory that /proc/PID/mem gives out, region by region, in pieces that overlap by
+// 63 bytes (no 64-byte window is split). memfd_secret regions give nothing: the kernel refuses to read them.
+// Reservations above 16 GiB (a sanitizer's shadow memory) are not read.
+struct Scraped {
+    size_t read = 0, refused = 0, skipped = 0;  // bytes
+};
+Scraped scrape_memory(pid_t pid, const std::function<void(const char*, size_t)>& visit);
+
+// Finds 64-byte windows of secrets (taken at every 64th byte) anywhere in a stream of memory, in one pass: the
+// windows are looked up by their first 8 bytes. Target i is found once any window of any of its tensors occurs.
+class SecretScanner {
+public:
+    void add(const std::string& name, const std::vector<std::string>& tensors);
+    void scan(const char* hay, size_t n);
+    size_t targets() const { return names_.size(); }
+    const std::string& name(size_t i) const { return names_[i]; }
+    bool found(size_t i) const { return found_[i]; }
+
+private:
+    struct Needle {
+        std::string bytes;
+        size_t target;
+    };
+    std::vector<std::string> names_;
+    std::vector<bool> found_;
+    std::vector<Needle> needles_;
+    std::vector<bool> filter_ = std::vector<bool>(size_t(1) << 24);
+    std::unordered_multimap<uint64_t, size_t> by_head_;
+};
+
+// The forms a projection's weights [rows][cols] take inside the trusted core, as bytes: the f32 values, the int8
+// rows (quantize_rows_i8) and the int8 blocks packed for the kernels (PackedI8).
+std::vector<std::string> projection_forms(const std::vector<float>& f32, int64_t rows, int64_t cols);
 
 }  // namespace si::test
