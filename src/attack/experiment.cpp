@@ -314,6 +314,21 @@ struct SeedOutcome {
     std::string isolation;
 };
 
+// What the scheme's trace leaks of the weights: one short prompt is enough, since the weights cross at load time.
+std::map<ProjKey, Mat> leaked_by_trace(EvalContext& ctx, Scheme scheme, const train::LoraAdapter& adapter,
+                                       const SchemeOptions& opt, const std::string& name, int seed, SeedOutcome& out) {
+    const auto prompts = ctx.prompts("persuasion", 1, 16, uint64_t(seed));
+    const std::string dir = ctx.trace_dir(name);
+    out.isolation = run_scheme(scheme, ctx.base(), &adapter, prompts, dir, opt);
+    std::map<ProjKey, Mat> est;
+    {
+        const TraceReader tr(dir);
+        est = leaked_weights(tr, ctx.base());
+    }
+    ctx.drop_trace(dir);
+    return est;
+}
+
 // One seed of one (scheme, attack) pair; `adapter` is what the scheme serves, `secret` what the score is against.
 SeedOutcome run_seed(EvalContext& ctx, Scheme scheme, Attack attack, const AttackVariant& variant,
                      const train::LoraAdapter& adapter, const train::LoraAdapter& secret, int seed, const std::string& tag) {
@@ -376,17 +391,9 @@ SeedOutcome run_seed(EvalContext& ctx, Scheme scheme, Attack attack, const Attac
             break;
         }
         case Attack::a5: {
-            // What the trace leaks (one short prompt is enough: the weights cross at load time), merged into the base;
-            // then the same fine-tuning on the same budget as the black-box baseline, which starts from the base.
-            const auto prompts = ctx.prompts("persuasion", 1, 16, uint64_t(seed));
-            const std::string dir = ctx.trace_dir(name);
-            out.isolation = run_scheme(scheme, base, &adapter, prompts, dir, opt);
-            std::map<ProjKey, Mat> est;
-            {
-                const TraceReader tr(dir);
-                est = leaked_weights(tr, base);
-            }
-            ctx.drop_trace(dir);
+            // What the trace leaks, merged into the base; then the same fine-tuning on the same budget as the
+            // black-box baseline, which starts from the base.
+            const std::map<ProjKey, Mat> est = leaked_by_trace(ctx, scheme, adapter, opt, name, seed, out);
             const DeltaScore ds = score_delta(est, base, secret);
             const double bb = ctx.a5_fine_tuned_ppl(seed, base);
             const double sur = ctx.a5_fine_tuned_ppl(seed, apply_estimates(base, est));
@@ -444,15 +451,7 @@ SeedOutcome run_seed(EvalContext& ctx, Scheme scheme, Attack attack, const Attac
             int64_t queries = 0;
             if (variant.white_box) {
                 // the fine-tuned weights as the scheme's trace exposes them, evaluated on the candidate windows
-                const auto prompts = ctx.prompts("persuasion", 1, 16, uint64_t(seed));
-                const std::string dir = ctx.trace_dir(name);
-                out.isolation = run_scheme(scheme, base, &adapter, prompts, dir, opt);
-                std::map<ProjKey, Mat> est;
-                {
-                    const TraceReader tr(dir);
-                    est = leaked_weights(tr, base);
-                }
-                ctx.drop_trace(dir);
+                const std::map<ProjKey, Mat> est = leaked_by_trace(ctx, scheme, adapter, opt, name, seed, out);
                 const WindowEval m = eval_windows(apply_estimates(base, est), set.windows, 0, ctx.config().threads);
                 for (size_t i = 0; i < m.nll.size(); ++i) {
                     score.push_back(ref.nll[i] - m.nll[i]);
