@@ -22,8 +22,8 @@ class ThreadPool;
 struct PackedI8 {
     int64_t rows = 0, cols = 0;
     int64_t cols4 = 0;  // cols rounded up to 4
-    std::vector<int8_t, MaybeSecretAllocator<int8_t>> data;      // [rows/16][cols4/4][16][4]
-    std::vector<int32_t, MaybeSecretAllocator<int32_t>> rowsum;  // sum_k W[n][k], padded rows 0
+    MaybeSecretVector<int8_t> data;     // [rows/16][cols4/4][16][4]
+    MaybeSecretVector<int32_t> rowsum;  // sum_k W[n][k], padded rows 0
 
     static PackedI8 pack(const int8_t* W, int64_t rows, int64_t cols, bool secret = false);
     size_t bytes() const { return data.size() + rowsum.size() * 4; }

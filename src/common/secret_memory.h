@@ -82,4 +82,7 @@ struct MaybeSecretAllocator {
     bool operator==(const MaybeSecretAllocator<U>& o) const noexcept { return secret == o.secret; }
 };
 
+template <class T>
+using MaybeSecretVector = std::vector<T, MaybeSecretAllocator<T>>;
+
 }  // namespace si

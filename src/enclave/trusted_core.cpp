@@ -44,7 +44,12 @@ struct ProjState {
     int64_t rows = 0, cols = 0;
     bool secret = false;
     bool offload = false;  // decided at finalize: offloading on and not secret
-    SecretVector<int8_t> raw;    // during upload; freed at finalize
+    // During upload, freed at finalize: in secret memory only when the projection is secret (memfd_secret pages
+    // cost a TLB shootdown each when first touched, which for a model's public weights would dominate loading).
+    MaybeSecretVector<int8_t> raw;
+    void allocate_raw() {
+        if (raw.empty()) raw = MaybeSecretVector<int8_t>(size_t(rows * cols), MaybeSecretAllocator<int8_t>(secret));
+    }
     SecretVector<float> scale;   // [rows]
     PackedI8 packed;             // after finalize: for local products and for W r
     std::optional<FreivaldsKey> key;  // offloaded projections only
@@ -328,7 +333,7 @@ struct TrustedCore::Impl {
                     s.secret = secret == 1;
                 }
                 const uint64_t at = accept_chunk(tensor_key(kind, 0, 0), offset, f.count, total, v * d, "classifier");
-                if (s.raw.empty()) s.raw.resize(v * d);
+                s.allocate_raw();
                 m.copy(Tag::data_i8, s.raw.data() + at, f.count);
                 break;
             }
@@ -361,7 +366,7 @@ struct TrustedCore::Impl {
                     s.secret = secret == 1;
                 }
                 const uint64_t at = accept_chunk(tensor_key(kind, l, int(p)), offset, f.count, total, n, what);
-                if (s.raw.empty()) s.raw.resize(n);
+                s.allocate_raw();
                 m.copy(Tag::data_i8, s.raw.data() + at, f.count);
                 break;
             }
@@ -418,11 +423,11 @@ struct TrustedCore::Impl {
             if (tied && secret_entry(uint32_t(TensorKind::tok_embeddings), 0, 0) >= 0 &&
                 !received.count(tensor_key(TensorKind::classifier_i8, 0, 0))) {
                 ProjState& s = proj(cfg.n_layers, kClassifierSlot);
-                s.raw.resize(v * d);
+                s.secret = true;
+                s.allocate_raw();
                 s.scale.resize(v);
                 quantize_rows_i8(fw->tok_embeddings().data(), int64_t(v), int64_t(d), s.raw.data(), s.scale.data(),
                                  nullptr);
-                s.secret = true;
                 received[tensor_key(TensorKind::classifier_i8, 0, 0)] = v * d;
                 received[tensor_key(TensorKind::classifier_scale, 0, 0)] = v;
             }
@@ -452,7 +457,7 @@ struct TrustedCore::Impl {
             s.offload = offload_mode && !s.secret;
             if (s.offload) s.key.emplace(s.raw.data(), s.rows, s.cols, nullptr);
             s.packed = PackedI8::pack(s.raw.data(), s.rows, s.cols, /*secret=*/s.secret);
-            SecretVector<int8_t>().swap(s.raw);  // zeroed on release
+            s.raw = MaybeSecretVector<int8_t>();  // released (zeroed first when secret)
             plan[i] = s.offload ? 1 : 0;
         }
         received.clear();
@@ -698,10 +703,10 @@ struct TrustedCore::Impl {
             accept_chunk(tensor_key(wk, l, pj), first, n, uint64_t(s.rows * s.cols), uint64_t(s.rows * s.cols), name);
             accept_chunk(tensor_key(sk, l, pj), uint64_t(r0), uint64_t(rows), uint64_t(s.rows), uint64_t(s.rows),
                          name + " scales");
-            if (s.raw.empty()) s.raw.resize(size_t(s.rows * s.cols));
+            s.secret = true;
+            s.allocate_raw();
             if (s.scale.empty()) s.scale.resize(size_t(s.rows));
             quantize_rows_i8(plain.data(), rows, cols, s.raw.data() + first, s.scale.data() + r0, nullptr);
-            s.secret = true;
         };
         switch (TensorKind(kind)) {
             case TensorKind::tok_embeddings: into(fw->tok_embeddings().data(), v * d, TensorKind(kind), 0, 0); break;
