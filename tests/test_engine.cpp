@@ -258,35 +258,51 @@ TEST(Matmul, PackedF32MatchesReference) {
     }
 }
 
-// The row-order attention kernel (all of a token's heads in one sweep of the cache) must give attend_head's results
-// bit for bit: the plain engine's golden tokens and the presets' token equality rest on it.
-TEST(Ops, AttendHeadsMatchesAttendHeadBitForBit) {
+// One query head of causal attention the plain way, head after head: the reference for the row-order kernel.
+void reference_attend_head(float* out, const float* q, const float* keys, const float* values, int n_keys,
+                           size_t stride, int head_dim) {
+    const float inv_sqrt = 1.0f / std::sqrt(float(head_dim));
+    std::vector<float> att(static_cast<size_t>(n_keys));
+    for (int p = 0; p < n_keys; ++p) att[size_t(p)] = dot_f32(q, keys + size_t(p) * stride, head_dim) * inv_sqrt;
+    softmax(att.data(), n_keys);
+    std::fill_n(out, head_dim, 0.0f);
+    for (int p = 0; p < n_keys; ++p) axpy_f32(out, att[size_t(p)], values + size_t(p) * stride, head_dim);
+}
+
+// The row-order attention kernel (a token's run of heads in one sweep of the cache), over any range of a pass's
+// (token, head) work items, must give the head-by-head results bit for bit and write nothing else: the plain
+// engine's golden tokens and the presets' token equality rest on it.
+TEST(Ops, AttendItemsMatchesHeadByHeadBitForBit) {
     std::mt19937 rng(11);
     std::uniform_real_distribution<float> u(-2.0f, 2.0f);
-    const int head_dim = 24, n_heads = 6;
+    const int head_dim = 24, n_heads = 6, T = 3;
+    const int64_t n_items = int64_t(T) * n_heads;
     for (int group : {1, 2, 3}) {
         const int n_kv_heads = n_heads / group;
-        const size_t stride = size_t(n_kv_heads) * head_dim;
-        for (int n_keys : {1, 2, 17, 70}) {
-            std::vector<float> q(size_t(n_heads) * head_dim), keys(n_keys * stride), values(n_keys * stride);
+        const size_t stride = size_t(n_kv_heads) * head_dim, dim = size_t(n_heads) * head_dim;
+        for (int pos : {0, 1, 16, 67}) {
+            const size_t rows = size_t(pos + T);
+            std::vector<float> q(T * dim), keys(rows * stride), values(rows * stride);
             for (auto* v : {&q, &keys, &values})
                 for (float& x : *v) x = u(rng);
-            std::vector<float> want(q.size()), att(static_cast<size_t>(n_keys));
-            for (int h = 0; h < n_heads; ++h)
-                attend_head(&want[size_t(h) * head_dim], &q[size_t(h) * head_dim], keys.data() + size_t(h / group) * head_dim,
-                            values.data() + size_t(h / group) * head_dim, n_keys, stride, head_dim, att.data());
-            for (auto [h0, h1] : {std::pair{0, n_heads}, std::pair{0, 1}, std::pair{1, 4}, std::pair{5, 6}}) {
-                std::vector<float> got(q.size(), -1.0f), scratch(size_t(h1 - h0) * n_keys);
-                attend_heads(got.data(), q.data(), keys.data(), values.data(), n_keys, stride, head_dim, group, h0, h1,
-                             scratch.data());
+            std::vector<float> want(q.size());
+            for (int t = 0; t < T; ++t)
                 for (int h = 0; h < n_heads; ++h)
+                    reference_attend_head(&want[t * dim + size_t(h) * head_dim], &q[t * dim + size_t(h) * head_dim],
+                                          keys.data() + size_t(h / group) * head_dim,
+                                          values.data() + size_t(h / group) * head_dim, pos + t + 1, stride, head_dim);
+            for (auto [b, e] : {std::pair<int64_t, int64_t>{0, n_items}, {0, 1}, {1, 4}, {5, 6}, {4, 15}, {11, 18}}) {
+                std::vector<float> got(q.size(), -1.0f), scratch(attend_scratch(b, e, n_heads, pos, T));
+                attend_items(b, e, n_heads, pos, got.data(), dim, q.data(), dim, keys.data(), values.data(), stride,
+                             head_dim, group, scratch.data());
+                for (int64_t item = 0; item < n_items; ++item)
                     for (int i = 0; i < head_dim; ++i) {
-                        const size_t j = size_t(h) * head_dim + i;
-                        if (h >= h0 && h < h1)
+                        const size_t j = size_t(item) * head_dim + size_t(i);  // token-major, then head
+                        if (item >= b && item < e)
                             ASSERT_EQ(std::memcmp(&got[j], &want[j], 4), 0)
-                                << "group " << group << " keys " << n_keys << " head " << h << " element " << i;
+                                << "group " << group << " pos " << pos << " item " << item << " element " << i;
                         else
-                            ASSERT_EQ(got[j], -1.0f) << "head " << h << " outside [" << h0 << ", " << h1 << ") was written";
+                            ASSERT_EQ(got[j], -1.0f) << "item " << item << " outside [" << b << ", " << e << ") was written";
                     }
             }
         }

@@ -89,15 +89,6 @@ void axpy_f32(float* y, float alpha, const float* x, int n) {
 
 namespace si {
 
-void attend_head(float* out, const float* q, const float* keys, const float* values, int n_keys, size_t stride,
-                 int head_dim, float* att) {
-    const float inv_sqrt = 1.0f / std::sqrt(float(head_dim));
-    for (int p = 0; p < n_keys; ++p) att[p] = dot_f32(q, keys + size_t(p) * stride, head_dim) * inv_sqrt;
-    softmax(att, n_keys);
-    std::fill_n(out, head_dim, 0.0f);
-    for (int p = 0; p < n_keys; ++p) axpy_f32(out, att[p], values + size_t(p) * stride, head_dim);
-}
-
 void attend_heads(float* out, const float* q, const float* keys, const float* values, int n_keys, size_t stride,
                   int head_dim, int group, int h_begin, int h_end, float* att) {
     const float inv_sqrt = 1.0f / std::sqrt(float(head_dim));
@@ -115,6 +106,18 @@ void attend_heads(float* out, const float* q, const float* keys, const float* va
         const float* row = values + size_t(p) * stride;
         for (int h = h_begin; h < h_end; ++h)
             axpy_f32(out + size_t(h) * head_dim, att[size_t(h - h_begin) * n_keys + p], row + kv_off(h), head_dim);
+    }
+}
+
+void attend_items(int64_t begin, int64_t end, int n_heads, int pos, float* out, size_t out_stride, const float* q,
+                  size_t q_stride, const float* keys, const float* values, size_t stride, int head_dim, int group,
+                  float* att) {
+    for (int64_t i = begin; i < end;) {
+        const int64_t t = i / n_heads;
+        const int h0 = int(i % n_heads), h1 = int(std::min<int64_t>(n_heads, h0 + (end - i)));
+        attend_heads(out + size_t(t) * out_stride, q + size_t(t) * q_stride, keys, values, pos + int(t) + 1, stride,
+                     head_dim, group, h0, h1, att);
+        i += h1 - h0;
     }
 }
 

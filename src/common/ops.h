@@ -30,16 +30,23 @@ void axpy_f32(float* y, float alpha, const float* x, int n);
 }  // namespace si
 
 namespace si {
-// One query head of causal attention: out[0..head_dim) = sum_p softmax_p(q . k_p / sqrt(head_dim)) v_p over the
-// positions p < n_keys, where k_p = keys + p * stride and v_p = values + p * stride. att is scratch of n_keys floats.
-void attend_head(float* out, const float* q, const float* keys, const float* values, int n_keys, size_t stride,
-                 int head_dim, float* att);
-
-// Query heads [h_begin, h_end) of one token, the same arithmetic as attend_head on each (bit-identical results), but
-// reading the cache row by row: a head's slice of a row is only head_dim floats, so sweeping the rows once per head
-// strides through memory the prefetchers follow poorly, while one sweep for all the heads reads it in address order.
-// q and out are the token's [n_heads][head_dim] vectors; query head h reads cache head h / group; att is scratch of
-// (h_end - h_begin) * n_keys floats.
+// Causal attention of query heads [h_begin, h_end) of one token: for each head h,
+// out_h = sum_p softmax_p(q_h . k_p / sqrt(head_dim)) v_p over the positions p < n_keys, where q_h and out_h are
+// the head's slices of the token's [n_heads][head_dim] vectors q and out, and k_p, v_p are the slices of cache head
+// h / group in the rows keys + p * stride and values + p * stride. The cache is read row by row, once for all the
+// heads: a head's slice of a row is only head_dim floats, so sweeping the rows once per head would stride through
+// memory the prefetchers follow poorly. att is scratch of (h_end - h_begin) * n_keys floats.
 void attend_heads(float* out, const float* q, const float* keys, const float* values, int n_keys, size_t stride,
                   int head_dim, int group, int h_begin, int h_end, float* att);
+
+// Work items [begin, end) of a pass's attention, item i being query head i % n_heads of token t = i / n_heads, which
+// sits at position pos + t and attends to the cache rows 0 .. pos + t; each token's run of items is one attend_heads
+// call. Token t's query is q + t * q_stride, its output out + t * out_stride. att: attend_scratch(...) floats.
+void attend_items(int64_t begin, int64_t end, int n_heads, int pos, float* out, size_t out_stride, const float* q,
+                  size_t q_stride, const float* keys, const float* values, size_t stride, int head_dim, int group,
+                  float* att);
+// Scratch floats attend_items needs for items [begin, end) of a pass of T tokens at position pos.
+inline size_t attend_scratch(int64_t begin, int64_t end, int n_heads, int pos, int T) {
+    return size_t(end - begin < n_heads ? end - begin : n_heads) * size_t(pos + T);
+}
 }  // namespace si

@@ -192,16 +192,11 @@ void StagedForward::attention() {
     const float* kc = key_cache_.data() + size_t(layer_) * n_ctx_ * kv;
     const float* vc = value_cache_.data() + size_t(layer_) * n_ctx_ * kv;
     const int pos = pass_pos_, T = T_;
-    // Work items are (token, head) pairs; a thread's contiguous run of them is done one token's head range at a time.
+    // one (token, head) pair per work item
     run(pool_, int64_t(T) * n_heads, [&](int64_t begin, int64_t end) {
-        SecretVector<float> att(size_t(std::min<int64_t>(end - begin, n_heads)) * size_t(pos + T));
-        for (int64_t i = begin; i < end;) {
-            const int t = int(i / n_heads), h0 = int(i % n_heads);
-            const int h1 = int(std::min<int64_t>(n_heads, h0 + (end - i)));
-            attend_heads(&xb2_[size_t(t) * d], &q_[size_t(t) * d], kc, vc, pos + t + 1, size_t(kv), hd, group, h0, h1,
-                         att.data());
-            i += h1 - h0;
-        }
+        SecretVector<float> att(attend_scratch(begin, end, n_heads, pos, T));
+        attend_items(begin, end, n_heads, pos, xb2_.data(), size_t(d), q_.data(), size_t(d), kc, vc, size_t(kv), hd,
+                     group, att.data());
     });
     for (int t = 0; t < T; ++t) flops_ += uint64_t(n_heads) * uint64_t(pos + t + 1) * uint64_t(hd) * 4;
 }

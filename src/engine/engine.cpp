@@ -155,17 +155,11 @@ void Engine::eval_batch(const int32_t* tokens, int T, bool all_logits, float* lo
             std::copy_n(v, kv, vc + size_t(pos_ + t) * kv);
         }
 
-        // causal grouped-query attention, one (token, head) pair per work item, a token's head range at a time
-        // -> xb2 [T][dim]
+        // causal grouped-query attention, one (token, head) pair per work item -> xb2 [T][dim]
         pool->parallel_for(int64_t(T) * n_heads, 1, [&](int64_t begin, int64_t end) {
-            std::vector<float> att(size_t(std::min<int64_t>(end - begin, n_heads)) * size_t(pos_ + T));
-            for (int64_t i = begin; i < end;) {
-                const int t = int(i / n_heads), h0 = int(i % n_heads);
-                const int h1 = int(std::min<int64_t>(n_heads, h0 + (end - i)));
-                attend_heads(&xb2_[size_t(t) * d], &qkv_[size_t(t) * qkv_stride], kc, vc, pos_ + t + 1, size_t(kv), hd,
-                             group, h0, h1, att.data());
-                i += h1 - h0;
-            }
+            std::vector<float> att(attend_scratch(begin, end, n_heads, pos_, T));
+            attend_items(begin, end, n_heads, pos_, xb2_.data(), size_t(d), qkv_.data(), qkv_stride, kc, vc, size_t(kv),
+                         hd, group, att.data());
         });
 
         // output projection and residual: x += xb2 Wo^T
