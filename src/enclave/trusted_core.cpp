@@ -51,12 +51,10 @@ struct ProjState {
         if (raw.empty()) raw = MaybeSecretVector<int8_t>(size_t(rows * cols), MaybeSecretAllocator<int8_t>(secret));
     }
     SecretVector<float> scale;   // [rows]
-    PackedI8 packed;             // after finalize: for local products and for W r
+    // After finalize: for local products and for W r. Packed into secret memory (zeroed when freed) when the
+    // projection is secret; a public one is not wiped.
+    PackedI8 packed;
     std::optional<FreivaldsKey> key;  // offloaded projections only
-    ~ProjState() {
-        if (!packed.data.empty()) OPENSSL_cleanse(packed.data.data(), packed.data.size());
-        if (!packed.rowsum.empty()) OPENSSL_cleanse(packed.rowsum.data(), packed.rowsum.size() * sizeof(int32_t));
-    }
 };
 
 // The crossing in flight between an offload response and the products request that answers it.
