@@ -119,15 +119,7 @@ void expect_error(F&& f, Status status, const std::string& what) {
 std::string slurp(const std::string& path) { return test::read_file(path); }
 
 // Every adapter tensor's raw bytes (F32), for searching other files for them.
-std::vector<std::string> adapter_tensor_bytes() {
-    const gguf::Reader r = gguf::Reader::open(kAdapter);
-    std::vector<std::string> out;
-    for (const auto& t : r.tensors()) {
-        const auto b = r.tensor_data(t);
-        out.emplace_back(reinterpret_cast<const char*>(b.data()), b.size());
-    }
-    return out;
-}
+std::vector<std::string> adapter_tensor_bytes() { return test::gguf_tensor_bytes(kAdapter); }
 
 // Whether `hay` contains any 64-byte window of any secret tensor (or the whole of a smaller one).
 bool holds_secret_bytes(const std::string& hay, const std::vector<std::string>& secrets) {
@@ -174,7 +166,7 @@ size_t secret_offset(const std::string& path, const std::string& tensor) {
 // decrypted floats, not the int8 rows, not the packed int8 blocks, not the adapter.
 TEST(Package, RootReadingTheWorkerMemoryFindsNoSecretTensor) {
     if (geteuid() != 0) GTEST_SKIP() << "reading another user's process memory needs root";
-    const Packed pk = make_package("blk.0.attn_q.weight,blk.3.ffn_down.weight");
+    const Packed pk = make_package(test::kScrapedSecrets);
     const auto package = Package::open(pk.path);
     auto p = package_params(pk, package);
     p.host = EnclaveHostKind::worker;
@@ -187,21 +179,8 @@ TEST(Package, RootReadingTheWorkerMemoryFindsNoSecretTensor) {
     const std::vector<pid_t> workers = test::children_named("secureinfer-wor");
     ASSERT_EQ(workers.size(), 1u);
 
-    const auto& w = base_model().weights;
-    const int64_t d = w.cfg.dim, hidden = w.cfg.hidden_dim;
-    const auto secret_q = test::projection_forms(w.layers[0].wq, d, d);
-    const auto secret_down = test::projection_forms(w.layers[3].w2, d, hidden);
-    const auto public_q = test::projection_forms(w.layers[1].wq, d, d);
-
     // What to look for: a public projection (the positive control), then each secret in each form.
-    test::SecretScanner scanner;
-    scanner.add("public blk.1.attn_q.weight, packed int8", {public_q[2]});
-    const char* form_name[] = {"f32", "int8 rows", "packed int8"};
-    for (int f = 0; f < 3; ++f) {
-        scanner.add(std::string("blk.0.attn_q.weight, ") + form_name[f], {secret_q[size_t(f)]});
-        scanner.add(std::string("blk.3.ffn_down.weight, ") + form_name[f], {secret_down[size_t(f)]});
-    }
-    scanner.add("the LoRA adapter", adapter_tensor_bytes());
+    test::SecretScanner scanner = test::scraped_secrets_scanner(base_model().weights, adapter_tensor_bytes());
     const test::Scraped m = test::scrape_memory(workers[0], [&](const char* data, size_t n) { scanner.scan(data, n); });
     std::printf("read %zu MiB of the worker's memory; %zu MiB refused; %zu GiB of reservations not read\n",
                 m.read >> 20, m.refused >> 20, m.skipped >> 30);

@@ -14,7 +14,6 @@
 #include <nlohmann/json.hpp>
 
 #include "enclave/package_crypto.h"
-#include "formats/gguf.h"
 #include "host/keyserver.h"
 #include "host/package.h"
 #include "testutil.h"
@@ -540,7 +539,7 @@ TEST(Server, RootReadingTheHostMemoryFindsNoSecretTensor) {
     const std::string key = dir + "/owner.key", pkg = dir + "/m.sipkg";
     ASSERT_EQ(run_cli({"keygen", "-o", key}).exit_code, 0);
     const auto packed = run_cli({"pack", "--base", kModel, "--tokenizer", kTok, "--lora", adapter, "--secret",
-                                 "blk.0.attn_q.weight,blk.3.ffn_down.weight", "--key-file", key, "-o", pkg});
+                                 si::test::kScrapedSecrets, "--key-file", key, "-o", pkg});
     ASSERT_EQ(packed.exit_code, 0) << packed.err;
     const auto measured = run_cli({"measure"});
     ASSERT_EQ(measured.exit_code, 0) << measured.err;
@@ -559,26 +558,10 @@ TEST(Server, RootReadingTheHostMemoryFindsNoSecretTensor) {
     const Http h = post(dir, s, "/v1/completions", req.dump());
     ASSERT_EQ(h.status, 200) << h.body;
 
-    const auto& w = si::test::stories();
-    const int64_t d = w.cfg.dim, hidden = w.cfg.hidden_dim;
-    const auto secret_q = si::test::projection_forms(w.layers[0].wq, d, d);
-    const auto secret_down = si::test::projection_forms(w.layers[3].w2, d, hidden);
-    std::vector<std::string> adapter_tensors;
-    const si::gguf::Reader r = si::gguf::Reader::open(adapter);
-    for (const auto& t : r.tensors()) {
-        const auto b = r.tensor_data(t);
-        adapter_tensors.emplace_back(reinterpret_cast<const char*>(b.data()), b.size());
-    }
+    const std::vector<std::string> adapter_tensors = si::test::gguf_tensor_bytes(adapter);
     auto scan = [&](pid_t pid) {
-        si::test::SecretScanner scanner;
-        // the positive control: a public projection, as the accelerator backend holds it (packed int8)
-        scanner.add("public blk.1.attn_q.weight, packed int8", {si::test::projection_forms(w.layers[1].wq, d, d)[2]});
-        const char* form_name[] = {"f32", "int8 rows", "packed int8"};
-        for (int f = 0; f < 3; ++f) {
-            scanner.add(std::string("blk.0.attn_q.weight, ") + form_name[f], {secret_q[size_t(f)]});
-            scanner.add(std::string("blk.3.ffn_down.weight, ") + form_name[f], {secret_down[size_t(f)]});
-        }
-        scanner.add("the LoRA adapter", adapter_tensors);
+        // the positive control is the accelerator backend's packed copy of a public projection
+        si::test::SecretScanner scanner = si::test::scraped_secrets_scanner(si::test::stories(), adapter_tensors);
         const si::test::Scraped m =
             si::test::scrape_memory(pid, [&](const char* data, size_t n) { scanner.scan(data, n); });
         std::printf("read %zu MiB of the serving process's memory\n", m.read >> 20);
@@ -590,7 +573,7 @@ TEST(Server, RootReadingTheHostMemoryFindsNoSecretTensor) {
     for (size_t i = 1; i < found.targets(); ++i) EXPECT_FALSE(found.found(i)) << "found " << found.name(i);
 
     // The contrast: served from the plain model file and adapter (the host reads them), the same scan finds them.
-    Server plain(dir, {"--lora", adapter, "--secret", "blk.0.attn_q.weight,blk.3.ffn_down.weight"});
+    Server plain(dir, {"--lora", adapter, "--secret", si::test::kScrapedSecrets});
     ASSERT_EQ(post(dir, plain, "/v1/completions", req.dump()).status, 200);
     const si::test::SecretScanner leaked = scan(plain.pid());
     EXPECT_TRUE(leaked.found(1)) << leaked.name(1);  // blk.0.attn_q.weight, f32

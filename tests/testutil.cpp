@@ -18,6 +18,7 @@
 
 #include "common/matmul.h"
 #include "common/qgemm.h"
+#include "formats/gguf.h"
 #include "formats/llama2c.h"
 
 namespace si::test {
@@ -217,6 +218,31 @@ std::vector<std::string> projection_forms(const std::vector<float>& f32, int64_t
     return {std::string(reinterpret_cast<const char*>(f32.data()), f32.size() * 4),
             std::string(reinterpret_cast<const char*>(q.data()), q.size()),
             std::string(reinterpret_cast<const char*>(packed.data.data()), packed.data.size())};
+}
+
+std::vector<std::string> gguf_tensor_bytes(const std::string& path) {
+    const gguf::Reader r = gguf::Reader::open(path);
+    std::vector<std::string> out;
+    for (const auto& t : r.tensors()) {
+        const auto b = r.tensor_data(t);
+        out.emplace_back(reinterpret_cast<const char*>(b.data()), b.size());
+    }
+    return out;
+}
+
+SecretScanner scraped_secrets_scanner(const ModelWeights& w, const std::vector<std::string>& adapter_tensors) {
+    const int64_t d = w.cfg.dim, hidden = w.cfg.hidden_dim;
+    const auto secret_q = projection_forms(w.layers[0].wq, d, d);
+    const auto secret_down = projection_forms(w.layers[3].w2, d, hidden);
+    SecretScanner scanner;
+    scanner.add("public blk.1.attn_q.weight, packed int8", {projection_forms(w.layers[1].wq, d, d)[2]});
+    const char* form_name[] = {"f32", "int8 rows", "packed int8"};
+    for (int f = 0; f < 3; ++f) {
+        scanner.add(std::string("blk.0.attn_q.weight, ") + form_name[f], {secret_q[size_t(f)]});
+        scanner.add(std::string("blk.3.ffn_down.weight, ") + form_name[f], {secret_down[size_t(f)]});
+    }
+    scanner.add("the LoRA adapter", adapter_tensors);
+    return scanner;
 }
 
 }  // namespace si::test

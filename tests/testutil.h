@@ -75,4 +75,14 @@ private:
 // rows (quantize_rows_i8) and the int8 blocks packed for the kernels (PackedI8).
 std::vector<std::string> projection_forms(const std::vector<float>& f32, int64_t rows, int64_t cols);
 
+// The bytes of every tensor of a GGUF file (e.g. a LoRA adapter), for searching files or memory for them.
+std::vector<std::string> gguf_tensor_bytes(const std::string& path);
+
+// The memory-scraping tests declare these base tensors of stories260K secret (pack --secret, serve --secret).
+inline constexpr const char* kScrapedSecrets = "blk.0.attn_q.weight,blk.3.ffn_down.weight";
+// Their scanner: target 0 is the positive control (the public blk.1.attn_q.weight packed, as the trusted core and
+// the accelerator backend hold it), targets 1 .. 6 each secret in each projection_forms form (1: blk.0.attn_q.weight
+// as f32), the last target the adapter's tensors.
+SecretScanner scraped_secrets_scanner(const ModelWeights& w, const std::vector<std::string>& adapter_tensors);
+
 }  // namespace si::test
