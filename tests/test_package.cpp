@@ -369,10 +369,10 @@ TEST(Package, TruncatedOrMissingPartsAreRefused) {
 TEST(Package, AnotherFormatVersionIsRefused) {
     const Packed pk = make_package();
     std::string b = slurp(pk.path);
-    b[8] = 2;
+    b[8] = 1;
     test::write_file(pk.path, b);
     expect_error([&] { Package::open(pk.path); }, Status::unsupported,
-                 "package format version 2 is not supported (this build reads version 1)");
+                 "package format version 1 is not supported (this build reads version 2)");
 }
 
 TEST(Package, OwnerKeyFilesAreCheckedAndNeverOverwritten) {

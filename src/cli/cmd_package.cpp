@@ -46,6 +46,17 @@ Runner add_pack(CLI::App& app) {
         ->check(CLI::Range(0, 65535));
     sub->add_flag("--release-nll", o->release_nll, "let the enclave evaluate log-likelihoods of given text "
                                                    "(perplexity; default: refused)");
+    pkg::SamplingPolicy& sp = o->sampling;
+    sub->add_option("--max-temperature", sp.max_temperature, "highest sampling temperature a request may use")
+        ->check(CLI::Range(0.0, 1000.0))->capture_default_str();
+    sub->add_option("--min-top-k", sp.min_top_k, "smallest top-k a request may use (0: any; a request's 0, no "
+                                                 "cut, is always allowed)")
+        ->check(CLI::Range(0, 1 << 30))->capture_default_str();
+    sub->add_option("--min-top-p", sp.min_top_p, "smallest top-p a request may use")
+        ->check(CLI::Range(0.0, 1.0))->capture_default_str();
+    sub->add_option("--min-logprob-noise", sp.min_logprob_noise, "least Gaussian noise (standard deviation) the "
+                                                                 "enclave adds to released log-probabilities")
+        ->check(CLI::Range(0.0, 1e6))->capture_default_str();
     sub->add_option("--key-file", *key_file, "owner key (secureinfer keygen)")->required();
     sub->add_option("-o,--output", *out, "package file to write")->required();
     return [=]() -> int {

@@ -5,9 +5,12 @@
 
 namespace si {
 
-Sampler::Sampler(const SamplerParams& params) : params_(params) {
+Sampler::Sampler(const SamplerParams& params) : params_(params) { reseed(params.seed); }
+
+void Sampler::reseed(uint64_t seed) {
+    params_.seed = seed;
     // splitmix64 of the seed, so that nearby seeds give unrelated streams and seed 0 is valid
-    uint64_t z = params.seed + 0x9e3779b97f4a7c15ull;
+    uint64_t z = seed + 0x9e3779b97f4a7c15ull;
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     state_ = (z ^ (z >> 31)) | 1;

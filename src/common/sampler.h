@@ -18,6 +18,9 @@ struct SamplerParams {
 class Sampler {
 public:
     explicit Sampler(const SamplerParams& params);
+    // Restarts the random stream as if constructed with this seed (the trusted core reseeds a package's sampler
+    // for every draw).
+    void reseed(uint64_t seed);
     // Picks a token from logits[0..n). The logits are not modified.
     int32_t sample(const float* logits, int n);
     static int32_t argmax(const float* logits, int n);

@@ -78,7 +78,8 @@ void TrustedCore::Impl::configure(const Message& m) {
         fail(Status::internal, "configure: no randomness for the sealing key");
     pre.assign(size_t(cfg.n_layers + 1) * kStages, PreSlot{});
     batch_seq = 0;
-    sampler = std::make_unique<Sampler>(SamplerParams{0.0f, 0, 1.0f, 0});
+    sampler_params = SamplerParams{0.0f, 0, 1.0f, 0};
+    sampler = std::make_unique<Sampler>(sampler_params);
     phase = Phase::loading;
 }
 
@@ -109,14 +110,15 @@ void TrustedCore::Impl::upload(const Message& m) {
         m.copy(Tag::data_f32, dst + at, f.count);
         for (uint64_t i = 0; i < f.count; ++i)
             if (!std::isfinite(dst[at + i])) bad("upload " + what + ": non-finite value");
+        bind_chunk(key, what, dst + at, size_t(f.count) * 4, at + f.count == total);
     };
 
     switch (kind) {
         case TensorKind::tok_embeddings:
-            f32_into(fw->tok_embeddings().data(), v * d, tensor_key(kind, 0, 0), "token embeddings");
+            f32_into(fw->tok_embeddings().data(), v * d, tensor_key(kind, 0, 0), "token_embd.weight");
             break;
         case TensorKind::final_norm:
-            f32_into(fw->final_norm().data(), d, tensor_key(kind, 0, 0), "final norm");
+            f32_into(fw->final_norm().data(), d, tensor_key(kind, 0, 0), "output_norm.weight");
             break;
         case TensorKind::classifier:
             bad("upload: the classifier is uploaded as int8 rows with scales (classifier_i8, classifier_scale)");
@@ -131,6 +133,7 @@ void TrustedCore::Impl::upload(const Message& m) {
             const uint64_t at = accept_chunk(tensor_key(kind, 0, 0), offset, f.count, total, v * d, "classifier");
             s.allocate_raw();
             m.copy(Tag::data_i8, s.raw.data() + at, f.count);
+            bind_chunk(tensor_key(kind, 0, 0), "classifier", s.raw.data() + at, size_t(f.count), at + f.count == total);
             break;
         }
         case TensorKind::classifier_scale: {
@@ -141,12 +144,14 @@ void TrustedCore::Impl::upload(const Message& m) {
         }
         case TensorKind::attn_norm: {
             const int l = layer_of();
-            f32_into(fw->attn_norm(l).data(), d, tensor_key(kind, l, 0), "attention norm");
+            f32_into(fw->attn_norm(l).data(), d, tensor_key(kind, l, 0),
+                     "blk." + std::to_string(l) + ".attn_norm.weight");
             break;
         }
         case TensorKind::ffn_norm: {
             const int l = layer_of();
-            f32_into(fw->ffn_norm(l).data(), d, tensor_key(kind, l, 0), "ffn norm");
+            f32_into(fw->ffn_norm(l).data(), d, tensor_key(kind, l, 0),
+                     "blk." + std::to_string(l) + ".ffn_norm.weight");
             break;
         }
         case TensorKind::proj_weight: {
@@ -164,6 +169,7 @@ void TrustedCore::Impl::upload(const Message& m) {
             const uint64_t at = accept_chunk(tensor_key(kind, l, int(p)), offset, f.count, total, n, what);
             s.allocate_raw();
             m.copy(Tag::data_i8, s.raw.data() + at, f.count);
+            bind_chunk(tensor_key(kind, l, int(p)), what, s.raw.data() + at, size_t(f.count), at + f.count == total);
             break;
         }
         case TensorKind::proj_scale: {
@@ -268,9 +274,40 @@ void TrustedCore::Impl::set_sampler(const Message& m) {
     if (top_k < 0) bad("sampler: negative top_k");
     if (k < 0 || k > cfg.vocab_size) bad("sampler: log-probability count out of range [0, vocabulary size]");
     if (!std::isfinite(noise_std) || noise_std < 0.0f || noise_std > 1e6f) bad("sampler: noise out of range");
-    sampler = std::make_unique<Sampler>(SamplerParams{temp, top_k, top_p, m.scalar<uint64_t>(Tag::seed)});
+    const SamplerParams prev = sampler_params;
+    const int prev_k = logprobs_k;
+    const float prev_noise = logprob_noise;
+    sampler_params = SamplerParams{temp, top_k, top_p, m.scalar<uint64_t>(Tag::seed)};
     logprobs_k = k;
     logprob_noise = noise_std;
+    try {
+        check_sampling_policy();
+    } catch (...) {
+        sampler_params = prev;
+        logprobs_k = prev_k;
+        logprob_noise = prev_noise;
+        throw;
+    }
+    sampler = std::make_unique<Sampler>(sampler_params);
+}
+
+// A package's owner bounds what a request may ask of the sampler (pkg::SamplingPolicy); checked when the settings
+// arrive and again when a pass starts, since the host may send them before the manifest.
+void TrustedCore::Impl::check_sampling_policy() const {
+    if (!package) return;
+    const pkg::SamplingPolicy& pol = sampling_policy;
+    const SamplerParams& p = sampler_params;
+    auto refuse = [](const std::string& why) { fail(Status::invalid_argument, "the package's owner does not allow " + why); };
+    if (p.temperature > pol.max_temperature)
+        refuse("a temperature above " + std::to_string(pol.max_temperature) + " (asked: " +
+               std::to_string(p.temperature) + ")");
+    if (p.temperature > 0.0f && p.top_k > 0 && p.top_k < pol.min_top_k)
+        refuse("top_k below " + std::to_string(pol.min_top_k) + " (asked: " + std::to_string(p.top_k) + "; 0 disables it)");
+    if (p.temperature > 0.0f && p.top_p < pol.min_top_p)
+        refuse("top_p below " + std::to_string(pol.min_top_p) + " (asked: " + std::to_string(p.top_p) + ")");
+    if (logprobs_k > 0 && logprob_noise < pol.min_logprob_noise)
+        refuse("log-probabilities with noise below " + std::to_string(pol.min_logprob_noise) + " (asked: " +
+               std::to_string(logprob_noise) + ")");
 }
 
 // Accepts a chunk [offset, offset + n) of a tensor of `total` elements: chunks must come in order.

@@ -3,7 +3,9 @@
 #include "enclave/core_state.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 
 namespace si {
@@ -136,8 +138,11 @@ void TrustedCore::Impl::manifest(const Message& m) {
     if (!pkg::equal(mac, b.subspan(size_t(body))))
         fail(Status::integrity, "package manifest failed authentication: the model key is wrong or the header, "
                                 "manifest or secret table was altered; nothing was decrypted");
-    std::vector<pkg::SecretEntry> t = pkg::decode_table(b.subspan(size_t(pkg::kHeaderBytes + h.manifest_len),
-                                                                  size_t(h.table_len)));
+    pkg::Table tb = pkg::decode_table(b.subspan(size_t(pkg::kHeaderBytes + h.manifest_len), size_t(h.table_len)));
+    // The owner bound the model configuration: a host that configured another model (other sizes, another rope
+    // theta, an untied classifier of its own) would run the secret tensors inside a network of its choosing.
+    check_bound_config(tb.config);
+    std::vector<pkg::SecretEntry>& t = tb.secrets;
     const uint64_t d = uint64_t(cfg.dim), v = uint64_t(cfg.vocab_size);
     for (size_t i = 0; i < t.size(); ++i) {
         const pkg::SecretEntry& e = t[i];
@@ -168,10 +173,105 @@ void TrustedCore::Impl::manifest(const Message& m) {
                                      " elements in chunks of " + std::to_string(e.chunk_elements) +
                                      ", which does not fit this model");
     }
+    bound.clear();
+    for (const pkg::PublicDigest& pd : tb.publics) {
+        if (pd.kind > wire::kMaxTensorKind || !bound.try_emplace(tensor_key(TensorKind(pd.kind), pd.layer, pd.proj), pd.bytes,
+                                                                 pd.sha256).second)
+            fail(Status::format, "manifest: public tensor digest of kind " + std::to_string(pd.kind) + " (layer " +
+                                     std::to_string(pd.layer) + ") is invalid or listed twice");
+    }
     table = std::move(t);
     table_next.assign(table.size(), 0);
     package = true;
     release_policy = h.release;
+    sampling_policy = tb.sampling;
+    // Draws of a package's sampler come from a key only this enclave on this device holds (see sample_seed).
+    draw_key.assign(pkg::kKeyBytes, 0);
+    pkg::hkdf(sealing_key, model_id, "secureinfer sampler draws v1", draw_key);
+}
+
+void TrustedCore::Impl::check_bound_config(const pkg::BoundConfig& want) const {
+    const pkg::BoundConfig have{cfg.dim,      cfg.hidden_dim, cfg.n_layers,   cfg.n_heads, cfg.n_kv_heads,
+                                cfg.vocab_size, cfg.seq_len,  cfg.rope_theta, cfg.norm_eps, tied ? 1u : 0u};
+    auto field = [&](const char* name, double h, double w) {
+        if (h == w) return;
+        char msg[256];
+        std::snprintf(msg, sizeof msg, "manifest: the model configuration the host sent differs from the package's: "
+                      "%s %.9g, the owner bound %.9g; the session is stopped", name, h, w);
+        fail(Status::integrity, msg);
+    };
+    field("dim", have.dim, want.dim);
+    field("hidden_dim", have.hidden_dim, want.hidden_dim);
+    field("n_layers", have.n_layers, want.n_layers);
+    field("n_heads", have.n_heads, want.n_heads);
+    field("n_kv_heads", have.n_kv_heads, want.n_kv_heads);
+    field("vocab_size", have.vocab_size, want.vocab_size);
+    field("seq_len", have.seq_len, want.seq_len);
+    field("rope_theta", have.rope_theta, want.rope_theta);
+    field("norm_eps", have.norm_eps, want.norm_eps);
+    field("tied classifier", have.tied, want.tied);
+    if (!(have == want)) fail(Status::integrity, "manifest: the model configuration differs from the package's");
+}
+
+// A chunk of a public tensor uploaded in the clear, [bytes] at `data`; `last` when it completes the tensor. Under a
+// package every such tensor must be one the manifest binds, byte for byte: its whole leaves are hashed in parallel,
+// a leaf split across chunks as its parts arrive.
+void TrustedCore::Impl::bind_chunk(uint64_t key, const std::string& what, const void* data, size_t bytes, bool last) {
+    if (!package) return;
+    const auto it = bound.find(key);
+    if (it == bound.end())
+        fail(Status::integrity, "upload " + what + ": the package's manifest binds no such public tensor; the "
+                                "session is stopped");
+    BoundTensor& b = it->second;
+    auto mismatch = [&] {
+        fail(Status::integrity, "upload " + what + ": the public tensor differs from the one the package's owner "
+                                "bound (SHA-256 mismatch); the session is stopped");
+    };
+    if (bytes > b.bytes - b.seen) mismatch();
+    b.seen += bytes;
+    const uint8_t* p = static_cast<const uint8_t*>(data);
+    size_t n = bytes;
+    constexpr size_t L = pkg::kLeafBytes;
+    if (b.partial_fill > 0) {
+        const size_t take = std::min(n, L - b.partial_fill);
+        b.partial.update(p, take);
+        b.partial_fill += take;
+        p += take;
+        n -= take;
+        if (b.partial_fill == L) {
+            b.leaves.push_back(b.partial.finish());
+            b.partial_fill = 0;
+        }
+    }
+    if (const size_t whole = n / L; whole > 0) {
+        const size_t base = b.leaves.size();
+        b.leaves.resize(base + whole);
+        std::atomic<bool> failed{false};
+        auto leaves = [&](int64_t begin, int64_t end) {
+            try {
+                for (int64_t i = begin; i < end; ++i)
+                    b.leaves[base + size_t(i)] = pkg::sha256(std::span<const uint8_t>(p + size_t(i) * L, L));
+            } catch (...) {
+                failed = true;
+            }
+        };
+        if (pool)
+            pool->parallel_for(int64_t(whole), 1, leaves);
+        else
+            leaves(0, int64_t(whole));
+        if (failed) fail(Status::internal, "upload " + what + ": hashing failed");
+        p += whole * L;
+        n -= whole * L;
+    }
+    if (n > 0) {
+        b.partial.update(p, n);
+        b.partial_fill = n;
+    }
+    if (!last) return;
+    if (b.partial_fill > 0) b.leaves.push_back(b.partial.finish());
+    b.partial_fill = 0;
+    if (b.seen != b.bytes || !pkg::equal(pkg::combine_leaves(b.bytes, b.leaves), b.digest)) mismatch();
+    b.leaves = {};
 }
 
 bool TrustedCore::Impl::secret_entry_in(const std::vector<pkg::SecretEntry>& t, size_t before, uint32_t kind, int layer, int p) {

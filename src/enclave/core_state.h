@@ -173,6 +173,22 @@ struct TrustedCore::Impl {
     bool package = false;                // a verified manifest is in force
     std::vector<pkg::SecretEntry> table;
     std::vector<uint32_t> table_next;
+    // the public model the manifest binds: per tensor key, its upload's length and SHA-256, hashed as it arrives
+    struct BoundTensor {
+        BoundTensor(uint64_t b, const pkg::Hash& h) : bytes(b), digest(h) {}
+        uint64_t bytes = 0, seen = 0;
+        pkg::Hash digest{};              // pkg::public_tensor_digest, from the manifest
+        std::vector<pkg::Hash> leaves;   // of the leaves complete so far
+        pkg::Sha256Stream partial;       // the leaf in progress, partial_fill bytes into it
+        size_t partial_fill = 0;
+    };
+    std::map<uint64_t, BoundTensor> bound;
+    pkg::SamplingPolicy sampling_policy;
+    // Package draws: the sampler is reseeded for each token from a PRF of the request's seed and settings and of
+    // the context, under a key derived from the sealing key (the host can neither predict nor steer the draws).
+    SecretVector<uint8_t> draw_key;
+    SamplerParams sampler_params;
+    pkg::Hash context_hash{}, pass_context_hash{};  // chained SHA-256 of the tokens since reset (and with this pass)
 
     ProjState& proj(int layer, Proj p) { return projs[size_t(layer) * 7 + size_t(p)]; }
     // The threads of a product over T tokens.
@@ -230,6 +246,10 @@ struct TrustedCore::Impl {
     void manifest(const Message& m);
     static bool secret_entry_in(const std::vector<pkg::SecretEntry>& t, size_t before, uint32_t kind, int layer, int p);
     void upload_secret(const Message& m);
+    void check_bound_config(const pkg::BoundConfig& want) const;
+    void bind_chunk(uint64_t key, const std::string& what, const void* data, size_t bytes, bool last);
+    void check_sampling_policy() const;
+    uint64_t draw_seed() const;
 
     // masked crossings and unblinding factors (core_crossings.cpp)
     void erase_kept_unit(uint64_t total);

@@ -53,7 +53,7 @@ void quantize_activations(const float* X, int64_t T, int64_t K, int bits, int32_
             b &= 0x7fffffffu;
             amax_bits = b > amax_bits ? b : amax_bits;
         }
-        if (amax_bits >= 0x7f800000u) fail(Status::invalid_argument, "fixed point: non-finite activation");
+        if (amax_bits >= 0x7f800000u) fail(Status::integrity, "non-finite activation inside the trusted core; the session is stopped");
         float amax;
         std::memcpy(&amax, &amax_bits, 4);
         if (amax == 0.0f) {

@@ -7,6 +7,7 @@
 #include <openssl/kdf.h>
 #include <openssl/rand.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "common/error.h"
@@ -47,6 +48,42 @@ Hash sha256(std::span<const uint8_t> data) {
     if (EVP_Digest(data.data(), data.size(), h.data(), &n, EVP_sha256(), nullptr) != 1 || n != h.size())
         crypto_fail("SHA-256");
     return h;
+}
+
+Sha256Stream::Sha256Stream() : c_(EVP_MD_CTX_new()) {
+    if (!c_ || EVP_DigestInit_ex(c_, EVP_sha256(), nullptr) != 1) {
+        EVP_MD_CTX_free(c_);
+        crypto_fail("SHA-256");
+    }
+}
+Sha256Stream::~Sha256Stream() { EVP_MD_CTX_free(c_); }
+void Sha256Stream::update(const void* data, size_t n) {
+    if (!c_ || EVP_DigestUpdate(c_, data, n) != 1) crypto_fail("SHA-256");
+}
+Hash Sha256Stream::finish() {
+    Hash h{};
+    unsigned int n = 0;
+    if (!c_ || EVP_DigestFinal_ex(c_, h.data(), &n) != 1 || n != h.size() ||
+        EVP_DigestInit_ex(c_, EVP_sha256(), nullptr) != 1)
+        crypto_fail("SHA-256");
+    return h;
+}
+
+Hash combine_leaves(uint64_t total_bytes, std::span<const Hash> leaves) {
+    Sha256Stream s;
+    s.update("SIPUB v1", 8);
+    uint8_t len[8];
+    for (int i = 0; i < 8; ++i) len[i] = uint8_t(total_bytes >> (8 * i));
+    s.update(len, 8);
+    for (const Hash& h : leaves) s.update(h.data(), h.size());
+    return s.finish();
+}
+
+Hash public_tensor_digest(std::span<const uint8_t> bytes) {
+    std::vector<Hash> leaves;
+    for (size_t at = 0; at < bytes.size(); at += kLeafBytes)
+        leaves.push_back(sha256(bytes.subspan(at, std::min(kLeafBytes, bytes.size() - at))));
+    return combine_leaves(bytes.size(), leaves);
 }
 
 Hash hmac_sha256(std::span<const uint8_t> key, std::span<const uint8_t> data) {
@@ -218,45 +255,122 @@ Header decode_header(std::span<const uint8_t> b) {
     return h;
 }
 
-std::vector<uint8_t> encode_table(const std::vector<SecretEntry>& t) {
+namespace {
+
+void put_f32(std::vector<uint8_t>& a, float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    put(a, u, 4);
+}
+float get_f32(const uint8_t* p) {
+    const uint32_t u = uint32_t(get(p, 4));
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+constexpr size_t kSecretEntryBytes = 36, kConfigBytes = 7 * 4 + 2 * 4 + 4, kPolicyBytes = 16, kDigestBytes = 52;
+constexpr char kBindMagic[4] = {'B', 'I', 'N', 'D'};
+
+}  // namespace
+
+std::vector<uint8_t> encode_table(const Table& t) {
     std::vector<uint8_t> a;
-    put(a, t.size(), 4);
-    for (const auto& e : t) {
+    put(a, t.secrets.size(), 4);
+    for (const auto& e : t.secrets) {
         put(a, e.kind, 4);
         put(a, uint32_t(e.layer), 4);
         put(a, uint32_t(e.proj), 4);
         put(a, e.elements, 8);
         put(a, e.chunk_elements, 8);
         put(a, e.n_chunks, 4);
-        uint32_t s;
-        std::memcpy(&s, &e.scale, 4);
-        put(a, s, 4);
+        put_f32(a, e.scale);
+    }
+    a.insert(a.end(), kBindMagic, kBindMagic + 4);
+    const BoundConfig& c = t.config;
+    for (int32_t v : {c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len})
+        put(a, uint32_t(v), 4);
+    put_f32(a, c.rope_theta);
+    put_f32(a, c.norm_eps);
+    put(a, c.tied, 4);
+    put_f32(a, t.sampling.max_temperature);
+    put(a, uint32_t(t.sampling.min_top_k), 4);
+    put_f32(a, t.sampling.min_top_p);
+    put_f32(a, t.sampling.min_logprob_noise);
+    put(a, t.publics.size(), 4);
+    for (const auto& d : t.publics) {
+        put(a, d.kind, 4);
+        put(a, uint32_t(d.layer), 4);
+        put(a, uint32_t(d.proj), 4);
+        put(a, d.bytes, 8);
+        a.insert(a.end(), d.sha256.begin(), d.sha256.end());
     }
     return a;
 }
 
-std::vector<SecretEntry> decode_table(std::span<const uint8_t> b) {
-    constexpr size_t kEntry = 36;
-    if (b.size() < 4) fail(Status::format, "package secret table truncated");
+Table decode_table(std::span<const uint8_t> b) {
+    Table t;
+    size_t at = 0;
+    auto need = [&](size_t n, const char* what) {
+        if (n > b.size() - at) fail(Status::format, std::string("package table truncated in ") + what);
+    };
+    need(4, "the secret entry count");
     const uint64_t n = get(b.data(), 4);
-    if (n > (b.size() - 4) / kEntry || 4 + n * kEntry != b.size())
+    at = 4;
+    if (n > (b.size() - at) / kSecretEntryBytes)
         fail(Status::format, "package secret table: " + std::to_string(n) + " entries do not fit its " +
                                  std::to_string(b.size()) + " bytes");
-    std::vector<SecretEntry> t(static_cast<size_t>(n));
-    for (size_t i = 0; i < t.size(); ++i) {
-        const uint8_t* p = b.data() + 4 + i * kEntry;
-        SecretEntry& e = t[i];
+    t.secrets.resize(static_cast<size_t>(n));
+    for (size_t i = 0; i < t.secrets.size(); ++i, at += kSecretEntryBytes) {
+        const uint8_t* p = b.data() + at;
+        SecretEntry& e = t.secrets[i];
         e.kind = uint32_t(get(p, 4));
         e.layer = int32_t(uint32_t(get(p + 4, 4)));
         e.proj = int32_t(uint32_t(get(p + 8, 4)));
         e.elements = get(p + 12, 8);
         e.chunk_elements = get(p + 20, 8);
         e.n_chunks = uint32_t(get(p + 28, 4));
-        const uint32_t s = uint32_t(get(p + 32, 4));
-        std::memcpy(&e.scale, &s, 4);
+        e.scale = get_f32(p + 32);
         if (e.elements == 0 || e.chunk_elements == 0 || e.chunk_elements > kChunkElements ||
             e.n_chunks != (e.elements + e.chunk_elements - 1) / e.chunk_elements)
             fail(Status::format, "package secret table: entry " + std::to_string(i) + " has inconsistent sizes");
+    }
+    need(4 + kConfigBytes + kPolicyBytes + 4, "the public model binding");
+    if (std::memcmp(b.data() + at, kBindMagic, 4) != 0)
+        fail(Status::format, "package table: no public model binding after the secret entries");
+    at += 4;
+    const uint8_t* p = b.data() + at;
+    BoundConfig& c = t.config;
+    int32_t* ints[] = {&c.dim, &c.hidden_dim, &c.n_layers, &c.n_heads, &c.n_kv_heads, &c.vocab_size, &c.seq_len};
+    for (int i = 0; i < 7; ++i) *ints[i] = int32_t(uint32_t(get(p + 4 * i, 4)));
+    c.rope_theta = get_f32(p + 28);
+    c.norm_eps = get_f32(p + 32);
+    c.tied = uint32_t(get(p + 36, 4));
+    at += kConfigBytes;
+    p = b.data() + at;
+    SamplingPolicy& s = t.sampling;
+    s.max_temperature = get_f32(p);
+    s.min_top_k = int32_t(uint32_t(get(p + 4, 4)));
+    s.min_top_p = get_f32(p + 8);
+    s.min_logprob_noise = get_f32(p + 12);
+    at += kPolicyBytes;
+    if (!(s.max_temperature >= 0.0f && s.max_temperature <= 1000.0f) || s.min_top_k < 0 ||
+        !(s.min_top_p >= 0.0f && s.min_top_p <= 1.0f) || !(s.min_logprob_noise >= 0.0f && s.min_logprob_noise <= 1e6f))
+        fail(Status::format, "package table: sampling policy out of range");
+    const uint64_t m = get(b.data() + at, 4);
+    at += 4;
+    if (m > (b.size() - at) / kDigestBytes || at + m * kDigestBytes != b.size())
+        fail(Status::format, "package table: " + std::to_string(m) + " public tensor digests do not fit its " +
+                                 std::to_string(b.size() - at) + " remaining bytes");
+    t.publics.resize(static_cast<size_t>(m));
+    for (auto& d : t.publics) {
+        p = b.data() + at;
+        d.kind = uint32_t(get(p, 4));
+        d.layer = int32_t(uint32_t(get(p + 4, 4)));
+        d.proj = int32_t(uint32_t(get(p + 8, 4)));
+        d.bytes = get(p + 12, 8);
+        std::memcpy(d.sha256.data(), p + 20, kHashBytes);
+        at += kDigestBytes;
     }
     return t;
 }

@@ -21,6 +21,7 @@
 #include "common/secret_memory.h"
 
 typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX;
+typedef struct evp_md_ctx_st EVP_MD_CTX;
 
 namespace si::pkg {
 
@@ -36,6 +37,20 @@ using PubKey = std::array<uint8_t, kPubBytes>;
 // ---- primitives ------------------------------------------------------------------------------------------------
 
 Hash sha256(std::span<const uint8_t> data);
+// SHA-256 over data arriving in pieces (the trusted core hashes each public tensor chunk by chunk as it arrives).
+class Sha256Stream {
+public:
+    Sha256Stream();
+    ~Sha256Stream();
+    Sha256Stream(Sha256Stream&& o) noexcept : c_(o.c_) { o.c_ = nullptr; }
+    Sha256Stream(const Sha256Stream&) = delete;
+    Sha256Stream& operator=(const Sha256Stream&) = delete;
+    void update(const void* data, size_t n);
+    Hash finish();  // and starts over
+
+private:
+    EVP_MD_CTX* c_ = nullptr;
+};
 Hash hmac_sha256(std::span<const uint8_t> key, std::span<const uint8_t> data);
 // HKDF-SHA256 (extract and expand) into out.
 void hkdf(std::span<const uint8_t> ikm, std::span<const uint8_t> salt, std::string_view info, std::span<uint8_t> out);
@@ -96,14 +111,15 @@ void derive_tensor_key(const uint8_t* model_key, const ModelId& id, std::string_
 //   header     64 bytes: magic "SIPKG\0\r\n" | u32 format version | u32 flags (0) | model id (16) |
 //              u64 manifest length | u64 table length | u64 payload offset | 0 (8)
 //   manifest   JSON for people and the host (tensors, parts, sizes, sha256 of every part)
-//   table      the secret tensors, binary, for the trusted core (below)
+//   table      for the trusted core, binary (below): the secret tensors, the owner's sampling policy, and the
+//              public model it binds (configuration and a SHA-256 of every public tensor as the core receives it)
 //   mac        HMAC-SHA256 under the manifest key of header | manifest | table
 //   payload    the parts the manifest lists, back to back (the public GGUF, then the secret tensors' chunks)
 //
 // Every multi-byte integer is little-endian.
 
 constexpr char kMagic[8] = {'S', 'I', 'P', 'K', 'G', '\0', '\r', '\n'};
-constexpr uint32_t kFormatVersion = 1;
+constexpr uint32_t kFormatVersion = 2;  // 2: the table binds the public model and the sampling policy
 constexpr size_t kHeaderBytes = 64;
 // Secret tensors are encrypted in chunks of at most this many elements (whole rows for matrices), so that each
 // chunk fits one enclave message.
@@ -135,9 +151,55 @@ struct SecretEntry {
     uint32_t n_chunks = 0;
     float scale = 0.0f;
 };
-std::vector<uint8_t> encode_table(const std::vector<SecretEntry>& t);
-// Throws Status::format naming the problem.
-std::vector<SecretEntry> decode_table(std::span<const uint8_t> bytes);
+
+// The model configuration the forward pass uses, as the host sends it in `configure`: the trusted core refuses a
+// package whose host sends anything else (another layer count, an untied classifier, another rope theta...).
+struct BoundConfig {
+    int32_t dim = 0, hidden_dim = 0, n_layers = 0, n_heads = 0, n_kv_heads = 0, vocab_size = 0, seq_len = 0;
+    float rope_theta = 0.0f, norm_eps = 0.0f;
+    uint32_t tied = 0;
+    bool operator==(const BoundConfig&) const = default;
+};
+
+// A public tensor as the host uploads it in the clear: wire TensorKind, layer, projection, its length in bytes and
+// the public_tensor_digest of those bytes (f32 little-endian; int8 rows for proj_weight and classifier_i8, with their
+// f32 row scales as proj_scale and classifier_scale).
+struct PublicDigest {
+    uint32_t kind = 0;
+    int32_t layer = 0, proj = 0;
+    uint64_t bytes = 0;
+    Hash sha256{};
+};
+
+// The digest of a public tensor's upload bytes: SHA-256 over "SIPUB v1", the length (u64) and the SHA-256 of each
+// leaf of kLeafBytes (the last may be shorter), so that the trusted core hashes the leaves of a chunk in parallel.
+constexpr size_t kLeafBytes = size_t(256) << 10;
+Hash public_tensor_digest(std::span<const uint8_t> bytes);
+Hash combine_leaves(uint64_t total_bytes, std::span<const Hash> leaves);
+
+// What the owner lets the host or an API client choose for sampling, enforced inside the trusted core: a request
+// outside these bounds is refused. Sharper distributions (small top-k / top-p, high temperature) and noiseless
+// log-probabilities make each released token a finer measurement of the logits (docs/SECURITY-EVAL.md, A6, A10).
+struct SamplingPolicy {
+    float max_temperature = 2.0f;
+    int32_t min_top_k = 0;            // a request's top_k must be 0 (off) or at least this
+    float min_top_p = 0.0f;           // a request's top_p must be at least this
+    float min_logprob_noise = 0.0f;   // released log-probabilities carry Gaussian noise of at least this deviation
+    bool operator==(const SamplingPolicy&) const = default;
+};
+
+// The table (format version 2):
+//   u32 n | n secret entries (36 bytes each) | "BIND" | BoundConfig (7 x i32, 2 x f32, u32) |
+//   SamplingPolicy (f32, i32, f32, f32) | u32 m | m public digests (u32 kind, i32 layer, i32 proj, u64 bytes, 32)
+struct Table {
+    std::vector<SecretEntry> secrets;
+    BoundConfig config;
+    SamplingPolicy sampling;
+    std::vector<PublicDigest> publics;
+};
+std::vector<uint8_t> encode_table(const Table& t);
+// Throws Status::format naming the problem (truncation, trailing bytes, inconsistent sizes, a bad policy).
+Table decode_table(std::span<const uint8_t> bytes);
 
 // The name a secret tensor is encrypted under: the GGUF name, and "<projection>.lora_a" / ".lora_b" for adapters.
 // Empty for a kind that is never stored encrypted.

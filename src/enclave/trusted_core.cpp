@@ -43,6 +43,15 @@ std::vector<uint8_t> TrustedCore::Impl::eval(const Message& m) {
         fail(Status::security, "the package's owner allows at most " +
                                    std::to_string(release_policy & pkg::kReleaseLogprobsMask) +
                                    " log-probabilities per token; " + std::to_string(logprobs_k) + " were asked");
+    if (output == wire::OutputKind::sample) check_sampling_policy();
+    // the context after this pass, chained token by token (so that it does not depend on how a prompt is batched)
+    pass_context_hash = context_hash;
+    for (int32_t t : tokens) {
+        uint8_t b[pkg::kHashBytes + 4];
+        std::memcpy(b, pass_context_hash.data(), pkg::kHashBytes);
+        std::memcpy(b + pkg::kHashBytes, &t, 4);
+        pass_context_hash = pkg::sha256(b);
+    }
     targets.clear();
     if (output == wire::OutputKind::nll) {
         targets = m.array<int32_t>(Tag::targets, tf.count);
@@ -115,6 +124,7 @@ std::vector<uint8_t> TrustedCore::Impl::finish_pass() {
     Encoder e(output == wire::OutputKind::none ? MsgType::ok : MsgType::result);
     // logits [cls_rows.size()][V], computed by classify() (and products() when offloaded)
     if (output == wire::OutputKind::sample) {
+        if (package) sampler->reseed(draw_seed());
         const int32_t tok = sampler->sample(logits.data(), V);
         e.scalar<int32_t>(Tag::token, tok);
         if (logprobs_k > 0) release_logprobs(e);
@@ -129,6 +139,7 @@ std::vector<uint8_t> TrustedCore::Impl::finish_pass() {
         e.scalar<uint64_t>(Tag::nll_count, count);
     }
     fw->end_pass();
+    context_hash = pass_context_hash;
     wipe(logits);
     wipe(xq);
     e.scalar<int32_t>(Tag::pos, fw->pos());
@@ -162,6 +173,26 @@ void TrustedCore::Impl::release_logprobs(Encoder& e) {
 }
 
 // A standard normal variate (Box-Muller) from the core's own AES-CTR stream, keyed from the OS CSPRNG.
+// The seed of a package's draw: a PRF, under a key only this enclave on this device derives, of the request's seed
+// and sampler settings and of the whole context. The host cannot predict a draw (it does not know the key), and
+// whatever it changes (seed, temperature, top-k, top-p, any token) gives an independent draw; only the very same
+// request repeats, and then with the same token, which teaches it nothing new.
+uint64_t TrustedCore::Impl::draw_seed() const {
+    std::vector<uint8_t> in = {'S', 'I', 'D', 'R', 'A', 'W', '1', 0};
+    auto put = [&](const void* p, size_t n) { in.insert(in.end(), static_cast<const uint8_t*>(p), static_cast<const uint8_t*>(p) + n); };
+    const SamplerParams& p = sampler_params;
+    put(&p.seed, 8);
+    put(&p.temperature, 4);
+    put(&p.top_k, 4);
+    put(&p.top_p, 4);
+    put(pass_context_hash.data(), pass_context_hash.size());
+    pkg::Hash h = pkg::hmac_sha256(draw_key, in);
+    uint64_t seed = 0;
+    std::memcpy(&seed, h.data(), 8);
+    OPENSSL_cleanse(h.data(), h.size());
+    return seed;
+}
+
 double TrustedCore::Impl::gaussian() {
     uint32_t u[4];
     noise->fill(u, 4);
@@ -175,6 +206,7 @@ std::vector<uint8_t> TrustedCore::Impl::reset() {
     if (phase != Phase::ready) bad("reset: the model is not loaded");
     abandon();
     fw->reset();
+    context_hash = pass_context_hash = pkg::Hash{};
     Encoder e(MsgType::ok);
     e.scalar<int32_t>(Tag::pos, 0);
     e.scalar<uint64_t>(Tag::flops, take_flops());
@@ -192,6 +224,8 @@ void TrustedCore::Impl::wipe_all() {
     wipe(seal_key);
     seal_key.clear();
     SecretVector<uint8_t>().swap(model_key);
+    SecretVector<uint8_t>().swap(draw_key);
+    bound.clear();
     eph.reset();
     table.clear();
     table_next.clear();

@@ -19,6 +19,7 @@
 
 #include "boundary/enclave_messages.h"
 #include "common/error.h"
+#include "common/matmul.h"
 #include "common/secret_memory.h"
 #include "formats/gguf.h"
 #include "formats/gguf_model.h"
@@ -93,6 +94,52 @@ void write_file_atomic(const std::string& path, const std::vector<std::span<cons
 }
 
 std::string hex_hash(std::span<const uint8_t> b) { return pkg::to_hex(pkg::sha256(b)); }
+
+pkg::PublicDigest digest_of(TensorKind kind, int layer, int proj, const void* data, size_t bytes) {
+    return {uint32_t(kind), layer, proj, bytes,
+            pkg::public_tensor_digest(std::span<const uint8_t>(static_cast<const uint8_t*>(data), bytes))};
+}
+
+// What the host uploads to the trusted core in the clear for this model (SecureSession::load_enclave), hashed as the
+// core hashes it on arrival: f32 tensors as they are, projections (and the classifier, which is token_embd when
+// tied) as int8 rows with f32 scales from quantize_rows_i8, which is exact and the same on every machine.
+std::vector<pkg::PublicDigest> public_digests(const ModelWeights& w, const std::set<std::string>& secret) {
+    const ModelConfig& c = w.cfg;
+    std::vector<pkg::PublicDigest> out;
+    auto f32 = [&](TensorKind k, int l, const std::vector<float>& v) {
+        out.push_back(digest_of(k, l, 0, v.data(), v.size() * 4));
+    };
+    auto rows = [&](TensorKind wk, TensorKind sk, int l, int p, const std::vector<float>& W, int64_t r, int64_t cols) {
+        std::vector<int8_t> q(size_t(r * cols));
+        std::vector<float> scale(static_cast<size_t>(r));
+        quantize_rows_i8(W.data(), r, cols, q.data(), scale.data(), nullptr);
+        out.push_back(digest_of(wk, l, p, q.data(), q.size()));
+        out.push_back(digest_of(sk, l, p, scale.data(), scale.size() * 4));
+    };
+    if (!secret.count("token_embd.weight")) f32(TensorKind::tok_embeddings, 0, w.tok_embeddings);
+    if (!secret.count("output_norm.weight")) f32(TensorKind::final_norm, 0, w.final_norm);
+    if (!secret.count("output.weight") && !(w.tied() && secret.count("token_embd.weight")))
+        rows(TensorKind::classifier_i8, TensorKind::classifier_scale, 0, 0, w.tied() ? w.tok_embeddings : w.classifier,
+             c.vocab_size, c.dim);
+    for (int l = 0; l < c.n_layers; ++l) {
+        const LayerWeights& L = w.layers[size_t(l)];
+        const std::string b = "blk." + std::to_string(l) + ".";
+        if (!secret.count(b + "attn_norm.weight")) f32(TensorKind::attn_norm, l, L.attn_norm);
+        if (!secret.count(b + "ffn_norm.weight")) f32(TensorKind::ffn_norm, l, L.ffn_norm);
+        for (Proj p : kAllProj) {
+            if (secret.count(proj_tensor_name(l, p))) continue;
+            const ProjShape s = proj_shape(c, p);
+            rows(TensorKind::proj_weight, TensorKind::proj_scale, l, int(p), proj_weights(L, p), s.rows, s.cols);
+        }
+    }
+    return out;
+}
+
+pkg::BoundConfig bound_config(const ModelWeights& w) {
+    const ModelConfig& c = w.cfg;
+    return {c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len, c.rope_theta,
+            c.norm_eps, w.tied() ? 1u : 0u};
+}
 
 }  // namespace
 
@@ -249,7 +296,7 @@ PackResult write_package(const std::string& out_path, const PackOptions& o, cons
         }
 
     std::vector<uint8_t> secret_blob;
-    std::vector<pkg::SecretEntry> table;
+    pkg::Table table;
     json tensors_json = json::array();
     std::set<std::string> secret_names_seen;
     for (auto& pl : plain) {
@@ -270,7 +317,7 @@ PackResult write_package(const std::string& out_path, const PackOptions& o, cons
                           secret_blob.data() + o2);
         }
         const std::span<const uint8_t> ct(secret_blob.data() + at, secret_blob.size() - at);
-        table.push_back(e);
+        table.secrets.push_back(e);
         secret_names_seen.insert(pl.name);
         tensors_json.push_back({{"name", pl.name}, {"ne", pl.ne}, {"dtype", "f32"}, {"secret", true},
                                 {"part", kSecretPart}, {"offset", at}, {"size", ct.size()},
@@ -293,6 +340,9 @@ PackResult write_package(const std::string& out_path, const PackOptions& o, cons
          {{"dim", c.dim}, {"hidden_dim", c.hidden_dim}, {"n_layers", c.n_layers}, {"n_heads", c.n_heads},
           {"n_kv_heads", c.n_kv_heads}, {"vocab_size", c.vocab_size}, {"seq_len", c.seq_len},
           {"tied_classifier", w.tied()}}},
+        {"sampling_policy",
+         {{"max_temperature", o.sampling.max_temperature}, {"min_top_k", o.sampling.min_top_k},
+          {"min_top_p", o.sampling.min_top_p}, {"min_logprob_noise", o.sampling.min_logprob_noise}}},
         {"secret", all ? "all" : secret.empty() ? "lora" : "list"},
         {"secret_base_tensors", all ? std::vector<std::string>{"*"}
                                     : std::vector<std::string>(secret.begin(), secret.end())},
@@ -306,6 +356,10 @@ PackResult write_package(const std::string& out_path, const PackOptions& o, cons
         {"tensors", tensors_json},
     };
     const std::string man = manifest.dump(1) + "\n";
+    // The trusted core takes nothing the host sends in the clear that this table does not bind.
+    table.config = bound_config(w);
+    table.sampling = o.sampling;
+    table.publics = public_digests(w, secret);
     const std::vector<uint8_t> tbl = pkg::encode_table(table);
     pkg::Header h;
     h.model_id = id;
@@ -332,7 +386,7 @@ PackResult write_package(const std::string& out_path, const PackOptions& o, cons
     r.file_bytes = body.size() + public_gguf.size() + secret_blob.size();
     r.public_bytes = public_gguf.size();
     r.secret_bytes = secret_blob.size();
-    r.n_secret = table.size();
+    r.n_secret = table.secrets.size();
     r.n_public = tensors.size() - secret.size();
     return r;
 }
@@ -376,12 +430,14 @@ std::shared_ptr<const Package> Package::open(const std::string& path, bool check
     } catch (const json::exception& e) {
         bad(std::string("manifest is not valid JSON (") + e.what() + ")");
     }
-    std::vector<pkg::SecretEntry> table;
+    pkg::Table table;
     try {
         table = pkg::decode_table(std::span<const uint8_t>(b.data() + pkg::kHeaderBytes + h.manifest_len, size_t(h.table_len)));
     } catch (const Error& e) {
         bad(e.what());
     }
+    p->sampling_ = table.sampling;
+    p->n_bound_ = table.publics.size();
     const std::span<const uint8_t> payload(b.data() + h.payload_offset, b.size() - size_t(h.payload_offset));
     try {
         if (m.at("format") != "secureinfer-package") bad("manifest: format is not secureinfer-package");
@@ -415,7 +471,7 @@ std::shared_ptr<const Package> Package::open(const std::string& path, bool check
         const auto secret_part = parts[kSecretPart];
         std::map<std::string, const json*> by_name;
         for (const auto& t : m.at("tensors")) by_name[t.at("name").get<std::string>()] = &t;
-        for (const pkg::SecretEntry& e : table) {
+        for (const pkg::SecretEntry& e : table.secrets) {
             SecretTensor st;
             st.name = pkg::secret_tensor_name(e.kind, e.layer, e.proj);
             st.entry = e;
@@ -498,6 +554,11 @@ std::string describe_package(const std::string& path) {
     const uint32_t rel = p->release();
     o << "release: top-" << (rel & pkg::kReleaseLogprobsMask) << " log-probabilities per token, "
       << ((rel & pkg::kReleaseNll) ? "log-likelihood evaluation allowed" : "no log-likelihood evaluation") << "\n";
+    const pkg::SamplingPolicy& sp = p->sampling();
+    o << "sampling: temperature <= " << sp.max_temperature << ", top-k "
+      << (sp.min_top_k > 0 ? "off or >= " + std::to_string(sp.min_top_k) : std::string("any")) << ", top-p >= "
+      << sp.min_top_p << ", log-probability noise >= " << sp.min_logprob_noise
+      << " (enforced in the enclave; draws use the enclave's own randomness)\n";
     o << "name: " << m.at("name").get<std::string>() << "\n";
     const auto& c = m.at("config");
     o << "config: dim " << c.at("dim") << ", hidden " << c.at("hidden_dim") << ", layers " << c.at("n_layers")
@@ -521,6 +582,8 @@ std::string describe_package(const std::string& path) {
               << t.at("sha256").get<std::string>().substr(0, 16) << "...";
         o << "\n";
     }
+    o << "bound: the model configuration and " << p->bound_public_tensors()
+      << " public tensor uploads (SHA-256 each, under the manifest's MAC; the enclave refuses any other)\n";
     o << "manifest authenticity: not checked here (HMAC under a key derived from the model key; the enclave checks "
          "it after key release)\n";
     return o.str();

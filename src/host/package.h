@@ -42,6 +42,8 @@ struct PackOptions {
     // model's outputs (docs/SECURITY-EVAL.md, A6), so neither is allowed by default.
     int release_logprobs = 0;
     bool release_nll = false;
+    // Bounds on the sampler settings a host or API client may ask for (enforced inside the trusted core).
+    pkg::SamplingPolicy sampling;
 };
 
 struct PackResult {
@@ -75,6 +77,9 @@ public:
     const std::string& path() const { return path_; }
     const pkg::ModelId& model_id() const { return header_.model_id; }
     uint32_t release() const { return header_.release; }  // pkg::kRelease* bits
+    const pkg::SamplingPolicy& sampling() const { return sampling_; }
+    // Public tensors whose upload bytes the secret table binds (the core refuses any other).
+    size_t bound_public_tensors() const { return n_bound_; }
     // Header | manifest | secret table | MAC: what the trusted core authenticates.
     std::span<const uint8_t> authenticated_prefix() const;
     const std::string& manifest_json() const { return manifest_; }
@@ -89,6 +94,8 @@ private:
     std::string path_;
     std::vector<uint8_t> bytes_;
     pkg::Header header_;
+    pkg::SamplingPolicy sampling_;
+    size_t n_bound_ = 0;
     std::string manifest_;
     ModelFile model_;
     std::vector<std::string> secret_names_;
