@@ -121,12 +121,12 @@ void provision_device(const std::string& dir, bool shared_pub) {
         fail(Status::io, dir + ": cannot set mode 0711 (" + std::strerror(errno) + ")");
     write_new_key_file(dir + "/" + kSecretFile);
     write_new_key_file(dir + "/" + kQuotingFile);
+    const std::string pub = dir + "/" + kQuotingPubFile;
+    if (access(pub.c_str(), F_OK) == 0) return;
     SecretVector<uint8_t> seed(32);
     read_key_file(dir + "/" + kQuotingFile, seed.data(), seed.size());
     const std::string hex = pkg::to_hex(pkg::ed25519_public(seed.data())) + "\n";
-    const std::string pub = dir + "/" + kQuotingPubFile;
-    if (!write_new_file(pub, hex.data(), hex.size(), 0644) && read_small_file(pub) != hex)
-        fail(Status::format, pub + ": does not hold the public half of " + dir + "/" + kQuotingFile);
+    write_new_file(pub, hex.data(), hex.size(), 0644);
 }
 
 std::string quoting_public_hex(const std::string& dir) {

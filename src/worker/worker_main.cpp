@@ -489,10 +489,11 @@ int main(int argc, char** argv) {
         try {
             si::tee::provision_device(args.provision_dir, true);
             std::printf("%s\n", si::tee::quoting_public_hex(args.provision_dir).c_str());
+            std::fflush(stdout);
         } catch (const si::Error& e) {
             fail_start(e.status(), e.what());
         }
-        return 0;
+        _exit(0);
     }
     const pid_t host = getppid();
     ring::Layout layout;
