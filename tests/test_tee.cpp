@@ -321,3 +321,26 @@ TEST(SoftwareTee, SealedKeyOpensOnlyInTheSetuidWorker) {
 }
 
 }  // namespace si
+
+namespace si {
+
+TEST(SoftwareTee, SetuidWorkerCreatesNoDeviceForItsStarter) {
+    // Provisioning as the device's user wherever the starter names would leave that user's files in the starter's
+    // hands (a directory of its choosing): the setuid worker refuses.
+    const Device& d = device();
+    const std::string target = d.host_home + "/device-of-mine";
+    const std::string r = as_host([&] {
+        std::string out;
+        if (FILE* p = popen((d.worker + " --provision-device=" + target + " 2>&1; echo rc=$?").c_str(), "r")) {
+            char buf[1024];
+            for (size_t n; (n = fread(buf, 1, sizeof buf, p)) > 0;) out.append(buf, n);
+            pclose(p);
+        }
+        return out;
+    });
+    EXPECT_EQ(r, "secureinfer-worker: --provision-device runs as the device's user only "
+                 "(scripts/provision-software-tee.sh)\nrc=1\n");
+    EXPECT_FALSE(std::filesystem::exists(target));
+}
+
+}  // namespace si

@@ -29,6 +29,7 @@
 
 #include "common/error.h"
 #include "common/secret_memory.h"
+#include "host/secure_session.h"
 #include "host/worker_host.h"
 #include "worker/secret_arena.h"
 
@@ -654,4 +655,18 @@ TEST(WorkerHost, SecretArenaSizeIsCapped) {
                   std::string::npos)
             << e.what();
     }
+}
+
+TEST(WorkerHost, SecretArenaIsSizedToTheModel) {
+    // stories260K's shape: a few hundred MiB (mostly the kept precomputed factors and a batch's activations), far
+    // below the 4 GiB reserved before; the factors count only when kept; a huge model is capped.
+    si::ModelConfig c;
+    c.dim = 64, c.hidden_dim = 172, c.n_layers = 5, c.n_heads = 8, c.n_kv_heads = 4, c.vocab_size = 512, c.seq_len = 512;
+    const size_t small = si::secret_working_set(c, 512, 512, int64_t(256) << 20, 0);
+    EXPECT_GE(small, size_t(256 + 64) << 20);
+    EXPECT_LT(small, size_t(1) << 30);
+    EXPECT_EQ(si::secret_working_set(c, 512, 512, 0, 0), small - (size_t(256) << 20));
+    EXPECT_EQ(si::secret_working_set(c, 512, 512, 0, 1 << 20), small - (size_t(255) << 20));
+    c.dim = 8192, c.hidden_dim = 28672, c.n_layers = 80, c.n_heads = 64, c.n_kv_heads = 8, c.vocab_size = 128256;
+    EXPECT_EQ(si::secret_working_set(c, 8192, 512, 0, 0), si::kMaxSecretArenaBytes);
 }

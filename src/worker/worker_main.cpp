@@ -484,7 +484,11 @@ int main(int argc, char** argv) {
 
     const Args args = parse_args(argc, argv);
     if (!args.provision_dir.empty()) {
-        // Run by the provisioning script as the software TEE's user; prints the public quoting key.
+        // Run by the provisioning script as the software TEE's user; prints the public quoting key. Not for a
+        // starter who is someone else: it would create files as that user wherever the starter names.
+        if (creds == si::tee::Credentials::system)
+            fail_start(si::Status::security, "--provision-device runs as the device's user only "
+                                             "(scripts/provision-software-tee.sh)");
         umask(022);
         try {
             si::tee::provision_device(args.provision_dir, true);
