@@ -36,9 +36,13 @@ done
 case "$home" in /*) ;; *) die "--home must be an absolute path" ;; esac
 case "$install_dir" in /*) ;; *) die "--install-dir must be an absolute path" ;; esac
 
-if ! getent passwd "$user" >/dev/null; then
-  useradd --system --user-group --home-dir "$home" --no-create-home --shell /usr/sbin/nologin "$user"
-fi
+# useradd fails rather than waits while another process holds the password file's lock: retry a few times.
+for attempt in 1 2 3 4 5 6 7 8 9 10; do
+  getent passwd "$user" >/dev/null && break
+  useradd --system --user-group --home-dir "$home" --no-create-home --shell /usr/sbin/nologin "$user" && break
+  sleep 1
+done
+getent passwd "$user" >/dev/null || die "cannot create the user $user"
 # An existing user keeps its home: the worker finds the device there (<home>/device).
 home=$(getent passwd "$user" | cut -d: -f6)
 group=$(id -gn "$user")

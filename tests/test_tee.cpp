@@ -43,6 +43,11 @@ int sh(const std::string& cmd) {
     return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
 }
 
+// useradd and userdel give up while another process (a parallel test) holds the password file's lock.
+void sh_retried(const std::string& cmd) {
+    for (int i = 0; i < 20 && sh(cmd) != 0; ++i) usleep(250000);
+}
+
 // The provisioned device and the host's user, set up once for the whole file.
 struct Device {
     std::string tee_user, host_user, dir, home, device, worker;
@@ -71,8 +76,8 @@ public:
         d->host_home = d->dir + "/host-home";
         g_device = d;
         if (geteuid() != 0) return;  // every test fails, saying why
-        sh("useradd --system --user-group --no-create-home --home-dir " + d->host_home + " --shell /usr/sbin/nologin " +
-           d->host_user);
+        sh_retried("useradd --system --user-group --no-create-home --home-dir " + d->host_home +
+                   " --shell /usr/sbin/nologin " + d->host_user);
         const std::string out = d->dir + "/provision.out";
         d->provision_rc = sh("bash " + kSource + "/scripts/provision-software-tee.sh --user " + d->tee_user + " --home " +
                              d->home + " --worker " + build_dir() + "/secureinfer-worker --install-dir " + d->dir +
@@ -86,8 +91,8 @@ public:
     void TearDown() override {
         if (!g_device) return;
         if (geteuid() == 0) {
-            sh("userdel " + g_device->tee_user + " 2>/dev/null");
-            sh("userdel " + g_device->host_user + " 2>/dev/null");
+            sh_retried("userdel " + g_device->tee_user + " 2>/dev/null");
+            sh_retried("userdel " + g_device->host_user + " 2>/dev/null");
         }
         std::filesystem::remove_all(g_device->dir);
         delete g_device;
