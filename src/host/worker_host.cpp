@@ -197,7 +197,7 @@ void WorkerHostImpl::start() {
     std::vector<std::string> args = worker_arguments(path_, opts_);
     args.insert(args.begin() + 1, "--ring-fd=" + std::to_string(ring::kWorkerFd));
     args.push_back("--spin-ns=" + std::to_string(std::chrono::nanoseconds(opts_.spin).count()));
-    if (opts_.attest) {
+    if (opts_.attest || !opts_.device_dir.empty()) {
         args.push_back("--attest");
         if (!worker_is_setuid(opts_)) {
             if (opts_.device_dir.empty())

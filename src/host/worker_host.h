@@ -42,9 +42,9 @@ struct WorkerOptions {
     // Without memfd_secret or mlock the worker refuses to start; with this it runs on ordinary memory, and its
     // measured configuration says memory=unlocked.
     bool insecure_memory = false;
-    // Set up the software TEE platform (attestation, sealing). A worker installed setuid to the software TEE's user
-    // (worker_credentials: system) uses that user's device files; any other worker those in device_dir, which must
-    // then be set.
+    // Set up the software TEE platform (attestation, sealing); a non-empty device_dir implies it. A worker installed
+    // setuid to the software TEE's user (worker_is_setuid) uses that user's device files and device_dir is not
+    // passed to it; any other worker uses those in device_dir, which must then be set.
     bool attest = false;
     std::string device_dir;
     // Threads of the trusted core's parallel loops, started before the worker's seccomp filter (0: all CPUs).
