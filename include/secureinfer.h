@@ -135,6 +135,9 @@ typedef struct si_context_params {
     int precompute_inside_mib;       /* si_context_precompute: factors the trusted core keeps in its own memory, up
                                         to this many MiB (at most 1024); the rest are sealed and kept by the host.
                                         Kept factors are faster to use but occupy enclave memory; default 256 */
+    int insecure_memory;             /* SI_HOST_WORKER: start even when neither memfd_secret nor mlock is available
+                                        (secrets in ordinary memory; the worker's measured configuration says
+                                        memory=unlocked); default 0: the worker refuses to start */
 } si_context_params;
 
 /* Defaults: all CPUs, the model's context, n_batch 512, SI_MODE_SECUREINFER, SI_HOST_AUTO, f32 weights (plain

@@ -6,7 +6,7 @@ PKGS=(build-essential cmake g++ pkg-config
       libgtest-dev libgmock-dev libbenchmark-dev
       libcli11-dev nlohmann-json3-dev libcpp-httplib-dev
       libssl-dev libseccomp-dev
-      curl
+      curl strace libcap2-bin
       clang libclang-rt-14-dev)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1,9 +1,11 @@
 // The enclave hosts' transport: the hardened worker process (with the echo core of tests/worker_echo_core.cpp, in
 // the test-echo-worker executable), the in-process host, and the worker's secret arena.
 #include <fcntl.h>
+#include <grp.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/ptrace.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -14,6 +16,8 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -25,6 +29,7 @@
 
 #include "common/error.h"
 #include "common/secret_memory.h"
+#include "host/secure_session.h"
 #include "host/worker_host.h"
 #include "worker/secret_arena.h"
 
@@ -186,7 +191,7 @@ TEST(InProcessHost, CallsTheCoreDirectly) {
 
 TEST(WorkerHost, ReportsItsIsolation) {
     auto o = echo_options();
-    o.secret_arena_bytes = si::WorkerOptions().secret_arena_bytes;  // the default reservation
+    o.secret_arena_bytes = si::WorkerOptions().secret_arena_bytes;  // the default reservation (256 MiB)
     auto host = si::make_worker_host(o);
     std::printf("isolation: %s\n", host->isolation().c_str());
     for (const auto& w : host->warnings()) std::printf("warning: %s\n", w.c_str());
@@ -463,4 +468,205 @@ TEST(WorkerHost, BadOptionsAreRejected) {
     } catch (const si::Error& e) {
         EXPECT_EQ(e.status(), si::Status::invalid_argument);
     }
+}
+
+// ---- what the host cannot do to a worker it starts ---------------------------------------------------------------
+
+namespace {
+
+// The NUL-separated environment a process was started with (readable by root even when it is non-dumpable).
+std::string start_environment(pid_t pid) {
+    std::ifstream f("/proc/" + std::to_string(pid) + "/environ", std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(f)), {});
+}
+
+// Runs `f` in a forked child (as the given uid/gid when uid != 0, with RLIMIT_MEMLOCK at memlock bytes) and
+// returns what it wrote to the pipe it is given.
+template <class F>
+std::string in_child(uid_t uid, gid_t gid, rlim_t memlock, F&& f) {
+    int fds[2];
+    if (pipe(fds) != 0) return "pipe failed";
+    const pid_t child = fork();
+    if (child == 0) {
+        close(fds[0]);
+        const rlimit rl{memlock, memlock};
+        std::string out;
+        if (setrlimit(RLIMIT_MEMLOCK, &rl) != 0) out = "setrlimit failed";
+        else if (uid != 0 && (setgroups(0, nullptr) != 0 || setresgid(gid, gid, gid) != 0 || setresuid(uid, uid, uid) != 0))
+            out = "cannot switch to uid " + std::to_string(uid);
+        else
+            out = f();
+        [[maybe_unused]] ssize_t n = write(fds[1], out.data(), out.size());
+        _exit(0);
+    }
+    close(fds[1]);
+    std::string got;
+    char buf[4096];
+    for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0;) got.append(buf, size_t(n));
+    close(fds[0]);
+    waitpid(child, nullptr, 0);
+    return got;
+}
+
+}  // namespace
+
+TEST(WorkerHost, StartsTheWorkerWithAnEmptyEnvironment) {
+    // The attack: a loader variable in the host's environment (LD_PRELOAD, LD_LIBRARY_PATH naming a directory with
+    // the host's own libcrypto) reaching the worker that holds the secrets.
+    setenv("LD_LIBRARY_PATH", "/nonexistent/si-host-libs", 1);
+    setenv("OPENSSL_MODULES", "/nonexistent/si-host-modules", 1);
+    setenv("SI_TEST_MARKER", "host-environment", 1);
+    auto host = si::make_worker_host(echo_options());
+    const std::string env = start_environment(host->pid());
+    unsetenv("LD_LIBRARY_PATH");
+    unsetenv("OPENSSL_MODULES");
+    unsetenv("SI_TEST_MARKER");
+    EXPECT_EQ(env, "") << "the worker was started with an environment";
+    EXPECT_EQ(text(call(*host, bytes("abc"))), "cba");
+}
+
+#if !defined(__SANITIZE_ADDRESS__)
+TEST(WorkerHost, NoSharedObjectRunsInTheWorker) {
+    // Statically linked: the measurement of its executable covers all the code it runs (the sanitizer builds are
+    // dynamic and measure every object mapped executable instead).
+    for (const std::string exe : {"/test-echo-worker", "/secureinfer-worker"}) {
+        auto o = echo_options();
+        o.worker_path = here() + exe;
+        auto host = si::make_worker_host(o);
+        std::ifstream maps("/proc/" + std::to_string(host->pid()) + "/maps");
+        std::string line;
+        int exec_files = 0;
+        while (std::getline(maps, line)) {
+            std::istringstream f(line);
+            std::string range, perms, off, dev, inode, path;
+            f >> range >> perms >> off >> dev >> inode >> path;
+            if (perms.size() > 2 && perms[2] == 'x' && inode != "0") {
+                EXPECT_EQ(path, o.worker_path) << "a shared object runs in the worker: " << line;
+                ++exec_files;
+            }
+        }
+        EXPECT_GE(exec_files, 1) << exe;
+    }
+}
+#endif
+
+TEST(WorkerHost, RefusesToRunUnderATracer) {
+    // The attack: a tracer attached before exec (strace -f on the host) stays attached past PR_SET_DUMPABLE(0)
+    // and the seccomp filter. Here the worker is started with PTRACE_TRACEME, as a tracer's child is.
+    int err[2];
+    ASSERT_EQ(pipe(err), 0);
+    const std::string worker = here() + "/test-echo-worker";
+    const pid_t child = fork();
+    if (child == 0) {
+        close(err[0]);
+        dup2(err[1], 2);
+        ptrace(PTRACE_TRACEME, 0, nullptr, nullptr);
+        execl(worker.c_str(), worker.c_str(), "--measure", "--secret-bytes=1048576", static_cast<char*>(nullptr));
+        _exit(127);
+    }
+    close(err[1]);
+    int status = 0;
+    // Stopped at the exec (SIGTRAP); let it run, passing on any other signal, until it exits.
+    while (waitpid(child, &status, 0) == child && WIFSTOPPED(status)) {
+        const int sig = WSTOPSIG(status) == SIGTRAP ? 0 : WSTOPSIG(status);
+        ptrace(PTRACE_CONT, child, nullptr, reinterpret_cast<void*>(intptr_t(sig)));
+    }
+    std::string msg;
+    char buf[1024];
+    for (ssize_t n; (n = read(err[0], buf, sizeof buf)) > 0;) msg.append(buf, size_t(n));
+    close(err[0]);
+    ASSERT_TRUE(WIFEXITED(status)) << "status " << status;
+    EXPECT_EQ(WEXITSTATUS(status), 1);
+    EXPECT_NE(msg.find("secureinfer-worker: refusing to run under a tracer (TracerPid " + std::to_string(getpid()) + ")"),
+              std::string::npos)
+        << msg;
+    // Untraced, the same start-up succeeds.
+    auto o = echo_options();
+    o.secret_arena_bytes = 1 << 20;
+    o.worker_path = worker;
+    EXPECT_EQ(si::worker_identity(o).config.find("secureinfer-worker abi="), 0u);
+}
+
+TEST(WorkerHost, HostReportsATracedWorker) {
+    // strace -f on a host: the host names the reason the worker would not start.
+    ASSERT_EQ(access("/usr/bin/strace", X_OK), 0) << "strace is missing (scripts/install-deps.sh installs it)";
+    const std::string dir = std::filesystem::temp_directory_path() / ("si-strace-" + std::to_string(getpid()));
+    const std::string err = dir + ".err";
+    const std::string cmd = "/usr/bin/strace -f -o /dev/null " + std::string(SI_CLI) + " run -m " +
+                            SI_SHARED_DIR "/models/stories260K.bin --tokenizer " SI_SHARED_DIR
+                            "/models/tok512.bin --host worker -n 2 -p x > /dev/null 2> " + err;
+    const int rc = std::system(cmd.c_str());
+    std::ifstream f(err);
+    const std::string msg((std::istreambuf_iterator<char>(f)), {});
+    std::remove(err.c_str());
+    EXPECT_TRUE(WIFEXITED(rc) && WEXITSTATUS(rc) == 1) << rc;
+    EXPECT_NE(msg.find("enclave worker failed to start: refusing to run under a tracer (TracerPid "), std::string::npos)
+        << msg;
+}
+
+TEST(WorkerHost, WithoutSecretMemoryTheWorkerRefusesUnlessAllowed) {
+    // The attack: a user's locked-memory limit below the arena (and no memfd_secret) used to leave the secrets in
+    // ordinary, swappable memory with a start-up that looked like any other.
+    auto o = echo_options();
+    o.force_secret_fallback = true;  // as on a kernel without memfd_secret
+    const std::string refused = in_child(65534, 65534, 64 << 10, [&] {
+        try {
+            si::make_worker_host(o);
+            return std::string("started");
+        } catch (const si::Error& e) {
+            return std::to_string(int(e.status())) + " " + e.what();
+        }
+    });
+    EXPECT_NE(refused.find(std::to_string(int(si::Status::security)) +
+                           " enclave worker failed to start: no secret memory for 67108864 bytes"),
+              std::string::npos)
+        << refused;
+    EXPECT_NE(refused.find("refusing to keep secrets in ordinary memory"), std::string::npos) << refused;
+
+    // Allowed explicitly: it runs, says so, and its measured configuration names the memory kind.
+    o.insecure_memory = true;
+    const std::string allowed = in_child(65534, 65534, 64 << 10, [&] {
+        try {
+            auto host = si::make_worker_host(o);
+            return host->secret_memory() + "|" + text(call(*host, bytes("abc"))) + "|" + si::worker_identity(o).config;
+        } catch (const si::Error& e) {
+            return std::string("error: ") + e.what();
+        }
+    });
+    EXPECT_EQ(allowed, "MADV_DONTDUMP only (not locked)|cba|secureinfer-worker abi=" +
+                           std::to_string(SI_ENCLAVE_ABI_VERSION) +
+                           " memory=unlocked credentials=development uid=65534 gid=65534");
+    // The same worker with secret memory measures differently, so an allow-list can tell them apart.
+    o.insecure_memory = false;
+    o.force_secret_fallback = false;
+    const auto secure = si::worker_identity(o);
+    EXPECT_EQ(secure.config.find("memory=unlocked"), std::string::npos) << secure.config;
+}
+
+TEST(WorkerHost, SecretArenaSizeIsCapped) {
+    auto o = echo_options();
+    o.secret_arena_bytes = si::kMaxSecretArenaBytes + 1;
+    try {
+        si::make_worker_host(o);
+        FAIL() << "started with an arena over the cap";
+    } catch (const si::Error& e) {
+        EXPECT_EQ(e.status(), si::Status::invalid_argument);
+        EXPECT_NE(std::string(e.what()).find("worker secret arena size must be between 1 and 68719476736 bytes"),
+                  std::string::npos)
+            << e.what();
+    }
+}
+
+TEST(WorkerHost, SecretArenaIsSizedToTheModel) {
+    // stories260K's shape: a few hundred MiB (mostly the kept precomputed factors and a batch's activations), far
+    // below the 4 GiB reserved before; the factors count only when kept; a huge model is capped.
+    si::ModelConfig c;
+    c.dim = 64, c.hidden_dim = 172, c.n_layers = 5, c.n_heads = 8, c.n_kv_heads = 4, c.vocab_size = 512, c.seq_len = 512;
+    const size_t small = si::secret_working_set(c, 512, 512, int64_t(256) << 20, 0);
+    EXPECT_GE(small, size_t(256 + 64) << 20);
+    EXPECT_LT(small, size_t(1) << 30);
+    EXPECT_EQ(si::secret_working_set(c, 512, 512, 0, 0), small - (size_t(256) << 20));
+    EXPECT_EQ(si::secret_working_set(c, 512, 512, 0, 1 << 20), small - (size_t(255) << 20));
+    c.dim = 8192, c.hidden_dim = 28672, c.n_layers = 80, c.n_heads = 64, c.n_kv_heads = 8, c.vocab_size = 128256;
+    EXPECT_EQ(si::secret_working_set(c, 8192, 512, 0, 0), si::kMaxSecretArenaBytes);
 }

@@ -195,6 +195,7 @@ si_context_params si_context_default_params(void) {
     p.worker_spin_us = 0;
     p.pin_cpu = -1;
     p.precompute_inside_mib = 256;
+    p.insecure_memory = 0;
     return p;
 }
 
@@ -241,6 +242,7 @@ int si_context_init(si_model* model, const si_context_params* params, si_context
             sp.n_batch = p.n_batch;
             sp.n_threads = p.n_threads;
             sp.insecure = p.insecure != 0;
+            sp.insecure_memory = p.insecure_memory != 0;
             sp.host = p.enclave_host == SI_HOST_INPROCESS ? si::EnclaveHostKind::inprocess
                       : p.enclave_host == SI_HOST_WORKER  ? si::EnclaveHostKind::worker
                                                           : si::EnclaveHostKind::automatic;

@@ -23,7 +23,7 @@ struct ModelOptions {
     std::string mode = "secureinfer", host = "auto", secret, trace, backend = "cpu";
     int spin_us = 0;
     std::string pin_cpu = "auto";
-    bool insecure = false, stats = false;
+    bool insecure = false, insecure_memory = false, stats = false;
     CLI::Option* weights_opt = nullptr;
     // protected packages (docs/PACKAGES.md)
     std::string package, keyserver, key_file, sealed_key;
@@ -74,6 +74,9 @@ struct ModelOptions {
                                               "the CPU it starts on), off, or a CPU number")
             ->check(pin_cpu_validator());
         sub->add_flag("--insecure", insecure, "gpu-only: run a model with secret tensors anyway (benchmarking only)");
+        sub->add_flag("--insecure-memory", insecure_memory,
+                      "worker host: start even when neither memfd_secret nor mlock is available (secrets in "
+                      "ordinary, swappable memory; the measured configuration says memory=unlocked)");
         sub->add_option("--secret", secret, "comma-separated tensor names to treat as secret, e.g. "
                                             "blk.0.attn_q.weight ('*': every tensor), in addition to those the "
                                             "model file declares (GGUF key secureinfer.secret_tensors)");
@@ -117,6 +120,7 @@ struct ModelOptions {
                                           : SI_MODE_SECUREINFER;
         p.enclave_host = host == "worker" ? SI_HOST_WORKER : host == "inprocess" ? SI_HOST_INPROCESS : SI_HOST_AUTO;
         p.insecure = insecure ? 1 : 0;
+        p.insecure_memory = insecure_memory ? 1 : 0;
         p.secret_tensors = secret.empty() ? nullptr : secret.c_str();
         p.trace_dir = trace.empty() ? nullptr : trace.c_str();
         p.keyserver_url = keyserver.empty() ? nullptr : keyserver.c_str();

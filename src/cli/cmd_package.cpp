@@ -92,15 +92,24 @@ Runner add_measure(CLI::App& app) {
     auto worker = std::make_shared<std::string>();
     auto no_memfd = std::make_shared<bool>(false);
     auto inprocess = std::make_shared<bool>(false);
+    auto insecure_memory = std::make_shared<bool>(false);
     sub->add_option("--worker", *worker, "worker executable (default: secureinfer-worker next to this program)");
     sub->add_flag("--no-memfd-secret", *no_memfd, "the worker configuration without memfd_secret");
+    sub->add_flag("--insecure-memory", *insecure_memory,
+                  "the worker configuration that runs without secret memory (memory=unlocked) where it has none");
     sub->add_flag("--inprocess", *inprocess, "the in-process core of this executable (tests only; no isolation)");
     return [=]() -> int {
         WorkerOptions wo;
         wo.worker_path = *worker;
         wo.force_secret_fallback = *no_memfd;
-        const auto m = *inprocess ? inprocess_measurement() : worker_measurement(wo);
-        std::printf("%s\n", pkg::to_hex(m).c_str());
+        wo.insecure_memory = *insecure_memory;
+        if (*inprocess) {
+            std::printf("%s\n", pkg::to_hex(inprocess_measurement()).c_str());
+            return 0;
+        }
+        const WorkerIdentity id = worker_identity(wo);
+        std::printf("%s\n", pkg::to_hex(id.measurement).c_str());
+        std::fprintf(stderr, "configuration: %s\n", id.config.c_str());
         return 0;
     };
 }

@@ -25,7 +25,7 @@ struct ServeOptions {
     float lora_scale = 1.0f;
     int threads = 0, ctx = 0, batch = 512, spin_us = 0;
     std::string mode = "secureinfer", enclave_host = "auto", secret;
-    bool insecure = false;
+    bool insecure = false, insecure_memory = false;
     int logprobs = 0;
     float logprobs_noise = 0.0f;
     si::server::Options http;
@@ -65,6 +65,9 @@ Runner add_serve(CLI::App& app) {
                                              "sleeping (see 'run')")
         ->check(CLI::Range(0, 1000000));
     sub->add_flag("--insecure", o->insecure, "gpu-only: serve a model with secret tensors anyway (benchmarking only)");
+    sub->add_flag("--insecure-memory", o->insecure_memory,
+                  "worker host: start even when neither memfd_secret nor mlock is available (secrets in ordinary, "
+                  "swappable memory; the measured configuration says memory=unlocked)");
     sub->add_option("--secret", o->secret, "comma-separated tensor names to treat as secret ('*': every tensor)");
     sub->add_option("--logprobs", o->logprobs, "let the enclave release the top-K log-probabilities of every sampled "
                                                "token, so requests may ask for up to K (default 0: refused)")
@@ -127,6 +130,7 @@ Runner add_serve(CLI::App& app) {
                           : o->enclave_host == "inprocess" ? SI_HOST_INPROCESS
                                                            : SI_HOST_AUTO;
         cp.insecure = o->insecure ? 1 : 0;
+        cp.insecure_memory = o->insecure_memory ? 1 : 0;
         cp.secret_tensors = o->secret.empty() ? nullptr : o->secret.c_str();
         cp.logprob_noise = o->logprobs_noise;
         cp.accelerator = o->backend.c_str();

@@ -458,6 +458,18 @@ std::span<const uint8_t> SecureSession::take_unit(int layer, int stage, uint64_t
     return unit;
 }
 
+size_t secret_working_set(const ModelConfig& c, int n_ctx, int n_batch, int64_t precompute_inside_bytes,
+                          size_t adapter_bytes) {
+    const double dim = c.dim, hidden = c.hidden_dim, kv = c.kv_dim(), layers = c.n_layers;
+    const double weights = 2.0 * c.vocab_size * dim + dim +
+                           layers * (2.0 * dim + 2.0 * dim * dim + 2.0 * dim * kv + 3.0 * dim * hidden);
+    const double kv_cache = 2.0 * layers * std::max(n_ctx, 1) * kv * 4.0;
+    const double activations = 16.0 * std::max(n_batch, 1) * (dim + hidden + c.n_heads * double(std::max(n_ctx, 1))) * 4.0;
+    const double total = 5.0 * weights + kv_cache + activations + double(std::max<int64_t>(precompute_inside_bytes, 0)) +
+                         double(adapter_bytes) + double(64 << 20);
+    return size_t(std::clamp(total, double(64 << 20), double(kMaxSecretArenaBytes)));
+}
+
 void SecureSession::load_enclave(const ModelWeights& w) {
     Timer timer(load_);
     if (params_.enclave_host) {
@@ -476,17 +488,27 @@ void SecureSession::load_enclave(const ModelWeights& w) {
                 warnings_.push_back("the enclave worker executable (secureinfer-worker) was not found: the trusted "
                                     "core runs INSIDE this process with NO isolation");
         }
-        // A package needs the software TEE's platform (attestation, sealing): its device files come first.
+        // A package needs the software TEE's platform (attestation, sealing). A worker installed setuid to the
+        // software TEE's user brings that user's device; otherwise the device files of this process's user
+        // (development credentials) come first.
+        WorkerOptions o;
+        o.worker_path = params_.worker_path;
+        const bool system_worker = kind == EnclaveHostKind::worker && worker_is_setuid(o);
         std::string device_dir;
-        if (params_.package) {
+        if (params_.package && !system_worker) {
             device_dir = params_.key.device_dir.empty() ? tee::default_device_dir() : params_.key.device_dir;
             tee::provision_device(device_dir);
         }
         const int enclave_threads = params_.n_threads;
         if (kind == EnclaveHostKind::worker) {
-            WorkerOptions o;
-            o.worker_path = params_.worker_path;
+            o.attest = params_.package != nullptr;
             o.device_dir = device_dir;
+            o.insecure_memory = params_.insecure_memory;
+            size_t adapter_bytes = 0;
+            if (params_.lora)
+                for (const auto& t : params_.lora->tensors) adapter_bytes += (t.a.size() + t.b.size()) * sizeof(float);
+            o.secret_arena_bytes = secret_working_set(cfg_, n_ctx_, n_batch_, params_.precompute_inside_bytes,
+                                                      adapter_bytes);
             o.enclave_threads = enclave_threads;
             o.spin = std::chrono::microseconds(params_.worker_spin_us);
             if (params_.pin_cpu >= CPU_SETSIZE)

@@ -58,6 +58,9 @@ struct SecureSessionParams {
     // automatic: the worker process when its executable exists, else in-process with a warning.
     EnclaveHostKind host = EnclaveHostKind::automatic;
     std::string worker_path;  // empty: the default (next to the executable, or $SI_WORKER)
+    // Worker host: start even without memfd_secret or mlock (secrets in ordinary, swappable memory); the worker's
+    // measured configuration then says memory=unlocked, which a keyserver's allow-list can refuse.
+    bool insecure_memory = false;
     std::string trace_dir;    // non-empty: write the boundary trace there
     std::string accelerator_backend = "cpu";  // make_accelerator() name: "cpu" or "cuda"
     // Worker host: busy-wait this long on each doorbell before sleeping (a core for lower latency per crossing).
@@ -108,6 +111,13 @@ struct TokenLogprob {
     int32_t token = 0;
     float logprob = 0.0f;
 };
+
+// An upper bound of the bytes the trusted core keeps in secret memory for this model: every weight at up to 5 bytes
+// (f32 copies, int8 rows and their keys), the KV cache, a batch's activations, the adapters, the kept
+// precomputed factors and 64 MiB for the rest (OpenSSL, the sampler); at least 64 MiB, at most
+// kMaxSecretArenaBytes. The worker's secret arena is reserved at this size.
+size_t secret_working_set(const ModelConfig& cfg, int n_ctx, int n_batch, int64_t precompute_inside_bytes,
+                          size_t adapter_bytes);
 
 class SecureSession {
 public:

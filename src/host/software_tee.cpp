@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "common/error.h"
 
@@ -14,7 +15,7 @@ namespace si::tee {
 
 namespace {
 
-constexpr const char* kSecretFile = "device-secret";
+constexpr const char* kSecretFile = "device-secret";  // 32 bytes, 0600
 constexpr const char* kQuotingFile = "quoting-key";
 
 // Reads exactly n bytes of a small key file into out. Plain POSIX calls: the worker runs this before its sandbox.
@@ -33,19 +34,60 @@ void read_key_file(const std::string& path, uint8_t* out, size_t n) {
     if (got != n || longer) fail(Status::format, path + ": a device key file must hold exactly " + std::to_string(n) + " bytes");
 }
 
+// Creates path with these bytes unless it exists. Returns false when it existed.
+bool write_new_file(const std::string& path, const void* data, size_t n, mode_t mode) {
+    const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
+    if (fd < 0) {
+        if (errno == EEXIST) return false;  // another process provisioned it first
+        fail(Status::io, path + ": cannot create (" + std::strerror(errno) + ")");
+    }
+    const bool ok = write(fd, data, n) == ssize_t(n) && fchmod(fd, mode) == 0 && fsync(fd) == 0;
+    close(fd);
+    if (!ok) fail(Status::io, path + ": cannot write");
+    return true;
+}
+
 void write_new_key_file(const std::string& path) {
     uint8_t key[32];
     pkg::random_bytes(key);
-    const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (fd < 0) {
-        pkg::random_bytes(key);  // overwrite before leaving
-        if (errno == EEXIST) return;  // another process provisioned it first
-        fail(Status::io, path + ": cannot create (" + std::strerror(errno) + ")");
+    try {
+        write_new_file(path, key, sizeof key, 0600);
+    } catch (...) {
+        secure_zero(key, sizeof key);
+        throw;
     }
-    const bool ok = write(fd, key, sizeof key) == ssize_t(sizeof key) && fsync(fd) == 0;
-    close(fd);
     secure_zero(key, sizeof key);
-    if (!ok) fail(Status::io, path + ": cannot write");
+}
+
+std::string read_small_file(const std::string& path) {
+    const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return "";
+    char buf[4096];
+    std::string s;
+    for (ssize_t r; (r = read(fd, buf, sizeof buf)) > 0 && s.size() < (1u << 20);) s.append(buf, size_t(r));
+    close(fd);
+    return s;
+}
+
+// The home field of the first /etc/passwd entry whose name (by_name) or uid matches.
+std::string passwd_lookup(const std::string& key, bool by_name) {
+    const std::string all = read_small_file("/etc/passwd");
+    size_t at = 0;
+    while (at < all.size()) {
+        const size_t end = std::min(all.find('\n', at), all.size());
+        const std::string line = all.substr(at, end - at);
+        at = end + 1;
+        std::vector<std::string> f;
+        for (size_t b = 0;;) {
+            const size_t c = line.find(':', b);
+            f.push_back(line.substr(b, c == std::string::npos ? std::string::npos : c - b));
+            if (c == std::string::npos) break;
+            b = c + 1;
+        }
+        if (f.size() < 7) continue;
+        if ((by_name ? f[0] : f[2]) == key) return f[5];
+    }
+    return "";
 }
 
 }  // namespace
@@ -57,7 +99,17 @@ std::string default_device_dir() {
     return std::string(home && *home ? home : "/tmp") + "/.local/share/secureinfer/device";
 }
 
-void provision_device(const std::string& dir) {
+const char* credentials_name(Credentials c) { return c == Credentials::system ? "system" : "development"; }
+
+std::string passwd_home(uint32_t uid) { return passwd_lookup(std::to_string(uid), false); }
+std::string passwd_home(const std::string& user) { return passwd_lookup(user, true); }
+
+std::string system_device_dir(const std::string& user) {
+    const std::string home = passwd_home(user);
+    return home.empty() ? "" : home + "/device";
+}
+
+void provision_device(const std::string& dir, bool shared_pub) {
     // mkdir -p with 0700 for the last component
     for (size_t i = 1; i <= dir.size(); ++i)
         if (i == dir.size() || dir[i] == '/') {
@@ -65,8 +117,26 @@ void provision_device(const std::string& dir) {
             if (mkdir(part.c_str(), 0700) != 0 && errno != EEXIST)
                 fail(Status::io, part + ": cannot create directory (" + std::strerror(errno) + ")");
         }
+    if (shared_pub && chmod(dir.c_str(), 0711) != 0)
+        fail(Status::io, dir + ": cannot set mode 0711 (" + std::strerror(errno) + ")");
     write_new_key_file(dir + "/" + kSecretFile);
     write_new_key_file(dir + "/" + kQuotingFile);
+    const std::string pub = dir + "/" + kQuotingPubFile;
+    if (access(pub.c_str(), F_OK) == 0) return;
+    SecretVector<uint8_t> seed(32);
+    read_key_file(dir + "/" + kQuotingFile, seed.data(), seed.size());
+    const std::string hex = pkg::to_hex(pkg::ed25519_public(seed.data())) + "\n";
+    write_new_file(pub, hex.data(), hex.size(), 0644);
+}
+
+std::string quoting_public_hex(const std::string& dir) {
+    std::string hex = read_small_file(dir + "/" + kQuotingPubFile);
+    while (!hex.empty() && (hex.back() == '\n' || hex.back() == ' ')) hex.pop_back();
+    pkg::PubKey k{};
+    if (pkg::from_hex(hex, k)) return hex;
+    SecretVector<uint8_t> seed(32);
+    read_key_file(dir + "/" + kQuotingFile, seed.data(), seed.size());
+    return pkg::to_hex(pkg::ed25519_public(seed.data()));
 }
 
 pkg::Hash file_sha256(const std::string& path) {
@@ -88,9 +158,9 @@ pkg::Hash file_sha256(const std::string& path) {
     return pkg::sha256(data);
 }
 
-std::string worker_config(bool memfd_secret, uint32_t uid, uint32_t gid) {
-    return "secureinfer-worker abi=" + std::to_string(SI_ENCLAVE_ABI_VERSION) +
-           " memfd_secret=" + (memfd_secret ? "1" : "0") + " uid=" + std::to_string(uid) +
+std::string worker_config(const std::string& memory, Credentials credentials, uint32_t uid, uint32_t gid) {
+    return "secureinfer-worker abi=" + std::to_string(SI_ENCLAVE_ABI_VERSION) + " memory=" + memory +
+           " credentials=" + credentials_name(credentials) + " uid=" + std::to_string(uid) +
            " gid=" + std::to_string(gid);
 }
 

@@ -4,9 +4,13 @@
 //   sealing key  HKDF of a device-local secret and the measurement (EGETKEY with the MRENCLAVE policy);
 //   quoting      a separate component holding a device Ed25519 key that signs the core's reports, quote type
 //                "software-tee".
-// The device secret and the quoting key are files readable by the device's owner: a software-tee quote proves
-// nothing against someone with root (or the owner's uid) on the device, which is why verifiers refuse the type
-// unless told otherwise. Only OpenSSL and the C++ library are used: the worker links this file too.
+// Credentials (docs/SECURITY.md, "software-tee"):
+//   system       the device files belong to a separate system user (kTeeUser) and the worker is installed setuid
+//                and setgid to it (scripts/provision-software-tee.sh): the host's user can neither read the files
+//                nor trace the worker. Nothing protects them from root.
+//   development  the device files belong to the user running the host (as before): that user can unseal and
+//                forge quotes. The measured configuration says which is in use.
+// Only OpenSSL and the C++ library are used: the worker links this file too.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -18,15 +22,34 @@
 namespace si::tee {
 
 inline constexpr const char* kSoftwareTee = "software-tee";
+// The system user that owns the device files of a provisioned device.
+inline constexpr const char* kTeeUser = "secureinfer-tee";
+// The device's public quoting key, hex, world-readable (`secureinfer device-key`).
+inline constexpr const char* kQuotingPubFile = "quoting.pub";
 
+enum class Credentials { system, development };
+const char* credentials_name(Credentials c);  // "system", "development"
+
+// The development device directory (files of the host's own user):
 // $SI_DEVICE_DIR, else $XDG_DATA_HOME/secureinfer/device, else $HOME/.local/share/secureinfer/device.
 std::string default_device_dir();
-// Creates the directory (0700), the device secret and the quoting key (0600, from the OS CSPRNG) where missing.
-void provision_device(const std::string& dir);
+// A user's home directory from /etc/passwd (read directly: the worker is linked statically, without NSS).
+// Empty when there is no such user.
+std::string passwd_home(uint32_t uid);
+std::string passwd_home(const std::string& user);
+// A provisioned device's directory: the home of the user owning its files, plus "/device". Empty when the user
+// does not exist.
+std::string system_device_dir(const std::string& user = kTeeUser);
+// Creates the directory (0700; `shared_pub`: 0711 so that others can read quoting.pub but list nothing), the
+// device secret and the quoting key (0600, from the OS CSPRNG) where missing, and quoting.pub (0644).
+void provision_device(const std::string& dir, bool shared_pub = false);
+// The hex public quoting key of the device files in dir (from quoting.pub, else derived from the quoting key).
+std::string quoting_public_hex(const std::string& dir);
 
 pkg::Hash file_sha256(const std::string& path);
-// The security configuration that enters the worker's measurement.
-std::string worker_config(bool memfd_secret, uint32_t uid, uint32_t gid);
+// The security configuration that enters the worker's measurement: the memory kind actually obtained
+// ("memfd_secret", "mlock", "unlocked"), whose device files it uses, and the uid/gid it serves under.
+std::string worker_config(const std::string& memory, Credentials credentials, uint32_t uid, uint32_t gid);
 inline const char* inprocess_config() { return "secureinfer in-process core (no isolation)"; }
 pkg::Hash measurement(const pkg::Hash& binary_sha256, const std::string& config);
 

@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -62,18 +63,22 @@ std::string describe_exit(int status) {
     return "stopped (wait status " + std::to_string(status) + ")";
 }
 
+// What both a serving worker and a --measure run are told: everything that enters the measurement.
+std::vector<std::string> worker_arguments(const std::string& path, const WorkerOptions& o) {
+    std::vector<std::string> args = {
+        path,
+        "--secret-bytes=" + std::to_string(o.secret_arena_bytes),
+        "--uid=" + std::to_string(o.run_as_uid),
+        "--gid=" + std::to_string(o.run_as_gid),
+    };
+    if (o.force_secret_fallback) args.push_back("--no-memfd-secret");
+    if (o.insecure_memory) args.push_back("--insecure-memory");
+    return args;
+}
+
 std::string dirname_of(const std::string& path) {
     const auto slash = path.rfind('/');
     return slash == std::string::npos ? "." : path.substr(0, slash);
-}
-
-// The worker's environment: only what the dynamic loader and the sanitizers read. Host settings such as OpenSSL's
-// configuration and modules, malloc tunables or LD_PRELOAD are not passed on to the process holding the secrets.
-std::vector<std::string> worker_environment() {
-    std::vector<std::string> env;
-    for (const char* name : {"LD_LIBRARY_PATH", "ASAN_OPTIONS", "UBSAN_OPTIONS", "LSAN_OPTIONS"})
-        if (const char* v = std::getenv(name)) env.push_back(std::string(name) + "=" + v);
-    return env;
 }
 
 class WorkerHostImpl final : public WorkerHost {
@@ -161,8 +166,10 @@ void WorkerHostImpl::start() {
         fail(Status::invalid_argument, "worker ring size must be between 1 and " +
                                            std::to_string(SI_ENCLAVE_MAX_MESSAGE) + " bytes, not " +
                                            std::to_string(opts_.ring_bytes));
-    if (opts_.secret_arena_bytes == 0)
-        fail(Status::invalid_argument, "worker secret arena size must be positive");
+    if (opts_.secret_arena_bytes == 0 || opts_.secret_arena_bytes > kMaxSecretArenaBytes)
+        fail(Status::invalid_argument, "worker secret arena size must be between 1 and " +
+                                           std::to_string(kMaxSecretArenaBytes) + " bytes, not " +
+                                           std::to_string(opts_.secret_arena_bytes));
 
     // The ring: a memfd sealed against resizing before the worker ever sees it, so neither side can truncate it
     // under the other's mapping (which would crash the other with SIGBUS).
@@ -187,24 +194,26 @@ void WorkerHostImpl::start() {
         close(memfd_);
         memfd_ = child_fd;
     }
-    std::vector<std::string> args = {
-        path_,
-        "--ring-fd=" + std::to_string(ring::kWorkerFd),
-        "--secret-bytes=" + std::to_string(opts_.secret_arena_bytes),
-        "--spin-ns=" + std::to_string(std::chrono::nanoseconds(opts_.spin).count()),
-        "--uid=" + std::to_string(opts_.run_as_uid),
-        "--gid=" + std::to_string(opts_.run_as_gid),
-    };
-    if (opts_.force_secret_fallback) args.push_back("--no-memfd-secret");
-    if (!opts_.device_dir.empty()) args.push_back("--device-dir=" + opts_.device_dir);
+    std::vector<std::string> args = worker_arguments(path_, opts_);
+    args.insert(args.begin() + 1, "--ring-fd=" + std::to_string(ring::kWorkerFd));
+    args.push_back("--spin-ns=" + std::to_string(std::chrono::nanoseconds(opts_.spin).count()));
+    if (opts_.attest || !opts_.device_dir.empty()) {
+        args.push_back("--attest");
+        if (!worker_is_setuid(opts_)) {
+            if (opts_.device_dir.empty())
+                fail(Status::invalid_argument, "a development worker (not installed setuid) attests with the device "
+                                               "files of a device directory: none given");
+            args.push_back("--device-dir=" + opts_.device_dir);
+        }
+    }
     if (opts_.enclave_threads != 1) args.push_back("--threads=" + std::to_string(std::max(0, opts_.enclave_threads)));
     if (opts_.serve_cpu >= 0) args.push_back("--cpu=" + std::to_string(opts_.serve_cpu));
-    std::vector<char*> argv, envp;
+    std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
-    std::vector<std::string> env = worker_environment();
-    for (auto& e : env) envp.push_back(e.data());
-    envp.push_back(nullptr);
+    // An empty environment: nothing of the host's (LD_PRELOAD, LD_LIBRARY_PATH, OpenSSL's configuration and
+    // modules, malloc tunables) reaches the process holding the secrets.
+    char* envp[] = {nullptr};
 
     posix_spawn_file_actions_t fa;
     posix_spawnattr_t attr;
@@ -222,7 +231,7 @@ void WorkerHostImpl::start() {
     posix_spawnattr_setpgroup(&attr, 0);
     posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP);
     pid_t pid = -1;
-    const int rc = posix_spawn(&pid, path_.c_str(), &fa, &attr, argv.data(), envp.data());
+    const int rc = posix_spawn(&pid, path_.c_str(), &fa, &attr, argv.data(), envp);
     posix_spawn_file_actions_destroy(&fa);
     posix_spawnattr_destroy(&attr);
     if (rc != 0) fail(Status::io, "cannot start the enclave worker " + path_ + ": " + errno_text(rc));
@@ -261,7 +270,8 @@ void WorkerHostImpl::start() {
     if (kind_ == ring::secret_unlocked)
         warnings_.push_back("memfd_secret unavailable and mlock refused" + why +
                             ": the enclave worker's secret memory is neither hidden from privileged processes nor "
-                            "locked (it may be written to swap); raise RLIMIT_MEMLOCK (ulimit -l)");
+                            "locked (it may be written to swap); it runs only because insecure memory was allowed, and its "
+                            "measured configuration says memory=unlocked; raise RLIMIT_MEMLOCK (ulimit -l)");
 }
 
 bool WorkerHostImpl::alive() {
@@ -381,9 +391,73 @@ std::string default_worker_path() {
     return dirname_of(std::string(buf, size_t(n))) + "/secureinfer-worker";
 }
 
-std::array<uint8_t, 32> worker_measurement(const WorkerOptions& o) {
+bool worker_is_setuid(const WorkerOptions& o) {
     const std::string path = o.worker_path.empty() ? default_worker_path() : o.worker_path;
-    return tee::measurement(tee::file_sha256(path), tee::worker_config(!o.force_secret_fallback, o.run_as_uid, o.run_as_gid));
+    struct stat st {};
+    return stat(path.c_str(), &st) == 0 && (st.st_mode & S_ISUID) && st.st_uid != geteuid();
+}
+
+WorkerIdentity worker_identity(const WorkerOptions& o) {
+    const std::string path = o.worker_path.empty() ? default_worker_path() : o.worker_path;
+    if (access(path.c_str(), X_OK) != 0)
+        fail(Status::io, "enclave worker executable " + path + " cannot be run: " + errno_text(errno));
+    std::vector<std::string> args = worker_arguments(path, o);
+    args.push_back("--measure");
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    char* envp[] = {nullptr};
+    int out[2], err[2];
+    if (pipe2(out, O_CLOEXEC) != 0) fail(Status::io, "pipe: " + errno_text(errno));
+    if (pipe2(err, O_CLOEXEC) != 0) {
+        close(out[0]);
+        close(out[1]);
+        fail(Status::io, "pipe: " + errno_text(errno));
+    }
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, out[1], 1);
+    posix_spawn_file_actions_adddup2(&fa, err[1], 2);
+    pid_t pid = -1;
+    const int rc = posix_spawn(&pid, path.c_str(), &fa, nullptr, argv.data(), envp);
+    posix_spawn_file_actions_destroy(&fa);
+    close(out[1]);
+    close(err[1]);
+    // Both pipes drained together: the worker writes a line to one of them.
+    std::string text[2];
+    pollfd fds[2] = {{out[0], POLLIN, 0}, {err[0], POLLIN, 0}};
+    int open_fds = rc == 0 ? 2 : 0;
+    while (open_fds > 0) {
+        if (poll(fds, 2, 30000) <= 0) break;
+        for (int i = 0; i < 2; ++i) {
+            if (fds[i].fd < 0 || !(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+            char buf[4096];
+            const ssize_t n = read(fds[i].fd, buf, sizeof buf);
+            if (n > 0 && text[i].size() < 65536) text[i].append(buf, size_t(n));
+            if (n <= 0) {
+                fds[i].fd = -1;
+                --open_fds;
+            }
+        }
+    }
+    close(out[0]);
+    close(err[0]);
+    if (rc != 0) fail(Status::io, "cannot start the enclave worker " + path + ": " + errno_text(rc));
+    if (open_fds > 0) kill(pid, SIGKILL);
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    WorkerIdentity id;
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 || text[0].size() < 66 || text[0][64] != ' ' ||
+        !pkg::from_hex(std::string_view(text[0]).substr(0, 64), id.measurement)) {
+        std::string why = clean_text(text[1].data(), std::min<size_t>(text[1].size(), kMaxErrorMessage));
+        while (!why.empty() && why.back() == '?') why.pop_back();  // the trailing newline
+        fail(Status::security, "enclave worker " + path + " could not measure itself (" + describe_exit(status) +
+                                   (why.empty() ? "" : ": " + why) + ")");
+    }
+    id.config = clean_text(text[0].data() + 65, std::min<size_t>(text[0].size() - 65, 1024));
+    while (!id.config.empty() && id.config.back() == '?') id.config.pop_back();  // the newline
+    return id;
 }
 
 std::unique_ptr<WorkerHost> make_worker_host(const WorkerOptions& options) {

@@ -48,6 +48,15 @@ const char* secret_memory_kind_name(SecretMemoryKind kind) {
     return "unknown";
 }
 
+const char* secret_memory_kind_config(SecretMemoryKind kind) {
+    switch (kind) {
+        case SecretMemoryKind::memfd_secret: return "memfd_secret";
+        case SecretMemoryKind::mlock: return "mlock";
+        case SecretMemoryKind::unlocked: return "unlocked";
+    }
+    return "unknown";
+}
+
 std::unique_ptr<SecretArena> SecretArena::create(size_t bytes, bool try_memfd_secret) {
     const size_t page = size_t(sysconf(_SC_PAGESIZE));
     if (bytes == 0) fail(Status::invalid_argument, "secret arena size must be positive");

@@ -19,6 +19,8 @@ enum class SecretMemoryKind : uint32_t {
 };
 
 const char* secret_memory_kind_name(SecretMemoryKind kind);
+// The kind as the measured configuration names it: "memfd_secret", "mlock" or "unlocked".
+const char* secret_memory_kind_config(SecretMemoryKind kind);
 
 class SecretArena {
 public:

@@ -1,10 +1,15 @@
 // secureinfer-worker: the hardened process that hosts the trusted core when there is no SGX (DESIGN.md section 3).
 //
-// Started by the host library (host/worker_host.cpp) with the shared-memory ring at descriptor 3. Start-up, in
-// this order: make the process non-dumpable and disable core dumps; map and check the ring; reserve the secret
-// arena (memfd_secret, else mlock + MADV_DONTDUMP) and route the trusted core's secret allocations to it; when
-// root, switch to an unprivileged uid/gid; create the trusted core; install the seccomp allow-list. Then serve
-// requests until the host says exit or goes away.
+// Started by the host library (host/worker_host.cpp) with the shared-memory ring at descriptor 3 and an empty
+// environment. Start-up, in this order: make the process non-dumpable and disable core dumps; map and check the
+// ring; refuse to run under a tracer; reserve the secret arena (memfd_secret, else mlock + MADV_DONTDUMP; refuse
+// when neither can be had, unless --insecure-memory) and route the trusted core's secret allocations to it; measure
+// the code that runs here and the configuration; read the software TEE's device files; when root, switch to an
+// unprivileged uid/gid; create the trusted core; install the seccomp allow-list. Then serve requests until the host
+// says exit or goes away.
+//
+// Installed setuid/setgid to the software TEE's own user (scripts/provision-software-tee.sh), the worker reads that
+// user's device files, which the host's user cannot (docs/SECURITY.md, "software-tee").
 //
 // The host is the adversary here: everything read from the ring is read once and bounds-checked before use, and
 // requests are copied into private memory before the trusted core sees them (as SGX's [in] buffers are).
@@ -12,6 +17,7 @@
 #include <signal.h>
 #include <grp.h>
 #include <sched.h>
+#include <linux/capability.h>
 #include <seccomp.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -32,6 +38,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "boundary/enclave_abi.h"
 #include "common/error.h"
@@ -50,14 +57,21 @@ namespace ring = si::ring;
 // How often an idle worker checks that its host still exists (it exits once the host is gone).
 constexpr auto kHostCheck = 1000ms;
 
+// The largest secret arena a host may ask for (address space; memfd_secret charges it to RLIMIT_MEMLOCK).
+constexpr uint64_t kMaxSecretBytes = uint64_t(64) << 30;
+
 struct Args {
     int ring_fd = -1;
-    size_t secret_bytes = size_t(4) << 30;
+    size_t secret_bytes = size_t(256) << 20;
     uint64_t spin_ns = 0;
     uid_t uid = 65534;
     gid_t gid = 65534;
     bool try_memfd_secret = true;
-    std::string device_dir;  // the software TEE's device files; empty: no attestation or sealing
+    bool insecure_memory = false;  // run even when the secrets would sit in ordinary, swappable memory
+    bool attest = false;           // set up the software TEE platform (attestation, sealing)
+    bool measure = false;          // print the measurement this start-up gives, then exit (no ring)
+    std::string device_dir;        // development credentials: the host user's device files
+    std::string provision_dir;     // create a device's files there, then exit
     int threads = 1;         // the trusted core's loop threads (0: all CPUs)
     int cpu = -1;            // >= 0: the serving thread's only CPU
 };
@@ -93,10 +107,14 @@ Args parse_args(int argc, char** argv) {
         const char* val = eq == std::string::npos ? "" : argv[i] + eq + 1;
         uint64_t v = 0;
         if (key == "--no-memfd-secret" && eq == std::string::npos) a.try_memfd_secret = false;
+        else if (key == "--insecure-memory" && eq == std::string::npos) a.insecure_memory = true;
+        else if (key == "--attest" && eq == std::string::npos) a.attest = true;
+        else if (key == "--measure" && eq == std::string::npos) a.measure = true;
         else if (key == "--device-dir" && eq != std::string::npos && *val) a.device_dir = val;
+        else if (key == "--provision-device" && eq != std::string::npos && *val) a.provision_dir = val;
         else if (!parse_u64(val, v)) usage("bad argument: " + arg);
         else if (key == "--ring-fd" && v <= 1024) a.ring_fd = int(v);
-        else if (key == "--secret-bytes" && v > 0) a.secret_bytes = size_t(v);
+        else if (key == "--secret-bytes" && v > 0 && v <= kMaxSecretBytes) a.secret_bytes = size_t(v);
         else if (key == "--spin-ns" && v <= 1000000000ull) a.spin_ns = v;
         else if (key == "--cpu" && v < CPU_SETSIZE) a.cpu = int(v);
         else if (key == "--uid" && v < 0xffffffffull) a.uid = uid_t(v);
@@ -104,7 +122,8 @@ Args parse_args(int argc, char** argv) {
         else if (key == "--threads" && v <= 1024) a.threads = int(v);
         else usage("bad argument: " + arg);
     }
-    if (a.ring_fd < 0) usage("missing --ring-fd");
+    if (a.ring_fd < 0 && !a.measure && a.provision_dir.empty()) usage("missing --ring-fd");
+    if (!a.device_dir.empty()) a.attest = true;
     return a;
 }
 
@@ -132,14 +151,98 @@ void put_note(ring::Header& h, const std::string& text) {
     h.note[n] = '\0';
 }
 
+// The ring once mapped; null in --measure mode, where failures go to stderr only.
+ring::Header* g_header = nullptr;
+
 // Reports a start-up failure to the host and exits.
-[[noreturn]] void fail_start(ring::Header& h, si::Status status, const std::string& why) {
+[[noreturn]] void fail_start(si::Status status, const std::string& why) {
     say(why);
-    put_note(h, why);
-    ring::store_i32(h.start_status, int32_t(status));
-    ring::store(h.worker_state, ring::state_failed);
-    ring::wake(h.worker_state);
+    if (ring::Header* h = g_header) {
+        put_note(*h, why);
+        ring::store_i32(h->start_status, int32_t(status));
+        ring::store(h->worker_state, ring::state_failed);
+        ring::wake(h->worker_state);
+    }
     _exit(1);
+}
+[[noreturn]] void fail_start(ring::Header&, si::Status status, const std::string& why) { fail_start(status, why); }
+
+// A tracer attached before exec (strace -f on the host) survives PR_SET_DUMPABLE and the seccomp filter: refuse.
+void refuse_if_traced() {
+    const int fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) fail_start(si::Status::security, "cannot read /proc/self/status to check for a tracer");
+    char buf[8192];
+    ssize_t n = 0, r;
+    while (n < ssize_t(sizeof buf) - 1 && (r = read(fd, buf + n, sizeof buf - 1 - size_t(n))) > 0) n += r;
+    close(fd);
+    buf[n] = '\0';
+    const char* t = std::strstr(buf, "\nTracerPid:");
+    if (!t) fail_start(si::Status::security, "/proc/self/status has no TracerPid line");
+    const long tracer = std::strtol(t + 11, nullptr, 10);
+    if (tracer != 0)
+        fail_start(si::Status::security, "refusing to run under a tracer (TracerPid " + std::to_string(tracer) +
+                                             "): a traced worker's memory and system calls are the tracer's");
+}
+
+// Drops every capability (a setuid worker may have CAP_IPC_LOCK from a file capability, for its secret arena).
+void drop_capabilities() {
+    __user_cap_header_struct hdr{_LINUX_CAPABILITY_VERSION_3, 0};
+    __user_cap_data_struct data[2] = {};
+    if (syscall(SYS_capset, &hdr, data) != 0)
+        fail_start(si::Status::security, std::string("cannot drop capabilities: ") + std::strerror(errno));
+}
+
+// Reads a whole file; fails start-up when it cannot.
+std::vector<uint8_t> read_all(const std::string& path) {
+    const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) fail_start(si::Status::io, path + ": cannot open (" + std::strerror(errno) + ")");
+    std::vector<uint8_t> data;
+    uint8_t buf[1 << 16];
+    for (ssize_t r; (r = read(fd, buf, sizeof buf)) != 0;) {
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) fail_start(si::Status::io, path + ": read error");
+        data.insert(data.end(), buf, buf + r);
+    }
+    close(fd);
+    return data;
+}
+
+// What runs in this process: the executable, and every other file mapped executable (none in the static release
+// build; the loader, libc and the sanitizer runtimes in a sanitizer build). The environment is empty and the
+// loader in secure-execution mode when setuid, so these come from the system's library paths only.
+si::pkg::Hash measure_code() {
+    std::vector<uint8_t> m = {'s', 'i', '-', 'c', 'o', 'd', 'e', '-', 'v', '1', 0};
+    const si::pkg::Hash exe = si::pkg::sha256(read_all("/proc/self/exe"));
+    m.insert(m.end(), exe.begin(), exe.end());
+    char self[4096];
+    const ssize_t sn = readlink("/proc/self/exe", self, sizeof self - 1);
+    const std::string self_path(self, sn > 0 ? size_t(sn) : 0);
+    const std::vector<uint8_t> maps = read_all("/proc/self/maps");
+    std::vector<std::string> objects;
+    size_t at = 0;
+    while (at < maps.size()) {
+        size_t end = at;
+        while (end < maps.size() && maps[end] != '\n') ++end;
+        const std::string line(maps.begin() + long(at), maps.begin() + long(end));
+        at = end + 1;
+        // start-end perms offset dev inode path
+        char perms[8] = {};
+        unsigned long inode = 0;
+        int path_at = 0;
+        if (std::sscanf(line.c_str(), "%*x-%*x %7s %*x %*x:%*x %lu %n", perms, &inode, &path_at) < 2) continue;
+        if (perms[2] != 'x' || inode == 0 || path_at <= 0 || line[size_t(path_at)] != '/') continue;
+        const std::string path = line.substr(size_t(path_at));
+        if (path != self_path && std::find(objects.begin(), objects.end(), path) == objects.end())
+            objects.push_back(path);
+    }
+    std::sort(objects.begin(), objects.end());
+    for (const auto& path : objects) {
+        const si::pkg::Hash h = si::pkg::sha256(read_all(path));
+        m.insert(m.end(), path.begin(), path.end());
+        m.push_back(0);
+        m.insert(m.end(), h.begin(), h.end());
+    }
+    return si::pkg::sha256(m);
 }
 
 bool is_root() { return getuid() == 0 || geteuid() == 0; }
@@ -368,47 +471,113 @@ int main(int argc, char** argv) {
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     const rlimit no_core{0, 0};
     setrlimit(RLIMIT_CORE, &no_core);
+    // Nothing the starter chose steers this process: the host passes an empty environment; someone starting the
+    // worker by hand may not (a setuid worker's loader already ignored LD_*, the static build loads nothing).
+    clearenv();
+    // Installed setuid to the software TEE's user: the effective uid differs from the starter's. The real uid stays
+    // the starter's, so that the host can still stop the worker (signals); tracing and reading its memory need all
+    // three uids to match.
+    uid_t ruid = 0, euid = 0, suid = 0;
+    getresuid(&ruid, &euid, &suid);
+    const si::tee::Credentials creds =
+        euid != ruid ? si::tee::Credentials::system : si::tee::Credentials::development;
 
     const Args args = parse_args(argc, argv);
+    if (!args.provision_dir.empty()) {
+        // Run by the provisioning script as the software TEE's user; prints the public quoting key. Not for a
+        // starter who is someone else: it would create files as that user wherever the starter names.
+        if (creds == si::tee::Credentials::system)
+            fail_start(si::Status::security, "--provision-device runs as the device's user only "
+                                             "(scripts/provision-software-tee.sh)");
+        umask(022);
+        try {
+            si::tee::provision_device(args.provision_dir, true);
+            std::printf("%s\n", si::tee::quoting_public_hex(args.provision_dir).c_str());
+            std::fflush(stdout);
+        } catch (const si::Error& e) {
+            fail_start(e.status(), e.what());
+        }
+        _exit(0);
+    }
     const pid_t host = getppid();
     ring::Layout layout;
-    uint8_t* base = map_ring(args.ring_fd, layout);
-    ring::Header& h = *reinterpret_cast<ring::Header*>(base);
+    uint8_t* base = nullptr;
+    if (!args.measure) {
+        base = map_ring(args.ring_fd, layout);
+        g_header = reinterpret_cast<ring::Header*>(base);
+    }
     // The mapping is all the worker needs; no descriptor beyond stdin/stdout/stderr stays open.
     close_range(3, ~0u, 0);
+    refuse_if_traced();
 
     // The secret arena is reserved while still root: memfd_secret and mlock charge the locked-memory limit, which
     // CAP_IPC_LOCK lifts (and CAP_SYS_RESOURCE can raise), while the unprivileged uid may have only a few MiB.
     std::unique_ptr<si::SecretArena> arena;
     try {
-        if (is_root()) {
+        if (is_root() && creds == si::tee::Credentials::development) {
             const rlimit unlimited{RLIM_INFINITY, RLIM_INFINITY};
             setrlimit(RLIMIT_MEMLOCK, &unlimited);  // best effort; CAP_IPC_LOCK covers the arena regardless
         }
         arena = si::SecretArena::create(args.secret_bytes, args.try_memfd_secret);
     } catch (const si::Error& e) {
-        fail_start(h, e.status(), e.what());
+        fail_start(e.status(), e.what());
     }
+    // Fail closed: secrets in ordinary memory only when asked for, and then the measurement says so.
+    if (arena->kind() == si::SecretMemoryKind::unlocked && !args.insecure_memory)
+        fail_start(si::Status::security,
+                   "no secret memory for " + std::to_string(arena->capacity()) + " bytes (" + arena->note() +
+                       "): refusing to keep secrets in ordinary memory; raise the locked-memory limit (ulimit -l) "
+                       "or pass --insecure-memory");
+    if (creds == si::tee::Credentials::system) drop_capabilities();  // CAP_IPC_LOCK was for the arena only
     arena->install();
     // Must come before OpenSSL's first allocation; only fails if something allocated through OpenSSL already.
     if (CRYPTO_set_mem_functions(openssl_malloc, openssl_realloc, openssl_free) != 1)
-        fail_start(h, si::Status::internal, "cannot route OpenSSL's allocations to the secret arena");
+        fail_start(si::Status::internal, "cannot route OpenSSL's allocations to the secret arena");
 
-    // The software TEE's platform (measurement, sealing key, quoting), read while the device files are still
-    // reachable: the measurement covers this very binary and its security configuration.
+    // The measurement: the code in this process and its security configuration, including what it actually got.
+    uint32_t serve_uid = uint32_t(args.uid), serve_gid = uint32_t(args.gid);
+    if (creds == si::tee::Credentials::system) {
+        serve_uid = uint32_t(euid);
+        serve_gid = uint32_t(getegid());
+    } else if (!is_root()) {
+        serve_uid = uint32_t(getuid());
+        serve_gid = uint32_t(getgid());
+    }
+    const std::string config =
+        si::tee::worker_config(si::secret_memory_kind_config(arena->kind()), creds, serve_uid, serve_gid);
+    const si::pkg::Hash measurement = si::tee::measurement(measure_code(), config);
+    if (args.measure) {
+        std::printf("%s %s\n", si::pkg::to_hex(measurement).c_str(), config.c_str());
+        std::fflush(stdout);
+        _exit(0);
+    }
+    ring::Header& h = *g_header;
+
+    // The software TEE's platform (sealing key, quoting), read while the device files are still reachable. A
+    // setuid worker uses its own user's device and nothing else; a development worker the host user's.
     std::unique_ptr<si::tee::SoftwarePlatform> platform;
-    if (!args.device_dir.empty()) {
+    if (args.attest) {
+        std::string dir = args.device_dir;
+        if (creds == si::tee::Credentials::system) {
+            if (!dir.empty())
+                fail_start(si::Status::invalid_argument,
+                           "--device-dir is for development workers: this one runs as uid " + std::to_string(euid) +
+                               " and uses that user's device");
+            dir = si::tee::passwd_home(uint32_t(euid));
+            if (dir.empty())
+                fail_start(si::Status::io, "uid " + std::to_string(euid) + " has no home directory in /etc/passwd");
+            dir += "/device";
+        } else if (dir.empty()) {
+            fail_start(si::Status::invalid_argument, "--attest needs --device-dir in a development worker");
+        }
         try {
-            const si::pkg::Hash m = si::tee::measurement(
-                si::tee::file_sha256("/proc/self/exe"),
-                si::tee::worker_config(args.try_memfd_secret, uint32_t(args.uid), uint32_t(args.gid)));
-            platform = std::make_unique<si::tee::SoftwarePlatform>(args.device_dir, m);
+            platform = std::make_unique<si::tee::SoftwarePlatform>(dir, measurement);
         } catch (const si::Error& e) {
-            fail_start(h, e.status(), std::string("software TEE platform: ") + e.what());
+            fail_start(e.status(), std::string("software TEE platform: ") + e.what());
         }
     }
 
-    drop_privileges(h, args);
+    if (creds == si::tee::Credentials::development) drop_privileges(h, args);
 
     warm_up_openssl();
     // Started, and running, before the seccomp filter (ThreadPool returns once every thread runs).
@@ -434,6 +603,7 @@ int main(int argc, char** argv) {
                        "cannot run on CPU " + std::to_string(args.cpu) + ": " + std::strerror(errno));
     }
 
+    refuse_if_traced();  // again: the credential change above briefly reset the dumpable flag
     if (const std::string err = install_seccomp(); !err.empty()) fail_start(h, si::Status::security, err);
 
     // Serving: report which secret memory is in use (and why, for a fallback), then ring the start-up doorbell.
