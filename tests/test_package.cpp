@@ -189,6 +189,16 @@ TEST(Package, RootReadingTheWorkerMemoryFindsNoSecretTensor) {
     // The scan works: the core's packed copy of a public projection is there to be found.
     EXPECT_TRUE(scanner.found(0)) << "the scan missed the " << scanner.name(0);
     for (size_t i = 1; i < scanner.targets(); ++i) EXPECT_FALSE(scanner.found(i)) << "found " << scanner.name(i);
+    // The thread that runs the core's requests has its stack in secret memory too (its frames held plaintext of the
+    // adapter once: libcrypto's block buffers); the main thread, which only waits, has an ordinary one.
+    size_t unreadable = 0;
+    bool main_readable = false;
+    for (const auto& t : test::thread_stacks(workers[0])) {
+        unreadable += !t.readable;
+        if (t.tid == workers[0]) main_readable = t.readable;
+    }
+    EXPECT_TRUE(main_readable) << "could not read the main thread's stack: the check does not work";
+    EXPECT_EQ(unreadable, 1u) << "the serving thread's stack is readable";
 }
 
 TEST(Package, SameTokensAsTheUnpackedModelAndAdapter) {

@@ -592,7 +592,8 @@ TEST(WorkerHost, HostReportsATracedWorker) {
     ASSERT_EQ(access("/usr/bin/strace", X_OK), 0) << "strace is missing (scripts/install-deps.sh installs it)";
     const std::string dir = std::filesystem::temp_directory_path() / ("si-strace-" + std::to_string(getpid()));
     const std::string err = dir + ".err";
-    const std::string cmd = "/usr/bin/strace -f -o /dev/null " + std::string(SI_CLI) + " run -m " +
+    // (LeakSanitizer cannot run under a tracer: off for the sanitizer builds' CLI)
+    const std::string cmd = "ASAN_OPTIONS=detect_leaks=0 /usr/bin/strace -f -o /dev/null " + std::string(SI_CLI) + " run -m " +
                             SI_SHARED_DIR "/models/stories260K.bin --tokenizer " SI_SHARED_DIR
                             "/models/tok512.bin --host worker -n 2 -p x > /dev/null 2> " + err;
     const int rc = std::system(cmd.c_str());
@@ -618,7 +619,7 @@ TEST(WorkerHost, WithoutSecretMemoryTheWorkerRefusesUnlessAllowed) {
         }
     });
     EXPECT_NE(refused.find(std::to_string(int(si::Status::security)) +
-                           " enclave worker failed to start: no secret memory for 67108864 bytes"),
+                           " enclave worker failed to start: no secret memory for "),
               std::string::npos)
         << refused;
     EXPECT_NE(refused.find("refusing to keep secrets in ordinary memory"), std::string::npos) << refused;

@@ -172,6 +172,28 @@ Scraped scrape_memory(pid_t pid, const std::function<void(const char*, size_t)>&
     return out;
 }
 
+std::vector<ThreadStack> thread_stacks(pid_t pid) {
+    std::vector<ThreadStack> out;
+    const std::string proc = "/proc/" + std::to_string(pid);
+    const int fd = open((proc + "/mem").c_str(), O_RDONLY);
+    if (fd < 0) return out;
+    for (const auto& e : std::filesystem::directory_iterator(proc + "/task")) {
+        std::ifstream f(e.path() / "syscall");
+        std::string line;
+        if (!std::getline(f, line) || line == "running") continue;
+        // "nr arg0 .. arg5 sp pc"
+        std::istringstream in(line);
+        std::vector<std::string> fields;
+        for (std::string w; in >> w;) fields.push_back(w);
+        if (fields.size() < 3) continue;
+        const unsigned long sp = std::stoul(fields[fields.size() - 2], nullptr, 16);
+        uint64_t word = 0;
+        out.push_back({pid_t(std::stol(e.path().filename().string())), pread(fd, &word, 8, off_t(sp)) == 8});
+    }
+    close(fd);
+    return out;
+}
+
 namespace {
 size_t head_hash(uint64_t v) { return size_t((v * 0x9E3779B97F4A7C15ull) >> 40); }  // 24 bits
 }  // namespace

@@ -48,6 +48,13 @@ struct Scraped {
     size_t read = 0, refused = 0, skipped = 0;  // bytes
 };
 Scraped scrape_memory(pid_t pid, const std::function<void(const char*, size_t)>& visit);
+// For each thread of a process blocked in a system call: its id and whether /proc/PID/mem gives out the word at its
+// stack pointer (from /proc/PID/task/TID/syscall).
+struct ThreadStack {
+    pid_t tid = 0;
+    bool readable = false;
+};
+std::vector<ThreadStack> thread_stacks(pid_t pid);
 
 // Finds 64-byte windows of secrets (taken at every 64th byte) anywhere in a stream of memory, in one pass: the
 // windows are looked up by their first 8 bytes. Target i is found once any window of any of its tensors occurs.

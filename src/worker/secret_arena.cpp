@@ -121,6 +121,12 @@ SecretArena::~SecretArena() {
     if (base_) munmap(base_, size_);
 }
 
+void SecretArena::wipe_all_except(const void* keep) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [off, len] : used_)
+        if (base_ + off != keep) secure_zero(base_ + off, len);
+}
+
 void* SecretArena::allocate(size_t n) {
     if (n > size_) return nullptr;
     const size_t len = round_up(n == 0 ? 1 : n, kAlign);

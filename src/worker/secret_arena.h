@@ -38,6 +38,8 @@ public:
     void free(void* p, size_t n);
     // Routes si_secret_alloc / si_secret_free to this arena (the arena must outlive every secret buffer).
     void install();
+    // Zeroes every live block but `keep` (the stack the caller runs on), for a process about to exit.
+    void wipe_all_except(const void* keep);
 
     SecretMemoryKind kind() const { return kind_; }
     // Why a fallback is in use (empty with memfd_secret).

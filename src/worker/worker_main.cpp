@@ -14,6 +14,7 @@
 // The host is the adversary here: everything read from the ring is read once and bounds-checked before use, and
 // requests are copied into private memory before the trusted core sees them (as SGX's [in] buffers are).
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <grp.h>
 #include <sched.h>
@@ -466,6 +467,52 @@ void serve(ring::Header& h, uint8_t* base, const ring::Layout& l, si_enclave* en
 
 }  // namespace
 
+// The secured part of start-up and the serving loop run on a thread whose stack lies in the secret arena: the
+// trusted core's frames hold plaintext (libcrypto's block buffers, spilled rows of secret tensors, the device keys
+// while they are derived), and an ordinary stack is readable by root through /proc/PID/mem. The thread is detached
+// and ends the process itself: joining it would wait on a futex in its stack, which the kernel cannot reach in
+// memfd_secret memory. Its TLS lies there too (glibc keeps it at the top of a caller-provided stack).
+constexpr size_t kPage = 4096;
+constexpr size_t kSecretStackBytes = size_t(8) << 20;
+
+struct Secured {
+    const Args* args = nullptr;
+    si::SecretArena* arena = nullptr;  // owned until the process ends
+    si::tee::Credentials creds = si::tee::Credentials::development;
+    uid_t euid = 0;
+    pid_t host = 0;
+    ring::Layout layout{};
+    uint8_t* base = nullptr;
+    void* stack = nullptr;  // the arena block holding the thread's stack
+};
+[[noreturn]] void serve_secured(const Secured& s);
+
+[[noreturn]] void run_on_secret_stack(si::SecretArena& arena, void*& stack_block, void (*fn)()) {
+    static void (*body)() = nullptr;
+    body = fn;
+    void* block = arena.allocate(kSecretStackBytes + kPage);
+    if (!block) fail_start(si::Status::out_of_memory, "no room in the secret arena for the serving thread's stack");
+    stack_block = block;
+    auto* lo = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(block) + kPage - 1) & ~uintptr_t(kPage - 1));
+    // A guard page below the stack: an overflow faults instead of running into other secret buffers.
+    if (mprotect(lo, kPage, PROT_NONE) != 0) fail_start(si::Status::internal, "cannot protect the stack's guard page");
+    pthread_attr_t attr;
+    pthread_t thread;
+    const size_t bytes = kSecretStackBytes - (size_t(lo - static_cast<uint8_t*>(block)));
+    if (pthread_attr_init(&attr) != 0 || pthread_attr_setstack(&attr, lo + kPage, bytes) != 0 ||
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED) != 0 ||
+        pthread_create(
+            &thread, &attr,
+            [](void*) -> void* {
+                body();
+                return nullptr;
+            },
+            nullptr) != 0)
+        fail_start(si::Status::internal, "cannot start the serving thread on its secret stack");
+    pthread_attr_destroy(&attr);
+    for (;;) pause();
+}
+
 int main(int argc, char** argv) {
     // First, before anything secret exists: no ptrace or /proc/PID/mem access by same-uid processes, no core dumps.
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
@@ -518,7 +565,7 @@ int main(int argc, char** argv) {
             const rlimit unlimited{RLIM_INFINITY, RLIM_INFINITY};
             setrlimit(RLIMIT_MEMLOCK, &unlimited);  // best effort; CAP_IPC_LOCK covers the arena regardless
         }
-        arena = si::SecretArena::create(args.secret_bytes, args.try_memfd_secret);
+        arena = si::SecretArena::create(args.secret_bytes + kSecretStackBytes + kPage, args.try_memfd_secret);
     } catch (const si::Error& e) {
         fail_start(e.status(), e.what());
     }
@@ -534,6 +581,20 @@ int main(int argc, char** argv) {
     if (CRYPTO_set_mem_functions(openssl_malloc, openssl_realloc, openssl_free) != 1)
         fail_start(si::Status::internal, "cannot route OpenSSL's allocations to the secret arena");
 
+    // From here on every secret is on the stack of a thread in the arena (run_on_secret_stack).
+    static Secured secured;
+    secured = Secured{&args, arena.release(), creds, euid, host, layout, base};
+    run_on_secret_stack(*secured.arena, secured.stack, [] { serve_secured(secured); });
+}
+
+[[noreturn]] void serve_secured(const Secured& s) {
+    const Args& args = *s.args;
+    si::SecretArena* const arena = s.arena;
+    const si::tee::Credentials creds = s.creds;
+    const uid_t euid = s.euid;
+    const pid_t host = s.host;
+    const ring::Layout layout = s.layout;
+    uint8_t* const base = s.base;
     // The measurement: the code in this process and its security configuration, including what it actually got.
     uint32_t serve_uid = uint32_t(args.uid), serve_gid = uint32_t(args.gid);
     if (creds == si::tee::Credentials::system) {
@@ -617,7 +678,8 @@ int main(int argc, char** argv) {
 
     serve(h, base, layout, enclave, std::chrono::nanoseconds(args.spin_ns), host);
 
-    si_ecall_destroy(enclave);  // zeroes the core's secrets
-    arena.reset();              // zeroes anything the core left allocated
-    _exit(0);                   // no atexit handlers: they might need system calls outside the allow-list
+    si_ecall_destroy(enclave);                 // zeroes the core's secrets
+    arena->wipe_all_except(s.stack);           // and anything the core or OpenSSL left allocated
+    _exit(0);  // ends the process (the main thread waits in pause); no atexit handlers: they might need system
+               // calls outside the allow-list
 }
