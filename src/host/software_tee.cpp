@@ -4,9 +4,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 
 #include "common/error.h"
 
@@ -16,6 +18,7 @@ namespace {
 
 constexpr const char* kSecretFile = "device-secret";
 constexpr const char* kQuotingFile = "quoting-key";
+constexpr const char* kQuotingPubFile = "quoting.pub";
 
 // Reads exactly n bytes of a small key file into out. Plain POSIX calls: the worker runs this before its sandbox.
 void read_key_file(const std::string& path, uint8_t* out, size_t n) {
@@ -67,6 +70,33 @@ void provision_device(const std::string& dir) {
         }
     write_new_key_file(dir + "/" + kSecretFile);
     write_new_key_file(dir + "/" + kQuotingFile);
+}
+
+pkg::PubKey read_quoting_public_key(const std::string& dir) {
+    const std::string pub_path = dir + "/" + kQuotingPubFile, key_path = dir + "/" + kQuotingFile;
+    std::optional<pkg::PubKey> from_seed;
+    if (access(key_path.c_str(), R_OK) == 0 || access(pub_path.c_str(), F_OK) != 0) {
+        SecretVector<uint8_t> seed(32);
+        read_key_file(key_path, seed.data(), seed.size());
+        from_seed = pkg::ed25519_public(seed.data());
+    }
+    if (access(pub_path.c_str(), F_OK) != 0) return *from_seed;
+    const int fd = open(pub_path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) fail(Status::io, pub_path + ": cannot open (" + std::strerror(errno) + ")");
+    char buf[160];
+    size_t got = 0;
+    for (ssize_t r; got < sizeof buf && (r = read(fd, buf + got, sizeof buf - got)) > 0;) got += size_t(r);
+    close(fd);
+    pkg::PubKey pub{};
+    std::string text(buf, got);
+    while (!text.empty() && std::isspace(static_cast<unsigned char>(text.back()))) text.pop_back();
+    if (got == pub.size())
+        std::memcpy(pub.data(), buf, pub.size());
+    else if (text.size() != 2 * pub.size() || !pkg::from_hex(text, pub))
+        fail(Status::format, pub_path + ": not a quoting public key (32 bytes, or 64 hex digits)");
+    if (from_seed && !pkg::equal(*from_seed, pub))
+        fail(Status::format, pub_path + " does not match " + key_path + ": the device would sign with another key");
+    return pub;
 }
 
 pkg::Hash file_sha256(const std::string& path) {

@@ -24,6 +24,11 @@ std::string default_device_dir();
 // Creates the directory (0700), the device secret and the quoting key (0600, from the OS CSPRNG) where missing.
 void provision_device(const std::string& dir);
 
+// The device's Ed25519 quoting public key, for registering the device with a keyserver: from quoting.pub (32 raw
+// bytes or 64 hex digits; readable where the private files are not) when present, else derived from quoting-key.
+// Status::io when neither can be read, Status::format when malformed or when the two disagree.
+pkg::PubKey read_quoting_public_key(const std::string& dir);
+
 pkg::Hash file_sha256(const std::string& path);
 // The security configuration that enters the worker's measurement.
 std::string worker_config(bool memfd_secret, uint32_t uid, uint32_t gid);
