@@ -301,9 +301,8 @@ void log_ocall(void*, int level, const char* message) {
     say(std::string("enclave ") + kLevel[level < 0 ? 0 : level > 2 ? 2 : level] + ": " + std::string(message, n));
 }
 
-int32_t checked_status(int rc) {
-    return rc <= int(si::Status::invalid_argument) && rc >= int(si::Status::internal) ? rc
-                                                                                       : int32_t(si::Status::internal);
+int process_ocall(void* enclave, const uint8_t* req, size_t n, uint8_t* resp, size_t cap, size_t* len) {
+    return si_ecall_process(static_cast<si_enclave*>(enclave), req, n, resp, cap, len);
 }
 
 void serve(ring::Header& h, uint8_t* base, const ring::Layout& l, si_enclave* enclave, std::chrono::nanoseconds spin,
@@ -311,9 +310,6 @@ void serve(ring::Header& h, uint8_t* base, const ring::Layout& l, si_enclave* en
     // The ECALL works as SGX's marshalling does: si_ecall_process copies the request into the core's secret memory
     // before reading it (so the host cannot change it under the core) and writes the finished response at the end.
     // The shared areas are therefore handed to it directly, without private copies on this side.
-    uint8_t* const shm_req = base + l.request_offset;
-    uint8_t* const shm_resp = base + l.response_offset;
-
     uint32_t last = 0;  // the host's first request is sequence 1
     for (;;) {
         uint32_t seq = ring::load(h.request_seq);
@@ -322,42 +318,7 @@ void serve(ring::Header& h, uint8_t* base, const ring::Layout& l, si_enclave* en
             if (seq == last && getppid() != host) return;  // orphaned: the host died without saying goodbye
         }
         last = seq;
-        const uint32_t op = ring::load(h.request_op, std::memory_order_relaxed);
-        const uint64_t len = ring::load64(h.request_len);
-        if (op == ring::op_exit) return;
-
-        int32_t status = 0;
-        uint64_t out_len = 0;
-        std::string error;
-        if (op != ring::op_process) {
-            status = int32_t(si::Status::invalid_argument);
-            error = "unknown ring operation " + std::to_string(op);
-        } else if (len > l.request_capacity) {
-            status = int32_t(si::Status::invalid_argument);
-            error = "request length " + std::to_string(len) + " exceeds the ring's request area of " +
-                    std::to_string(l.request_capacity) + " bytes";
-        } else {
-            if (l.response_capacity) shm_resp[0] = 0;
-            size_t rlen = 0;
-            const int rc = si_ecall_process(enclave, shm_req, len, shm_resp, l.response_capacity, &rlen);
-            if (rc == 0 && rlen <= l.response_capacity) {
-                out_len = rlen;
-            } else if (rc == 0) {
-                status = int32_t(si::Status::internal);
-                error = "trusted core reported a response larger than its buffer";
-            } else {
-                status = checked_status(rc);
-                out_len = strnlen(reinterpret_cast<const char*>(shm_resp), l.response_capacity);
-            }
-        }
-        if (!error.empty()) {
-            out_len = std::min<uint64_t>(error.size(), l.response_capacity);
-            std::memcpy(shm_resp, error.data(), out_len);
-        }
-        ring::store_i32(h.response_status, status);
-        ring::store64(h.response_len, out_len);
-        ring::store(h.response_seq, seq);  // release: the host sees the bytes before the doorbell
-        ring::wake_sleepers(h.response_seq, h.response_sleepers);
+        if (!ring::answer(h, base, l, seq, process_ocall, enclave)) return;
     }
 }
 
@@ -421,7 +382,7 @@ int main(int argc, char** argv) {
     si_enclave* enclave = nullptr;
     const int rc = si_ecall_create_ex(&ocalls, platform ? platform->get() : nullptr, &enclave);
     if (rc != 0 || !enclave)
-        fail_start(h, si::Status(checked_status(rc ? rc : int(si::Status::internal))),
+        fail_start(h, si::Status(ring::checked_status(rc ? rc : int(si::Status::internal))),
                    "trusted core failed to start (si_ecall_create returned " + std::to_string(rc) + ")");
 
     // After the loop threads started (they keep every CPU), before the filter (which admits no affinity call).
