@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -271,6 +272,18 @@ TEST(DeviceRegistryCli, KeyserverRefusesToStartWithoutADeviceOrWithAMalformedReg
     EXPECT_EQ(r.exit_code, 2);
     EXPECT_TRUE(contains(r.err, "--device: device 'lab-1': its quoting key must be 64 hex digits")) << r.err;
 
+    // registered devices without --accept-software-tee: it starts, says their quotes will be refused, and does
+    {
+        KeyserverProcess ks({"keyserver", "--key-file", key, "--allow", allow, "--device",
+                             "lab-1=" + pkg::to_hex(s.core.platform->quoting_public_key()), "--port", "0"},
+                            s.dir + "/strict.err");
+        ASSERT_TRUE(contains(ks.url, "http://127.0.0.1:")) << test::read_file(ks.err_path);
+        expect_error([&] { keyserver_release(ks.url, s.core.quote(keyserver_nonce(ks.url)), s.id); },
+                     Status::security, "quote refused: type software-tee");
+        EXPECT_EQ(ks.stop(), 0);
+        const std::string err = test::read_file(ks.err_path);
+        EXPECT_TRUE(contains(err, "devices are registered but --accept-software-tee is not given")) << err;
+    }
     r = test::run_cli({"keyserver", "--key-file", key, "--allow", allow, "--quoting-key", std::string(64, 'a')});
     EXPECT_EQ(r.exit_code, 2) << r.err;  // the old pinning option is gone, not silently ignored
 }
@@ -317,7 +330,10 @@ TEST(DeviceRegistryCli, DeviceKeyPrintsTheQuotingKeyTheDeviceSignsWith) {
     EXPECT_EQ(d.quoting_key, s.core.platform->quoting_public_key());
     char host[256] = {};
     ASSERT_EQ(gethostname(host, sizeof host - 1), 0);
-    EXPECT_EQ(d.name, std::string(host).substr(0, 64));
+    std::string want_name = std::string(host).substr(0, 64);
+    for (char& ch : want_name)
+        if (!std::isalnum(static_cast<unsigned char>(ch)) && !std::strchr("._:@-", ch)) ch = '-';
+    EXPECT_EQ(d.name, want_name);
     // $SI_DEVICE_DIR is the default
     setenv("SI_DEVICE_DIR", dev.c_str(), 1);
     r = test::run_cli({"device-key", "--name", "x"});

@@ -191,6 +191,9 @@ Runner add_keyserver(CLI::App& app) {
         for (const auto& d : policy.devices)
             std::fprintf(stderr, "secureinfer keyserver: registered device %s (quoting key %s)\n", d.name.c_str(),
                          pkg::to_hex(d.quoting_key).c_str());
+        if (!*accept_sw && !policy.devices.empty())
+            std::fprintf(stderr, "secureinfer keyserver: note: devices are registered but --accept-software-tee is "
+                                 "not given: their software-tee quotes will be refused\n");
         pkg::Key k = read_owner_key(*key_file);
         KeyService service(k, policy, std::chrono::seconds(*ttl));
         secure_zero(k.data(), k.size());
