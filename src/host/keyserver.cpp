@@ -127,8 +127,8 @@ VerifiedQuote verify_quote(std::span<const uint8_t> quote, const AttestationPoli
 }
 
 KeyService::KeyService(const pkg::Key& owner_key, AttestationPolicy policy, std::chrono::seconds nonce_ttl)
-    : owner_(owner_key), policy_(std::move(policy)), ttl_(nonce_ttl) {
-    check_policy(policy_);
+    // The policy is checked before the owner key is copied: a refused policy leaves no copy to wipe.
+    : owner_((check_policy(policy), owner_key)), policy_(std::move(policy)), ttl_(nonce_ttl) {
     warn_ = [](const std::string& s) { std::fprintf(stderr, "secureinfer keyserver: %s\n", s.c_str()); };
     now_ = [] { return Clock::now(); };
 }
