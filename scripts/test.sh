@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs every test: the Release build, the same suite under AddressSanitizer + UndefinedBehaviorSanitizer,
-# and short libFuzzer runs of the GGUF parser and of the trusted core's request decoder. Installs the Debian
-# packages it needs first.
+# and short libFuzzer runs of the GGUF parser, the trusted core's request decoder and the worker's side of the
+# shared-memory ring. Installs the Debian packages it needs first.
 #   scripts/test.sh            everything
 #   SI_FUZZ_SECONDS=0 scripts/test.sh   skip the fuzzing run
 set -euo pipefail
@@ -37,8 +37,9 @@ ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:ha
 if [ "$fuzz_seconds" -gt 0 ] && [ -f fuzz/CMakeLists.txt ]; then
   CC=clang CXX=clang++ cmake -S . -B build-fuzz "${instrumented[@]}" -DSI_FUZZ=ON -DSI_TESTS=OFF -DSI_BENCH=OFF \
     >/dev/null
-  # the GGUF parser (untrusted model files) and the trusted core's request decoder (untrusted host messages)
-  for target in fuzz_gguf:gguf fuzz_enclave_messages:enclave_messages; do
+  # the GGUF parser (untrusted model files), the trusted core's request decoder (untrusted host messages) and the
+  # worker's side of the shared-memory ring (untrusted host bytes)
+  for target in fuzz_gguf:gguf fuzz_enclave_messages:enclave_messages fuzz_shm_ring:shm_ring; do
     name=${target%%:*} corpus=${target##*:}
     step "libFuzzer: $name, ${fuzz_seconds}s"
     cmake --build build-fuzz -j"$jobs" --target "$name" >/dev/null

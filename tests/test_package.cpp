@@ -399,54 +399,8 @@ TEST(Package, OwnerKeyFilesAreCheckedAndNeverOverwritten) {
 
 namespace {
 
-// A trusted core with a software TEE platform of a chosen measurement, driven message by message.
-struct Core {
-    std::unique_ptr<tee::SoftwarePlatform> platform;
-    si_enclave* e = nullptr;
-    Core(const std::string& device, const pkg::Hash& measurement) {
-        tee::provision_device(device);
-        platform = std::make_unique<tee::SoftwarePlatform>(device, measurement);
-        EXPECT_EQ(si_ecall_create_ex(nullptr, platform->get(), &e), 0);
-    }
-    ~Core() { si_ecall_destroy(e); }
-    // Returns the response, or throws si::Error with the core's message.
-    std::vector<uint8_t> call(const std::vector<uint8_t>& req) {
-        std::vector<uint8_t> resp(1 << 16);
-        size_t n = 0;
-        const int rc = si_ecall_process(e, req.data(), req.size(), resp.data(), resp.size(), &n);
-        if (rc != 0) fail(Status(rc), reinterpret_cast<const char*>(resp.data()));
-        resp.resize(n);
-        return resp;
-    }
-    std::vector<uint8_t> quote(const pkg::Nonce& nonce) {
-        wire::Encoder a(wire::MsgType::attest);
-        a.add(wire::Tag::nonce, std::span<const uint8_t>(nonce));
-        const auto r = call(a.finish());
-        const wire::Message m = wire::decode(r);
-        const wire::Field& f = m.field(wire::Tag::quote, wire::WireType::u8);
-        return std::vector<uint8_t>(f.data, f.data + f.count);
-    }
-    // Returns the sealed key.
-    std::vector<uint8_t> release(const std::array<uint8_t, pkg::kWrappedBytes>& w, const pkg::ModelId& id) {
-        wire::Encoder r(wire::MsgType::release);
-        r.add(wire::Tag::wrapped_key, std::span<const uint8_t>(w));
-        r.add(wire::Tag::model_id, std::span<const uint8_t>(id));
-        const auto resp = call(r.finish());
-        const wire::Message m = wire::decode(resp);
-        const wire::Field& f = m.field(wire::Tag::sealed_key, wire::WireType::u8);
-        return std::vector<uint8_t>(f.data, f.data + f.count);
-    }
-    void unseal(const std::vector<uint8_t>& blob) {
-        wire::Encoder u(wire::MsgType::unseal);
-        u.add(wire::Tag::sealed_key, blob);
-        call(u.finish());
-    }
-};
-
-pkg::Hash measurement_of(const char* label) {
-    return tee::measurement(pkg::sha256(std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(label), std::strlen(label))),
-                            "test");
-}
+using Core = test::SoftwareCore;
+using test::measurement_of;
 
 }  // namespace
 
@@ -458,6 +412,7 @@ TEST(Attestation, KeyReleaseToAnAllowedMeasurementAndEveryRefusal) {
     AttestationPolicy policy;
     policy.allowed_measurements = {good};
     policy.accept_software_tee = true;
+    policy.devices = {{"dev", core.platform->quoting_public_key()}};
     KeyService ks(owner, policy, std::chrono::seconds(60));
     std::vector<std::string> warnings;
     ks.set_warn([&](const std::string& w) { warnings.push_back(w); });
@@ -502,8 +457,9 @@ TEST(Attestation, KeyReleaseToAnAllowedMeasurementAndEveryRefusal) {
     const auto q = core.quote(ks.new_nonce());
     warnings.clear();
     const auto wrapped = ks.release(q, id);
-    ASSERT_EQ(warnings.size(), 1u);
-    EXPECT_NE(warnings[0].find("WARNING: accepting a software-tee quote"), std::string::npos);
+    ASSERT_EQ(warnings.size(), 2u);
+    EXPECT_NE(warnings[0].find("WARNING: accepting a software-tee quote of device dev"), std::string::npos);
+    EXPECT_EQ(warnings[1], "released model key for " + pkg::to_hex(id) + " to device dev");
     expect_error([&] { ks.release(q, id); }, Status::security, "nonce was already used (a replayed quote)");
     // the wrapped key opens only in the enclave that attested, once
     {
@@ -531,9 +487,11 @@ TEST(Attestation, KeyReleaseToAnAllowedMeasurementAndEveryRefusal) {
 
 TEST(Attestation, KeyserverOverHttpAndSealedRestart) {
     const Packed pk = make_package();
+    tee::provision_device(pk.device);
     AttestationPolicy policy;
     policy.allowed_measurements = {inprocess_measurement()};
     policy.accept_software_tee = true;
+    policy.devices = {{"this-host", tee::read_quoting_public_key(pk.device)}};
     KeyService ks(pk.owner, policy);
     ks.set_warn([](const std::string&) {});
     KeyServer server(ks);
@@ -590,10 +548,14 @@ TEST(PackageCli, KeygenPackKeyserverRunMatchesUnpackedAndLeaksNoSecretBytes) {
     wo.worker_path = worker_next_to_cli();
     EXPECT_EQ(allowed, worker_measurement(wo));
 
-    // the owner's keyserver, on loopback in this process
+    // the owner's keyserver, on loopback in this process, with the device registered as device-key prints it
+    r = test::run_cli({"device-key", "--name", "dev-1"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
     AttestationPolicy policy;
     policy.allowed_measurements = {allowed};
     policy.accept_software_tee = true;
+    policy.devices = {parse_device(r.out.substr(0, r.out.find('\n')))};
+    EXPECT_EQ(policy.devices[0].name, "dev-1");
     KeyService ks(read_owner_key(key), policy);
     ks.set_warn([](const std::string&) {});
     KeyServer server(ks);

@@ -545,9 +545,12 @@ TEST(Server, RootReadingTheHostMemoryFindsNoSecretTensor) {
     ASSERT_EQ(measured.exit_code, 0) << measured.err;
     si::pkg::Hash allowed{};
     ASSERT_TRUE(si::pkg::from_hex(measured.out.substr(0, 64), allowed)) << measured.out;
+    const auto device = run_cli({"device-key"});
+    ASSERT_EQ(device.exit_code, 0) << device.err;
     si::AttestationPolicy policy;
     policy.allowed_measurements = {allowed};
     policy.accept_software_tee = true;
+    policy.devices = {si::parse_device(device.out.substr(0, device.out.find('\n')))};
     si::KeyService ks(si::read_owner_key(key), policy);
     ks.set_warn([](const std::string&) {});
     si::KeyServer keyserver(ks);

@@ -280,13 +280,13 @@ TEST(SoftwareTee, SealedKeyOpensOnlyInTheSetuidWorker) {
     pkg::Hash allowed{};
     ASSERT_TRUE(pkg::from_hex(r.out.substr(0, 64), allowed)) << r.out;
 
-    // The owner's keyserver pins this device's quoting key, read from quoting.pub.
+    // The owner's keyserver registers this device's quoting key, read from quoting.pub.
     AttestationPolicy policy;
     policy.allowed_measurements = {allowed};
     policy.accept_software_tee = true;
     pkg::PubKey pub{};
     ASSERT_TRUE(pkg::from_hex(test::read_file(d.device + "/quoting.pub").substr(0, 64), pub));
-    policy.quoting_key = pub;
+    policy.devices = {{"tee-device", pub}};
     KeyService ks(read_owner_key(key), policy);
     ks.set_warn([](const std::string&) {});
     KeyServer server(ks);

@@ -16,6 +16,8 @@
 
 #include <gtest/gtest.h>
 
+#include "boundary/enclave_messages.h"
+#include "common/error.h"
 #include "common/matmul.h"
 #include "common/qgemm.h"
 #include "formats/gguf.h"
@@ -265,6 +267,53 @@ SecretScanner scraped_secrets_scanner(const ModelWeights& w, const std::vector<s
     }
     scanner.add("the LoRA adapter", adapter_tensors);
     return scanner;
+}
+
+SoftwareCore::SoftwareCore(const std::string& device, const pkg::Hash& measurement) {
+    tee::provision_device(device);
+    platform = std::make_unique<tee::SoftwarePlatform>(device, measurement);
+    EXPECT_EQ(si_ecall_create_ex(nullptr, platform->get(), &e), 0);
+}
+
+SoftwareCore::~SoftwareCore() { si_ecall_destroy(e); }
+
+std::vector<uint8_t> SoftwareCore::call(const std::vector<uint8_t>& req) {
+    std::vector<uint8_t> resp(1 << 16);
+    size_t n = 0;
+    const int rc = si_ecall_process(e, req.data(), req.size(), resp.data(), resp.size(), &n);
+    if (rc != 0) fail(Status(rc), reinterpret_cast<const char*>(resp.data()));
+    resp.resize(n);
+    return resp;
+}
+
+std::vector<uint8_t> SoftwareCore::quote(const pkg::Nonce& nonce) {
+    wire::Encoder a(wire::MsgType::attest);
+    a.add(wire::Tag::nonce, std::span<const uint8_t>(nonce));
+    const auto r = call(a.finish());
+    const wire::Message m = wire::decode(r);
+    const wire::Field& f = m.field(wire::Tag::quote, wire::WireType::u8);
+    return std::vector<uint8_t>(f.data, f.data + f.count);
+}
+
+std::vector<uint8_t> SoftwareCore::release(const std::array<uint8_t, pkg::kWrappedBytes>& w, const pkg::ModelId& id) {
+    wire::Encoder r(wire::MsgType::release);
+    r.add(wire::Tag::wrapped_key, std::span<const uint8_t>(w));
+    r.add(wire::Tag::model_id, std::span<const uint8_t>(id));
+    const auto resp = call(r.finish());
+    const wire::Message m = wire::decode(resp);
+    const wire::Field& f = m.field(wire::Tag::sealed_key, wire::WireType::u8);
+    return std::vector<uint8_t>(f.data, f.data + f.count);
+}
+
+void SoftwareCore::unseal(const std::vector<uint8_t>& blob) {
+    wire::Encoder u(wire::MsgType::unseal);
+    u.add(wire::Tag::sealed_key, blob);
+    call(u.finish());
+}
+
+pkg::Hash measurement_of(const char* label) {
+    return tee::measurement(
+        pkg::sha256(std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(label), std::strlen(label))), "test");
 }
 
 }  // namespace si::test

@@ -8,7 +8,13 @@
 #include <unordered_map>
 #include <vector>
 
+#include <array>
+#include <memory>
+
+#include "boundary/enclave_abi.h"
 #include "common/model.h"
+#include "enclave/package_crypto.h"
+#include "host/software_tee.h"
 #include "train/lora.h"
 
 namespace si::test {
@@ -91,5 +97,25 @@ inline constexpr const char* kScrapedSecrets = "blk.0.attn_q.weight,blk.3.ffn_do
 // the accelerator backend hold it), targets 1 .. 6 each secret in each projection_forms form (1: blk.0.attn_q.weight
 // as f32), the last target the adapter's tensors.
 SecretScanner scraped_secrets_scanner(const ModelWeights& w, const std::vector<std::string>& adapter_tensors);
+
+// Attestation.
+//
+// A trusted core on a software TEE platform of a chosen measurement (its device files provisioned in `device`),
+// driven message by message. call() returns the response or throws si::Error with the core's message.
+struct SoftwareCore {
+    std::unique_ptr<tee::SoftwarePlatform> platform;
+    si_enclave* e = nullptr;
+    SoftwareCore(const std::string& device, const pkg::Hash& measurement);
+    ~SoftwareCore();
+    SoftwareCore(const SoftwareCore&) = delete;
+    SoftwareCore& operator=(const SoftwareCore&) = delete;
+    std::vector<uint8_t> call(const std::vector<uint8_t>& req);
+    std::vector<uint8_t> quote(const pkg::Nonce& nonce);
+    // Returns the sealed key.
+    std::vector<uint8_t> release(const std::array<uint8_t, pkg::kWrappedBytes>& w, const pkg::ModelId& id);
+    void unseal(const std::vector<uint8_t>& blob);
+};
+// A measurement of a made-up enclave binary named `label`.
+pkg::Hash measurement_of(const char* label);
 
 }  // namespace si::test

@@ -5,9 +5,14 @@
  * tokens, one tensor upload, one sampling step ...) and writes one response message. Messages are flat byte
  * buffers whose layout is defined in enclave_messages.h; the trusted core copies every request into its own memory
  * and validates every size, offset, count and index before use, and never keeps a pointer into host memory after
- * a call returns. The same three functions are declared for the SGX SDK in secureinfer_enclave.edl.
+ * a call returns.
  *
  * Everything the trusted core needs from the operating system comes through the OCALL table given at creation.
+ *
+ * secureinfer_enclave.edl declares the same boundary for the SGX SDK with nothing but data crossing it: the core is
+ * named by a handle, the function pointers below become OCALL contracts (parallel_for: ocall_parallel_for +
+ * ecall_parallel_worker; quote: ocall_quote), and the platform comes from the hardware inside the enclave. The
+ * trusted bridge between the two is src/boundary/enclave_bridge.h.
  */
 #ifndef SECUREINFER_ENCLAVE_ABI_H
 #define SECUREINFER_ENCLAVE_ABI_H
@@ -30,8 +35,10 @@ typedef struct si_ocall_table {
     /* Parallel loops of the core's matrix products (enclave-only, online unblinding, precompute): calls
        fn(arg, begin, end) on disjoint chunks covering [0, n), each a multiple of grain long except the last, on the
        enclave's threads, and returns when all are done. Without SGX the worker process provides it with threads it
-       starts before its seccomp filter; under SGX they would be threads entering through their own TCS (untested).
-       NULL: the core runs everything on the calling thread. */
+       starts before its seccomp filter. Under SGX fn and arg cannot leave the enclave: the bridge's
+       bridge::ParallelJobs implements this entry inside it, and the host only lends threads (the EDL's
+       ocall_parallel_for / ecall_parallel_worker; untested without SGX). NULL: the core runs everything on the
+       calling thread. */
     void (*parallel_for)(void* ctx, int64_t n, int64_t grain, void (*fn)(void* arg, int64_t begin, int64_t end),
                          void* arg);
 } si_ocall_table;
@@ -45,7 +52,7 @@ typedef struct si_platform {
     uint8_t measurement[32];  /* the enclave's identity (MRENCLAVE; without SGX: worker binary + configuration) */
     uint8_t sealing_key[32];  /* derived from a device secret and the measurement (EGETKEY, MRENCLAVE policy) */
     /* The quoting component, outside the trusted core: signs a report. Returns 0 and the quote's length, or
-       non-zero. */
+       non-zero. The core chooses quote_cap and refuses a quote_len above it (under SGX: ocall_quote). */
     int (*quote)(void* ctx, const uint8_t* report, size_t report_len, uint8_t* quote, size_t quote_cap,
                  size_t* quote_len);
     void* ctx;

@@ -30,6 +30,7 @@ Runner add_keygen(CLI::App& app);
 Runner add_pack(CLI::App& app);
 Runner add_inspect(CLI::App& app);
 Runner add_measure(CLI::App& app);
+Runner add_device_key(CLI::App& app);
 Runner add_keyserver(CLI::App& app);
 // security evaluation (cmd_attack.cpp)
 Runner add_attack(CLI::App& app);

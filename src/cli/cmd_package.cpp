@@ -1,14 +1,19 @@
-// Protected model packages (docs/PACKAGES.md): keygen, pack, inspect, measure, keyserver.
+// Protected model packages (docs/PACKAGES.md): keygen, pack, inspect, measure, device-key, keyserver.
 #include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include <cctype>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 
 #include "cli/cli.h"
 #include "common/error.h"
 #include "host/enclave_host.h"
 #include "host/keyserver.h"
 #include "host/package.h"
+#include "host/software_tee.h"
 #include "host/worker_host.h"
 
 namespace si::cli {
@@ -114,13 +119,51 @@ Runner add_measure(CLI::App& app) {
     };
 }
 
+namespace {
+
+// The host name as a device name: characters outside [A-Za-z0-9._:@-] become '-'.
+std::string default_device_name() {
+    char buf[256] = {};
+    std::string n = gethostname(buf, sizeof buf - 1) == 0 && buf[0] ? buf : "device";
+    for (char& c : n)
+        if (!std::isalnum(static_cast<unsigned char>(c)) && !std::strchr("._:@-", c)) c = '-';
+    return n.substr(0, 64);
+}
+
+}  // namespace
+
+Runner add_device_key(CLI::App& app) {
+    auto* sub = app.add_subcommand("device-key", "print this device's quoting public key as the line 'NAME HEX' that "
+                                                 "registers it with a keyserver (keyserver --device or --devices)");
+    auto dir = std::make_shared<std::string>();
+    auto name = std::make_shared<std::string>();
+    sub->add_option("--device-dir", *dir, "the device's files (default: $SI_DEVICE_DIR, else "
+                                          "~/.local/share/secureinfer/device)");
+    sub->add_option("--name", *name, "the device's name in the line (default: the host name)");
+    return [=]() -> int {
+        const std::string d = dir->empty() ? tee::default_device_dir() : *dir;
+        const std::string n = name->empty() ? default_device_name() : *name;
+        if (!valid_device_name(n)) throw UsageError("--name: device name '" + n + "' is not 1 to 64 of [A-Za-z0-9._:@-]");
+        struct stat st{};
+        if (stat(d.c_str(), &st) != 0) {
+            // A device that never ran a package yet: provision it as its first run would.
+            tee::provision_device(d);
+            std::fprintf(stderr, "device-key: provisioned a new device in %s\n", d.c_str());
+        }
+        const pkg::PubKey pub = tee::read_quoting_public_key(d);
+        std::printf("%s %s\n", n.c_str(), pkg::to_hex(pub).c_str());
+        return 0;
+    };
+}
+
 Runner add_keyserver(CLI::App& app) {
     auto* sub = app.add_subcommand("keyserver", "release model keys to attested enclaves (HTTP; put TLS in front "
                                                 "of it beyond loopback)");
     auto key_file = std::make_shared<std::string>();
     auto allow = std::make_shared<std::vector<std::string>>();
     auto accept_sw = std::make_shared<bool>(false);
-    auto quoting_key = std::make_shared<std::string>();
+    auto devices = std::make_shared<std::vector<std::string>>();
+    auto devices_file = std::make_shared<std::string>();
     auto host = std::make_shared<std::string>("127.0.0.1");
     auto port = std::make_shared<int>(8377);
     auto ttl = std::make_shared<int>(60);
@@ -130,7 +173,10 @@ Runner add_keyserver(CLI::App& app) {
         ->required();
     sub->add_flag("--accept-software-tee", *accept_sw, "accept software-tee quotes (no hardware root of trust: the "
                                                        "device's owner can forge them)");
-    sub->add_option("--quoting-key", *quoting_key, "accept only quotes signed by this quoting public key (hex)");
+    sub->add_option("--device", *devices, "register a device: NAME=HEX or the line 'NAME HEX' that secureinfer "
+                                          "device-key prints; software-tee quotes are accepted only when signed by a "
+                                          "registered device's quoting key; repeatable");
+    sub->add_option("--devices", *devices_file, "file of registered devices: one 'NAME HEX' per line, '#' comments");
     sub->add_option("--host", *host, "address to listen on");
     sub->add_option("--port", *port, "port to listen on (0: any free port)")->check(CLI::Range(0, 65535));
     sub->add_option("--nonce-ttl", *ttl, "seconds a nonce stays valid")->check(CLI::Range(1, 3600));
@@ -142,15 +188,32 @@ Runner add_keyserver(CLI::App& app) {
             policy.allowed_measurements.push_back(h);
         }
         policy.accept_software_tee = *accept_sw;
-        if (!quoting_key->empty()) {
-            pkg::PubKey q{};
-            if (!pkg::from_hex(*quoting_key, q)) throw UsageError("--quoting-key takes 64 hex digits");
-            policy.quoting_key = q;
+        for (const auto& d : *devices) {
+            try {
+                policy.devices.push_back(parse_device(d));
+            } catch (const Error& e) {
+                throw UsageError(std::string("--device: ") + e.what());
+            }
+        }
+        if (!devices_file->empty()) {
+            auto more = read_devices_file(*devices_file);  // Status::format naming file:line
+            policy.devices.insert(policy.devices.end(), more.begin(), more.end());
+        }
+        try {
+            check_policy(policy);
+        } catch (const Error& e) {
+            throw UsageError(e.what());
         }
         if (*accept_sw)
             std::fprintf(stderr, "secureinfer keyserver: WARNING: --accept-software-tee: quotes of type software-tee "
                                  "are accepted; they come from no hardware root of trust, and anyone with control "
                                  "of the device could forge them. Use for development and testing only.\n");
+        for (const auto& d : policy.devices)
+            std::fprintf(stderr, "secureinfer keyserver: registered device %s (quoting key %s)\n", d.name.c_str(),
+                         pkg::to_hex(d.quoting_key).c_str());
+        if (!*accept_sw && !policy.devices.empty())
+            std::fprintf(stderr, "secureinfer keyserver: note: devices are registered but --accept-software-tee is "
+                                 "not given: their software-tee quotes will be refused\n");
         pkg::Key k = read_owner_key(*key_file);
         KeyService service(k, policy, std::chrono::seconds(*ttl));
         secure_zero(k.data(), k.size());

@@ -14,7 +14,7 @@ int main(int argc, char** argv) {
     app.set_version_flag("--version", "secureinfer 0.1.0");
     std::map<CLI::App*, Runner> runners;
     for (auto add : {add_run, add_perplexity, add_tokenize, add_info, add_convert, add_bench, add_plan, add_finetune, add_precompute, add_serve,
-                      add_keygen, add_pack, add_inspect, add_measure, add_keyserver,
+                      add_keygen, add_pack, add_inspect, add_measure, add_device_key, add_keyserver,
                       add_attack, add_security_report}) {
         Runner r = add(app);
         runners[app.get_subcommands({}).back()] = r;

@@ -3,7 +3,10 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
+#include <cctype>
 #include <cstdio>
+#include <cstring>
+#include <fstream>
 #include <thread>
 
 #include "common/error.h"
@@ -31,36 +34,101 @@ constexpr size_t kMaxNonces = 4096;  // outstanding and remembered-as-used nonce
 
 }  // namespace
 
-pkg::Report verify_quote(std::span<const uint8_t> quote, const AttestationPolicy& policy,
-                         const std::function<void(const std::string&)>& warn) {
+bool valid_device_name(const std::string& n) {
+    if (n.empty() || n.size() > 64) return false;
+    for (const char c : n)
+        if (!std::isalnum(static_cast<unsigned char>(c)) && !std::strchr("._:@-", c)) return false;
+    return true;
+}
+
+void check_policy(const AttestationPolicy& policy) {
+    if (policy.accept_software_tee && policy.devices.empty())
+        fail(Status::invalid_argument, "software-tee quotes are accepted but no device is registered: every quote "
+                                       "would be refused (register one with --device NAME=HEX or --devices FILE; "
+                                       "secureinfer device-key prints a device's line)");
+    std::set<std::string> names;
+    std::set<pkg::PubKey> keys;
+    for (const auto& d : policy.devices) {
+        if (!valid_device_name(d.name))
+            fail(Status::invalid_argument, "device name '" + d.name + "' is not 1 to 64 of [A-Za-z0-9._:@-]");
+        if (!names.insert(d.name).second) fail(Status::invalid_argument, "device '" + d.name + "' is registered twice");
+        if (!keys.insert(d.quoting_key).second)
+            fail(Status::invalid_argument, "device '" + d.name + "': its quoting key " + hex(d.quoting_key) +
+                                               " is registered under another name too");
+    }
+}
+
+RegisteredDevice parse_device(const std::string& spec) {
+    size_t sep = spec.find('=');
+    if (sep == std::string::npos) sep = spec.find_first_of(" \t");
+    if (sep == std::string::npos)
+        fail(Status::invalid_argument, "device '" + spec + "' is not NAME=HEX or NAME HEX");
+    RegisteredDevice d;
+    d.name = spec.substr(0, sep);
+    std::string key = spec.substr(sep + 1);
+    const size_t b = key.find_first_not_of(" \t"), e = key.find_last_not_of(" \t\r");
+    key = b == std::string::npos ? std::string() : key.substr(b, e - b + 1);
+    if (!valid_device_name(d.name))
+        fail(Status::invalid_argument, "device name '" + d.name + "' is not 1 to 64 of [A-Za-z0-9._:@-]");
+    if (key.size() != 2 * pkg::kPubBytes || !pkg::from_hex(key, d.quoting_key))
+        fail(Status::invalid_argument, "device '" + d.name + "': its quoting key must be 64 hex digits (an Ed25519 "
+                                       "public key, secureinfer device-key), not '" + key + "'");
+    return d;
+}
+
+std::vector<RegisteredDevice> read_devices_file(const std::string& path) {
+    std::ifstream f(path);
+    if (!f) fail(Status::io, path + ": cannot open the devices file");
+    std::vector<RegisteredDevice> out;
+    std::string line;
+    for (int n = 1; std::getline(f, line); ++n) {
+        if (n > 100000) fail(Status::format, path + ": more than 100000 lines");
+        const size_t b = line.find_first_not_of(" \t\r");
+        if (b == std::string::npos || line[b] == '#') continue;
+        try {
+            out.push_back(parse_device(line.substr(b)));
+        } catch (const Error& e) {
+            fail(Status::format, path + ":" + std::to_string(n) + ": " + e.what());
+        }
+    }
+    if (f.bad()) fail(Status::io, path + ": read error");
+    return out;
+}
+
+VerifiedQuote verify_quote(std::span<const uint8_t> quote, const AttestationPolicy& policy,
+                           const std::function<void(const std::string&)>& warn) {
     pkg::Quote q;
     try {
         q = pkg::decode_quote(quote);
     } catch (const Error& e) {
         refuse(std::string("quote refused: ") + e.what());
     }
-    if (!pkg::ed25519_verify(q.quoting_pub, q.signed_bytes, q.signature))
+    if (q.type != tee::kSoftwareTee) refuse("quote refused: unsupported quote type '" + q.type + "'");
+    if (!policy.accept_software_tee)
+        refuse("quote refused: type software-tee (no hardware TEE; its signature proves nothing against the "
+               "device's owner); the verifier must be told to accept it (--accept-software-tee)");
+    // The key a quote carries is only a claim: it must be a registered device's, and the signature is checked
+    // under the registered key.
+    const RegisteredDevice* device = nullptr;
+    for (const auto& d : policy.devices)
+        if (pkg::equal(d.quoting_key, q.quoting_pub)) device = &d;
+    if (!device)
+        refuse("quote refused: signed by quoting key " + hex(q.quoting_pub) +
+               ", which is no registered device's (register devices with --device or --devices)");
+    if (!pkg::ed25519_verify(device->quoting_key, q.signed_bytes, q.signature))
         refuse("quote refused: its signature does not verify (altered or forged quote)");
-    if (policy.quoting_key && !pkg::equal(*policy.quoting_key, q.quoting_pub))
-        refuse("quote refused: signed by quoting key " + hex(q.quoting_pub) + ", not the pinned one");
-    if (q.type == tee::kSoftwareTee) {
-        if (!policy.accept_software_tee)
-            refuse("quote refused: type software-tee (no hardware TEE; its signature proves nothing against the "
-                   "device's owner); the verifier must be told to accept it (--accept-software-tee)");
-        if (warn)
-            warn("WARNING: accepting a software-tee quote (measurement " + hex(q.report.measurement) +
-                 "): no hardware root of trust; the device's owner could have forged it");
-    } else {
-        refuse("quote refused: unsupported quote type '" + q.type + "'");
-    }
     bool allowed = false;
     for (const auto& m : policy.allowed_measurements) allowed = allowed || pkg::equal(m, q.report.measurement);
     if (!allowed) refuse("quote refused: measurement " + hex(q.report.measurement) + " is not in the allow list");
-    return q.report;
+    if (warn)
+        warn("WARNING: accepting a software-tee quote of device " + device->name + " (measurement " +
+             hex(q.report.measurement) + "): no hardware root of trust; the device's owner could have forged it");
+    return {q.report, device->name};
 }
 
 KeyService::KeyService(const pkg::Key& owner_key, AttestationPolicy policy, std::chrono::seconds nonce_ttl)
-    : owner_(owner_key), policy_(std::move(policy)), ttl_(nonce_ttl) {
+    // The policy is checked before the owner key is copied: a refused policy leaves no copy to wipe.
+    : owner_((check_policy(policy), owner_key)), policy_(std::move(policy)), ttl_(nonce_ttl) {
     warn_ = [](const std::string& s) { std::fprintf(stderr, "secureinfer keyserver: %s\n", s.c_str()); };
     now_ = [] { return Clock::now(); };
 }
@@ -81,7 +149,8 @@ pkg::Nonce KeyService::new_nonce() {
 }
 
 std::array<uint8_t, pkg::kWrappedBytes> KeyService::release(std::span<const uint8_t> quote, const pkg::ModelId& id) {
-    const pkg::Report r = verify_quote(quote, policy_, warn_);
+    const VerifiedQuote v = verify_quote(quote, policy_, warn_);
+    const pkg::Report& r = v.report;
     {
         std::lock_guard<std::mutex> lock(mu_);
         if (used_.count(r.nonce)) refuse("quote refused: its nonce was already used (a replayed quote)");
@@ -101,7 +170,9 @@ std::array<uint8_t, pkg::kWrappedBytes> KeyService::release(std::span<const uint
     }
     SecretVector<uint8_t> model_key(pkg::kKeyBytes);
     pkg::derive_model_key(owner_, id, model_key.data());
-    return pkg::wrap_model_key(model_key.data(), r, id);
+    const auto wrapped = pkg::wrap_model_key(model_key.data(), r, id);
+    if (warn_) warn_("released model key for " + hex(id) + " to device " + v.device);
+    return wrapped;
 }
 
 struct KeyServer::Impl {
@@ -125,7 +196,6 @@ KeyServer::KeyServer(KeyService& service) : impl_(std::make_unique<Impl>(service
                 fail(Status::invalid_argument, "model_id is not 16 bytes of hex");
             const auto wrapped = svc.release(quote, id);
             res.set_content(json{{"wrapped_key", hex(wrapped)}}.dump(), "application/json");
-            std::fprintf(stderr, "secureinfer keyserver: released the key of model %s\n", hex(id).c_str());
         } catch (const Error& e) {
             res.status = e.status() == Status::security ? 403 : 400;
             res.set_content(json{{"error", e.what()}}.dump(), "application/json");

@@ -4,8 +4,13 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstring>
 #include <ctime>
+#include <string>
+
+#include "common/error.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -53,6 +58,53 @@ bool read_layout(Header& h, size_t region_bytes, size_t max_capacity, Layout& ou
     if (l.total_bytes != l.response_offset + round_page(l.response_capacity)) return false;
     if (l.total_bytes != region_bytes) return false;
     out = l;
+    return true;
+}
+
+int32_t checked_status(int rc) {
+    return rc <= int(si::Status::invalid_argument) && rc >= int(si::Status::internal) ? rc
+                                                                                       : int32_t(si::Status::internal);
+}
+
+bool answer(Header& h, uint8_t* base, const Layout& l, uint32_t seq, ProcessFn process, void* ctx) {
+    uint8_t* const shm_req = base + l.request_offset;
+    uint8_t* const shm_resp = base + l.response_offset;
+    const uint32_t op = load(h.request_op, std::memory_order_relaxed);
+    const uint64_t len = load64(h.request_len);
+    if (op == op_exit) return false;
+
+    int32_t status = 0;
+    uint64_t out_len = 0;
+    std::string error;
+    if (op != op_process) {
+        status = int32_t(si::Status::invalid_argument);
+        error = "unknown ring operation " + std::to_string(op);
+    } else if (len > l.request_capacity) {
+        status = int32_t(si::Status::invalid_argument);
+        error = "request length " + std::to_string(len) + " exceeds the ring's request area of " +
+                std::to_string(l.request_capacity) + " bytes";
+    } else {
+        if (l.response_capacity) shm_resp[0] = 0;
+        size_t rlen = 0;
+        const int rc = process(ctx, shm_req, size_t(len), shm_resp, l.response_capacity, &rlen);
+        if (rc == 0 && rlen <= l.response_capacity) {
+            out_len = rlen;
+        } else if (rc == 0) {
+            status = int32_t(si::Status::internal);
+            error = "trusted core reported a response larger than its buffer";
+        } else {
+            status = checked_status(rc);
+            out_len = strnlen(reinterpret_cast<const char*>(shm_resp), l.response_capacity);
+        }
+    }
+    if (!error.empty()) {
+        out_len = std::min<uint64_t>(error.size(), l.response_capacity);
+        std::memcpy(shm_resp, error.data(), out_len);
+    }
+    store_i32(h.response_status, status);
+    store64(h.response_len, out_len);
+    store(h.response_seq, seq);  // release: the host sees the bytes before the doorbell
+    wake_sleepers(h.response_seq, h.response_sleepers);
     return true;
 }
 

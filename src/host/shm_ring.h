@@ -72,6 +72,17 @@ void init_header(Header& h, const Layout& l);
 // Checks a header written by the other side against the region's actual size; returns false when inconsistent.
 bool read_layout(Header& h, size_t region_bytes, size_t max_capacity, Layout& out);
 
+// A return code of the trusted core as a ring status: itself when it is a failure code, else internal.
+int32_t checked_status(int rc);
+
+// The worker's answer to one request (its doorbell read as `seq`): reads the host's op and length once, checks them
+// against the worker's own layout `l`, has `process` answer a request in place (si_ecall_process's contract: on
+// failure a NUL-terminated message in the response area), then writes the status, the length and, last, the response
+// doorbell. Returns false for op_exit (nothing written). `base` maps l.total_bytes.
+using ProcessFn = int (*)(void* ctx, const uint8_t* request, size_t request_len, uint8_t* response,
+                          size_t response_cap, size_t* response_len);
+bool answer(Header& h, uint8_t* base, const Layout& l, uint32_t seq, ProcessFn process, void* ctx);
+
 // Shared scalars are accessed atomically: the other process may write them at any moment.
 inline uint32_t load(uint32_t& w, std::memory_order o = std::memory_order_acquire) {
     return std::atomic_ref<uint32_t>(w).load(o);

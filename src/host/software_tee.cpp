@@ -4,9 +4,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "common/error.h"
@@ -129,14 +131,33 @@ void provision_device(const std::string& dir, bool shared_pub) {
     write_new_file(pub, hex.data(), hex.size(), 0644);
 }
 
-std::string quoting_public_hex(const std::string& dir) {
-    std::string hex = read_small_file(dir + "/" + kQuotingPubFile);
-    while (!hex.empty() && (hex.back() == '\n' || hex.back() == ' ')) hex.pop_back();
-    pkg::PubKey k{};
-    if (pkg::from_hex(hex, k)) return hex;
-    SecretVector<uint8_t> seed(32);
-    read_key_file(dir + "/" + kQuotingFile, seed.data(), seed.size());
-    return pkg::to_hex(pkg::ed25519_public(seed.data()));
+std::string quoting_public_hex(const std::string& dir) { return pkg::to_hex(read_quoting_public_key(dir)); }
+
+pkg::PubKey read_quoting_public_key(const std::string& dir) {
+    const std::string pub_path = dir + "/" + kQuotingPubFile, key_path = dir + "/" + kQuotingFile;
+    std::optional<pkg::PubKey> from_seed;
+    if (access(key_path.c_str(), R_OK) == 0 || access(pub_path.c_str(), F_OK) != 0) {
+        SecretVector<uint8_t> seed(32);
+        read_key_file(key_path, seed.data(), seed.size());
+        from_seed = pkg::ed25519_public(seed.data());
+    }
+    if (access(pub_path.c_str(), F_OK) != 0) return *from_seed;
+    const int fd = open(pub_path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) fail(Status::io, pub_path + ": cannot open (" + std::strerror(errno) + ")");
+    char buf[160];
+    size_t got = 0;
+    for (ssize_t r; got < sizeof buf && (r = read(fd, buf + got, sizeof buf - got)) > 0;) got += size_t(r);
+    close(fd);
+    pkg::PubKey pub{};
+    std::string text(buf, got);
+    while (!text.empty() && std::isspace(static_cast<unsigned char>(text.back()))) text.pop_back();
+    if (got == pub.size())
+        std::memcpy(pub.data(), buf, pub.size());
+    else if (text.size() != 2 * pub.size() || !pkg::from_hex(text, pub))
+        fail(Status::format, pub_path + ": not a quoting public key (32 bytes, or 64 hex digits)");
+    if (from_seed && !pkg::equal(*from_seed, pub))
+        fail(Status::format, pub_path + " does not match " + key_path + ": the device would sign with another key");
+    return pub;
 }
 
 pkg::Hash file_sha256(const std::string& path) {

@@ -46,6 +46,11 @@ void provision_device(const std::string& dir, bool shared_pub = false);
 // The hex public quoting key of the device files in dir (from quoting.pub, else derived from the quoting key).
 std::string quoting_public_hex(const std::string& dir);
 
+// The device's Ed25519 quoting public key, for registering the device with a keyserver: from quoting.pub (32 raw
+// bytes or 64 hex digits; readable where the private files are not) when present, else derived from quoting-key.
+// Status::io when neither can be read, Status::format when malformed or when the two disagree.
+pkg::PubKey read_quoting_public_key(const std::string& dir);
+
 pkg::Hash file_sha256(const std::string& path);
 // The security configuration that enters the worker's measurement: the memory kind actually obtained
 // ("memfd_secret", "mlock", "unlocked"), whose device files it uses, and the uid/gid it serves under.

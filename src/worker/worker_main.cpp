@@ -14,6 +14,7 @@
 // The host is the adversary here: everything read from the ring is read once and bounds-checked before use, and
 // requests are copied into private memory before the trusted core sees them (as SGX's [in] buffers are).
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <pthread.h>
 #include <signal.h>
 #include <grp.h>
@@ -405,9 +406,8 @@ void log_ocall(void*, int level, const char* message) {
     say(std::string("enclave ") + kLevel[level < 0 ? 0 : level > 2 ? 2 : level] + ": " + std::string(message, n));
 }
 
-int32_t checked_status(int rc) {
-    return rc <= int(si::Status::invalid_argument) && rc >= int(si::Status::internal) ? rc
-                                                                                       : int32_t(si::Status::internal);
+int process_ocall(void* enclave, const uint8_t* req, size_t n, uint8_t* resp, size_t cap, size_t* len) {
+    return si_ecall_process(static_cast<si_enclave*>(enclave), req, n, resp, cap, len);
 }
 
 void serve(ring::Header& h, uint8_t* base, const ring::Layout& l, si_enclave* enclave, std::chrono::nanoseconds spin,
@@ -415,9 +415,6 @@ void serve(ring::Header& h, uint8_t* base, const ring::Layout& l, si_enclave* en
     // The ECALL works as SGX's marshalling does: si_ecall_process copies the request into the core's secret memory
     // before reading it (so the host cannot change it under the core) and writes the finished response at the end.
     // The shared areas are therefore handed to it directly, without private copies on this side.
-    uint8_t* const shm_req = base + l.request_offset;
-    uint8_t* const shm_resp = base + l.response_offset;
-
     uint32_t last = 0;  // the host's first request is sequence 1
     for (;;) {
         uint32_t seq = ring::load(h.request_seq);
@@ -426,42 +423,7 @@ void serve(ring::Header& h, uint8_t* base, const ring::Layout& l, si_enclave* en
             if (seq == last && getppid() != host) return;  // orphaned: the host died without saying goodbye
         }
         last = seq;
-        const uint32_t op = ring::load(h.request_op, std::memory_order_relaxed);
-        const uint64_t len = ring::load64(h.request_len);
-        if (op == ring::op_exit) return;
-
-        int32_t status = 0;
-        uint64_t out_len = 0;
-        std::string error;
-        if (op != ring::op_process) {
-            status = int32_t(si::Status::invalid_argument);
-            error = "unknown ring operation " + std::to_string(op);
-        } else if (len > l.request_capacity) {
-            status = int32_t(si::Status::invalid_argument);
-            error = "request length " + std::to_string(len) + " exceeds the ring's request area of " +
-                    std::to_string(l.request_capacity) + " bytes";
-        } else {
-            if (l.response_capacity) shm_resp[0] = 0;
-            size_t rlen = 0;
-            const int rc = si_ecall_process(enclave, shm_req, len, shm_resp, l.response_capacity, &rlen);
-            if (rc == 0 && rlen <= l.response_capacity) {
-                out_len = rlen;
-            } else if (rc == 0) {
-                status = int32_t(si::Status::internal);
-                error = "trusted core reported a response larger than its buffer";
-            } else {
-                status = checked_status(rc);
-                out_len = strnlen(reinterpret_cast<const char*>(shm_resp), l.response_capacity);
-            }
-        }
-        if (!error.empty()) {
-            out_len = std::min<uint64_t>(error.size(), l.response_capacity);
-            std::memcpy(shm_resp, error.data(), out_len);
-        }
-        ring::store_i32(h.response_status, status);
-        ring::store64(h.response_len, out_len);
-        ring::store(h.response_seq, seq);  // release: the host sees the bytes before the doorbell
-        ring::wake_sleepers(h.response_seq, h.response_sleepers);
+        if (!ring::answer(h, base, l, seq, process_ocall, enclave)) return;
     }
 }
 
@@ -510,7 +472,10 @@ struct Secured {
             nullptr) != 0)
         fail_start(si::Status::internal, "cannot start the serving thread on its secret stack");
     pthread_attr_destroy(&attr);
-    for (;;) pause();
+    // Wait for good on a private futex in ordinary memory: futex is on the seccomp allow-list (pause is not, and a
+    // signal, such as glibc's when the serving thread changes credentials, restarts the wait).
+    static uint32_t never = 0;
+    for (;;) syscall(SYS_futex, &never, FUTEX_WAIT_PRIVATE, 0, nullptr, nullptr, 0);
 }
 
 int main(int argc, char** argv) {
@@ -651,7 +616,7 @@ int main(int argc, char** argv) {
     si_enclave* enclave = nullptr;
     const int rc = si_ecall_create_ex(&ocalls, platform ? platform->get() : nullptr, &enclave);
     if (rc != 0 || !enclave)
-        fail_start(h, si::Status(checked_status(rc ? rc : int(si::Status::internal))),
+        fail_start(h, si::Status(ring::checked_status(rc ? rc : int(si::Status::internal))),
                    "trusted core failed to start (si_ecall_create returned " + std::to_string(rc) + ")");
 
     // After the loop threads started (they keep every CPU), before the filter (which admits no affinity call).
@@ -680,6 +645,6 @@ int main(int argc, char** argv) {
 
     si_ecall_destroy(enclave);                 // zeroes the core's secrets
     arena->wipe_all_except(s.stack);           // and anything the core or OpenSSL left allocated
-    _exit(0);  // ends the process (the main thread waits in pause); no atexit handlers: they might need system
+    _exit(0);  // ends the process (the main thread waits on a futex); no atexit handlers: they might need system
                // calls outside the allow-list
 }
