@@ -520,12 +520,17 @@ TEST(Server, LoraAndPackageServeTheCliTokens) {
     const std::string key = dir + "/owner.key", pkg = dir + "/m.sipkg";
     ASSERT_EQ(run_cli({"keygen", "-o", key}).exit_code, 0);
     const auto packed = run_cli({"pack", "--base", kModel, "--tokenizer", kTok, "--lora", adapter, "--key-file", key,
-                                 "-o", pkg});
+                                 "--max-temperature", "1.2", "-o", pkg});
     ASSERT_EQ(packed.exit_code, 0) << packed.err;
     Server s(dir, {"--package", pkg, "--key-file", key});
     const Http h = post(dir, s, "/v1/completions", req.dump());
     EXPECT_EQ(h.j["choices"][0]["text"], expected) << h.body;
     EXPECT_EQ(curl(dir, {s.url("/v1/models")}).j["data"][0]["id"], "m");
+    // the owner's sampling policy (here: temperature at most 1.2), enforced in the enclave
+    const Http hot = post(dir, s, "/v1/completions", json{{"prompt", "It was"}, {"max_tokens", 4}, {"temperature", 1.5}}.dump());
+    EXPECT_EQ(hot.status, 400) << hot.body;
+    EXPECT_NE(hot.body.find("the package's owner does not allow a temperature above 1.2"), std::string::npos) << hot.body;
+    EXPECT_EQ(post(dir, s, "/v1/completions", req.dump()).j["choices"][0]["text"], expected);
 }
 
 // The device owner reads the untrusted host's memory (the serving process: theirs to read) while it serves a
