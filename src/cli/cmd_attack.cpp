@@ -15,7 +15,7 @@ namespace {
 struct AttackCliOptions {
     std::string model = "../shared/models/stories260K.bin", tokenizer = "../shared/models/tok512.bin";
     std::string lora = "adapters/austen-r8.gguf", shared = "../shared", work, out = "security-report", json;
-    std::string scheme, attack, host = "auto";
+    std::string scheme, attack, host = "worker";
     int seeds = 3, threads = 1, trials = 1000;
     bool quick = false, keep = false, quiet = false;
     attack::AttackVariant variant;
@@ -30,7 +30,8 @@ void add_common(CLI::App* sub, AttackCliOptions& o) {
     sub->add_option("--trials", o.trials, "A8: tampering trials in all (split over the seeds)")->check(CLI::Range(1, 1000000));
     sub->add_option("-t,--threads", o.threads, "threads for the sessions and decoy training")->check(CLI::Range(0, 1024));
     sub->add_option("--work-dir", o.work, "where traces and decoys go (default: a temporary directory)");
-    sub->add_option("--host", o.host, "S5 enclave host: auto, worker or inprocess");
+    sub->add_option("--host", o.host, "S5 enclave host: worker (default; a missing worker is an error), auto (the "
+                                       "worker, else an in-process core) or inprocess");
     sub->add_flag("--quick", o.quick, "smaller experiments (the CI suite)");
     sub->add_flag("--keep-traces", o.keep, "keep the boundary traces in the work directory");
     sub->add_flag("-q,--quiet", o.quiet, "no progress on stderr");
