@@ -21,13 +21,13 @@
 #include "train/lora.h"
 
 using namespace si;
+using si::test::expect_error_with;
 
 namespace {
 
 const std::string kModel = test::shared("models/stories260K.bin");
 const std::string kTok = test::shared("models/tok512.bin");
-const std::string kAdapter =
-    (std::filesystem::path(__FILE__).parent_path().parent_path() / "adapters" / "austen-r8.gguf").string();
+const std::string kAdapter = test::adapter_path();
 
 struct Packed {
     std::string dir, path, key_file;
@@ -63,16 +63,6 @@ SecureSessionParams params(const Packed& pk, const std::string& device) {
     return p;
 }
 
-template <class F>
-void expect_error(F&& f, Status status, const std::vector<std::string>& parts) {
-    try {
-        f();
-        ADD_FAILURE() << "no error; expected: " << parts.front();
-    } catch (const Error& e) {
-        EXPECT_EQ(int(e.status()), int(status)) << e.what();
-        for (const auto& w : parts) EXPECT_NE(std::string(e.what()).find(w), std::string::npos) << e.what();
-    }
-}
 
 std::vector<int32_t> sample(SecureSession& s, const std::vector<int32_t>& prompt, int n, const SamplerParams& sp) {
     s.reset();
@@ -120,7 +110,7 @@ TEST(ActiveHost, EveryAlteredPublicTensorIsRefused) {
         SCOPED_TRACE(a.tensor);
         ModelWeights w = pk.package->model().weights;
         a.apply(w);
-        expect_error([&] { SecureSession s(w, params(pk, device)); }, Status::integrity,
+        expect_error_with([&] { SecureSession s(w, params(pk, device)); }, Status::integrity,
                      {"upload " + a.tensor + ":", "differs from the one the package's owner bound",
                       "the session is stopped"});
     }
@@ -154,7 +144,7 @@ TEST(ActiveHost, EveryAlteredConfigurationIsRefused) {
         SCOPED_TRACE(a.field);
         ModelWeights w = pk.package->model().weights;
         a.apply(w);
-        expect_error([&] { SecureSession s(w, params(pk, device)); }, Status::integrity,
+        expect_error_with([&] { SecureSession s(w, params(pk, device)); }, Status::integrity,
                      {"the model configuration the host sent differs from the package's: " + a.field});
     }
 }
@@ -258,7 +248,7 @@ TEST(ActiveHost, SamplerSettingsOutsideTheOwnersPolicyAreRefused) {
     SecureSession s(pk.package->model().weights, params(pk, device));
     const std::vector<int32_t> prompt = {1};
     auto refused = [&](const SamplerParams& sp, const std::string& why) {
-        expect_error([&] { s.set_sampler(sp); }, Status::invalid_argument, {"the package's owner does not allow " + why});
+        expect_error_with([&] { s.set_sampler(sp); }, Status::invalid_argument, {"the package's owner does not allow " + why});
     };
     refused({2.0f, 0, 1.0f, 1}, "a temperature above 1.5");
     refused({1.0f, 3, 1.0f, 1}, "top_k below 10");
@@ -272,7 +262,7 @@ TEST(ActiveHost, SamplerSettingsOutsideTheOwnersPolicyAreRefused) {
     auto lp = params(pk, device);
     lp.logprobs = 2;
     lp.logprob_noise = 0.01f;
-    expect_error([&] { SecureSession t(pk.package->model().weights, lp); }, Status::invalid_argument,
+    expect_error_with([&] { SecureSession t(pk.package->model().weights, lp); }, Status::invalid_argument,
                  {"log-probabilities with noise below 0.1"});
     lp.logprob_noise = 0.1f;
     SecureSession t(pk.package->model().weights, lp);
@@ -310,7 +300,7 @@ TEST(ActiveHost, NonFiniteActivationStopsTheSession) {
     SecureSession s(w, p);
     s.set_sampler(SamplerParams{0.0f, 0, 1.0f, 0});
     const std::vector<int32_t> prompt = {1, 403, 407};
-    expect_error([&] { s.eval_sample(prompt); }, Status::integrity, {"non-finite activation", "the session is stopped"});
-    expect_error([&] { s.reset(); }, Status::integrity, {"stopped"});
-    expect_error([&] { s.eval_sample(prompt); }, Status::integrity, {"stopped"});
+    expect_error_with([&] { s.eval_sample(prompt); }, Status::integrity, {"non-finite activation", "the session is stopped"});
+    expect_error_with([&] { s.reset(); }, Status::integrity, {"stopped"});
+    expect_error_with([&] { s.eval_sample(prompt); }, Status::integrity, {"stopped"});
 }

@@ -25,19 +25,10 @@
 #include "testutil.h"
 
 using namespace si;
+using si::test::expect_error;
 
 namespace {
 
-template <class F>
-void expect_error(F&& f, Status status, const std::string& what) {
-    try {
-        f();
-        ADD_FAILURE() << "no error; expected: " << what;
-    } catch (const Error& e) {
-        EXPECT_EQ(int(e.status()), int(status)) << e.what();
-        EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
-    }
-}
 
 bool contains(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
 

@@ -30,13 +30,13 @@
 #include "train/lora.h"
 
 using namespace si;
+using si::test::expect_error;
 
 namespace {
 
 const std::string kModel = test::shared("models/stories260K.bin");
 const std::string kTok = test::shared("models/tok512.bin");
-const std::string kAdapter =
-    (std::filesystem::path(__FILE__).parent_path().parent_path() / "adapters" / "austen-r8.gguf").string();
+const std::string kAdapter = test::adapter_path();
 
 const ModelFile& base_model() {
     static const ModelFile f = load_model_file(kModel, kTok);
@@ -104,17 +104,6 @@ SecureSessionParams package_params(const Packed& pk, std::shared_ptr<const Packa
     return p;
 }
 
-// Runs `f` and expects si::Error with this status and a message containing `what`.
-template <class F>
-void expect_error(F&& f, Status status, const std::string& what) {
-    try {
-        f();
-        ADD_FAILURE() << "no error; expected: " << what;
-    } catch (const Error& e) {
-        EXPECT_EQ(int(e.status()), int(status)) << e.what();
-        EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
-    }
-}
 
 std::string slurp(const std::string& path) { return test::read_file(path); }
 

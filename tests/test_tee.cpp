@@ -149,28 +149,7 @@ test::CliResult cli_as_host(const std::vector<std::string>& args, std::vector<st
 // Runs f as the host's user in a forked child; returns what it returns.
 template <class F>
 std::string as_host(F&& f) {
-    const Device& d = *g_device;
-    int fds[2];
-    if (pipe(fds) != 0) return "pipe failed";
-    const pid_t child = fork();
-    if (child == 0) {
-        close(fds[0]);
-        std::string r;
-        if (setgroups(0, nullptr) != 0 || setresgid(d.host_gid, d.host_gid, d.host_gid) != 0 ||
-            setresuid(d.host_uid, d.host_uid, d.host_uid) != 0)
-            r = "cannot switch to the host's user";
-        else
-            r = f();
-        [[maybe_unused]] ssize_t n = write(fds[1], r.data(), r.size());
-        _exit(0);
-    }
-    close(fds[1]);
-    std::string got;
-    char buf[4096];
-    for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0;) got.append(buf, size_t(n));
-    close(fds[0]);
-    waitpid(child, nullptr, 0);
-    return got;
+    return test::in_child_as(g_device->host_uid, g_device->host_gid, std::forward<F>(f));
 }
 
 std::string open_error(const std::string& path) {

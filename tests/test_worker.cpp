@@ -31,6 +31,7 @@
 #include "common/secret_memory.h"
 #include "host/secure_session.h"
 #include "host/worker_host.h"
+#include "testutil.h"
 #include "worker/secret_arena.h"
 
 namespace {
@@ -484,28 +485,10 @@ std::string start_environment(pid_t pid) {
 // returns what it wrote to the pipe it is given.
 template <class F>
 std::string in_child(uid_t uid, gid_t gid, rlim_t memlock, F&& f) {
-    int fds[2];
-    if (pipe(fds) != 0) return "pipe failed";
-    const pid_t child = fork();
-    if (child == 0) {
-        close(fds[0]);
+    return si::test::in_child_as(uid, gid, std::forward<F>(f), [memlock] {
         const rlimit rl{memlock, memlock};
-        std::string out;
-        if (setrlimit(RLIMIT_MEMLOCK, &rl) != 0) out = "setrlimit failed";
-        else if (uid != 0 && (setgroups(0, nullptr) != 0 || setresgid(gid, gid, gid) != 0 || setresuid(uid, uid, uid) != 0))
-            out = "cannot switch to uid " + std::to_string(uid);
-        else
-            out = f();
-        [[maybe_unused]] ssize_t n = write(fds[1], out.data(), out.size());
-        _exit(0);
-    }
-    close(fds[1]);
-    std::string got;
-    char buf[4096];
-    for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0;) got.append(buf, size_t(n));
-    close(fds[0]);
-    waitpid(child, nullptr, 0);
-    return got;
+        return setrlimit(RLIMIT_MEMLOCK, &rl) == 0 ? std::string() : std::string("setrlimit failed");
+    });
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 #include "testutil.h"
 
 #include <dirent.h>
+#include <grp.h>
 #include <fcntl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -314,6 +315,37 @@ void SoftwareCore::unseal(const std::vector<uint8_t>& blob) {
 pkg::Hash measurement_of(const char* label) {
     return tee::measurement(
         pkg::sha256(std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(label), std::strlen(label))), "test");
+}
+
+std::string adapter_path() {
+    return (std::filesystem::path(__FILE__).parent_path().parent_path() / "adapters" / "austen-r8.gguf").string();
+}
+
+std::string in_child_as(uint32_t uid, uint32_t gid, const std::function<std::string()>& f,
+                        const std::function<std::string()>& prepare) {
+    int fds[2];
+    if (pipe(fds) != 0) return "pipe failed";
+    const pid_t child = fork();
+    if (child == 0) {
+        close(fds[0]);
+        std::string out = prepare ? prepare() : std::string();
+        if (!out.empty()) {
+        } else if (uid != 0 && (setgroups(0, nullptr) != 0 || setresgid(gid, gid, gid) != 0 ||
+                                setresuid(uid, uid, uid) != 0)) {
+            out = "cannot switch to uid " + std::to_string(uid);
+        } else {
+            out = f();
+        }
+        [[maybe_unused]] ssize_t n = write(fds[1], out.data(), out.size());
+        _exit(0);
+    }
+    close(fds[1]);
+    std::string got;
+    char buf[4096];
+    for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0;) got.append(buf, size_t(n));
+    close(fds[0]);
+    waitpid(child, nullptr, 0);
+    return got;
 }
 
 }  // namespace si::test

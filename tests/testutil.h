@@ -11,7 +11,10 @@
 #include <array>
 #include <memory>
 
+#include <gtest/gtest.h>
+
 #include "boundary/enclave_abi.h"
+#include "common/error.h"
 #include "common/model.h"
 #include "enclave/package_crypto.h"
 #include "host/software_tee.h"
@@ -117,5 +120,29 @@ struct SoftwareCore {
 };
 // A measurement of a made-up enclave binary named `label`.
 pkg::Hash measurement_of(const char* label);
+
+// Runs `f` and expects si::Error with this status and a message containing every one of `parts`.
+template <class F>
+void expect_error_with(F&& f, Status status, const std::vector<std::string>& parts) {
+    try {
+        f();
+        ADD_FAILURE() << "no error; expected: " << parts.front();
+    } catch (const Error& e) {
+        EXPECT_EQ(int(e.status()), int(status)) << e.what();
+        for (const auto& w : parts) EXPECT_NE(std::string(e.what()).find(w), std::string::npos) << e.what();
+    }
+}
+template <class F>
+void expect_error(F&& f, Status status, const std::string& what) {
+    expect_error_with(std::forward<F>(f), status, std::vector<std::string>{what});
+}
+
+// The Austen adapter shipped in adapters/.
+std::string adapter_path();
+
+// Runs f in a forked child, after `prepare` (may be null; a non-empty answer is returned instead of running f) and,
+// when uid != 0, a switch to (uid, gid) without supplementary groups; returns what f returned.
+std::string in_child_as(uint32_t uid, uint32_t gid, const std::function<std::string()>& f,
+                        const std::function<std::string()>& prepare = nullptr);
 
 }  // namespace si::test
