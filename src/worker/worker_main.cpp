@@ -301,6 +301,15 @@ void* openssl_realloc(void* q, size_t n, const char* file, int line) {
 
 // Loads OpenSSL's providers and random generator now, while files may still be opened: under the seccomp filter
 // only getrandom remains. The configuration file is never read: it is the host's to write.
+// The first exception a process throws sets up the unwinder lazily (in the sanitizer builds through system calls
+// the seccomp filter refuses): one is thrown and caught before the filter, as the core's errors are exceptions.
+void warm_up_exceptions() {
+    try {
+        throw si::Error(si::Status::internal, "warm-up");
+    } catch (const si::Error&) {
+    }
+}
+
 void warm_up_openssl() {
     OPENSSL_init_crypto(OPENSSL_INIT_NO_LOAD_CONFIG | OPENSSL_INIT_ADD_ALL_CIPHERS | OPENSSL_INIT_ADD_ALL_DIGESTS,
                         nullptr);
@@ -606,6 +615,7 @@ int main(int argc, char** argv) {
     if (creds == si::tee::Credentials::development) drop_privileges(h, args);
 
     warm_up_openssl();
+    warm_up_exceptions();
     // Started, and running, before the seccomp filter (ThreadPool returns once every thread runs).
     std::unique_ptr<si::ThreadPool> pool;
     if (args.threads != 1) {
