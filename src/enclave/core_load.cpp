@@ -274,29 +274,19 @@ void TrustedCore::Impl::set_sampler(const Message& m) {
     if (top_k < 0) bad("sampler: negative top_k");
     if (k < 0 || k > cfg.vocab_size) bad("sampler: log-probability count out of range [0, vocabulary size]");
     if (!std::isfinite(noise_std) || noise_std < 0.0f || noise_std > 1e6f) bad("sampler: noise out of range");
-    const SamplerParams prev = sampler_params;
-    const int prev_k = logprobs_k;
-    const float prev_noise = logprob_noise;
-    sampler_params = SamplerParams{temp, top_k, top_p, m.scalar<uint64_t>(Tag::seed)};
+    const SamplerParams params{temp, top_k, top_p, m.scalar<uint64_t>(Tag::seed)};
+    check_sampling_policy(params, k, noise_std);
+    sampler_params = params;
     logprobs_k = k;
     logprob_noise = noise_std;
-    try {
-        check_sampling_policy();
-    } catch (...) {
-        sampler_params = prev;
-        logprobs_k = prev_k;
-        logprob_noise = prev_noise;
-        throw;
-    }
     sampler = std::make_unique<Sampler>(sampler_params);
 }
 
 // A package's owner bounds what a request may ask of the sampler (pkg::SamplingPolicy); checked when the settings
 // arrive and again when a pass starts, since the host may send them before the manifest.
-void TrustedCore::Impl::check_sampling_policy() const {
+void TrustedCore::Impl::check_sampling_policy(const SamplerParams& p, int k, float noise) const {
     if (!package) return;
     const pkg::SamplingPolicy& pol = sampling_policy;
-    const SamplerParams& p = sampler_params;
     auto refuse = [](const std::string& why) { fail(Status::invalid_argument, "the package's owner does not allow " + why); };
     if (p.temperature > pol.max_temperature)
         refuse("a temperature above " + std::to_string(pol.max_temperature) + " (asked: " +
@@ -305,9 +295,9 @@ void TrustedCore::Impl::check_sampling_policy() const {
         refuse("top_k below " + std::to_string(pol.min_top_k) + " (asked: " + std::to_string(p.top_k) + "; 0 disables it)");
     if (p.temperature > 0.0f && p.top_p < pol.min_top_p)
         refuse("top_p below " + std::to_string(pol.min_top_p) + " (asked: " + std::to_string(p.top_p) + ")");
-    if (logprobs_k > 0 && logprob_noise < pol.min_logprob_noise)
+    if (k > 0 && noise < pol.min_logprob_noise)
         refuse("log-probabilities with noise below " + std::to_string(pol.min_logprob_noise) + " (asked: " +
-               std::to_string(logprob_noise) + ")");
+               std::to_string(noise) + ")");
 }
 
 // Accepts a chunk [offset, offset + n) of a tensor of `total` elements: chunks must come in order.

@@ -248,7 +248,7 @@ struct TrustedCore::Impl {
     void upload_secret(const Message& m);
     void check_bound_config(const pkg::BoundConfig& want) const;
     void bind_chunk(uint64_t key, const std::string& what, const void* data, size_t bytes, bool last);
-    void check_sampling_policy() const;
+    void check_sampling_policy(const SamplerParams& p, int k, float noise) const;
     uint64_t draw_seed() const;
 
     // masked crossings and unblinding factors (core_crossings.cpp)

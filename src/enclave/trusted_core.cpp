@@ -43,15 +43,17 @@ std::vector<uint8_t> TrustedCore::Impl::eval(const Message& m) {
         fail(Status::security, "the package's owner allows at most " +
                                    std::to_string(release_policy & pkg::kReleaseLogprobsMask) +
                                    " log-probabilities per token; " + std::to_string(logprobs_k) + " were asked");
-    if (output == wire::OutputKind::sample) check_sampling_policy();
-    // the context after this pass, chained token by token (so that it does not depend on how a prompt is batched)
+    if (output == wire::OutputKind::sample) check_sampling_policy(sampler_params, logprobs_k, logprob_noise);
+    // A package's draws depend on the context after this pass, chained token by token (so that it does not depend
+    // on how a prompt is batched); other runs draw from their seed alone and need no hash.
     pass_context_hash = context_hash;
-    for (int32_t t : tokens) {
-        uint8_t b[pkg::kHashBytes + 4];
-        std::memcpy(b, pass_context_hash.data(), pkg::kHashBytes);
-        std::memcpy(b + pkg::kHashBytes, &t, 4);
-        pass_context_hash = pkg::sha256(b);
-    }
+    if (package)
+        for (int32_t t : tokens) {
+            uint8_t b[pkg::kHashBytes + 4];
+            std::memcpy(b, pass_context_hash.data(), pkg::kHashBytes);
+            std::memcpy(b + pkg::kHashBytes, &t, 4);
+            pass_context_hash = pkg::sha256(b);
+        }
     targets.clear();
     if (output == wire::OutputKind::nll) {
         targets = m.array<int32_t>(Tag::targets, tf.count);
