@@ -112,38 +112,11 @@ const Device& device() {
 // Runs the CLI as the host's user through setpriv, with exactly this environment.
 test::CliResult cli_as_host(const std::vector<std::string>& args, std::vector<std::string> env) {
     const Device& d = *g_device;
-    const std::string base = d.dir + "/cli." + std::to_string(getpid());
-    const std::string out = base + ".out", err = base + ".err";
     env.push_back("HOME=" + d.host_home);
     std::vector<std::string> argv = {"/usr/bin/setpriv", "--reuid=" + std::to_string(d.host_uid),
                                      "--regid=" + std::to_string(d.host_gid), "--clear-groups", "--", SI_CLI};
     argv.insert(argv.end(), args.begin(), args.end());
-    std::vector<char*> a, e;
-    for (auto& s : argv) a.push_back(s.data());
-    a.push_back(nullptr);
-    for (auto& s : env) e.push_back(s.data());
-    e.push_back(nullptr);
-    const pid_t pid = fork();
-    if (pid == 0) {
-        const int o = open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-        const int r = open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-        const int in = open("/dev/null", O_RDONLY);
-        dup2(in, 0);
-        dup2(o, 1);
-        dup2(r, 2);
-        execve(a[0], a.data(), e.data());
-        _exit(127);
-    }
-    int status = 0;
-    waitpid(pid, &status, 0);
-    test::CliResult res;
-    if (WIFEXITED(status)) res.exit_code = WEXITSTATUS(status);
-    if (WIFSIGNALED(status)) res.signal = WTERMSIG(status);
-    res.out = test::read_file(out);
-    res.err = test::read_file(err);
-    std::filesystem::remove(out);
-    std::filesystem::remove(err);
-    return res;
+    return test::run_program(argv, "", &env);
 }
 
 // Runs f as the host's user in a forked child; returns what it returns.

@@ -79,13 +79,20 @@ void write_file(const std::string& path, const std::string& bytes) {
 }
 
 
-CliResult run_cli(const std::vector<std::string>& args, const std::string& stdin_data) {
+CliResult run_program(const std::vector<std::string>& argv, const std::string& stdin_data,
+                      const std::vector<std::string>* env) {
     const std::string dir = std::filesystem::temp_directory_path() / ("si-cli-" + std::to_string(getpid()));
     std::filesystem::create_directories(dir);
     static std::atomic<int> counter{0};
     const std::string base = dir + "/" + std::to_string(counter++);
     const std::string in_path = base + ".in", out_path = base + ".out", err_path = base + ".err";
     write_file(in_path, stdin_data);
+    std::vector<std::string> args = argv, vars = env ? *env : std::vector<std::string>{};
+    std::vector<char*> a, e;
+    for (auto& x : args) a.push_back(x.data());
+    a.push_back(nullptr);
+    for (auto& x : vars) e.push_back(x.data());
+    e.push_back(nullptr);
     pid_t pid = fork();
     if (pid == 0) {
         int in = open(in_path.c_str(), O_RDONLY);
@@ -94,13 +101,10 @@ CliResult run_cli(const std::vector<std::string>& args, const std::string& stdin
         dup2(in, 0);
         dup2(out, 1);
         dup2(err, 2);
-        std::vector<char*> argv;
-        std::string exe = SI_CLI;
-        argv.push_back(exe.data());
-        std::vector<std::string> copy = args;
-        for (auto& a : copy) argv.push_back(a.data());
-        argv.push_back(nullptr);
-        execv(exe.c_str(), argv.data());
+        if (env)
+            execve(a[0], a.data(), e.data());
+        else
+            execv(a[0], a.data());
         _exit(127);
     }
     int status = 0;
@@ -114,6 +118,12 @@ CliResult run_cli(const std::vector<std::string>& args, const std::string& stdin
     std::filesystem::remove(out_path);
     std::filesystem::remove(err_path);
     return r;
+}
+
+CliResult run_cli(const std::vector<std::string>& args, const std::string& stdin_data) {
+    std::vector<std::string> argv = {SI_CLI};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return run_program(argv, stdin_data);
 }
 
 std::vector<pid_t> children_named(const std::string& comm) {

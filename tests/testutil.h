@@ -36,6 +36,9 @@ struct CliResult {
 };
 // Runs the secureinfer CLI with the given arguments (no shell), capturing stdout and stderr.
 CliResult run_cli(const std::vector<std::string>& args, const std::string& stdin_data = "");
+// Runs argv[0] (a path) the same way; env: exactly this environment when given, else this process's.
+CliResult run_program(const std::vector<std::string>& argv, const std::string& stdin_data = "",
+                      const std::vector<std::string>* env = nullptr);
 
 // The shared stories260K model, loaded once.
 const ModelWeights& stories();
