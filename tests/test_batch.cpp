@@ -3,6 +3,8 @@
 // chunks between decode steps, precomputed factors consumed per row); masks never repeat across rows, slots or
 // steps; a tampered product in one row stops the session; one slot's KV cache and sampler never leak into another
 // or into the next request of the same slot.
+#include "secureinfer.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -413,6 +415,49 @@ TEST(Batch, BadSlotRequestsAreRefusedClearly) {
     // the session keeps working after refused requests
     const SlotStep fine[] = {{0, a, true}, {1, b, true}};
     EXPECT_EQ(s.step(fine).size(), 2u);
+}
+
+TEST(Batch, CApiSlots) {
+    si_model* m = nullptr;
+    si_model_params mp = si_model_default_params();
+    const std::string tok = test::shared("models/tok512.bin");
+    mp.tokenizer_path = tok.c_str();
+    ASSERT_EQ(si_model_load(test::shared("models/stories260K.bin").c_str(), &mp, &m), SI_OK);
+    si_context_params cp = si_context_default_params();
+    cp.enclave_host = SI_HOST_INPROCESS;
+    cp.n_threads = 1;
+    si_context* c = nullptr;
+    EXPECT_EQ(si_slots_context_init(m, &cp, 0, &c), SI_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(si_last_error()).find("slot count 0 out of range [1, 1024]"), std::string::npos);
+    ASSERT_EQ(si_slots_context_init(m, &cp, 2, &c), SI_OK) << si_last_error();
+    EXPECT_EQ(si_slots_count(c), 2);
+    const si_sampler_params greedy{0.0f, 0, 1.0f, 0};
+    ASSERT_EQ(si_slots_set_sampler(c, 0, &greedy), SI_OK);
+    ASSERT_EQ(si_slots_set_sampler(c, 1, &greedy), SI_OK);
+    // two sequences in lockstep, against the session API's single-sequence runs
+    const std::vector<int32_t> pa = {1, 403, 407}, pb = {1, 261};
+    std::vector<int32_t> a, b;
+    si_token out[2];
+    si_slot_step st[2] = {{0, pa.data(), pa.size(), 1}, {1, pb.data(), pb.size(), 1}};
+    for (int i = 0; i < 6; ++i) {
+        ASSERT_EQ(si_slots_step(c, st, 2, out), SI_OK) << si_last_error();
+        a.push_back(out[0]);
+        b.push_back(out[1]);
+        st[0] = {0, &a.back(), 1, 1};
+        st[1] = {1, &b.back(), 1, 1};
+    }
+    EXPECT_EQ(si_slots_pos(c, 0), 3 + 5);
+    EXPECT_EQ(si_slots_pos(c, 1), 2 + 5);
+    EXPECT_EQ(si_slots_pos(c, 2), -1);
+    EXPECT_EQ(a, alone(stories(), SecureMode::secureinfer, Seq{0, pa, 0, 6, 64}));
+    EXPECT_EQ(b, alone(stories(), SecureMode::secureinfer, Seq{0, pb, 0, 6, 64}));
+    EXPECT_EQ(si_slots_reset(c, 1), SI_OK);
+    EXPECT_EQ(si_slots_pos(c, 1), 0);
+    EXPECT_EQ(si_slots_reset(c, 5), SI_ERR_INVALID_ARGUMENT);
+    si_context_free(c);
+    cp.mode = SI_MODE_PLAIN;
+    EXPECT_EQ(si_slots_context_init(m, &cp, 2, &c), SI_ERR_INVALID_ARGUMENT);
+    si_model_free(m);
 }
 
 }  // namespace
