@@ -249,6 +249,12 @@ typedef struct si_slot_step {
 /* One batched step over distinct slots (at most n_batch tokens in all): tokens_out[i] receives steps[i]'s sampled
    token, or -1 where it did not sample. */
 int si_slots_step(si_context* ctx, const si_slot_step* steps, size_t n_steps, si_token* tokens_out);
+/* The most tokens one step may carry (0 for NULL or SI_MODE_PLAIN). */
+int si_slots_n_batch(const si_context* ctx);
+/* The log-probabilities released with a slot's most recently sampled token (si_context_params.logprobs), as
+   si_last_logprobs. */
+int si_slots_last_logprobs(const si_context* ctx, int slot, si_token* tokens, float* logprobs, size_t capacity,
+                           size_t* n_out);
 
 #ifdef __cplusplus
 }

@@ -39,6 +39,7 @@ struct si_context {
     std::unique_ptr<si::SecureSession> session;  // the other modes
     std::string isolation, warnings;
     std::vector<si::TokenLogprob> logprobs;  // released with the last sampled token
+    std::vector<std::vector<si::TokenLogprob>> slot_logprobs;  // per slot: released with its last sampled token
 };
 
 namespace {
@@ -512,6 +513,7 @@ int si_slots_reset(si_context* ctx, int slot) {
     return guarded([&] {
         require(ctx && ctx->session, "si_slots_reset: a context with sequence slots is required");
         ctx->session->reset_slot(slot);
+        if (size_t(slot) < ctx->slot_logprobs.size()) ctx->slot_logprobs[size_t(slot)].clear();
     });
 }
 
@@ -533,8 +535,31 @@ int si_slots_step(si_context* ctx, const si_slot_step* steps, size_t n_steps, si
             batch.push_back(si::SlotStep{steps[i].slot, std::span<const int32_t>(steps[i].tokens, steps[i].n_tokens),
                                          steps[i].sample != 0});
         }
-        const std::vector<int32_t> toks = ctx->session->step(batch);
+        std::vector<std::vector<si::TokenLogprob>> lps;
+        const std::vector<int32_t> toks = ctx->session->step(batch, &lps);
         std::copy(toks.begin(), toks.end(), tokens_out);
+        ctx->slot_logprobs.resize(size_t(ctx->session->slot_count()));
+        for (size_t i = 0; i < n_steps; ++i)
+            if (steps[i].sample) ctx->slot_logprobs[size_t(steps[i].slot)] = std::move(lps[i]);
+    });
+}
+
+int si_slots_n_batch(const si_context* ctx) { return ctx && ctx->session ? ctx->session->n_batch() : 0; }
+
+int si_slots_last_logprobs(const si_context* ctx, int slot, si_token* tokens, float* logprobs, size_t capacity,
+                           size_t* n_out) {
+    return guarded([&] {
+        require(ctx && ctx->session && n_out, "si_slots_last_logprobs: a context with slots and n_out are required");
+        require(slot >= 0 && slot < ctx->session->slot_count(), "si_slots_last_logprobs: slot out of range");
+        static const std::vector<si::TokenLogprob> none;
+        const auto& lp = size_t(slot) < ctx->slot_logprobs.size() ? ctx->slot_logprobs[size_t(slot)] : none;
+        const size_t n = std::min(capacity, lp.size());
+        require(n == 0 || (tokens && logprobs), "si_slots_last_logprobs: output arrays are required");
+        for (size_t i = 0; i < n; ++i) {
+            tokens[i] = lp[i].token;
+            logprobs[i] = lp[i].logprob;
+        }
+        *n_out = n;
     });
 }
 

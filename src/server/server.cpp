@@ -1,6 +1,8 @@
 // The OpenAI-compatible HTTP server (see server.h). Request handling reads top to bottom: errors, the context
-// pool, request parsing, generation with stop strings and streaming, the routes.
+// slots, request parsing, generation with stop strings and streaming, the routes.
 #include "server/server.h"
+
+#include "server/batcher.h"
 
 #include <httplib.h>
 
@@ -57,158 +59,27 @@ void send_error(httplib::Response& res, const ApiError& e) {
     res.set_content(dump(error_json(e)), "application/json");
 }
 
-// ---- the context pool ---------------------------------------------------------------------------------------------
+// ---- the slots ----------------------------------------------------------------------------------------------------
 
-// A fixed set of contexts handed out one request at a time, first come first served. A context is reset when it
-// comes back, so the next request starts from an empty KV cache; one that failed (an integrity error ends a
-// session) is replaced by a fresh one. With `precompute` > 0 every context holds precomputed unblinding factors
-// for that many decode steps: filled here, and topped up by a background thread when a context comes back (in
-// small batches, handing the context over early when a request is waiting for one).
-class Pool {
-public:
-    Pool(si_model* model, const si_context_params& cp, int n, int max_queue, int precompute)
-        : model_(model), cp_(cp), max_queue_(max_queue), precompute_(precompute) {
-        for (int i = 0; i < n; ++i) {
-            si_context* c = nullptr;
-            if (si_context_init(model, &cp_, &c) != SI_OK || (precompute_ > 0 && !top_up(c, false))) {
-                const std::string msg = si_last_error();
-                if (c) si_context_free(c);
-                for (si_context* f : free_) si_context_free(f);
-                throw std::runtime_error(msg);
-            }
-            free_.push_back(c);
-        }
-        all_ = n;
-        if (precompute_ > 0) refiller_ = std::thread([this] { refill_loop(); });
-    }
-    ~Pool() {
-        close();
-        if (refiller_.joinable()) refiller_.join();
-        for (si_context* c : free_) si_context_free(c);
-        for (si_context* c : stale_) si_context_free(c);
-    }
-
-    si_context* any() const { return free_.empty() ? nullptr : free_.front(); }
-
-    // The fewest precomputed decode steps any idle context holds (for /health).
-    int min_precomputed() {
-        std::lock_guard<std::mutex> lk(m_);
-        int best = -1;
-        for (si_context* c : free_) best = best < 0 ? si_context_precomputed(c) : std::min(best, si_context_precomputed(c));
-        return std::max(0, best);
-    }
-
-    si_context* acquire() {
-        std::unique_lock<std::mutex> lk(m_);
-        if (closed_) throw ApiError(503, "the server is shutting down", "", "server_shutting_down");
-        if (all_ == 0) throw ApiError(503, "no context is available (every context failed)", "", "server_error");
-        if (next_ - head_ >= uint64_t(max_queue_) + free_.size() + stale_.size() + size_t(refilling_))
-            throw ApiError(503, "the server is busy: " + std::to_string(max_queue_) + " requests are already queued",
-                           "", "server_busy");
-        const uint64_t ticket = next_++;
-        cv_.wait(lk, [&] { return closed_ || (ticket == head_ && !free_.empty()); });
-        if (closed_) {
-            // Let the waiters behind this one see the close too.
-            cv_.notify_all();
-            throw ApiError(503, "the server is shutting down", "", "server_shutting_down");
-        }
-        ++head_;
-        si_context* c = free_.back();
-        free_.pop_back();
-        cv_.notify_all();
-        return c;
-    }
-
-    void release(si_context* c, bool broken) {
-        if (broken) {
-            si_context_free(c);
-            c = nullptr;
-            if (si_context_init(model_, &cp_, &c) != SI_OK) {
-                std::fprintf(stderr, "serve: a context failed and cannot be replaced: %s\n", si_last_error());
-                c = nullptr;
-            }
-        } else {
-            si_context_reset(c);
-        }
-        std::lock_guard<std::mutex> lk(m_);
-        if (!c) {
-            --all_;
-        } else if (precompute_ > 0 && !closed_) {
-            stale_.push_back(c);  // the refill thread hands it out again
-        } else {
-            free_.push_back(c);
-        }
-        cv_.notify_all();
-    }
-
-    void close() {
-        std::lock_guard<std::mutex> lk(m_);
-        closed_ = true;
-        cv_.notify_all();
-    }
-
-private:
-    // Tops c up to precompute_ decode steps, 16 at a time; with `yield`, stops early when a request waits and no
-    // context is free. False when the trusted core refused (si_last_error() says why).
-    bool top_up(si_context* c, bool yield) {
-        for (int need = precompute_ - si_context_precomputed(c); need > 0; need -= 16) {
-            if (si_context_precompute(c, std::min(need, 16), nullptr, nullptr, nullptr) != SI_OK) return false;
-            if (yield) {
-                std::lock_guard<std::mutex> lk(m_);
-                if (closed_ || (next_ > head_ && free_.empty())) break;
-            }
-        }
-        return true;
-    }
-
-    void refill_loop() {
-        std::unique_lock<std::mutex> lk(m_);
-        for (;;) {
-            cv_.wait(lk, [&] { return closed_ || !stale_.empty(); });
-            if (stale_.empty()) return;  // closed, nothing left to refill
-            si_context* c = stale_.front();
-            stale_.pop_front();
-            ++refilling_;
-            lk.unlock();
-            // A context the core will not refill still serves: its decoding unblinds online.
-            if (!closed_flag() && !top_up(c, true))
-                std::fprintf(stderr, "serve: precomputing unblinding factors failed: %s\n", si_last_error());
-            lk.lock();
-            --refilling_;
-            free_.push_back(c);
-            cv_.notify_all();
-        }
-    }
-
-    bool closed_flag() {
-        std::lock_guard<std::mutex> lk(m_);
-        return closed_;
-    }
-
-    si_model* model_;
-    si_context_params cp_;
-    int max_queue_;
-    int precompute_ = 0;
-    std::mutex m_;
-    std::condition_variable cv_;
-    std::vector<si_context*> free_;
-    std::deque<si_context*> stale_;  // back from a request, waiting to be topped up
-    int refilling_ = 0;
-    int all_ = 0;
-    uint64_t next_ = 0, head_ = 0;  // tickets handed out, and the one served next
-    bool closed_ = false;
-    std::thread refiller_;
-};
-
-// A context held for one request; given back (reset) when the last owner lets go.
+// A sequence slot held for one request (server/batcher.h); given back (reset) when the last owner lets go.
 struct Lease {
-    Pool& pool;
-    si_context* ctx;
-    bool broken = false;
-    explicit Lease(Pool& p) : pool(p), ctx(p.acquire()) {}
-    ~Lease() { pool.release(ctx, broken); }
+    Batcher& batcher;
+    std::shared_ptr<Batcher::Job> job;
+    explicit Lease(Batcher& b) : batcher(b), job(acquire(b)) {}
+    ~Lease() { batcher.release(job); }
     Lease(const Lease&) = delete;
     Lease& operator=(const Lease&) = delete;
+
+    static std::shared_ptr<Batcher::Job> acquire(Batcher& b) {
+        try {
+            return b.acquire();
+        } catch (const BatcherRefusal& e) {
+            throw ApiError(503, e.what(), "",
+                           e.kind == BatcherRefusal::busy     ? "server_busy"
+                           : e.kind == BatcherRefusal::closed ? "server_shutting_down"
+                                                              : "server_error");
+        }
+    }
 };
 
 // ---- requests -----------------------------------------------------------------------------------------------------
@@ -335,7 +206,7 @@ uint64_t random_seed() {
 struct Server::Impl {
     si_model* model;
     Options opts;
-    std::unique_ptr<Pool> pool;
+    std::unique_ptr<Batcher> pool;
     int n_ctx = 0, n_vocab = 0;
     std::string warnings;
     httplib::Server http;
@@ -347,11 +218,11 @@ struct Server::Impl {
 
     Impl(si_model* m, si_context_params cp, Options o) : model(m), opts(std::move(o)) {
         cp.logprobs = opts.logprobs;
-        pool = std::make_unique<Pool>(m, cp, std::max(1, opts.parallel), std::max(0, opts.max_queue),
-                                      std::max(0, opts.precompute));
-        n_ctx = si_context_n_ctx(pool->any());
+        pool = std::make_unique<Batcher>(m, cp, std::max(1, opts.parallel), std::max(0, opts.max_queue),
+                                         std::max(0, opts.precompute));
+        n_ctx = pool->n_ctx();
         n_vocab = si_model_n_vocab(m);
-        warnings = si_context_warnings(pool->any());
+        warnings = pool->warnings();
         routes();
     }
 
@@ -533,7 +404,7 @@ struct Server::Impl {
         struct State {
             const Impl* self;
             const Request* r;
-            si_context* ctx;
+            const std::vector<std::pair<si_token, float>>* lps;  // released with the current token
             const Emit* emit;
             Result res;
             std::string all;  // the text so far, cut at a stop string
@@ -541,7 +412,7 @@ struct Server::Impl {
             std::vector<TokenInfo> pending;
             si_token prev = 0;
             bool stopped = false, gone = false;
-        } st{this, &r, lease.ctx, &emit, {}, {}, 0, {}, r.prompt.back(), false, false};
+        } st{this, &r, nullptr, &emit, {}, {}, 0, {}, r.prompt.back(), false, false};
         st.res.n_prompt = int(r.prompt.size());
 
         auto on_token = [](si_token tok, const char* p, size_t n, void* user) -> int {
@@ -552,15 +423,10 @@ struct Server::Impl {
             if (s.r->top_logprobs >= 0) {
                 TokenInfo info;
                 info.text.assign(p, n);
-                std::vector<si_token> ids(static_cast<size_t>(s.self->opts.logprobs));
-                std::vector<float> lps(ids.size());
-                size_t got = 0;
-                if (si_last_logprobs(s.ctx, ids.data(), lps.data(), ids.size(), &got) == SI_OK) {
-                    for (size_t i = 0; i < got; ++i) {
-                        if (ids[i] == tok) info.logprob = lps[i];
-                        if (int(i) < s.r->top_logprobs)
-                            info.top.emplace_back(piece(s.self->model, s.prev, ids[i]), lps[i]);
-                    }
+                for (size_t i = 0; i < s.lps->size(); ++i) {
+                    const auto& [id, lp] = (*s.lps)[i];
+                    if (id == tok) info.logprob = lp;
+                    if (int(i) < s.r->top_logprobs) info.top.emplace_back(piece(s.self->model, s.prev, id), lp);
                 }
                 s.pending.push_back(std::move(info));
             }
@@ -596,15 +462,17 @@ struct Server::Impl {
             return 0;
         };
 
-        int n = 0;
-        const int rc = si_generate(lease.ctx, r.prompt.data(), r.prompt.size(), r.max_tokens, &r.sampler, on_token, &st,
-                                   &n);
-        if (rc != SI_OK) {
-            // invalid arguments were checked above; anything else may have left the context unusable
-            lease.broken = rc != SI_ERR_INVALID_ARGUMENT;
+        std::string error;
+        const int rc = pool->run(lease.job, r.prompt, r.sampler, r.max_tokens,
+                                 [&](si_token tok, const std::vector<std::pair<si_token, float>>& lps) {
+                                     st.lps = &lps;
+                                     const std::string p = piece(model, st.prev, tok);
+                                     return on_token(tok, p.data(), p.size(), &st) == 0;
+                                 },
+                                 &error);
+        if (rc != SI_OK)  // a failed step ends the session; the batcher replaced the context
             throw ApiError(rc == SI_ERR_INVALID_ARGUMENT ? 400 : 500,
-                           std::string("generation failed: ") + si_status_name(rc) + ": " + si_last_error());
-        }
+                           std::string("generation failed: ") + si_status_name(rc) + ": " + error);
         if (!st.gone && (st.sent < st.all.size() || !st.pending.empty()))
             emit(st.all.substr(st.sent), st.pending);
         st.res.text = std::move(st.all);
@@ -802,7 +670,7 @@ struct Server::Impl {
         http.Get("/health", [this](const auto&, auto& res) {
             res.status = stopping ? 503 : 200;
             json h = {{"status", stopping ? "shutting down" : "ok"}};
-            if (opts.precompute > 0) h["precomputed_steps"] = pool->min_precomputed();  // of the idle contexts
+            if (opts.precompute > 0) h["precomputed_steps"] = pool->precomputed_steps();  // per slot
             res.set_content(dump(h), "application/json");
         });
         for (const char* path : {"/v1/completions", "/v1/chat/completions"})
