@@ -460,4 +460,22 @@ TEST(Batch, CApiSlots) {
     si_model_free(m);
 }
 
+// bench --concurrency and --slot-memory run end to end and report every runner and level.
+TEST(Batch, BenchConcurrencyAndSlotMemoryReport) {
+    const std::string model = test::shared("models/stories260K.bin");
+    const auto r = test::run_cli({"bench", "-m", model, "--concurrency", "1,3", "-n", "3", "--ttft-prompt", "20", "-r",
+                                  "1", "--host", "inprocess", "-t", "1"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    for (const char* runner : {"gpu-only", "enclave-only", "secureinfer online", "secureinfer precomputed",
+                               "secureinfer sustained"})
+        for (const char* level : {" | 1 | ", " | 3 | "})
+            EXPECT_NE(r.out.find(std::string(runner) + level), std::string::npos) << runner << level << "\n" << r.out;
+    EXPECT_NE(r.out.find("time to first token, 20-token prompt"), std::string::npos) << r.out;
+    const auto m = test::run_cli({"bench", "-m", model, "--slot-memory", "3", "--slot-memory-positions", "40", "-t", "1"});
+    ASSERT_EQ(m.exit_code, 0) << m.err;
+    EXPECT_NE(m.out.find("3 slots / (1 slot + 2 KV caches)"), std::string::npos) << m.out;
+    const auto bad = test::run_cli({"bench", "-m", model, "--concurrency", "0"});
+    EXPECT_NE(bad.exit_code, 0);
+}
+
 }  // namespace
