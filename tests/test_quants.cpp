@@ -1,0 +1,179 @@
+// Dequantisation of llama.cpp's block formats against ggml itself: tests/data/quants/<type>.qf hold blocks that
+// ggml quantised (and blocks of random bytes) together with ggml's own dequantised floats
+// (scripts/gen-quant-fixtures.sh). Every value must match bit for bit.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include "common/error.h"
+#include "formats/gguf.h"
+#include "formats/quants.h"
+
+namespace si {
+namespace {
+
+using gguf::TensorType;
+
+struct Section {
+    std::vector<uint8_t> bytes;
+    std::vector<float> ref;
+};
+struct Fixture {
+    uint32_t type = 0;
+    std::vector<Section> sections;
+};
+
+uint32_t u32_at(const std::string& s, size_t& pos) {
+    if (pos + 4 > s.size()) throw std::runtime_error("fixture truncated");
+    uint32_t v;
+    std::memcpy(&v, s.data() + pos, 4);
+    pos += 4;
+    return v;
+}
+
+Fixture load_fixture(const std::string& name) {
+    const std::string path = std::string(SI_SOURCE_DIR) + "/tests/data/quants/" + name + ".qf";
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw std::runtime_error("cannot open " + path);
+    const std::string s((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    if (s.compare(0, 4, "SIQF") != 0) throw std::runtime_error(path + ": bad magic");
+    size_t pos = 4;
+    Fixture f;
+    f.type = u32_at(s, pos);
+    const uint32_t n_sections = u32_at(s, pos);
+    for (uint32_t i = 0; i < n_sections; ++i) {
+        Section sec;
+        const uint32_t n = u32_at(s, pos), nb = u32_at(s, pos);
+        if (pos + nb + size_t(n) * 4 > s.size()) throw std::runtime_error(path + ": truncated section");
+        sec.bytes.assign(s.begin() + long(pos), s.begin() + long(pos + nb));
+        pos += nb;
+        sec.ref.resize(n);
+        std::memcpy(sec.ref.data(), s.data() + pos, size_t(n) * 4);
+        pos += size_t(n) * 4;
+        f.sections.push_back(std::move(sec));
+    }
+    return f;
+}
+
+uint32_t bits(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    return u;
+}
+
+class QuantFixture : public ::testing::TestWithParam<std::pair<const char*, TensorType>> {};
+
+TEST_P(QuantFixture, BitIdenticalToGgml) {
+    const auto [name, type] = GetParam();
+    const Fixture f = load_fixture(name);
+    ASSERT_EQ(f.type, uint32_t(type)) << name;
+    ASSERT_EQ(f.sections.size(), 2u);
+    const gguf::TypeTraits* tr = gguf::type_traits(f.type);
+    ASSERT_NE(tr, nullptr);
+    ASSERT_TRUE(gguf::can_dequantize(type));
+    for (size_t s = 0; s < f.sections.size(); ++s) {
+        const Section& sec = f.sections[s];
+        const size_t n = sec.ref.size();
+        ASSERT_EQ(sec.bytes.size(), n / tr->block_size * tr->type_size) << name;
+        std::vector<float> out(n, std::nanf(""));
+        quants::dequantize(type, sec.bytes.data(), n, out.data());
+        size_t mismatches = 0, first = n, nonzero = 0;
+        for (size_t i = 0; i < n; ++i) {
+            if (bits(out[i]) != bits(sec.ref[i]) && mismatches++ == 0) first = i;
+            nonzero += sec.ref[i] != 0.0f;
+        }
+        EXPECT_EQ(mismatches, 0u) << name << " section " << s << ": first mismatch at element " << first << ": "
+                                  << (first < n ? out[first] : 0.0f) << " vs ggml " << (first < n ? sec.ref[first] : 0.0f);
+        // The fixture exercises the format: most values are non-zero.
+        EXPECT_GT(nonzero, n / 2) << name << " section " << s;
+        // The GGUF path (Reader::to_f32 -> gguf::decode) gives the same bits.
+        std::vector<float> via_decode(n);
+        gguf::decode(type, sec.bytes.data(), n, via_decode.data());
+        EXPECT_EQ(std::memcmp(via_decode.data(), out.data(), n * 4), 0) << name;
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllTypes, QuantFixture,
+    ::testing::Values(std::pair{"q4_0", TensorType::Q4_0}, std::pair{"q4_1", TensorType::Q4_1},
+                      std::pair{"q5_0", TensorType::Q5_0}, std::pair{"q5_1", TensorType::Q5_1},
+                      std::pair{"q8_0", TensorType::Q8_0}, std::pair{"q2_K", TensorType::Q2_K},
+                      std::pair{"q3_K", TensorType::Q3_K}, std::pair{"q4_K", TensorType::Q4_K},
+                      std::pair{"q5_K", TensorType::Q5_K}, std::pair{"q6_K", TensorType::Q6_K},
+                      std::pair{"iq4_nl", TensorType::IQ4_NL}, std::pair{"iq4_xs", TensorType::IQ4_XS},
+                      std::pair{"f16", TensorType::F16}, std::pair{"bf16", TensorType::BF16}),
+    [](const auto& info) { return std::string(info.param.first); });
+
+TEST(Quants, SupportedTypes) {
+    for (TensorType t : {TensorType::F32, TensorType::F16, TensorType::BF16, TensorType::Q4_0, TensorType::Q4_1,
+                         TensorType::Q5_0, TensorType::Q5_1, TensorType::Q8_0, TensorType::Q2_K, TensorType::Q3_K,
+                         TensorType::Q4_K, TensorType::Q5_K, TensorType::Q6_K, TensorType::IQ4_NL, TensorType::IQ4_XS})
+        EXPECT_TRUE(quants::supported(t)) << gguf::type_name(t);
+    for (TensorType t : {TensorType::Q8_1, TensorType::Q8_K, TensorType::IQ2_XXS, TensorType::IQ3_S, TensorType::IQ1_M,
+                         TensorType::TQ1_0, TensorType::MXFP4, TensorType::I8})
+        EXPECT_FALSE(quants::supported(t)) << gguf::type_name(t);
+}
+
+TEST(Quants, RejectsUnsupportedTypeAndPartialBlock) {
+    std::vector<uint8_t> bytes(512);
+    std::vector<float> out(256);
+    try {
+        quants::dequantize(TensorType::IQ2_XS, bytes.data(), 256, out.data());
+        ADD_FAILURE();
+    } catch (const Error& e) {
+        EXPECT_EQ(e.status(), Status::unsupported);
+        EXPECT_NE(std::string(e.what()).find("cannot dequantise IQ2_XS"), std::string::npos) << e.what();
+    }
+    try {
+        quants::dequantize(TensorType::Q4_K, bytes.data(), 128, out.data());
+        ADD_FAILURE();
+    } catch (const Error& e) {
+        EXPECT_EQ(e.status(), Status::invalid_argument);
+        EXPECT_NE(std::string(e.what()).find("128 elements are not a whole number of Q4_K blocks of 256"),
+                  std::string::npos)
+            << e.what();
+    }
+}
+
+// Hand-built blocks with known values, independent of the fixtures: the layouts as documented in quants.h.
+TEST(Quants, HandBuiltBlocks) {
+    // Q4_0 with d = 0.5 (fp16 0x3800): nibble q gives (q - 8) * 0.5; byte j holds elements j (low) and j + 16 (high).
+    std::vector<uint8_t> q4(18, 0);
+    q4[0] = 0x00, q4[1] = 0x38;
+    q4[2] = 0xF0;  // element 0: 0 -> -4, element 16: 15 -> 3.5
+    std::vector<float> y(32);
+    quants::dequantize(TensorType::Q4_0, q4.data(), 32, y.data());
+    EXPECT_EQ(y[0], -4.0f);
+    EXPECT_EQ(y[16], 3.5f);
+    EXPECT_EQ(y[1], -4.0f);
+    // Q6_K with d = 1 (0x3C00), scale of sub-block 0 = 3: element 0 has ql low nibble 5, qh bits 0-1 = 2 ->
+    // q = 5 | 2 << 4 = 37, value 3 * (37 - 32) = 15.
+    std::vector<uint8_t> q6(210, 0);
+    q6[0] = 0x05;
+    q6[128] = 0x02;
+    q6[192] = 3;
+    q6[208] = 0x00, q6[209] = 0x3C;
+    std::vector<float> y6(256);
+    quants::dequantize(TensorType::Q6_K, q6.data(), 256, y6.data());
+    EXPECT_EQ(y6[0], 15.0f);
+    EXPECT_EQ(y6[1], -96.0f);  // q = 0 -> 3 * -32
+    // Q4_K with d = 1, dmin = 1, sub-block 0 scale 2 and min 1: nibble 7 -> 2 * 7 - 1 = 13.
+    std::vector<uint8_t> k4(144, 0);
+    k4[1] = 0x3C, k4[3] = 0x3C;
+    k4[4] = 2;      // scale of sub-block 0
+    k4[4 + 4] = 1;  // min of sub-block 0
+    k4[16] = 0x07;
+    std::vector<float> yk(256);
+    quants::dequantize(TensorType::Q4_K, k4.data(), 256, yk.data());
+    EXPECT_EQ(yk[0], 13.0f);
+    EXPECT_EQ(yk[1], -1.0f);
+    EXPECT_EQ(yk[32], 0.0f);  // sub-block 1: scale 0, min 0
+}
+
+}  // namespace
+}  // namespace si
