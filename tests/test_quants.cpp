@@ -15,7 +15,9 @@
 #include "common/error.h"
 #include "common/quant_dot.h"
 #include "formats/gguf.h"
+#include "engine/engine.h"
 #include "formats/gguf_model.h"
+#include "formats/model_file.h"
 #include "formats/quants.h"
 #include "testutil.h"
 
@@ -293,6 +295,34 @@ TEST(QuantDot, Q8_0WeightsAreGgmlsReference) {
     std::vector<float> back(x.size());
     quants::dequantize(TensorType::Q8_0, out.data(), x.size(), back.data());
     for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(back[i], x[i]) << i;
+}
+
+// The native engine computes with the file's blocks and int8 activations: its logits stay close to those of the f32
+// engine on the dequantised weights, and it holds a fraction of the bytes.
+TEST(QuantModel, NativeLogitsCloseToDequantisedF32) {
+    const ModelFile mf = load_model_file(kQ4KM);
+    EngineParams p;
+    p.n_threads = 2;
+    p.weights = WeightFormat::f32;
+    Engine ef(mf.weights, p);
+    p.weights = WeightFormat::native;
+    Engine en(mf.weights, p, mf.gguf.get());
+    EXPECT_LT(en.weight_bytes(), ef.weight_bytes() / 3);
+    const std::vector<int32_t> tokens = {1, 403, 261, 285, 300, 94, 7, 500};
+    const int V = mf.weights.cfg.vocab_size;
+    const float* pf = ef.eval(tokens, true);
+    const std::vector<float> want(pf, pf + tokens.size() * size_t(V));
+    const float* pn = en.eval(tokens, true);
+    for (size_t t = 0; t < tokens.size(); ++t) {
+        float range = 0.0f, diff = 0.0f;
+        for (int v = 0; v < V; ++v) {
+            const float a = want[t * size_t(V) + size_t(v)], b = pn[t * size_t(V) + size_t(v)];
+            range = std::max(range, std::fabs(a));
+            diff = std::max(diff, std::fabs(a - b));
+        }
+        EXPECT_LT(diff, 0.08f * range) << "token " << t;  // measured: at most 5.6% over these tokens
+        EXPECT_GT(diff, 0.0f) << "token " << t;  // int8 activations: not the f32 computation
+    }
 }
 
 TEST(QuantModel, NativeEngineReproducesLlamaCpp) {
