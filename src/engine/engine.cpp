@@ -64,23 +64,29 @@ void native_forward(ThreadPool* pool, const Linear& W, const float* X, int64_t T
         for (int64_t t = 0; t < T; ++t)
             qdot::quantize_q8_k(X + t * n, n, &a.qk[size_t(t * n)], &a.dk[size_t(t * n / 256)], &a.bsums[size_t(t * n / 16)]);
     }
-    int64_t row0 = 0;
-    for (const Linear::Part& p : W.parts) {
-        const auto type = qdot::WType(p.type);
-        const bool k = qdot::uses_q8k(type);
-        const int8_t* q = k ? a.qk.data() : a.q0.data();
-        const float* d = k ? a.dk.data() : a.d0.data();
-        const int64_t dstride = k ? n / 256 : n / 32;
-        pool->parallel_for(p.rows, 8, [&](int64_t begin, int64_t end) {
-            for (int64_t r = begin; r < end; ++r) {
-                const uint8_t* row = p.data + size_t(r) * p.row_bytes;
+    // One pass over all rows of all parts (one thread-pool round per product, as for the other formats).
+    const int64_t rows = W.rows;
+    pool->parallel_for(rows, 8, [&](int64_t begin, int64_t end) {
+        int64_t row0 = 0;
+        size_t pi = 0;
+        while (begin >= row0 + W.parts[pi].rows) row0 += W.parts[pi++].rows;
+        for (int64_t r = begin; r < end;) {
+            const Linear::Part& p = W.parts[pi];
+            const auto type = qdot::WType(p.type);
+            const bool k = qdot::uses_q8k(type);
+            const int8_t* q = k ? a.qk.data() : a.q0.data();
+            const float* d = k ? a.dk.data() : a.d0.data();
+            const int64_t dstride = k ? n / 256 : n / 32;
+            const int64_t stop = std::min(end, row0 + p.rows);
+            for (; r < stop; ++r) {
+                const uint8_t* row = p.data + size_t(r - row0) * p.row_bytes;
                 for (int64_t t = 0; t < T; ++t)
-                    Y[t * W.rows + row0 + r] = qdot::dot_row(type, row, n, q + t * n, d + t * dstride,
-                                                             k ? a.bsums.data() + t * (n / 16) : nullptr);
+                    Y[t * rows + r] = qdot::dot_row(type, row, n, q + t * n, d + t * dstride,
+                                                    k ? a.bsums.data() + t * (n / 16) : nullptr);
             }
-        });
-        row0 += p.rows;
-    }
+            if (r == row0 + p.rows && pi + 1 < W.parts.size()) row0 += W.parts[pi++].rows;
+        }
+    });
 }
 
 // A native matrix from stacked tensors of the file (or, without the file or for a format without a native kernel,
