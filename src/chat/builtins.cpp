@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
+#include <functional>
 #include <set>
 
 #include "chat/internal.h"
@@ -62,53 +63,100 @@ std::string py_strip(const std::string& s, const Value* chars, bool left, bool r
     return s.substr(cps[b].first, cps[e - 1].first + cps[e - 1].second - cps[b].first);
 }
 
-std::string ascii_lower(std::string s) {
-    for (char& c : s)
-        if (c >= 'A' && c <= 'Z') c = char(c + 32);
-    return s;
+// Simple case mapping for ASCII, Latin-1, Latin Extended-A, Greek and Cyrillic (other scripts are left as they
+// are; docs/CHAT.md). Python's full mapping also expands a few characters (ß -> SS), done here for ß.
+uint32_t upper_cp(uint32_t c) {
+    if (c >= 'a' && c <= 'z') return c - 32;
+    if ((c >= 0xE0 && c <= 0xFE && c != 0xF7)) return c - 32;
+    if (c == 0xFF) return 0x178;
+    if (c == 0xB5) return 0x39C;
+    if (c >= 0x100 && c <= 0x17F && c != 0x130 && c != 0x131 && c != 0x138 && c != 0x149 && c != 0x17F) {
+        const bool odd_lower = (c >= 0x100 && c <= 0x137) || (c >= 0x14A && c <= 0x177);
+        if (odd_lower) return c % 2 == 1 ? c - 1 : c;
+        return c % 2 == 0 && c != 0x178 ? c - 1 : c;  // 0x139..0x148 and 0x179..0x17E: lower case is even
+    }
+    if (c == 0x131) return 'I';
+    if (c == 0x17F) return 'S';
+    if (c >= 0x3B1 && c <= 0x3C9 && c != 0x3C2) return c - 32;
+    if (c == 0x3C2) return 0x3A3;
+    if (c >= 0x3AC && c <= 0x3AF) return c == 0x3AC ? 0x386 : c - 37;
+    if (c >= 0x430 && c <= 0x44F) return c - 32;
+    if (c >= 0x450 && c <= 0x45F) return c - 80;
+    return c;
 }
-std::string ascii_upper(std::string s) {
-    for (char& c : s)
-        if (c >= 'a' && c <= 'z') c = char(c - 32);
-    return s;
+uint32_t lower_cp(uint32_t c) {
+    if (c >= 'A' && c <= 'Z') return c + 32;
+    if (c >= 0xC0 && c <= 0xDE && c != 0xD7) return c + 32;
+    if (c == 0x178) return 0xFF;
+    if (c >= 0x100 && c <= 0x17F && c != 0x130 && c != 0x131 && c != 0x138 && c != 0x149 && c != 0x17F) {
+        const bool even_upper = (c >= 0x100 && c <= 0x137) || (c >= 0x14A && c <= 0x177);
+        if (even_upper) return c % 2 == 0 ? c + 1 : c;
+        return c % 2 == 1 ? c + 1 : c;
+    }
+    if (c == 0x130) return 'i';  // Python gives "i̇"; close enough for templates
+    if (c >= 0x391 && c <= 0x3A9 && c != 0x3A2) return c + 32;
+    if (c == 0x386) return 0x3AC;
+    if (c >= 0x388 && c <= 0x38A) return c + 37;
+    if (c >= 0x410 && c <= 0x42F) return c + 32;
+    if (c >= 0x400 && c <= 0x40F) return c + 80;
+    return c;
 }
+bool cased(uint32_t c) { return upper_cp(c) != c || lower_cp(c) != c || c == 0xDF; }
+
+std::string map_case(const std::string& s, bool upper) {
+    std::string r;
+    r.reserve(s.size());
+    for (size_t off = 0; off < s.size();) {
+        const auto [cp, len] = decode_char(s, off);
+        if (upper && cp == 0xDF) r += "SS";
+        else if (cp < 0x80 || upper_cp(cp) != cp || lower_cp(cp) != cp) unicode::append_utf8(r, upper ? upper_cp(cp) : lower_cp(cp));
+        else r.append(s, off, len);
+        off += len;
+    }
+    return r;
+}
+std::string ascii_lower(const std::string& s) { return map_case(s, false); }
+std::string ascii_upper(const std::string& s) { return map_case(s, true); }
 bool ascii_alpha(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
 
-std::string py_capitalize(const std::string& s) {
-    std::string r = ascii_lower(s);
-    if (!r.empty() && r[0] >= 'a' && r[0] <= 'z') r[0] = char(r[0] - 32);
+// Per code point: upper-case when `start`, else lower-case.
+std::string case_words(const std::string& s, const std::function<bool(uint32_t cp, bool& state)>& starts) {
+    std::string r;
+    bool state = false;
+    for (size_t off = 0; off < s.size();) {
+        const auto [cp, len] = decode_char(s, off);
+        const bool up = starts(cp, state);
+        r += up ? map_case(s.substr(off, len), true) : map_case(s.substr(off, len), false);
+        off += len;
+    }
     return r;
+}
+std::string py_capitalize(const std::string& s) {
+    bool first = true;
+    return case_words(s, [&](uint32_t, bool&) {
+        const bool f = first;
+        first = false;
+        return f;
+    });
 }
 // str.title(): a cased letter after an uncased character starts a word.
 std::string py_title(const std::string& s) {
-    std::string r = s;
-    bool prev_cased = false;
-    for (char& c : r) {
-        if (ascii_alpha(c)) {
-            c = prev_cased ? char(std::tolower(uint8_t(c))) : char(std::toupper(uint8_t(c)));
-            prev_cased = true;
-        } else {
-            prev_cased = uint8_t(c) >= 0x80 && prev_cased;
-        }
-    }
-    return r;
+    return case_words(s, [](uint32_t cp, bool& prev_cased) {
+        const bool c = cased(cp);
+        const bool up = c && !prev_cased;
+        prev_cased = c;
+        return up;
+    });
 }
 // Jinja's title filter: words start after '-', whitespace, '(', '{', '[' or '<'.
 std::string jinja_title(const std::string& s) {
-    std::string r;
-    bool start = true;
-    for (const char c : s) {
+    return case_words(s, [](uint32_t c, bool& after_sep) {
         const bool sep = c == '-' || c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v' ||
                          c == '(' || c == '{' || c == '[' || c == '<';
-        if (sep) {
-            r += c;
-            start = true;
-        } else {
-            r += start ? char(std::toupper(uint8_t(c))) : char(std::tolower(uint8_t(c)));
-            start = false;
-        }
-    }
-    return r;
+        const bool first = !after_sep;
+        after_sep = !sep;  // state: "inside a word"
+        return !sep && first;
+    });
 }
 
 std::vector<std::string> py_split(const std::string& s, const Value* sep, int64_t maxsplit, int line) {
@@ -325,7 +373,7 @@ Value dict_method(const Value& obj, const std::string& name, int line) {
             check_args("dict." + name + "()", a, k, 0, {}, line);
             List l;
             for (const auto& [key, val] : self.dict->items) {
-                if (name == "items") l.push_back(Value::array({Value::string(key), val}));
+                if (name == "items") l.push_back(Value::pair(Value::string(key), val));
                 else if (name == "keys") l.push_back(Value::string(key));
                 else l.push_back(val);
             }
@@ -673,7 +721,7 @@ Value apply_filter(Runtime& rt, const std::string& name, const Value& v, std::ve
         if (v.is_undefined()) return Value::array();
         if (v.kind != K::dict) runtime_error(line, "Can only get item pairs from a mapping.");
         List l;
-        for (const auto& [k, x] : v.dict->items) l.push_back(Value::array({Value::string(k), x}));
+        for (const auto& [k, x] : v.dict->items) l.push_back(Value::pair(Value::string(k), x));
         return Value::array(std::move(l));
     }
     if (name == "list") return Value::array(iterate(v, line));
@@ -849,7 +897,7 @@ Value apply_filter(Runtime& rt, const std::string& name, const Value& v, std::ve
         if (name != "dictsort") l = iterate(v, line);
         if (name == "dictsort") {
             if (v.kind != K::dict) runtime_error(line, "dictsort needs a mapping");
-            for (const auto& [k, x] : v.dict->items) l.push_back(Value::array({Value::string(k), x}));
+            for (const auto& [k, x] : v.dict->items) l.push_back(Value::pair(Value::string(k), x));
         }
         const auto key = [&](const Value& x) {
             Value y = name == "dictsort" ? (*x.list)[0] : attribute ? attr_path(x, str_of(*attribute), line) : x;

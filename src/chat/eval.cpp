@@ -330,7 +330,9 @@ private:
             case Expr::Kind::tuple: {
                 List l;
                 for (const ExprP& x : e.args) l.push_back(eval(*x));
-                return Value::array(std::move(l));
+                Value v = Value::array(std::move(l));
+                v.tuple = e.kind == Expr::Kind::tuple;
+                return v;
             }
             case Expr::Kind::dict: {
                 Dict dct;

@@ -43,6 +43,7 @@ struct Value {
     std::shared_ptr<List> list;
     std::shared_ptr<Dict> dict;  // dict and namespace (ns: attributes are assignable)
     std::shared_ptr<Callable> fn;
+    bool tuple = false;  // a list that prints as a Python tuple: (a, b)
 
     Value() = default;
     static Value undefined(std::string what = "");
@@ -52,6 +53,7 @@ struct Value {
     static Value number(double v);
     static Value string(std::string v);
     static Value array(List v = {});
+    static Value pair(Value a, Value b);  // a 2-tuple, as dict.items() yields
     static Value object(Dict v = {});
 
     bool is_undefined() const { return kind == Kind::undefined; }
@@ -95,7 +97,7 @@ private:
 
 struct Limits {
     size_t max_output = 16u << 20;   // bytes of rendered text
-    uint64_t max_steps = 20000000;   // evaluation steps (expressions, loop iterations)
+    uint64_t max_steps = 2000000;    // evaluation steps (expressions, loop iterations): about a second
     int max_depth = 200;             // nested blocks / expressions / macro calls
 };
 

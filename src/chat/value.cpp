@@ -65,6 +65,11 @@ Value Value::array(List x) {
     v.list = std::make_shared<List>(std::move(x));
     return v;
 }
+Value Value::pair(Value a, Value b) {
+    Value v = array({std::move(a), std::move(b)});
+    v.tuple = true;
+    return v;
+}
 Value Value::object(Dict x) {
     Value v;
     v.kind = Kind::dict;
@@ -140,6 +145,19 @@ std::string py_float(double d) {
 
 namespace {
 
+// Python's str.isprintable for the characters that occur in practice: control and format characters, and
+// separators other than the space, are written as escapes by repr().
+bool py_printable(uint32_t c) {
+    if (c < 0x20 || (c >= 0x7F && c < 0xA1) || c == 0xAD) return false;
+    if (c == 0x1680 || (c >= 0x2000 && c <= 0x200F) || (c >= 0x2028 && c <= 0x202F) || (c >= 0x205F && c <= 0x2064) ||
+        (c >= 0x2066 && c <= 0x206F) || c == 0x3000 || c == 0xFEFF || (c >= 0xFFF9 && c <= 0xFFFB) ||
+        (c >= 0x600 && c <= 0x605) || c == 0x61C || c == 0x6DD || c == 0x70F || c == 0x180E || c == 0x8E2 ||
+        (c >= 0xD800 && c <= 0xDFFF) || (c >= 0xE000 && c <= 0xF8FF) || c == 0xE0001 || (c >= 0xE0020 && c <= 0xE007F) ||
+        c >= 0xF0000)
+        return false;
+    return true;
+}
+
 void repr_string(std::string& out, const std::string& s) {
     const bool dq = s.find('\'') != std::string::npos && s.find('"') == std::string::npos;
     const char q = dq ? '"' : '\'';
@@ -155,9 +173,11 @@ void repr_string(std::string& out, const std::string& s) {
             out += "\\r";
         } else if (cp == '\t') {
             out += "\\t";
-        } else if (cp < 0x20 || cp == 0x7F || (cp >= 0x80 && cp < 0xA0) || cp == 0xAD) {
-            char b[8];
-            std::snprintf(b, sizeof b, "\\x%02x", cp);
+        } else if (!py_printable(cp)) {
+            char b[16];
+            if (cp < 0x100) std::snprintf(b, sizeof b, "\\x%02x", cp);
+            else if (cp < 0x10000) std::snprintf(b, sizeof b, "\\u%04x", cp);
+            else std::snprintf(b, sizeof b, "\\U%08x", cp);
             out += b;
         } else {
             out.append(s, off, len);
@@ -171,12 +191,13 @@ void repr(std::string& out, const Value& v) {
     switch (v.kind) {
         case Value::Kind::string: repr_string(out, v.s); return;
         case Value::Kind::list: {
-            out += '[';
+            out += v.tuple ? '(' : '[';
             for (size_t k = 0; k < v.list->size(); ++k) {
                 if (k) out += ", ";
                 repr(out, (*v.list)[k]);
             }
-            out += ']';
+            if (v.tuple && v.list->size() == 1) out += ',';
+            out += v.tuple ? ')' : ']';
             return;
         }
         case Value::Kind::dict: {
