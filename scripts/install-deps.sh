@@ -7,7 +7,8 @@ PKGS=(build-essential cmake g++ pkg-config
       libcli11-dev nlohmann-json3-dev libcpp-httplib-dev
       libssl-dev libseccomp-dev
       curl strace libcap2-bin
-      clang libclang-rt-14-dev)
+      clang libclang-rt-14-dev
+      python3-prometheus-client chromium chromium-driver haproxy)  # /metrics parser, web chat browser test, scale-out
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

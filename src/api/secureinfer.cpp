@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "common/error.h"
 #include "common/sampler.h"
 #include "common/staged_forward.h"
@@ -17,6 +19,7 @@
 #include "formats/model_file.h"
 #include "host/package.h"
 #include "host/secure_session.h"
+#include "host/worker_host.h"
 #include "train/lora.h"
 
 struct si_model {
@@ -476,6 +479,59 @@ int si_last_logprobs(const si_context* ctx, si_token* tokens, float* logprobs, s
         }
         *n_out = n;
     });
+}
+
+// ---- protection status (the server's GET /v1/secureinfer/status and web chat) ------------------------------------
+
+const char* si_context_protection(const si_context* ctx) {
+    thread_local std::string out;
+    const int rc = guarded([&] {
+        require(ctx, "si_context_protection: context is required");
+        using nlohmann::json;
+        const char* modes[] = {"secureinfer", "gpu-only", "enclave-only", "plain"};
+        json j;
+        j["mode"] = modes[ctx->mode];
+        j["isolation"] = ctx->isolation;
+        const bool worker = ctx->isolation.rfind("worker process", 0) == 0;
+        const bool inprocess = ctx->isolation.rfind("no isolation (in-process", 0) == 0;
+        j["enclave_host"] = worker ? "worker" : inprocess ? "inprocess" : "none";
+        j["measurement"] = nullptr;
+        j["measurement_config"] = nullptr;
+        if (worker) {
+            si::WorkerOptions wo;
+            // the fallback without locked memory runs only when it was allowed (its configuration says so)
+            wo.insecure_memory = ctx->isolation.find("not locked") != std::string::npos;
+            const si::WorkerIdentity id = si::worker_identity(wo);
+            j["measurement"] = si::pkg::to_hex(id.measurement);
+            j["measurement_config"] = id.config;
+        } else if (inprocess) {
+            j["measurement"] = si::pkg::to_hex(si::inprocess_measurement());
+            j["measurement_config"] = "in-process core (tests only)";
+        }
+        j["package"] = nullptr;
+        if (const auto& pk = ctx->model->package) {
+            const json manifest = json::parse(pk->manifest_json(), nullptr, false);
+            const auto& sp = pk->sampling();
+            j["package"] = {{"model_id", si::pkg::to_hex(pk->model_id())},
+                            {"name", manifest.is_object() ? manifest.value("name", "") : ""},
+                            {"release",
+                             {{"logprobs_top_k", pk->release() & si::pkg::kReleaseLogprobsMask},
+                              {"nll", (pk->release() & si::pkg::kReleaseNll) != 0}}},
+                            {"sampling",
+                             {{"max_temperature", sp.max_temperature},
+                              {"min_top_k", sp.min_top_k},
+                              {"min_top_p", sp.min_top_p},
+                              {"min_logprob_noise", sp.min_logprob_noise}}}};
+        }
+        json secrets = json::array();
+        if (ctx->model->package)
+            for (const auto& n : ctx->model->package->secret_base_tensors()) secrets.push_back(n);
+        for (const auto& n : ctx->model->secret_tensors) secrets.push_back(n);
+        j["secret_tensors"] = secrets;
+        j["adapter"] = ctx->model->lora != nullptr || (ctx->model->package && ctx->model->package->has_adapter());
+        out = j.dump();
+    });
+    return rc == SI_OK ? out.c_str() : nullptr;
 }
 
 }  // extern "C"
