@@ -218,9 +218,12 @@ async function send(text) {
   msg.classList.remove("streaming");
   msg.dataset.finish = finish || (failed ? "error" : "stopped");
   if (failed) {
-    showError(failed);
+    // A refused turn leaves the conversation as it was; the text goes back into the box to be edited.
     msg.remove();
-    userMsg.classList.add("refused");
+    userMsg.remove();
+    if (!$("prompt").value) $("prompt").value = text;
+    showError(failed);
+    $("error").scrollIntoView({ block: "nearest" });
   } else {
     history.push({ role: "user", content: text }, { role: "assistant", content: answer });
     if (cost) renderPanel(panel, cost, (performance.now() - t0) / 1000);
