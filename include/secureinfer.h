@@ -212,6 +212,12 @@ int si_last_logprobs(const si_context* ctx, si_token* tokens, float* logprobs, s
    Valid until the next call of this function on the calling thread; NULL (si_last_error says why) on failure. */
 const char* si_context_protection(const si_context* ctx);
 
+/* ---- load progress ------------------------------------------------------------------------------------------- */
+/* Sets the callback si_context_init calls on this thread as it loads a model into the enclave (secure modes):
+   progress(done, total, user_data) with done = layers loaded so far out of total = layers + 1 (the last step sets
+   up the offloaded products). NULL: none (the default). Per thread. */
+void si_set_load_progress(si_progress_callback progress, void* user_data);
+
 /* ---- sampling and generation ------------------------------------------------------------------------------- */
 
 typedef struct si_sampler_params {

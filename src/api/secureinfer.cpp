@@ -51,6 +51,9 @@ namespace {
 constexpr const char* kSecretTensorsKey = "secureinfer.secret_tensors";
 
 thread_local std::string g_last_error;
+// si_set_load_progress: the calling thread's load progress callback.
+thread_local si_progress_callback g_load_progress = nullptr;
+thread_local void* g_load_progress_user = nullptr;
 
 template <class F>
 int guarded(F&& f) {
@@ -277,6 +280,10 @@ int si_context_init(si_model* model, const si_context_params* params, si_context
             sp.lora_scale = model->lora_scale;
             sp.logprobs = p.logprobs;
             sp.logprob_noise = p.logprob_noise;
+            if (g_load_progress)
+                sp.load_progress = [cb = g_load_progress, user = g_load_progress_user](int done, int total) {
+                    cb(done, total, user);
+                };
             c->session = std::make_unique<si::SecureSession>(model->file.weights, std::move(sp));
             c->isolation = c->session->isolation();
             for (const auto& w : c->session->warnings()) c->warnings += (c->warnings.empty() ? "" : "\n") + w;
@@ -532,6 +539,13 @@ const char* si_context_protection(const si_context* ctx) {
         out = j.dump();
     });
     return rc == SI_OK ? out.c_str() : nullptr;
+}
+
+// ---- load progress -------------------------------------------------------------------------------------------------
+
+void si_set_load_progress(si_progress_callback progress, void* user_data) {
+    g_load_progress = progress;
+    g_load_progress_user = user_data;
 }
 
 }  // extern "C"
