@@ -3,6 +3,7 @@
 // behind `secureinfer security-report`, which writes report.md, report.json and report.svg.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -49,6 +50,9 @@ struct EvalConfig {
     EnclaveHostKind host = EnclaveHostKind::automatic;
     bool keep_traces = false;
     bool verbose = true;
+    // security_report: called with (experiments done, experiments planned, the next one's name) before each
+    // experiment and once at the end (name ""); may be empty.
+    std::function<void(int done, int total, const std::string& next)> progress;
 };
 
 // Everything an experiment needs, loaded once: the base, tokenizer, victim adapter, text streams, and the decoy
