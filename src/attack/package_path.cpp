@@ -5,6 +5,7 @@
 #include "common/error.h"
 #include "common/secret_memory.h"
 #include "formats/model_file.h"
+#include "host/enclave_host.h"
 #include "host/keyserver.h"
 #include "host/package.h"
 #include "host/software_tee.h"
@@ -35,15 +36,17 @@ PackagePath::PackagePath(std::string model, std::string tokenizer, std::string d
     // The owner allows the measurement of the core that serves here and registers this device's quoting key.
     AttestationPolicy policy;
     policy.accept_software_tee = true;
-    policy.devices = {{"eval-device", tee::read_quoting_public_key(device_)}};
+    quoting_ = tee::read_quoting_public_key(device_);
+    policy.devices = {{"eval-device", quoting_}};
     if (host_ == EnclaveHostKind::inprocess) {
-        policy.allowed_measurements = {inprocess_measurement()};
+        measurement_ = inprocess_measurement();
     } else {
         WorkerOptions wo;
         wo.attest = true;
         wo.device_dir = device_;
-        policy.allowed_measurements = {worker_measurement(wo)};
+        measurement_ = worker_measurement(wo);
     }
+    policy.allowed_measurements = {measurement_};
     service_ = std::make_unique<KeyService>(owner, std::move(policy));
     secure_zero(owner.data(), owner.size());
     service_->set_warn([this](const std::string& s) {
@@ -91,6 +94,33 @@ SecureSessionParams PackagePath::params(const train::LoraAdapter& adapter, Unbli
     // kept inside: the default budget (256 MiB) holds every factor of this model; sealed outside: none kept
     p.precompute_inside_bytes = u == Unblinding::precomputed_sealed ? 0 : int64_t(256) << 20;
     return p;
+}
+
+std::string PackagePath::sealed_key_path(const train::LoraAdapter& adapter) const {
+    const auto it = sealed_.find(&adapter);
+    if (it == sealed_.end()) fail(Status::invalid_argument, "PackagePath: the adapter was not packed");
+    return it->second;
+}
+
+std::shared_ptr<EnclaveHost> PackagePath::make_host() const {
+    if (host_ == EnclaveHostKind::inprocess) return make_inprocess_host(device_, std::max(1, threads_));
+    WorkerOptions wo;
+    wo.attest = true;
+    wo.device_dir = device_;
+    wo.enclave_threads = std::max(1, threads_);
+    return make_worker_host(wo);
+}
+
+pkg::Key PackagePath::owner_key() const { return read_owner_key(owner_file_); }
+
+std::vector<uint8_t> PackagePath::model_key(const train::LoraAdapter& adapter) const {
+    const auto it = packages_.find(&adapter);
+    if (it == packages_.end()) fail(Status::invalid_argument, "PackagePath: the adapter was not packed");
+    pkg::Key owner = owner_key();
+    std::vector<uint8_t> k(pkg::kKeyBytes);
+    pkg::derive_model_key(owner, it->second->model_id(), k.data());
+    secure_zero(owner.data(), owner.size());
+    return k;
 }
 
 }  // namespace si::attack

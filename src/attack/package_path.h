@@ -10,9 +10,11 @@
 #include <memory>
 #include <string>
 
+#include "enclave/package_crypto.h"
 #include "host/secure_session.h"
 
 namespace si {
+class EnclaveHost;
 class KeyServer;
 class KeyService;
 }  // namespace si
@@ -47,6 +49,17 @@ public:
     EnclaveHostKind host() const { return host_; }
     // Keys released by the keyserver so far (a sealed key spares later sessions the release).
     int releases() const { return releases_; }
+    // Where the sealed model key of this adapter's package lies (written by the first session).
+    std::string sealed_key_path(const train::LoraAdapter& adapter) const;
+    // The measurement the keyserver allows (the core that serves here) and a fresh enclave host of that kind on
+    // this device (for attacks that stand between the session and the core).
+    const pkg::Hash& measurement() const { return measurement_; }
+    std::shared_ptr<EnclaveHost> make_host() const;
+    // Scoring and the attacks' controls only: the owner key, the model key of a package and the registered
+    // device's quoting public key.
+    pkg::Key owner_key() const;
+    std::vector<uint8_t> model_key(const train::LoraAdapter& adapter) const;
+    const pkg::PubKey& device_quoting_key() const { return quoting_; }
 
 private:
     std::string model_, tokenizer_, dir_, device_, owner_file_, url_;
@@ -57,6 +70,8 @@ private:
     std::map<const train::LoraAdapter*, std::shared_ptr<const Package>> packages_;
     std::map<const train::LoraAdapter*, std::string> sealed_;
     int releases_ = 0;
+    pkg::Hash measurement_{};
+    pkg::PubKey quoting_{};
 };
 
 }  // namespace si::attack
