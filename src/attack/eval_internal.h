@@ -26,4 +26,7 @@ constexpr float kA6Noise = 0.5f;          // A6: the Gaussian perturbation of th
 
 train::TrainOptions a5_train_options(const EvalConfig& cfg, int seed);
 
+// The metric, its direction and threshold of an attack, into r.
+void attack_metric(Attack a, ExperimentResult& r);
+
 }  // namespace si::attack::detail

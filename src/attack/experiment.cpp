@@ -48,8 +48,18 @@ constexpr AttackInfo kAttacks[] = {
     {"A7", "membership inference on the adapter's training windows (calibrated loss / agreement, AUC)",
      "membership AUC", "higher leaks more", 0.9},
     {"A8", "tampering with accelerator results", "detection rate", "lower leaks more", 1.0},
+    {"A9", "chosen public weights and configuration: the read-out construction reads the LoRA update through tokens",
+     "update cosine", "higher leaks more", 0.9},
+    {"A10", "sampler oracle: chosen seeds and temperatures (top-k 2) read the top-two logit gap by bisection",
+     "logit-gap error (nats)", "lower leaks more", 0.01},
+    {"A11", "forged quotes (the attacker's key, a claimed device key) and a replayed genuine quote for the model key",
+     "model key recovered", "higher leaks more", 1.0},
+    {"A12", "the host's user reads the device credentials and opens the sealed model key", "model key recovered",
+     "higher leaks more", 1.0},
+    {"A13", "replayed, reordered, foreign and altered sealed units and sealed model keys",
+     "substitutions accepted (fraction)", "higher leaks more", 1e-9},
 };
-static_assert(std::size(kAttacks) == size_t(Attack::a8) + 1);
+static_assert(std::size(kAttacks) == size_t(Attack::a13) + 1);
 
 const AttackInfo& info(Attack a) { return kAttacks[size_t(a)]; }
 }  // namespace
@@ -58,10 +68,16 @@ const char* attack_name(Attack a) { return info(a).name; }
 
 const char* attack_description(Attack a) { return info(a).description; }
 
+void detail::attack_metric(Attack a, ExperimentResult& r) {
+    r.metric = info(a).metric;
+    r.direction = info(a).direction;
+    r.threshold = info(a).threshold;
+}
+
 std::optional<Attack> parse_attack(const std::string& s) {
-    for (Attack a : {Attack::a1, Attack::a2, Attack::a3, Attack::a4, Attack::a5, Attack::a6, Attack::a7, Attack::a8}) {
-        const std::string n = attack_name(a);
-        if (s == n || (s.size() == 2 && std::tolower(s[0]) == 'a' && s[1] == n[1])) return a;
+    for (size_t i = 0; i < std::size(kAttacks); ++i) {
+        const std::string n = kAttacks[i].name;
+        if (s.size() == n.size() && std::tolower(s[0]) == 'a' && s.substr(1) == n.substr(1)) return Attack(i);
     }
     return std::nullopt;
 }
@@ -70,6 +86,7 @@ std::string AttackVariant::label() const {
     std::string s;
     auto add = [&](const std::string& x) { s += (s.empty() ? "" : ", ") + x; };
     if (overfit) add("over-fitted control");
+    if (weak) add("control");
     if (unblinding != Unblinding::online) add(unblinding_name(unblinding));
     if (white_box) add("white-box");
     if (nll_oracle) add("eval_nll oracle");
@@ -380,6 +397,7 @@ SeedOutcome run_seed(EvalContext& ctx, Scheme scheme, Attack attack, const Attac
                                                  : std::vector<std::string>{"rows", "queries"};
             break;
         }
+        default: break;
         case Attack::a8: {
             // the trials split over the seeds, the remainder going to the first ones
             const int ns = std::max(ctx.config().seeds, 1);
@@ -406,6 +424,10 @@ SeedOutcome run_seed(EvalContext& ctx, Scheme scheme, Attack attack, const Attac
 }  // namespace
 
 ExperimentResult run_experiment(EvalContext& ctx, Scheme scheme, Attack attack, const AttackVariant& variant) {
+    if (is_active(attack)) {
+        if (scheme != Scheme::s5) fail(Status::invalid_argument, std::string(attack_name(attack)) + " runs against S5 only");
+        return run_active_experiment(ctx, attack, variant);
+    }
     const auto t0 = std::chrono::steady_clock::now();
     ExperimentResult r;
     r.scheme = scheme;
@@ -487,6 +509,7 @@ ExperimentResult run_experiment(EvalContext& ctx, Scheme scheme, Attack attack, 
         case Attack::a7: r.broken = m >= r.threshold || paired_leak; break;
         case Attack::a4: r.broken = m >= r.threshold || std::abs(m - 0.5) > 0.03 || paired_leak; break;
         case Attack::a8: r.broken = detected < trials; break;
+        default: break;
     }
     r.seconds = seconds_since(t0);
     return r;

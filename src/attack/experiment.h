@@ -23,7 +23,9 @@
 
 namespace si::attack {
 
-enum class Attack { a1, a2, a3, a4, a5, a6, a7, a8 };
+enum class Attack { a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13 };
+// A9-A13 are the active attacks (attack/active.h).
+inline bool is_active(Attack a) { return int(a) >= int(Attack::a9); }
 const char* attack_name(Attack a);         // "A1" ...
 const char* attack_description(Attack a);
 std::optional<Attack> parse_attack(const std::string& s);
@@ -38,6 +40,9 @@ struct AttackVariant {
     // A7's positive control: S5 serves an adapter over-fitted on a few member windows (real membership signal),
     // judged by the same tokens-only attack.
     bool overfit = false;
+    // A9-A13: the attack's positive control (the weak core, keyserver, credentials or unit store of attack/active.h)
+    // instead of S5.
+    bool weak = false;
     // S5 on the package path (A1-A5): how decode steps are unblinded.
     Unblinding unblinding = Unblinding::online;
     std::string label() const;    // "" for the default; e.g. "logprobs=512, noise=0.5"
@@ -165,6 +170,8 @@ struct ExperimentResult {
 // Runs `attack` against `scheme` over cfg.seeds seeds (A8: cfg.a8_trials trials in all) and, for S5 (and A7 on any
 // scheme), the decoy null.
 ExperimentResult run_experiment(EvalContext& ctx, Scheme scheme, Attack attack, const AttackVariant& variant = {});
+// A9-A13 (run_experiment calls it for them): one run against S5 on the package path, or against the attack's control.
+ExperimentResult run_active_experiment(EvalContext& ctx, Attack attack, const AttackVariant& variant);
 
 nlohmann::json result_json(const ExperimentResult& r);
 

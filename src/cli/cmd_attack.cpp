@@ -83,7 +83,8 @@ Runner add_attack(CLI::App& app) {
         ->required();
     sub->add_option("--attack", o->attack,
                     "A1 weight alignment, A2 regression, A3 mask hygiene, A4 distinguisher, A5 surrogate fine-tuning, "
-                    "A6 log-probability extraction, A7 membership inference, A8 tampering")
+                    "A6 log-probability extraction, A7 membership inference, A8 tampering, A9 chosen public weights, A10 sampler "
+                    "oracle, A11 forged attestation, A12 device credentials, A13 replayed sealed data")
         ->required();
     sub->add_option("--logprobs", o->variant.logprobs,
                     "A6/A7: top-K log-probabilities the S5 session releases (0: off, the default; -1: the vocabulary)")
@@ -92,6 +93,8 @@ Runner add_attack(CLI::App& app) {
         ->check(CLI::Range(0.0f, 100.0f));
     sub->add_flag("--nll-oracle", o->variant.nll_oracle, "A6/A7: query the perplexity feature (eval_nll) instead");
     sub->add_flag("--white-box", o->variant.white_box, "A7: score with the weights the scheme's trace exposes");
+    sub->add_flag("--control", o->variant.weak,
+                  "A9-A13: attack the positive control (the weak variant the defence removes) instead of S5");
     sub->add_flag("--overfit-control", o->variant.overfit,
                   "A7 on S5: serve an adapter over-fitted on 8 member windows (the attack's positive control)");
     sub->add_option("--unblinding", o->unblinding,
@@ -103,7 +106,8 @@ Runner add_attack(CLI::App& app) {
         const auto scheme = attack::parse_scheme(o->scheme);
         if (!scheme) throw UsageError("unknown --scheme '" + o->scheme + "' (S0, S1, S2, S3 or S5)");
         const auto atk = attack::parse_attack(o->attack);
-        if (!atk) throw UsageError("unknown --attack '" + o->attack + "' (A1 to A8)");
+        if (!atk) throw UsageError("unknown --attack '" + o->attack + "' (A1 to A13)");
+        if (o->variant.weak && !attack::is_active(*atk)) throw UsageError("--control applies to A9-A13 only");
         if (o->unblinding == "inside")
             o->variant.unblinding = attack::Unblinding::precomputed_inside;
         else if (o->unblinding == "sealed")
