@@ -19,6 +19,7 @@ struct Batcher::Job {
     int generated = 0, pos = 0;
     si_token last = -1;
     std::deque<std::pair<si_token, std::vector<std::pair<si_token, float>>>> out;
+    double share[10] = {};  // its share of the steps' counters (si_stats fields, in step_counters order)
     int rc = SI_OK;
     std::string error;
     std::condition_variable cv;
@@ -26,11 +27,21 @@ struct Batcher::Job {
 
 namespace {
 std::runtime_error last_error(const char* what) { return std::runtime_error(std::string(what) + si_last_error()); }
+
+// The online counters of a context (si_stats), as doubles.
+void step_counters(const si_stats& s, double (&v)[10]) {
+    const double f[10] = {double(s.enclave_calls),        double(s.crossings),          double(s.bytes_to_enclave),
+                          double(s.bytes_from_enclave),   double(s.bytes_to_accelerator), double(s.bytes_from_accelerator),
+                          s.seconds_enclave,              s.seconds_accelerator,        s.seconds_host,
+                          double(s.accelerator_calls)};
+    std::copy(f, f + 10, v);
+}
 }  // namespace
 
-Batcher::Batcher(si_model* model, const si_context_params& cp, int slots, int max_queue, int precompute)
+Batcher::Batcher(si_model* model, const si_context_params& cp, int slots, int max_queue, int precompute,
+                 std::function<void(int)> on_failure)
     : model_(model), cp_(cp), slots_(std::max(1, slots)), max_queue_(std::max(0, max_queue)),
-      precompute_(std::max(0, precompute)) {
+      precompute_(std::max(0, precompute)), on_failure_(std::move(on_failure)) {
     if (si_slots_context_init(model, &cp_, slots_, &ctx_) != SI_OK) throw last_error("");
     n_ctx_ = si_context_n_ctx(ctx_);
     n_batch_ = si_slots_n_batch(ctx_);
@@ -59,6 +70,16 @@ int Batcher::precomputed_steps() const {
     return precomputed_ / slots_;
 }
 
+PoolGauges Batcher::gauges() const {
+    std::lock_guard<std::mutex> lk(m_);
+    PoolGauges g;
+    g.slots = slots_;
+    g.active = leased_;
+    g.queued = int(next_ - head_);
+    g.precomputed = precomputed_;
+    return g;
+}
+
 std::shared_ptr<Batcher::Job> Batcher::acquire() {
     std::unique_lock<std::mutex> lk(m_);
     if (closed_) throw BatcherRefusal(BatcherRefusal::closed, "the server is shutting down");
@@ -83,7 +104,7 @@ std::shared_ptr<Batcher::Job> Batcher::acquire() {
 }
 
 int Batcher::run(const std::shared_ptr<Job>& jp, const std::vector<si_token>& prompt, const si_sampler_params& sampler, int max_tokens,
-                 const OnToken& on_token, std::string* error) {
+                 const OnToken& on_token, std::string* error, si_stats* stats) {
     Job& job = *jp;
     std::unique_lock<std::mutex> lk(m_);
     if (job.ready || job.slot_returned) {
@@ -118,6 +139,20 @@ int Batcher::run(const std::shared_ptr<Job>& jp, const std::vector<si_token>& pr
         }
     }
     if (error) *error = job.error;
+    if (stats) {
+        const double* v = job.share;
+        *stats = si_stats{};
+        stats->enclave_calls = uint64_t(v[0] + 0.5);
+        stats->crossings = uint64_t(v[1] + 0.5);
+        stats->bytes_to_enclave = uint64_t(v[2] + 0.5);
+        stats->bytes_from_enclave = uint64_t(v[3] + 0.5);
+        stats->bytes_to_accelerator = uint64_t(v[4] + 0.5);
+        stats->bytes_from_accelerator = uint64_t(v[5] + 0.5);
+        stats->seconds_enclave = v[6];
+        stats->seconds_accelerator = v[7];
+        stats->seconds_host = v[8];
+        stats->accelerator_calls = uint64_t(v[9] + 0.5);
+    }
     return job.rc;
 }
 
@@ -162,6 +197,7 @@ void Batcher::fail_active(int rc, const std::string& msg) {
     precomputed_ = 0;
     if (!ok) dead_ = true;
     cv_.notify_all();
+    if (on_failure_) on_failure_(rc);
 }
 
 void Batcher::loop() {
@@ -234,16 +270,32 @@ void Batcher::loop() {
             continue;
         }
         if (steps.empty()) continue;
-        int rc = SI_OK;
+        // a request's sampler settings may be refused (a package's policy): that request ends with the error
         for (const auto& j : starting) {
-            rc = si_slots_set_sampler(ctx_, j->slot, &j->sampler);
-            if (rc != SI_OK) break;
-            j->started = true;
+            const int src = si_slots_set_sampler(ctx_, j->slot, &j->sampler);
+            if (src == SI_OK) {
+                j->started = true;
+                continue;
+            }
+            const std::string msg = si_last_error();
+            const auto at = size_t(std::find(stepped.begin(), stepped.end(), j) - stepped.begin());
+            steps.erase(steps.begin() + long(at));
+            stepped.erase(stepped.begin() + long(at));
+            std::lock_guard<std::mutex> lk(m_);
+            j->rc = src;
+            j->error = msg;
+            j->cancel = true;  // finished (slot reset and returned) on the next round
+            j->cv.notify_all();
         }
+        if (steps.empty()) continue;
+        int rc = SI_OK;
         tokens_out.assign(steps.size(), -1);
-        if (rc == SI_OK) rc = si_slots_step(ctx_, steps.data(), steps.size(), tokens_out.data());
+        si_stats before{}, after{};
+        const bool counted = si_context_stats(ctx_, &before) == SI_OK;
+        rc = si_slots_step(ctx_, steps.data(), steps.size(), tokens_out.data());
+        const std::string step_error = rc == SI_OK ? "" : si_last_error();  // before the next call clears it
         if (rc != SI_OK) {
-            fail_active(rc, si_last_error());
+            fail_active(rc, step_error);
             continue;
         }
         // the released log-probabilities of each sampled token, read before anything else uses the context
@@ -257,10 +309,21 @@ void Batcher::loop() {
                 if (si_slots_last_logprobs(ctx_, steps[i].slot, ids.data(), v.data(), ids.size(), &got) == SI_OK)
                     for (size_t k = 0; k < got; ++k) lps[i].emplace_back(ids[k], v[k]);
             }
+        double d0[10], d1[10];
+        size_t rows = 0;
+        for (const si_slot_step& st : steps) rows += st.n_tokens;
+        if (counted && si_context_stats(ctx_, &after) == SI_OK) {
+            step_counters(before, d0);
+            step_counters(after, d1);
+        } else {
+            std::fill(d0, d0 + 10, 0.0);
+            std::fill(d1, d1 + 10, 0.0);
+        }
         std::lock_guard<std::mutex> lk(m_);
         precomputed_ = si_context_precomputed(ctx_);
         for (size_t i = 0; i < steps.size(); ++i) {
             Job& j = *stepped[i];
+            for (int k = 0; k < 10; ++k) j.share[k] += (d1[k] - d0[k]) * double(steps[i].n_tokens) / double(rows);
             if (j.fed < j.prompt.size()) j.fed += steps[i].n_tokens;
             j.pos += int(steps[i].n_tokens);
             if (!steps[i].sample || j.cancel) continue;

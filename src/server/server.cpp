@@ -2,7 +2,11 @@
 // slots, request parsing, generation with stop strings and streaming, the routes.
 #include "server/server.h"
 
+#include "server/api_error.h"
+#include "server/metrics.h"
 #include "server/batcher.h"
+#include "server/status.h"
+#include "server/web_ui.h"
 
 #include <httplib.h>
 
@@ -25,39 +29,6 @@
 namespace si::server {
 
 namespace {
-
-using json = nlohmann::json;
-
-// ---- errors ------------------------------------------------------------------------------------------------------
-
-// An error in the OpenAI shape: {"error": {"message", "type", "param", "code"}} with its HTTP status.
-struct ApiError : std::runtime_error {
-    int status;
-    std::string type, param, code;
-    ApiError(int status, const std::string& msg, std::string param = "", std::string code = "")
-        : std::runtime_error(msg), status(status), param(std::move(param)), code(std::move(code)) {
-        type = status >= 500 ? "server_error" : "invalid_request_error";
-    }
-};
-
-ApiError bad_request(const std::string& msg, const std::string& param = "", const std::string& code = "") {
-    return ApiError(400, msg, param, code);
-}
-
-// Responses may carry bytes of an unfinished UTF-8 sequence (byte-fallback tokens): replace them, never throw.
-std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
-
-json error_json(const ApiError& e) {
-    json err = {{"message", e.what()}, {"type", e.type}, {"param", nullptr}, {"code", nullptr}};
-    if (!e.param.empty()) err["param"] = e.param;
-    if (!e.code.empty()) err["code"] = e.code;
-    return json{{"error", err}};
-}
-
-void send_error(httplib::Response& res, const ApiError& e) {
-    res.status = e.status;
-    res.set_content(dump(error_json(e)), "application/json");
-}
 
 // ---- the slots ----------------------------------------------------------------------------------------------------
 
@@ -92,6 +63,7 @@ struct Request {
     bool stream = false, include_usage = false;
     std::vector<std::string> stop;
     int top_logprobs = -1;  // -1: no log-probabilities
+    std::chrono::steady_clock::time_point arrived = std::chrono::steady_clock::now();
 };
 
 // Typed access to optional fields; a present field of the wrong type is a 400 naming it (null counts as absent).
@@ -206,9 +178,11 @@ uint64_t random_seed() {
 struct Server::Impl {
     si_model* model;
     Options opts;
+    Metrics metrics;
     std::unique_ptr<Batcher> pool;
     int n_ctx = 0, n_vocab = 0;
     std::string warnings;
+    std::string status;  // GET /v1/secureinfer/status
     httplib::Server http;
     std::atomic<bool> stopping{false};
     socket_t listen_fd = INVALID_SOCKET;
@@ -216,13 +190,31 @@ struct Server::Impl {
     uint64_t id_base = random_seed();
     std::time_t started = std::time(nullptr);
 
-    Impl(si_model* m, si_context_params cp, Options o) : model(m), opts(std::move(o)) {
+    Impl(si_model* m, si_context_params cp, Options o)
+        : model(m), opts(std::move(o)), metrics(opts.model_id, opts.mode_name) {
         cp.logprobs = opts.logprobs;
         pool = std::make_unique<Batcher>(m, cp, std::max(1, opts.parallel), std::max(0, opts.max_queue),
-                                         std::max(0, opts.precompute));
+                                         std::max(0, opts.precompute), [this](int rc) {
+                                             if (rc == SI_ERR_INTEGRITY) metrics.integrity_failure();
+                                             metrics.worker_restart();
+                                         });
         n_ctx = pool->n_ctx();
         n_vocab = si_model_n_vocab(m);
         warnings = pool->warnings();
+        StatusInputs si{};
+        const char* protection = si_context_protection(pool->context());
+        if (!protection)
+            std::fprintf(stderr, "serve: the protection status is incomplete: %s\n", si_last_error());
+        si.protection = protection ? protection : "{}";
+        si.model_id = opts.model_id;
+        si.mode = opts.mode_name;
+        si.n_ctx = n_ctx;
+        si.parallel = std::max(1, opts.parallel);
+        si.max_tokens = opts.max_tokens;
+        si.logprobs = opts.logprobs;
+        si.logprob_noise = cp.logprob_noise;
+        si.warnings = warnings;
+        status = status_json(si);
         routes();
     }
 
@@ -393,6 +385,9 @@ struct Server::Impl {
         int n_prompt = 0, n_generated = 0;
         std::string finish_reason = "stop";
         bool gone = false;  // the client went away; generation stopped
+        double ttft = -1;   // seconds from arrival to the first token (-1: none)
+        double seconds = 0; // from arrival to the last token
+        si_stats stats{};   // the context's counters for this generation (zero in the plain mode)
     };
 
     // Generates on the leased context. emit(delta, tokens) receives text as it becomes final (not a possible start
@@ -400,24 +395,25 @@ struct Server::Impl {
     // false to stop (the client went away).
     using Emit = std::function<bool(const std::string& delta, std::vector<TokenInfo>& tokens)>;
 
-    Result generate(Lease& lease, const Request& r, const Emit& emit) const {
+    Result generate(Lease& lease, const Request& r, const Emit& emit) {
         struct State {
             const Impl* self;
             const Request* r;
             const std::vector<std::pair<si_token, float>>* lps;  // released with the current token
             const Emit* emit;
             Result res;
+            std::chrono::steady_clock::time_point arrived;
             std::string all;  // the text so far, cut at a stop string
             size_t sent = 0;  // bytes of `all` given to emit
             std::vector<TokenInfo> pending;
             si_token prev = 0;
             bool stopped = false, gone = false;
-        } st{this, &r, nullptr, &emit, {}, {}, 0, {}, r.prompt.back(), false, false};
+        } st{this, &r, nullptr, &emit, {}, r.arrived, {}, 0, {}, r.prompt.back(), false, false};
         st.res.n_prompt = int(r.prompt.size());
 
         auto on_token = [](si_token tok, const char* p, size_t n, void* user) -> int {
             State& s = *static_cast<State*>(user);
-            ++s.res.n_generated;
+            if (s.res.n_generated++ == 0) s.res.ttft = seconds_since(s.arrived);
             const size_t before = s.all.size();
             s.all.append(p, n);
             if (s.r->top_logprobs >= 0) {
@@ -463,13 +459,18 @@ struct Server::Impl {
         };
 
         std::string error;
+        // st.res.stats: the request's share (by rows) of the batched steps it took part in
         const int rc = pool->run(lease.job, r.prompt, r.sampler, r.max_tokens,
                                  [&](si_token tok, const std::vector<std::pair<si_token, float>>& lps) {
                                      st.lps = &lps;
                                      const std::string p = piece(model, st.prev, tok);
                                      return on_token(tok, p.data(), p.size(), &st) == 0;
                                  },
-                                 &error);
+                                 &error, &st.res.stats);
+        st.res.seconds = seconds_since(r.arrived);
+        metrics.generation(rc == SI_ERR_INVALID_ARGUMENT ? 0 : st.res.n_prompt, st.res.n_generated, st.res.seconds,
+                           st.res.ttft,
+                           {st.res.stats.seconds_enclave, st.res.stats.seconds_accelerator, st.res.stats.seconds_host});
         if (rc != SI_OK)  // a failed step ends the session; the batcher replaced the context
             throw ApiError(rc == SI_ERR_INVALID_ARGUMENT ? 400 : 500,
                            std::string("generation failed: ") + si_status_name(rc) + ": " + error);
@@ -537,6 +538,29 @@ struct Server::Impl {
         return {{"tokens", toks}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offs}};
     }
 
+    // What this response cost, per domain (an extension field "secureinfer" of the last chunk and of the
+    // non-streamed response; the web chat's panel shows it).
+    json cost_json(const Result& out) const {
+        const si_stats& st = out.stats;
+        const double decode = out.ttft >= 0 ? out.seconds - out.ttft : 0;
+        return {{"mode", opts.mode_name},
+                {"prompt_tokens", out.n_prompt},
+                {"generated_tokens", out.n_generated},
+                {"seconds", out.seconds},
+                {"ttft_seconds", out.ttft >= 0 ? json(out.ttft) : json(nullptr)},
+                {"decode_tokens_per_second", out.n_generated > 1 && decode > 0 ? json((out.n_generated - 1) / decode)
+                                                                               : json(nullptr)},
+                {"enclave_seconds", st.seconds_enclave},
+                {"accelerator_seconds", st.seconds_accelerator},
+                {"host_seconds", st.seconds_host},
+                {"enclave_calls", st.enclave_calls},
+                {"crossings", st.crossings},
+                {"bytes_to_enclave", st.bytes_to_enclave},
+                {"bytes_from_enclave", st.bytes_from_enclave},
+                {"bytes_to_accelerator", st.bytes_to_accelerator},
+                {"bytes_from_accelerator", st.bytes_from_accelerator}};
+    }
+
     json envelope(bool chat, bool chunk, const std::string& id, std::time_t created) const {
         return {{"id", id},
                 {"object", chat ? (chunk ? "chat.completion.chunk" : "chat.completion") : "text_completion"},
@@ -565,6 +589,7 @@ struct Server::Impl {
             else choice["text"] = out.text;
             body["choices"] = json::array({choice});
             body["usage"] = usage(out);
+            body["secureinfer"] = cost_json(out);
             res.set_content(dump(body), "application/json");
             log(req, 200, out, t0);
             return;
@@ -606,6 +631,7 @@ struct Server::Impl {
                     return false;
                 }
                 json last = chunk(chat ? json::object() : json(""), out.finish_reason, nullptr);
+                last["secureinfer"] = cost_json(out);
                 if (!send(last)) return false;
                 if (r.include_usage) {
                     json u = envelope(chat, true, id, created);
@@ -656,8 +682,18 @@ struct Server::Impl {
     }
 
     void routes() {
-        http.Post("/v1/completions", guard([this](const auto& req, auto& res) { complete(req, res, false); }));
-        http.Post("/v1/chat/completions", guard([this](const auto& req, auto& res) { complete(req, res, true); }));
+        // Generation requests count by endpoint and status before the response goes out (a stream once its
+        // status is sent).
+        http.Post("/v1/completions", [this, h = guard([this](const auto& req, auto& res) { complete(req, res, false); })](
+                                         const auto& req, auto& res) {
+            h(req, res);
+            metrics.request("completions", res.status < 0 ? 200 : res.status);  // -1: the default, 200
+        });
+        http.Post("/v1/chat/completions", [this, h = guard([this](const auto& req, auto& res) { complete(req, res, true); })](
+                                              const auto& req, auto& res) {
+            h(req, res);
+            metrics.request("chat", res.status < 0 ? 200 : res.status);
+        });
         http.Get("/v1/models", guard([this](const auto&, auto& res) {
             res.set_content(dump({{"object", "list"}, {"data", json::array({model_json()})}}), "application/json");
         }));
@@ -680,6 +716,8 @@ struct Server::Impl {
         // Errors raised by the HTTP layer itself (no route, body too large, bad request line) get the same shape.
         http.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
             if (!res.body.empty()) return;
+            if (req.method == "POST" && (req.path == "/v1/completions" || req.path == "/v1/chat/completions"))
+                metrics.request(req.path == "/v1/completions" ? "completions" : "chat", res.status);
             if (res.status == 413)
                 send_error(res, ApiError(413, "the request body exceeds the limit of " + std::to_string(opts.max_body) +
                                                   " bytes", "", "request_too_large"));
@@ -697,6 +735,20 @@ struct Server::Impl {
             } catch (...) {
             }
             send_error(res, ApiError(500, msg));
+        });
+        http.Get("/v1/secureinfer/status", [this](const auto&, auto& res) { res.set_content(status, "application/json"); });
+        // The web chat, from files compiled into the binary.
+        for (const WebAsset* a = kWebAssets; a->path; ++a) {
+            auto serve = [a](const httplib::Request&, httplib::Response& res) {
+                res.set_content(reinterpret_cast<const char*>(a->data), a->size, a->content_type);
+                res.set_header("Cache-Control", "no-cache");
+                res.set_header("Content-Security-Policy", "default-src 'self'");
+            };
+            http.Get(a->path, serve);
+            if (std::string(a->path) == "/index.html") http.Get("/", serve);
+        }
+        http.Get("/metrics", [this](const auto&, auto& res) {
+            res.set_content(metrics.render(pool->gauges()), "text/plain; version=0.0.4; charset=utf-8");
         });
         http.set_payload_max_length(opts.max_body);
         // Small responses and event-stream chunks go out at once, not after a delayed ACK.
