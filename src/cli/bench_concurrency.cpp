@@ -65,7 +65,15 @@ struct Runner {
     // per level
     std::map<int, std::vector<double>> agg, lat_ms, pre_rows_per_s, share_critical, share_all;
     std::vector<double> ttft_ms;
+    double offline_flops_per_row = 0;  // sustained: the precompute's work per row, from its last call
 };
+
+// Precomputes `rows` rows and records the work per row.
+void precompute_rows(Runner& r, int rows) {
+    const double f0 = r.session->stats().offline.flops;
+    r.session->precompute(rows);
+    r.offline_flops_per_row = (r.session->stats().offline.flops - f0) / double(rows);
+}
 
 struct Level {
     double agg = 0, pre_rate = 0, share_critical = 0, share_all = 0;
@@ -91,7 +99,7 @@ Level measure(Runner& r, int C, int n_gen, int vocab) {
         offline_flops = (s.stats().offline.flops - f0) * double(n_gen) / double(n_gen + 8);
     }
     // sustained: the prompts' factors too come from the store, filled on demand (the prompts are not timed)
-    if (r.kind == Kind::sustained && s.precomputed_available() < 8 * C) s.precompute(8 * C);
+    if (r.kind == Kind::sustained && s.precomputed_available() < 8 * C) precompute_rows(r, 8 * C);
     // the prompts in as few steps as the batch allows
     std::vector<int32_t> toks;
     const size_t per = size_t(std::max(1, s.n_batch() / 8));
@@ -104,8 +112,9 @@ Level measure(Runner& r, int C, int n_gen, int vocab) {
     auto prev = t0;
     for (int g = 0; g < n_gen; ++g) {
         // sustained: the factors for the next steps are computed when the store runs dry, on the same cores
-        // (16 steps ahead, at least 32 rows: precompute is a matrix product, efficient in batches)
-        if (r.kind == Kind::sustained && s.precomputed_available() < C) s.precompute(std::max(C * 16, 32));
+        // (all of this measurement's steps at once, so that no factors carry over into the next measurement,
+        // which would then decode on work done outside its timed window)
+        if (r.kind == Kind::sustained && s.precomputed_available() < C) precompute_rows(r, C * n_gen);
         batch.clear();
         for (int i = 0; i < C; ++i) {
             last[size_t(i)] = {toks[size_t(i)]};
@@ -120,7 +129,10 @@ Level measure(Runner& r, int C, int n_gen, int vocab) {
     const SessionStats& st = s.stats();
     const double online = st.enclave.flops + st.accelerator.flops + st.host.flops;
     out.share_critical = online > 0 ? st.accelerator.flops / online : 0.0;
-    out.share_all = online > 0 ? st.accelerator.flops / (online + st.offline.flops + offline_flops) : 0.0;
+    // sustained: the precompute's work for the rows this decode used, wherever they were precomputed (rows left
+    // in the store, or taken from it, belong to other steps)
+    const double sustained_flops = r.kind == Kind::sustained ? r.offline_flops_per_row * double(C) * n_gen : 0.0;
+    out.share_all = online > 0 ? st.accelerator.flops / (online + sustained_flops + offline_flops) : 0.0;
     return out;
 }
 
