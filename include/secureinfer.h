@@ -244,6 +244,41 @@ typedef int (*si_token_callback)(si_token token, const char* piece, size_t piece
 int si_generate(si_context* ctx, const si_token* prompt, size_t n_prompt, int n_predict,
                 const si_sampler_params* sampler, si_token_callback callback, void* user_data, int* n_generated);
 
+/* ---- sequence slots (continuous batching) ----------------------------------------------------------------- */
+
+/* One context serving up to n_slots sequences with one copy of the weights (in the enclave and on the
+   accelerator): each slot has its own KV cache (its memory grows with use), sampler and context. A step advances
+   several slots together in one forward pass, one batched product per crossing over all their rows, each row with
+   its own fresh masks and checked like any other; each slot gets exactly the tokens it would get alone. The
+   single-sequence calls (si_eval, si_generate, si_context_reset, ...) use slot 0. */
+/* Like si_context_init (params NULL: the defaults), with n_slots slots (1 .. 1024); SI_MODE_PLAIN is refused. */
+int si_slots_context_init(si_model* model, const si_context_params* params, int n_slots, si_context** out);
+/* The context's slot count (0 for NULL or SI_MODE_PLAIN) and the tokens in a slot's KV cache (-1: no such slot). */
+int si_slots_count(const si_context* ctx);
+int si_slots_pos(const si_context* ctx, int slot);
+/* Forgets a slot's sequence: its KV cache (freed and zeroed), context and sampler state; nothing of it reaches
+   the slot's next sequence. */
+int si_slots_reset(si_context* ctx, int slot);
+/* The sampler of one slot (sampler NULL: si_sampler_default_params()). */
+int si_slots_set_sampler(si_context* ctx, int slot, const si_sampler_params* sampler);
+/* One slot's part of a step: tokens appended to its sequence (a decode token or a prompt chunk); sample != 0
+   samples the token after them. */
+typedef struct si_slot_step {
+    int slot;
+    const si_token* tokens;
+    size_t n_tokens;
+    int sample;
+} si_slot_step;
+/* One batched step over distinct slots (at most n_batch tokens in all): tokens_out[i] receives steps[i]'s sampled
+   token, or -1 where it did not sample. */
+int si_slots_step(si_context* ctx, const si_slot_step* steps, size_t n_steps, si_token* tokens_out);
+/* The most tokens one step may carry (0 for NULL or SI_MODE_PLAIN). */
+int si_slots_n_batch(const si_context* ctx);
+/* The log-probabilities released with a slot's most recently sampled token (si_context_params.logprobs), as
+   si_last_logprobs. */
+int si_slots_last_logprobs(const si_context* ctx, int slot, si_token* tokens, float* logprobs, size_t capacity,
+                           size_t* n_out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -42,6 +42,7 @@ struct si_context {
     std::unique_ptr<si::SecureSession> session;  // the other modes
     std::string isolation, warnings;
     std::vector<si::TokenLogprob> logprobs;  // released with the last sampled token
+    std::vector<std::vector<si::TokenLogprob>> slot_logprobs;  // per slot: released with its last sampled token
 };
 
 namespace {
@@ -205,7 +206,8 @@ si_context_params si_context_default_params(void) {
     return p;
 }
 
-int si_context_init(si_model* model, const si_context_params* params, si_context** out) {
+namespace {
+int context_init(si_model* model, const si_context_params* params, int n_slots, si_context** out) {
     return guarded([&] {
         require(model && out, "si_context_init: model and out must not be NULL");
         *out = nullptr;
@@ -291,12 +293,18 @@ int si_context_init(si_model* model, const si_context_params* params, si_context
                 sp.load_progress = [cb = g_load_progress, user = g_load_progress_user](int done, int total) {
                     cb(done, total, user);
                 };
+            sp.slots = n_slots;
             c->session = std::make_unique<si::SecureSession>(model->file.weights, std::move(sp));
             c->isolation = c->session->isolation();
             for (const auto& w : c->session->warnings()) c->warnings += (c->warnings.empty() ? "" : "\n") + w;
         }
         *out = c.release();
     });
+}
+}  // namespace
+
+int si_context_init(si_model* model, const si_context_params* params, si_context** out) {
+    return context_init(model, params, 1, out);
 }
 
 void si_context_free(si_context* ctx) { delete ctx; }
@@ -553,6 +561,83 @@ const char* si_context_protection(const si_context* ctx) {
 void si_set_load_progress(si_progress_callback progress, void* user_data) {
     g_load_progress = progress;
     g_load_progress_user = user_data;
+}
+
+// ---- sequence slots (continuous batching) --------------------------------------------------------------------
+
+int si_slots_context_init(si_model* model, const si_context_params* params, int n_slots, si_context** out) {
+    if (params && params->mode == SI_MODE_PLAIN)
+        return guarded([&] {
+            si::fail(si::Status::invalid_argument, "si_slots_context_init: sequence slots need a session mode, not "
+                                                   "SI_MODE_PLAIN");
+        });
+    if (n_slots < 1 || n_slots > 1024)
+        return guarded([&] {
+            si::fail(si::Status::invalid_argument,
+                     "si_slots_context_init: slot count " + std::to_string(n_slots) + " out of range [1, 1024]");
+        });
+    return context_init(model, params, n_slots, out);
+}
+
+int si_slots_count(const si_context* ctx) { return ctx && ctx->session ? ctx->session->slot_count() : 0; }
+
+int si_slots_pos(const si_context* ctx, int slot) {
+    if (!ctx || !ctx->session || slot < 0 || slot >= ctx->session->slot_count()) return -1;
+    return ctx->session->slot_pos(slot);
+}
+
+int si_slots_reset(si_context* ctx, int slot) {
+    return guarded([&] {
+        require(ctx && ctx->session, "si_slots_reset: a context with sequence slots is required");
+        ctx->session->reset_slot(slot);
+        if (size_t(slot) < ctx->slot_logprobs.size()) ctx->slot_logprobs[size_t(slot)].clear();
+    });
+}
+
+int si_slots_set_sampler(si_context* ctx, int slot, const si_sampler_params* sampler) {
+    return guarded([&] {
+        require(ctx && ctx->session, "si_slots_set_sampler: a context with sequence slots is required");
+        const si_sampler_params sp = sampler ? *sampler : si_sampler_default_params();
+        ctx->session->set_sampler(slot, si::SamplerParams{sp.temperature, sp.top_k, sp.top_p, sp.seed});
+    });
+}
+
+int si_slots_step(si_context* ctx, const si_slot_step* steps, size_t n_steps, si_token* tokens_out) {
+    return guarded([&] {
+        require(ctx && ctx->session, "si_slots_step: a context with sequence slots is required");
+        require(steps && n_steps > 0 && tokens_out, "si_slots_step: steps and tokens_out are required");
+        std::vector<si::SlotStep> batch;
+        for (size_t i = 0; i < n_steps; ++i) {
+            require(steps[i].tokens || steps[i].n_tokens == 0, "si_slots_step: NULL tokens");
+            batch.push_back(si::SlotStep{steps[i].slot, std::span<const int32_t>(steps[i].tokens, steps[i].n_tokens),
+                                         steps[i].sample != 0});
+        }
+        std::vector<std::vector<si::TokenLogprob>> lps;
+        const std::vector<int32_t> toks = ctx->session->step(batch, &lps);
+        std::copy(toks.begin(), toks.end(), tokens_out);
+        ctx->slot_logprobs.resize(size_t(ctx->session->slot_count()));
+        for (size_t i = 0; i < n_steps; ++i)
+            if (steps[i].sample) ctx->slot_logprobs[size_t(steps[i].slot)] = std::move(lps[i]);
+    });
+}
+
+int si_slots_n_batch(const si_context* ctx) { return ctx && ctx->session ? ctx->session->n_batch() : 0; }
+
+int si_slots_last_logprobs(const si_context* ctx, int slot, si_token* tokens, float* logprobs, size_t capacity,
+                           size_t* n_out) {
+    return guarded([&] {
+        require(ctx && ctx->session && n_out, "si_slots_last_logprobs: a context with slots and n_out are required");
+        require(slot >= 0 && slot < ctx->session->slot_count(), "si_slots_last_logprobs: slot out of range");
+        static const std::vector<si::TokenLogprob> none;
+        const auto& lp = size_t(slot) < ctx->slot_logprobs.size() ? ctx->slot_logprobs[size_t(slot)] : none;
+        const size_t n = std::min(capacity, lp.size());
+        require(n == 0 || (tokens && logprobs), "si_slots_last_logprobs: output arrays are required");
+        for (size_t i = 0; i < n; ++i) {
+            tokens[i] = lp[i].token;
+            logprobs[i] = lp[i].logprob;
+        }
+        *n_out = n;
+    });
 }
 
 }  // extern "C"

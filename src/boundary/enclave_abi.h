@@ -2,7 +2,7 @@
  * The enclave boundary as a C ABI: the only way into the trusted core (src/enclave).
  *
  * The interface is deliberately coarse: one ECALL processes one request message (one layer stage of one batch of
- * tokens, one tensor upload, one sampling step ...) and writes one response message. Messages are flat byte
+ * tokens, whose rows may belong to several sequence slots; one tensor upload, one sampling step ...) and writes one response message. Messages are flat byte
  * buffers whose layout is defined in enclave_messages.h; the trusted core copies every request into its own memory
  * and validates every size, offset, count and index before use, and never keeps a pointer into host memory after
  * a call returns.

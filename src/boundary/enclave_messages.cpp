@@ -51,7 +51,7 @@ uint32_t rd32(const uint8_t* p) {
 void wr16(std::vector<uint8_t>& b, size_t at, uint16_t v) { std::memcpy(b.data() + at, &v, 2); }
 void wr32(std::vector<uint8_t>& b, size_t at, uint32_t v) { std::memcpy(b.data() + at, &v, 4); }
 
-bool known_type(uint16_t t) { return (t >= 1 && t <= 14) || (t >= 101 && t <= 106); }
+bool known_type(uint16_t t) { return (t >= 1 && t <= 15) || (t >= 101 && t <= 106); }
 
 constexpr size_t pad8(size_t n) { return (n + 7) & ~size_t(7); }
 
@@ -91,6 +91,7 @@ const char* msg_type_name(MsgType t) {
         case MsgType::manifest: return "manifest";
         case MsgType::upload_secret: return "upload_secret";
         case MsgType::unit: return "unit";
+        case MsgType::step: return "step";
         case MsgType::quote: return "quote";
     }
     return "?";
@@ -103,7 +104,7 @@ const char* tag_name(Tag t) {
         "tokens", "output", "targets", "stage", "crossing", "projs", "activations", "products", "count_t", "count_k",
         "pos", "flops", "token", "logprob_ids", "logprob_values", "nll_sum", "nll_count", "plan",
         "batch", "batch_index", "sealed", "nonce", "quote", "wrapped_key", "sealed_key", "manifest", "ciphertext",
-        "model_id", "serial_decode", "keep"};
+        "model_id", "serial_decode", "keep", "slot", "slot_count", "slots", "counts", "sample"};
     static_assert(sizeof(kNames) / sizeof(kNames[0]) == kMaxTag + 1);
     return uint16_t(t) <= kMaxTag ? kNames[uint16_t(t)] : "?";
 }

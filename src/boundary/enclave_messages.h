@@ -46,6 +46,9 @@ enum class MsgType : uint16_t {
     upload_secret = 13,// one encrypted chunk (`ciphertext`, chunk index in `offset`) of a secret tensor
     unit = 14,      // the pending crossing's sealed unblinding factors (`sealed`), sent ahead of its products so
                     // that the core opens them while the accelerator computes
+    step = 15,      // one batched forward pass over several sequence slots (`slots`, `counts`, `tokens`, `sample`):
+                    // each slot's tokens appended to its own KV cache; answer (after its crossings): result with
+                    // `slots`, `tokens` (the sampled token per slot, -1 where none was asked) and `counts` (positions)
     // responses (trusted core -> host)
     ok = 101,       // done; carries pos and the enclave's work counters
     offload = 102,  // a crossing: masked activations for the accelerator
@@ -97,8 +100,8 @@ enum class Tag : uint16_t {
     nll_sum = 36,       // f64
     nll_count = 37,     // u64
     plan = 38,          // u8[layers * 7]: 1 where the projection is offloaded
-    batch = 39,         // u64: sequence number of a precomputed batch (monotonic per core, from 1)
-    batch_index = 40,   // u32: position within a precomputed batch
+    batch = 39,         // u64[T]: per row of a crossing, the sequence number of its precomputed batch (from 1)
+    batch_index = 40,   // u32[T]: per row, its position within that batch
     sealed = 41,        // u8[]: sealed unblinding factors: count_t units of (12-byte IV | ciphertext | 16-byte tag)
     nonce = 42,         // u8[32]: the verifier's nonce
     quote = 43,         // u8[]: a signed attestation quote (enclave/package_crypto.h)
@@ -110,8 +113,14 @@ enum class Tag : uint16_t {
     serial_decode = 49, // u8 (configure, optional): 1 runs single-token products on the calling thread only
     keep = 50,          // u8: precompute: 1 keeps the factors inside the core (answer: sealed without `sealed`);
                         //     offload: the crossing's factors are kept inside, the host hands back nothing
+                        //     (u8[T] when the crossing has several rows: 1 for each row whose factors are kept)
+    slot = 51,          // i32: a sequence slot (sampler, reset); absent: slot 0
+    slot_count = 52,    // i32 (configure, optional): sequence slots, each with its own KV cache (default 1)
+    slots = 53,         // i32[S]: the slots of a step, distinct
+    counts = 54,        // i32[S]: tokens per slot of a step (result: each slot's position after it)
+    sample = 55,        // u8[S]: 1 where a step samples the token after the slot's last one
 };
-constexpr uint16_t kMaxTag = 50;
+constexpr uint16_t kMaxTag = 55;
 
 enum class TensorKind : uint32_t {
     tok_embeddings = 0,  // f32 [vocab][dim]

@@ -13,6 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cli/bench_concurrency.h"
 #include "cli/cli.h"
 #include "common/error.h"
 #include "engine/engine.h"
@@ -115,12 +116,16 @@ Runner add_bench(CLI::App& app) {
         std::string host = "worker";
         int n_prompt = 512, n_gen = 128, reps = 3, threads = 0, spin_us = 0, inside_mib = 256;
         std::string pin_cpu = "auto";
+        std::vector<int> concurrency;  // continuous batching (bench_concurrency.cpp)
+        int slot_memory = 0, slot_memory_positions = 256, ttft_prompt = 512;
+        CLI::Option* n_gen_opt = nullptr;
     };
     auto o = std::make_shared<Opts>();
     sub->add_option("-m,--model", o->model, "model file (default: a random-weight model of --shape)");
     sub->add_option("--shape", o->shape, "random-weight model shape: stories260k, stories15m, stories110m, tinyllama");
     sub->add_option("-p,--n-prompt", o->n_prompt, "prefill length in tokens (0: skip)")->check(CLI::Range(0, 1 << 16));
-    sub->add_option("-n,--n-gen", o->n_gen, "decoded tokens (0: skip)")->check(CLI::Range(0, 1 << 16));
+    o->n_gen_opt = sub->add_option("-n,--n-gen", o->n_gen, "decoded tokens (0: skip; with --concurrency: decode steps, "
+                                                           "default 32)")->check(CLI::Range(0, 1 << 16));
     sub->add_option("-r,--repetitions", o->reps, "repetitions of each test")->check(CLI::Range(1, 1000));
     sub->add_option("-t,--threads", o->threads, "worker threads (0: all CPUs)")->check(CLI::Range(0, 1024));
     sub->add_option("--weights", o->weights, "weight formats to compare (native: a quantised GGUF's blocks as stored)")
@@ -144,6 +149,18 @@ Runner add_bench(CLI::App& app) {
                                                           "the enclave, the rest sealed to host memory (see 'run'; "
                                                           "default 256)")
         ->check(CLI::Range(0, 1024));
+    sub->add_option("--concurrency", o->concurrency, "streams served at once by one session (sequence slots), e.g. "
+                                                     "1,4,16,64: aggregate decode t/s, per-stream p50/p99 latency, TTFT "
+                                                     "and offloaded FLOP share of gpu-only, enclave-only and secureinfer "
+                                                     "(online, precomputed, sustained)")
+        ->delimiter(',')->check(CLI::Range(1, 1024));
+    sub->add_option("--ttft-prompt", o->ttft_prompt, "--concurrency: prompt length of the time-to-first-token test (0: skip)")
+        ->check(CLI::Range(0, 1 << 16));
+    sub->add_option("--slot-memory", o->slot_memory, "memory of one session with this many slots against one slot plus "
+                                                     "the other slots' KV caches (each in a child process)")
+        ->check(CLI::Range(2, 1024));
+    sub->add_option("--slot-memory-positions", o->slot_memory_positions, "--slot-memory: tokens each slot holds")
+        ->check(CLI::Range(1, 1 << 16));
     sub->add_option("--json", o->json, "also write the results as JSON to this file");
     sub->add_option("--plot", o->plot, "write an SVG of the presets' decode latency per domain to this file");
     return [o]() -> int {
@@ -158,6 +175,21 @@ Runner add_bench(CLI::App& app) {
         } else {
             w = random_model(shape_preset(o->shape), 1234);
             model_name = o->shape + " (random weights)";
+        }
+        if (o->slot_memory > 0) return bench_slot_memory(w, model_name, o->slot_memory, o->slot_memory_positions, o->threads);
+        if (!o->concurrency.empty()) {
+            ConcurrencyBench cb;
+            cb.levels = o->concurrency;
+            cb.n_gen = o->n_gen_opt->count() ? o->n_gen : 32;
+            if (cb.n_gen < 1) throw UsageError("--concurrency needs -n of at least 1");
+            cb.ttft_prompt = o->ttft_prompt;
+            cb.reps = o->reps;
+            cb.threads = o->threads;
+            cb.worker_host = o->host == "worker";
+            cb.inside_mib = o->inside_mib;
+            cb.backend = o->backends.front();
+            cb.json = o->json;
+            return bench_concurrency(w, model_name, cb);
         }
         const ModelConfig c = w.cfg;
         const int n_ctx = std::max(o->n_prompt, o->n_gen + 1);

@@ -62,7 +62,7 @@ StagedForward::StagedForward(const ModelConfig& cfg, int n_ctx, bool tied_classi
     if (n_ctx < 1 || n_ctx > cfg_.seq_len)
         fail(Status::invalid_argument, "context length " + std::to_string(n_ctx) + " out of range [1, " +
                                            std::to_string(cfg_.seq_len) + "]");
-    const size_t d = size_t(cfg_.dim), v = size_t(cfg_.vocab_size), kv = size_t(cfg_.kv_dim());
+    const size_t d = size_t(cfg_.dim), v = size_t(cfg_.vocab_size);
     tok_embeddings_.resize(v * d);
     if (!tied_) classifier_.resize(v * d);
     final_norm_.resize(d);
@@ -73,8 +73,44 @@ StagedForward::StagedForward(const ModelConfig& cfg, int n_ctx, bool tied_classi
         ffn_norm_[size_t(l)].resize(d);
     }
     lora_.resize(size_t(cfg_.n_layers) * 7);
-    key_cache_.resize(size_t(cfg_.n_layers) * size_t(n_ctx_) * kv);
-    value_cache_.resize(size_t(cfg_.n_layers) * size_t(n_ctx_) * kv);
+}
+
+size_t KvCache::bytes() const {
+    size_t n = 0;
+    for (const auto& b : k_) n += b.size() * sizeof(float);
+    for (const auto& b : v_) n += b.size() * sizeof(float);
+    return n;
+}
+
+void KvCache::clear() {
+    std::vector<SecretVector<float>>().swap(k_);  // freed, so zeroed
+    std::vector<SecretVector<float>>().swap(v_);
+    pos_ = cap_ = 0;
+}
+
+size_t StagedForward::kv_bytes(int positions) const {
+    if (positions <= 0) return 0;
+    const int64_t cap = std::min<int64_t>(n_ctx_, (int64_t(positions) + KvCache::kChunk - 1) / KvCache::kChunk * KvCache::kChunk);
+    return size_t(2 * int64_t(cfg_.n_layers) * cap * cfg_.kv_dim()) * sizeof(float);
+}
+
+// Grows a cache (whole chunks, at most n_ctx positions) to hold `positions` positions, keeping its contents.
+void StagedForward::grow(KvCache& c, int positions) {
+    if (positions <= c.cap_) return;
+    const int cap = int(std::min<int64_t>(n_ctx_, (int64_t(positions) + KvCache::kChunk - 1) / KvCache::kChunk * KvCache::kChunk));
+    const size_t kv = size_t(cfg_.kv_dim()), L = size_t(cfg_.n_layers);
+    std::vector<SecretVector<float>> nk(L), nv(L);
+    for (size_t l = 0; l < L; ++l) {
+        nk[l].resize(size_t(cap) * kv);
+        nv[l].resize(size_t(cap) * kv);
+        if (c.cap_ > 0) {
+            std::copy_n(c.k_[l].data(), size_t(c.pos_) * kv, nk[l].data());
+            std::copy_n(c.v_[l].data(), size_t(c.pos_) * kv, nv[l].data());
+        }
+    }
+    c.k_.swap(nk);  // the old chunks are freed (zeroed) with nk, nv
+    c.v_.swap(nv);
+    c.cap_ = cap;
 }
 
 StagedForward::~StagedForward() = default;
@@ -111,7 +147,7 @@ const LoraUpdate* StagedForward::lora(int layer, Proj p) const {
 }
 
 void StagedForward::reset() {
-    pos_ = 0;
+    own_.clear();
     in_pass_ = false;
     input_ = nullptr;
 }
@@ -133,21 +169,49 @@ void StagedForward::ensure_scratch(int T) {
 }
 
 void StagedForward::begin(const int32_t* tokens, int T) {
+    const PassSegment seg{&own_, tokens, T};
+    begin(std::span<const PassSegment>(&seg, 1));
+}
+
+void StagedForward::begin(std::span<const PassSegment> segments) {
     if (in_pass_ && !done()) fail(Status::invalid_argument, "a forward pass is already in progress");
-    if (T < 1) fail(Status::invalid_argument, "no tokens to evaluate");
-    if (int64_t(pos_) + T > n_ctx_)
-        fail(Status::invalid_argument, "context overflow: " + std::to_string(pos_) + " + " + std::to_string(T) +
-                                           " tokens exceed the context of " + std::to_string(n_ctx_));
-    for (int t = 0; t < T; ++t)
-        if (tokens[t] < 0 || tokens[t] >= cfg_.vocab_size)
-            fail(Status::invalid_argument, "token id " + std::to_string(tokens[t]) + " out of range [0, " +
-                                               std::to_string(cfg_.vocab_size) + ")");
+    if (segments.empty()) fail(Status::invalid_argument, "no tokens to evaluate");
+    int64_t total = 0;
+    for (size_t i = 0; i < segments.size(); ++i) {
+        const PassSegment& s = segments[i];
+        if (!s.cache || s.n < 1) fail(Status::invalid_argument, "no tokens to evaluate");
+        for (size_t j = 0; j < i; ++j)
+            if (segments[j].cache == s.cache)
+                fail(Status::invalid_argument, "a batched pass names one sequence twice");
+        if (int64_t(s.cache->pos_) + s.n > n_ctx_)
+            fail(Status::invalid_argument, "context overflow: " + std::to_string(s.cache->pos_) + " + " +
+                                               std::to_string(s.n) + " tokens exceed the context of " +
+                                               std::to_string(n_ctx_));
+        for (int t = 0; t < s.n; ++t)
+            if (s.tokens[t] < 0 || s.tokens[t] >= cfg_.vocab_size)
+                fail(Status::invalid_argument, "token id " + std::to_string(s.tokens[t]) + " out of range [0, " +
+                                                   std::to_string(cfg_.vocab_size) + ")");
+        total += s.n;
+    }
+    if (total > n_ctx_)
+        fail(Status::invalid_argument, "a pass of " + std::to_string(total) + " tokens exceeds the context of " +
+                                           std::to_string(n_ctx_));
+    const int T = int(total);
+    for (const PassSegment& s : segments) grow(*s.cache, s.cache->pos_ + s.n);
     ensure_scratch(T);
     const int d = cfg_.dim;
-    for (int t = 0; t < T; ++t)
-        std::copy_n(&tok_embeddings_[size_t(tokens[t]) * d], d, x_.data() + size_t(t) * d);
+    segs_.clear();
+    row_pos_.resize(size_t(T));
+    int row = 0;
+    for (const PassSegment& s : segments) {
+        segs_.push_back(Seg{s.cache, row, s.n, s.cache->pos_});
+        for (int t = 0; t < s.n; ++t, ++row) {
+            std::copy_n(&tok_embeddings_[size_t(s.tokens[t]) * d], d, x_.data() + size_t(row) * d);
+            row_pos_[size_t(row)] = s.cache->pos_ + t;
+        }
+    }
     T_ = T;
-    pass_pos_ = pos_;
+    pass_pos_ = segs_[0].pos0;
     layer_ = 0;
     stage_ = Stage::qkv;
     in_pass_ = true;
@@ -185,20 +249,29 @@ void StagedForward::add_lora(Proj p, const float* x, float* y) {
     flops_ += 2 * uint64_t(T_) * uint64_t(u->rank) * uint64_t(s.rows + s.cols) + 2 * n;
 }
 
-// Causal grouped-query attention over the cache (after RoPE and the cache append) -> xb2 [T][dim].
+// Causal grouped-query attention of every row over its own sequence's cache (after RoPE and the cache append)
+// -> xb2 [T][dim].
 void StagedForward::attention() {
     const int d = cfg_.dim, hd = cfg_.head_dim(), kv = cfg_.kv_dim();
     const int n_heads = cfg_.n_heads, group = cfg_.n_heads / cfg_.n_kv_heads;
-    const float* kc = key_cache_.data() + size_t(layer_) * n_ctx_ * kv;
-    const float* vc = value_cache_.data() + size_t(layer_) * n_ctx_ * kv;
-    const int pos = pass_pos_, T = T_;
-    // one (token, head) pair per work item
-    run(pool_, int64_t(T) * n_heads, [&](int64_t begin, int64_t end) {
-        SecretVector<float> att(attend_scratch(begin, end, n_heads, pos, T));
-        attend_items(begin, end, n_heads, pos, xb2_.data(), size_t(d), q_.data(), size_t(d), kc, vc, size_t(kv), hd,
-                     group, att.data());
+    int longest = 0;
+    for (const Seg& s : segs_) longest = std::max(longest, s.pos0 + s.n);
+    // one (row, head) pair per work item, over all segments; each range is cut at segment boundaries
+    run(pool_, int64_t(T_) * n_heads, [&](int64_t begin, int64_t end) {
+        SecretVector<float> att(attend_scratch(begin, end, n_heads, 0, longest));
+        size_t si = 0;
+        for (int64_t i = begin; i < end;) {
+            const int64_t row = i / n_heads;
+            while (int64_t(segs_[si].row0) + segs_[si].n <= row) ++si;
+            const Seg& s = segs_[si];
+            const int64_t base = int64_t(s.row0) * n_heads, stop = std::min<int64_t>(end, base + int64_t(s.n) * n_heads);
+            attend_items(i - base, stop - base, n_heads, s.pos0, xb2_.data() + size_t(s.row0) * d, size_t(d),
+                         q_.data() + size_t(s.row0) * d, size_t(d), s.cache->k_[size_t(layer_)].data(),
+                         s.cache->v_[size_t(layer_)].data(), size_t(kv), hd, group, att.data());
+            i = stop;
+        }
     });
-    for (int t = 0; t < T; ++t) flops_ += uint64_t(n_heads) * uint64_t(pos + t + 1) * uint64_t(hd) * 4;
+    for (int t = 0; t < T_; ++t) flops_ += uint64_t(n_heads) * uint64_t(row_pos_[size_t(t)] + 1) * uint64_t(hd) * 4;
 }
 
 void StagedForward::finish_stage() {
@@ -211,13 +284,16 @@ void StagedForward::finish_stage() {
             add_lora(Proj::q, xb_.data(), q_.data());
             add_lora(Proj::k, xb_.data(), k_.data());
             add_lora(Proj::v, xb_.data(), v_.data());
-            float* kc = key_cache_.data() + size_t(layer_) * n_ctx_ * kv;
-            float* vc = value_cache_.data() + size_t(layer_) * n_ctx_ * kv;
-            for (int t = 0; t < T_; ++t) {
-                rope(&q_[size_t(t) * d], cfg_.n_heads, hd, pass_pos_ + t, cfg_.rope_theta);
-                rope(&k_[size_t(t) * kv], cfg_.n_kv_heads, hd, pass_pos_ + t, cfg_.rope_theta);
-                std::copy_n(&k_[size_t(t) * kv], kv, kc + size_t(pass_pos_ + t) * kv);
-                std::copy_n(&v_[size_t(t) * kv], kv, vc + size_t(pass_pos_ + t) * kv);
+            for (const Seg& s : segs_) {
+                float* kc = s.cache->k_[size_t(layer_)].data();
+                float* vc = s.cache->v_[size_t(layer_)].data();
+                for (int t = s.row0; t < s.row0 + s.n; ++t) {
+                    const int p = row_pos_[size_t(t)];
+                    rope(&q_[size_t(t) * d], cfg_.n_heads, hd, p, cfg_.rope_theta);
+                    rope(&k_[size_t(t) * kv], cfg_.n_kv_heads, hd, p, cfg_.rope_theta);
+                    std::copy_n(&k_[size_t(t) * kv], kv, kc + size_t(p) * kv);
+                    std::copy_n(&v_[size_t(t) * kv], kv, vc + size_t(p) * kv);
+                }
             }
             attention();
             input_ = xb2_.data();
@@ -255,7 +331,7 @@ void StagedForward::finish_stage() {
                 input_ = xb_.data();
             } else {
                 input_ = nullptr;
-                pos_ += T_;
+                for (const Seg& s : segs_) s.cache->pos_ = s.pos0 + s.n;
             }
             flops_ += Td * 5;
             break;

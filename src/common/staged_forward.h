@@ -45,6 +45,31 @@ struct LoraUpdate {
     SecretVector<float> a, b;
 };
 
+// One sequence's KV cache: for every layer, the keys and values of positions 0 .. pos() - 1. Allocated in chunks of
+// kChunk positions as the sequence grows, so its memory follows use; secret memory, zeroed when freed. A
+// StagedForward holds one of its own (the single-sequence passes); batched passes take any number of them.
+class KvCache {
+public:
+    static constexpr int kChunk = 64;
+    int pos() const { return pos_; }
+    int capacity() const { return cap_; }
+    size_t bytes() const;
+    // Forgets every position and frees (zeroes) the memory.
+    void clear();
+
+private:
+    friend class StagedForward;
+    std::vector<SecretVector<float>> k_, v_;  // [layer] -> [capacity][kv_dim]
+    int pos_ = 0, cap_ = 0;
+};
+
+// One sequence's part of a batched pass: n tokens appended to `cache` at its position.
+struct PassSegment {
+    KvCache* cache = nullptr;
+    const int32_t* tokens = nullptr;
+    int n = 0;
+};
+
 class StagedForward {
 public:
     // n_ctx: KV cache length (1 .. cfg.seq_len). pool: threads for attention and the classifier (nullptr: inline;
@@ -56,7 +81,7 @@ public:
 
     const ModelConfig& config() const { return cfg_; }
     int n_ctx() const { return n_ctx_; }
-    int pos() const { return pos_; }
+    int pos() const { return own_.pos_; }
     bool tied() const { return tied_; }
 
     // The tensors, filled in place by the owner before the first pass.
@@ -77,6 +102,12 @@ public:
     // Starts a pass. Throws si::Error(invalid_argument) for T < 1, a context overflow, a token out of range, or a
     // pass already in progress.
     void begin(const int32_t* tokens, int T);
+    // Starts a batched pass over several sequences, each with its own cache (distinct), their tokens stacked in
+    // segment order as the pass's rows. Every row is computed exactly as in a pass of its sequence alone (row-wise
+    // arithmetic; attention over its own cache only), so the results do not depend on what else is in the batch.
+    void begin(std::span<const PassSegment> segments);
+    // Bytes a cache holding `positions` positions occupies (its chunks).
+    size_t kv_bytes(int positions) const;
     bool in_pass() const { return in_pass_; }
     bool done() const { return in_pass_ && layer_ == cfg_.n_layers; }
     int layer() const { return layer_; }
@@ -106,6 +137,7 @@ private:
     void ensure_scratch(int T);
     void add_lora(Proj p, const float* x, float* y);
     void attention();
+    void grow(KvCache& c, int positions);
 
     ModelConfig cfg_;
     int n_ctx_ = 0;
@@ -114,9 +146,15 @@ private:
     SecretVector<float> tok_embeddings_, classifier_, final_norm_;
     std::vector<SecretVector<float>> attn_norm_, ffn_norm_;
     std::vector<LoraUpdate> lora_;  // [layer][7]; rank 0: none
-    SecretVector<float> key_cache_, value_cache_;  // [layer][n_ctx][kv_dim]
+    KvCache own_;  // the single-sequence passes' cache
+    struct Seg {
+        KvCache* cache;
+        int row0, n, pos0;
+    };
+    std::vector<Seg> segs_;  // of the pass in progress
+    std::vector<int> row_pos_;  // [T]: each row's position in its sequence
 
-    int pos_ = 0, pass_pos_ = 0, T_ = 0, layer_ = 0;
+    int pass_pos_ = 0, T_ = 0, layer_ = 0;
     Stage stage_ = Stage::qkv;
     bool in_pass_ = false;
     const float* input_ = nullptr;

@@ -47,11 +47,14 @@ static_assert(kSealIvBytes == pkg::kIvBytes && kSealTagBytes == pkg::kTagBytes);
 
 }  // namespace
 
-// Erases the pending crossing's kept unit (total words) from the store: each is used once.
-void TrustedCore::Impl::erase_kept_unit(uint64_t total) {
-    if (pending.kept && pending.kept_wr) OPENSSL_cleanse(pending.kept_wr, size_t(total) * 4);
-    pending.kept_wr = nullptr;
-    kept_last = SecretVector<uint32_t>{};  // freed, so zeroed
+// Erases the pending crossing's kept units (total words over its T rows) from the store: each is used once.
+void TrustedCore::Impl::erase_kept_units(uint64_t total) {
+    const size_t words = pending.T > 0 ? size_t(total) / size_t(pending.T) : 0;
+    for (core::PreRow& row : pending.rows) {
+        if (row.kept_wr) OPENSSL_cleanse(row.kept_wr, words * 4);
+        row.kept_wr = nullptr;
+    }
+    kept_last.clear();  // freed, so zeroed
 }
 
 // Masks the quantised input xq [T][K] of a crossing and sends it out for the offloaded projections.
@@ -59,29 +62,47 @@ std::vector<uint8_t> TrustedCore::Impl::send_offload(int l, Stage st, std::vecto
     // One fresh pad per element of this crossing: x' = x + r (mod 2^32) is uniform, independent of x.
     const size_t n = size_t(T * K);
     r.resize(n);
-    pending = Pending{true, l, st, ++crossings, off, T, K};
+    pending = Pending{};
+    pending.active = true;
+    pending.layer = l;
+    pending.stage = st;
+    pending.crossing = ++crossings;
+    pending.projs = off;
+    pending.T = T;
+    pending.K = K;
     pending.classifier = classifier;
     PreSlot& ps = pre[size_t(l) * kStages + size_t(st)];
-    if (T == 1 && !ps.batches.empty()) {
-        // Offline mode: the next reserved position of the pending batch, used exactly once.
-        PreBatch& b = ps.batches.front();
+    uint64_t avail = 0, rows = 0;
+    for (const PreBatch& b : ps.batches) avail += b.count;
+    avail -= ps.next;
+    for (Proj p : off) rows += uint64_t(proj(l, p).rows);
+    // Every row of the crossing (a decode token of a slot, or a prompt position) takes the next precomputed unit,
+    // when there is one for each and their sealed units would fit one message with the products.
+    const bool fits = T == 1 || uint64_t(T) * (8 * rows + core::kSealTagBytes) + (64u << 10) <= SI_ENCLAVE_MAX_MESSAGE;
+    if (avail >= uint64_t(T) && fits) {
         pending.pre = true;
-        pending.pre_seq = b.seq;
-        pending.pre_idx = ps.next;
-        pending.pre_count = b.count;
-        pending.pre_offset = b.offset + uint64_t(ps.next) * uint64_t(K);
-        if (!b.kept.empty()) {
-            // Kept inside: products() reads this position's unit in place and erases it.
-            pending.kept_wr = b.kept.data() + size_t(ps.next) * (b.kept.size() / b.count);
-            pending.kept = pending.unit_open = true;
+        pending.rows.resize(size_t(T));
+        for (int t = 0; t < T; ++t) {
+            // Offline mode: the next reserved position of the pending batch, used exactly once.
+            PreBatch& b = ps.batches.front();
+            core::PreRow& row = pending.rows[size_t(t)];
+            row.seq = b.seq;
+            row.idx = ps.next;
+            row.count = b.count;
+            row.offset = b.offset + uint64_t(ps.next) * uint64_t(K);
+            if (!b.kept.empty())
+                row.kept_wr = b.kept.data() + size_t(ps.next) * (b.kept.size() / b.count);  // read in place, erased
+            else
+                ++pending.sealed_rows;
+            masks->fill_at(row.offset, r.data() + size_t(t) * size_t(K), size_t(K));
+            if (++ps.next == b.count) {
+                kept_bytes -= 4 * b.kept.size();
+                kept_last.push_back(std::move(b.kept));  // the pending crossing reads its last units
+                ps.batches.pop_front();
+                ps.next = 0;
+            }
         }
-        if (++ps.next == b.count) {
-            kept_bytes -= 4 * b.kept.size();
-            kept_last = std::move(b.kept);  // the pending crossing reads its last unit
-            ps.batches.pop_front();
-            ps.next = 0;
-        }
-        masks->fill_at(pending.pre_offset, r.data(), n);
+        pending.unit_open = pending.sealed_rows == 0;
     } else {
         masks->fill(r.data(), n);
     }
@@ -95,9 +116,17 @@ std::vector<uint8_t> TrustedCore::Impl::send_offload(int l, Stage st, std::vecto
     e.scalar<int32_t>(Tag::count_t, T);
     e.scalar<int32_t>(Tag::count_k, int32_t(K));
     if (pending.pre) {
-        e.scalar<uint64_t>(Tag::batch, pending.pre_seq);
-        e.scalar<uint32_t>(Tag::batch_index, pending.pre_idx);
-        if (pending.kept) e.scalar<uint8_t>(Tag::keep, 1);  // the host holds nothing for this crossing
+        std::vector<uint64_t> seqs_of(static_cast<size_t>(T));
+        std::vector<uint32_t> idx(static_cast<size_t>(T));
+        std::vector<uint8_t> keep(static_cast<size_t>(T));
+        for (int t = 0; t < T; ++t) {
+            seqs_of[size_t(t)] = pending.rows[size_t(t)].seq;
+            idx[size_t(t)] = pending.rows[size_t(t)].idx;
+            keep[size_t(t)] = pending.rows[size_t(t)].kept_wr ? 1 : 0;
+        }
+        e.add(Tag::batch, seqs_of);
+        e.add(Tag::batch_index, idx);
+        if (pending.sealed_rows < uint32_t(T)) e.add(Tag::keep, keep);  // the host holds nothing for these rows
     }
     auto* dst = e.reserve(Tag::activations, WireType::u32, n);
     for (size_t i = 0; i < n; ++i) {
@@ -129,7 +158,8 @@ uint64_t TrustedCore::Impl::check_answers_pending(const Message& m, const char* 
 std::vector<uint8_t> TrustedCore::Impl::unit(const Message& m) {
     const uint64_t total = check_answers_pending(m, "unit");
     if (!pending.pre) bad("unit: sealed unblinding factors for a crossing that uses none");
-    if (pending.kept) bad("unit: the crossing's factors are kept inside the core; no sealed unit belongs to it");
+    if (pending.sealed_rows == 0)
+        bad("unit: the crossing's factors are kept inside the core; no sealed unit belongs to it");
     if (pending.unit_open) bad("unit: the crossing's sealed unit was already sent");
     open_unit(m, total);
     pending.unit_open = true;
@@ -144,20 +174,30 @@ std::vector<uint8_t> TrustedCore::Impl::products(const Message& m) {
     if (pending.pre && !pending.unit_open) {
         open_unit(m, total);
     } else if (m.has(Tag::sealed)) {
-        bad(!pending.pre  ? "products: sealed unblinding factors for a crossing that uses none"
-            : pending.kept ? "products: the crossing's factors are kept inside the core; no sealed unit belongs to it"
-                           : "products: the crossing's sealed unit was already sent");
+        bad(!pending.pre                ? "products: sealed unblinding factors for a crossing that uses none"
+            : pending.sealed_rows == 0 ? "products: the crossing's factors are kept inside the core; no sealed unit "
+                                         "belongs to it"
+                                       : "products: the crossing's sealed unit was already sent");
     }
-    const uint8_t* pre_src = pending.kept ? reinterpret_cast<const uint8_t*>(pending.kept_wr) : pre_plain.data();
+    // each row's unit: kept inside, or opened from the sealed units of this crossing (in row order)
+    const size_t unit_words = size_t(total) / size_t(T);
+    std::vector<const uint32_t*> row_src;
+    if (pending.pre) {
+        size_t j = 0;
+        for (const core::PreRow& row : pending.rows)
+            row_src.push_back(row.kept_wr ? row.kept_wr
+                                          : reinterpret_cast<const uint32_t*>(pre_plain.data()) + unit_words * j++);
+    }
     size_t pre_at = 0;
     for (Proj p : pending.projs) {
         ProjState& s = proj(pending.layer, p);
         const size_t n = size_t(T * s.rows);
         wr.resize(n);
         if (pending.pre) {
-            // W r offline: kept inside, or opened from the sealed unit of this crossing.
-            std::memcpy(wr.data(), pre_src + pre_at, 4 * n);
-            pre_at += 4 * n;
+            // W r offline: row t's part of its own unit.
+            for (int t = 0; t < T; ++t)
+                std::memcpy(wr.data() + size_t(t) * size_t(s.rows), row_src[size_t(t)] + pre_at, 4 * size_t(s.rows));
+            pre_at += size_t(s.rows);
         } else {
             // W r online: the same exact mod-2^32 product the accelerator computes on x'.
             gemm_masked(loop_pool(T), s.packed, r.data(), T, wr.data());
@@ -183,7 +223,7 @@ std::vector<uint8_t> TrustedCore::Impl::products(const Message& m) {
                            pending.classifier ? logits.data() : fw->proj_output(p));
     }
     const bool classifier = pending.classifier;
-    erase_kept_unit(total);
+    erase_kept_units(total);
     pending = Pending{};
     wipe(r);
     wipe(wr);
@@ -193,26 +233,41 @@ std::vector<uint8_t> TrustedCore::Impl::products(const Message& m) {
     return run();
 }
 
-// Authenticates and decrypts the sealed unit the pending crossing needs into pre_plain. Anything but exactly
-// that unit (missing, replayed, reordered, altered, another slot's or another core's) is an integrity failure.
+// Authenticates and decrypts the sealed units the pending crossing needs (one per row not kept inside, in row
+// order) into pre_plain. Anything but exactly those units (missing, replayed, reordered, altered, another slot's or
+// another core's) is an integrity failure.
 void TrustedCore::Impl::open_unit(const Message& m, uint64_t words) {
-    const std::string where = "sealed unblinding factors for crossing " + std::to_string(pending.crossing) +
-                              " (layer " + std::to_string(pending.layer) + ", stage " + stage_name(pending.stage) +
-                              ", batch " + std::to_string(pending.pre_seq) + ", position " +
-                              std::to_string(pending.pre_idx) + ")";
-    const size_t n = size_t(words) * 4;
-    if (!m.has(Tag::sealed)) fail(Status::integrity, where + " are missing; the session is stopped");
+    const size_t unit = size_t(words) / size_t(pending.T) * 4;
+    auto where = [&](const core::PreRow* row) {
+        std::string w = "sealed unblinding factors for crossing " + std::to_string(pending.crossing) + " (layer " +
+                        std::to_string(pending.layer) + ", stage " + stage_name(pending.stage);
+        if (row) w += ", batch " + std::to_string(row->seq) + ", position " + std::to_string(row->idx);
+        return w + ")";
+    };
+    const core::PreRow* first = nullptr;
+    for (const core::PreRow& row : pending.rows)
+        if (!row.kept_wr) {
+            first = &row;
+            break;
+        }
+    if (!m.has(Tag::sealed)) fail(Status::integrity, where(first) + " are missing; the session is stopped");
     const wire::Field& sf = m.field(Tag::sealed, WireType::u8);
-    if (size_t(sf.count) != n + kSealTagBytes)
-        fail(Status::integrity, where + " have the wrong size; the session is stopped");
-    uint8_t iv[kSealIvBytes];
-    seal_iv(pending.pre_seq, pending.pre_idx, iv);
-    const auto aad = seal_aad(pending.layer, pending.stage, pending.pre_offset, pending.pre_count, pending.pre_seq,
-                              pending.pre_idx, pending.K);
-    pre_plain.resize(n);
-    if (!unit_opener.open(seal_key.data(), iv, aad, sf.data, n, pre_plain.data()))
-        fail(Status::integrity, where + " failed authentication (replayed, altered or foreign); the session is stopped");
-    flops += n;  // nominal: decryption
+    if (size_t(sf.count) != size_t(pending.sealed_rows) * (unit + kSealTagBytes))
+        fail(Status::integrity, where(first) + " have the wrong size; the session is stopped");
+    pre_plain.resize(size_t(pending.sealed_rows) * unit);
+    size_t j = 0;
+    for (const core::PreRow& row : pending.rows) {
+        if (row.kept_wr) continue;
+        uint8_t iv[kSealIvBytes];
+        seal_iv(row.seq, row.idx, iv);
+        const auto aad = seal_aad(pending.layer, pending.stage, row.offset, row.count, row.seq, row.idx, pending.K);
+        if (!unit_opener.open(seal_key.data(), iv, aad, sf.data + j * (unit + kSealTagBytes), unit,
+                              pre_plain.data() + j * unit))
+            fail(Status::integrity,
+                 where(&row) + " failed authentication (replayed, altered or foreign); the session is stopped");
+        ++j;
+    }
+    flops += pre_plain.size();  // nominal: decryption
 }
 
 // Precomputes the unblinding factors of the next `count` single-token crossings of (layer, stage): reserves

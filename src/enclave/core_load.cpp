@@ -36,6 +36,10 @@ void TrustedCore::Impl::configure(const Message& m) {
     const uint8_t off = m.scalar<uint8_t>(Tag::offload), t = m.scalar<uint8_t>(Tag::tied);
     const uint8_t serial = m.has(Tag::serial_decode) ? m.scalar<uint8_t>(Tag::serial_decode) : 0;
     if (off > 1 || t > 1 || serial > 1) bad("configure: offload, tied and serial_decode must be 0 or 1");
+    const int32_t n_slots = m.has(Tag::slot_count) ? m.scalar<int32_t>(Tag::slot_count) : 1;
+    if (n_slots < 1 || n_slots > core::kMaxSlots)
+        bad("configure: slot count " + std::to_string(n_slots) + " out of range [1, " +
+            std::to_string(core::kMaxSlots) + "]");
     activation_bits(std::max(c.dim, c.hidden_dim));  // refuses inner dimensions without exact int32 products
 
     // Everything this model will need, counted before anything is allocated.
@@ -48,7 +52,8 @@ void TrustedCore::Impl::configure(const Message& m) {
     bytes += T * v * 4 + T * d * 4;                       // logits and classifier inputs of a pass
     bytes += 2 * proj_elems + proj_rows * 8;                           // raw + packed weights, scales, row sums
     bytes += 12 * (proj_rows + L * (6 * d + h));                        // Freivalds keys: s and u, 3 limbs each
-    bytes += 2 * L * T * kv * 4;                                       // KV cache
+    const uint64_t one_kv = 2 * L * T * kv * 4;                        // one slot's KV cache at full context
+    bytes += one_kv;
     bytes += T * (6 * d + 2 * kv + 3 * h) * 4 + T * std::max(d, h) * 16;  // pass and crossing scratch
     if (bytes > SI_TRUSTED_CORE_MAX_BYTES)
         fail(Status::out_of_memory, "configure: the model needs about " + std::to_string(bytes >> 20) +
@@ -57,6 +62,8 @@ void TrustedCore::Impl::configure(const Message& m) {
 
     cfg = c;
     n_ctx = ctx;
+    // The slots' caches grow with use; together they may take what the rest leaves of the core's limit.
+    kv_limit = SI_TRUSTED_CORE_MAX_BYTES - (bytes - one_kv);
     offload_mode = off == 1;
     tied = t == 1;
     serial_decode = serial == 1;
@@ -78,8 +85,8 @@ void TrustedCore::Impl::configure(const Message& m) {
         fail(Status::internal, "configure: no randomness for the sealing key");
     pre.assign(size_t(cfg.n_layers + 1) * kStages, PreSlot{});
     batch_seq = 0;
-    sampler_params = SamplerParams{0.0f, 0, 1.0f, 0};
-    sampler = std::make_unique<Sampler>(sampler_params);
+    seqs = std::vector<SeqSlot>(size_t(n_slots));
+    for (SeqSlot& q : seqs) q.sampler = std::make_unique<Sampler>(q.params);
     phase = Phase::loading;
 }
 
@@ -275,11 +282,13 @@ void TrustedCore::Impl::set_sampler(const Message& m) {
     if (k < 0 || k > cfg.vocab_size) bad("sampler: log-probability count out of range [0, vocabulary size]");
     if (!std::isfinite(noise_std) || noise_std < 0.0f || noise_std > 1e6f) bad("sampler: noise out of range");
     const SamplerParams params{temp, top_k, top_p, m.scalar<uint64_t>(Tag::seed)};
+    const int slot = slot_of(m, "sampler");
     check_sampling_policy(params, k, noise_std);
-    sampler_params = params;
+    SeqSlot& q = seqs[size_t(slot)];
+    q.params = params;
     logprobs_k = k;
     logprob_noise = noise_std;
-    sampler = std::make_unique<Sampler>(sampler_params);
+    q.sampler = std::make_unique<Sampler>(q.params);
 }
 
 // A package's owner bounds what a request may ask of the sampler (pkg::SamplingPolicy); checked when the settings

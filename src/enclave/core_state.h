@@ -2,6 +2,7 @@
 //   core_load.cpp        configure, plaintext uploads, finalize, sampler settings
 //   core_provision.cpp   protected packages: attestation, key release, sealing, manifest, encrypted uploads
 //   core_crossings.cpp   masked crossings: offload, products, Freivalds checks, precomputed unblinding factors
+//   core_slots.cpp       sequence slots: batched steps over several sequences, per-slot reset and sampler
 //   trusted_core.cpp     the forward driver (eval, stages, classifier, sampling) and the request dispatch
 // Internal to src/enclave: nothing outside the trusted core includes it.
 #pragma once
@@ -55,6 +56,13 @@ struct ProjState {
     std::optional<FreivaldsKey> key;  // offloaded projections only
 };
 
+// Where one row of a crossing takes its precomputed unblinding factors from.
+struct PreRow {
+    uint64_t seq = 0, offset = 0;  // its batch, and the first mask position of the row
+    uint32_t idx = 0, count = 0;   // its position within the batch, and the batch's size
+    uint32_t* kept_wr = nullptr;   // kept inside the core: its unit, read in place and erased; null: sealed
+};
+
 // The crossing in flight between an offload response and the products request that answers it.
 struct Pending {
     bool active = false;
@@ -64,15 +72,32 @@ struct Pending {
     std::vector<Proj> projs;
     int T = 0;
     int64_t K = 0;
-    // offline unblinding: the crossing's pads come from a precomputed batch, whose sealed unit must come back
+    // offline unblinding: every row's pads come from a precomputed batch (one unit per row); the sealed units of
+    // the rows not kept inside must come back, in row order
     bool pre = false;
-    uint64_t pre_seq = 0, pre_offset = 0;
-    uint32_t pre_idx = 0, pre_count = 0;
-    bool unit_open = false;   // its factors are in pre_plain: kept inside, or a sealed unit sent ahead (MsgType::unit)
-    bool kept = false;        // its factors were kept inside the core (no sealed unit belongs to it), at kept_wr
-    uint32_t* kept_wr = nullptr;
+    std::vector<PreRow> rows;
+    uint32_t sealed_rows = 0;
+    bool unit_open = false;   // the sealed rows' factors are in pre_plain (or no row is sealed)
     bool classifier = false;  // the classifier crossing after the last block (layer n_layers)
 };
+
+// One sequence slot: its KV cache (memory follows use), its sampler and the chained hash of its context.
+struct SeqSlot {
+    KvCache kv;
+    SamplerParams params{0.0f, 0, 1.0f, 0};
+    std::unique_ptr<Sampler> sampler;
+    pkg::Hash context_hash{};
+};
+
+// One sequence's rows in the pass in progress.
+struct PassSeg {
+    int slot = 0;
+    int row0 = 0, n = 0;
+    bool sample = false;
+    pkg::Hash context_hash{};  // the slot's context after this pass
+};
+
+constexpr int kMaxSlots = 1024;
 
 // A batch of precomputed unblinding factors: handed out sealed (the core keeps only this bookkeeping), or kept
 // inside the core, unit after unit ([count][rows]: W_p r_t for every projection p of the slot, in order).
@@ -112,6 +137,8 @@ struct TrustedCore::Impl {
     using Pending = core::Pending;
     using PreBatch = core::PreBatch;
     using PreSlot = core::PreSlot;
+    using SeqSlot = core::SeqSlot;
+    using PassSeg = core::PassSeg;
 
     enum class Phase { fresh, loading, ready };
     Phase phase = Phase::fresh;
@@ -129,7 +156,10 @@ struct TrustedCore::Impl {
 
     std::unique_ptr<MaskStream> masks;  // one-time pads of the crossings
     std::unique_ptr<MaskStream> noise;  // randomness for the log-probability noise
-    std::unique_ptr<Sampler> sampler;
+    std::vector<SeqSlot> seqs;          // sequence slots; eval, reset and sampler without a slot use slot 0
+    uint64_t kv_limit = 0;              // bytes all slots' KV caches may occupy together
+    std::vector<PassSeg> pass;          // the sequences of the pass in progress
+    bool stepping = false;              // the pass is a step (answered per slot), not an eval
     int logprobs_k = 0;
     float logprob_noise = 0.0f;
     uint32_t release_policy = 0;  // a package's owner policy (pkg::kRelease*); only read when `package`
@@ -150,7 +180,7 @@ struct TrustedCore::Impl {
     std::vector<PreSlot> pre;        // [layer][kStages], then the classifier's slot (layer n_layers, stage qkv)
     uint64_t batch_seq = 0;          // last batch sequence number handed out
     uint64_t kept_bytes = 0;         // factors kept inside (PreBatch::kept), all slots
-    SecretVector<uint32_t> kept_last;  // a kept batch whose last unit the pending crossing still uses
+    std::vector<SecretVector<uint32_t>> kept_last;  // kept batches whose last units the pending crossing still uses
     SecretVector<uint32_t> pre_r, pre_wr;
     SecretVector<uint8_t> pre_plain;
     pkg::GcmOpener unit_opener;      // one context for every crossing's sealed unit (its key schedule is cleansed)
@@ -187,8 +217,6 @@ struct TrustedCore::Impl {
     // Package draws: the sampler is reseeded for each token from a PRF of the request's seed and settings and of
     // the context, under a key derived from the sealing key (the host can neither predict nor steer the draws).
     SecretVector<uint8_t> draw_key;
-    SamplerParams sampler_params;
-    pkg::Hash context_hash{}, pass_context_hash{};  // chained SHA-256 of the tokens since reset (and with this pass)
 
     ProjState& proj(int layer, Proj p) { return projs[size_t(layer) * 7 + size_t(p)]; }
     // The threads of a product over T tokens.
@@ -224,7 +252,7 @@ struct TrustedCore::Impl {
 
     std::vector<uint8_t> ok() {
         Encoder e(MsgType::ok);
-        e.scalar<int32_t>(Tag::pos, fw ? fw->pos() : 0);
+        e.scalar<int32_t>(Tag::pos, seqs.empty() ? 0 : seqs[0].kv.pos());
         e.scalar<uint64_t>(Tag::flops, take_flops());
         return e.finish();
     }
@@ -249,10 +277,10 @@ struct TrustedCore::Impl {
     void check_bound_config(const pkg::BoundConfig& want) const;
     void bind_chunk(uint64_t key, const std::string& what, const void* data, size_t bytes, bool last);
     void check_sampling_policy(const SamplerParams& p, int k, float noise) const;
-    uint64_t draw_seed() const;
+    uint64_t draw_seed(const SamplerParams& p, const pkg::Hash& context) const;
 
     // masked crossings and unblinding factors (core_crossings.cpp)
-    void erase_kept_unit(uint64_t total);
+    void erase_kept_units(uint64_t total);
     std::vector<uint8_t> send_offload(int l, Stage st, std::vector<Proj> off, int T, int64_t K, bool classifier);
     uint64_t check_answers_pending(const Message& m, const char* what);
     std::vector<uint8_t> unit(const Message& m);
@@ -260,13 +288,20 @@ struct TrustedCore::Impl {
     void open_unit(const Message& m, uint64_t words);
     std::vector<uint8_t> precompute(const Message& m);
 
+    // sequence slots (core_slots.cpp)
+    int slot_of(const Message& m, const char* what) const;
+    std::vector<uint8_t> step(const Message& m);
+    std::vector<uint8_t> reset_slot(const Message& m);
+    void begin_pass(std::span<const int32_t> tokens);
+    std::vector<uint8_t> finish_step();
+
     // forward passes (trusted_core.cpp)
     void abandon();
     std::vector<uint8_t> eval(const Message& m);
     std::vector<uint8_t> run();
     std::vector<uint8_t> classify();
     std::vector<uint8_t> finish_pass();
-    void release_logprobs(Encoder& e);
+    void release_logprobs(const float* lg, std::vector<int32_t>& ids, std::vector<float>& values);
     double gaussian();
     std::vector<uint8_t> reset();
     void wipe_all();

@@ -16,9 +16,11 @@ void TrustedCore::Impl::abandon() {
     if (pending.active) {
         uint64_t total = 0;
         for (Proj p : pending.projs) total += uint64_t(pending.T) * uint64_t(proj(pending.layer, p).rows);
-        erase_kept_unit(total);
+        erase_kept_units(total);
     }
     pending = Pending{};
+    pass.clear();
+    stepping = false;
     if (fw) fw->abort_pass();
     wipe(r);
     wipe(xq);
@@ -43,24 +45,17 @@ std::vector<uint8_t> TrustedCore::Impl::eval(const Message& m) {
         fail(Status::security, "the package's owner allows at most " +
                                    std::to_string(release_policy & pkg::kReleaseLogprobsMask) +
                                    " log-probabilities per token; " + std::to_string(logprobs_k) + " were asked");
-    if (output == wire::OutputKind::sample) check_sampling_policy(sampler_params, logprobs_k, logprob_noise);
-    // A package's draws depend on the context after this pass, chained token by token (so that it does not depend
-    // on how a prompt is batched); other runs draw from their seed alone and need no hash.
-    pass_context_hash = context_hash;
-    if (package)
-        for (int32_t t : tokens) {
-            uint8_t b[pkg::kHashBytes + 4];
-            std::memcpy(b, pass_context_hash.data(), pkg::kHashBytes);
-            std::memcpy(b + pkg::kHashBytes, &t, 4);
-            pass_context_hash = pkg::sha256(b);
-        }
+    if (output == wire::OutputKind::sample) check_sampling_policy(seqs[0].params, logprobs_k, logprob_noise);
     targets.clear();
     if (output == wire::OutputKind::nll) {
         targets = m.array<int32_t>(Tag::targets, tf.count);
         for (int32_t t : targets)
             if (t < -1 || t >= cfg.vocab_size) bad("eval: NLL target " + std::to_string(t) + " out of range");
     }
-    fw->begin(tokens.data(), int(tokens.size()));
+    // an eval is a pass of slot 0 alone
+    pass.assign(1, PassSeg{0, 0, int(tokens.size()), output == wire::OutputKind::sample, {}});
+    stepping = false;
+    begin_pass(tokens);
     return run();
 }
 
@@ -98,7 +93,9 @@ std::vector<uint8_t> TrustedCore::Impl::classify() {
     const int T = fw->T(), d = cfg.dim, V = cfg.vocab_size;
     cls_rows.clear();
     if (output == wire::OutputKind::sample) {
-        cls_rows.push_back(T - 1);
+        // the last row of each sequence that samples
+        for (const PassSeg& g : pass)
+            if (g.sample) cls_rows.push_back(g.row0 + g.n - 1);
     } else if (output == wire::OutputKind::nll) {
         for (int t = 0; t < T; ++t)
             if (targets[size_t(t)] >= 0) cls_rows.push_back(t);
@@ -122,14 +119,22 @@ std::vector<uint8_t> TrustedCore::Impl::classify() {
 }
 
 std::vector<uint8_t> TrustedCore::Impl::finish_pass() {
+    if (stepping) return finish_step();
     const int V = cfg.vocab_size;
     Encoder e(output == wire::OutputKind::none ? MsgType::ok : MsgType::result);
+    SeqSlot& q = seqs[0];
     // logits [cls_rows.size()][V], computed by classify() (and products() when offloaded)
     if (output == wire::OutputKind::sample) {
-        if (package) sampler->reseed(draw_seed());
-        const int32_t tok = sampler->sample(logits.data(), V);
+        if (package) q.sampler->reseed(draw_seed(q.params, pass[0].context_hash));
+        const int32_t tok = q.sampler->sample(logits.data(), V);
         e.scalar<int32_t>(Tag::token, tok);
-        if (logprobs_k > 0) release_logprobs(e);
+        if (logprobs_k > 0) {
+            std::vector<int32_t> ids;
+            std::vector<float> values;
+            release_logprobs(logits.data(), ids, values);
+            e.add(Tag::logprob_ids, ids);
+            e.add(Tag::logprob_values, values);
+        }
     } else if (output == wire::OutputKind::nll) {
         double sum = 0.0;
         uint64_t count = 0;
@@ -141,37 +146,37 @@ std::vector<uint8_t> TrustedCore::Impl::finish_pass() {
         e.scalar<uint64_t>(Tag::nll_count, count);
     }
     fw->end_pass();
-    context_hash = pass_context_hash;
+    q.context_hash = pass[0].context_hash;
+    pass.clear();
     wipe(logits);
     wipe(xq);
-    e.scalar<int32_t>(Tag::pos, fw->pos());
+    e.scalar<int32_t>(Tag::pos, q.kv.pos());
     e.scalar<uint64_t>(Tag::flops, take_flops());
     return e.finish();
 }
 
-// Top-K log-probabilities (temperature 1) with Gaussian noise of the configured deviation added before release.
-void TrustedCore::Impl::release_logprobs(Encoder& e) {
+// Top-K log-probabilities (temperature 1) of one row of logits, with Gaussian noise of the configured deviation
+// added before release.
+void TrustedCore::Impl::release_logprobs(const float* lg, std::vector<int32_t>& ids_out, std::vector<float>& values) {
     const int V = cfg.vocab_size, K = std::min(logprobs_k, V);
-    double mx = logits[0];
-    for (int i = 1; i < V; ++i) mx = std::max(mx, double(logits[size_t(i)]));
+    double mx = lg[0];
+    for (int i = 1; i < V; ++i) mx = std::max(mx, double(lg[i]));
     double sum = 0.0;
-    for (int i = 0; i < V; ++i) sum += std::exp(double(logits[size_t(i)]) - mx);
+    for (int i = 0; i < V; ++i) sum += std::exp(double(lg[i]) - mx);
     const double lse = mx + std::log(sum);
     // the ranking of the whole vocabulary is secret; only its first K entries are released
     SecretVector<int32_t> order(static_cast<size_t>(V));
     for (int i = 0; i < V; ++i) order[size_t(i)] = i;
     std::partial_sort(order.begin(), order.begin() + K, order.end(), [&](int32_t a, int32_t b) {
-        return logits[size_t(a)] > logits[size_t(b)] || (logits[size_t(a)] == logits[size_t(b)] && a < b);
+        return lg[a] > lg[b] || (lg[a] == lg[b] && a < b);
     });
-    const std::vector<int32_t> ids(order.begin(), order.begin() + K);
-    std::vector<float> values(static_cast<size_t>(K));
     for (int i = 0; i < K; ++i) {
-        double lp = double(logits[size_t(ids[size_t(i)])]) - lse;
+        const int32_t id = order[size_t(i)];
+        double lp = double(lg[id]) - lse;
         if (logprob_noise > 0.0f) lp += double(logprob_noise) * gaussian();
-        values[size_t(i)] = float(lp);
+        ids_out.push_back(id);
+        values.push_back(float(lp));
     }
-    e.add(Tag::logprob_ids, ids);
-    e.add(Tag::logprob_values, values);
 }
 
 // A standard normal variate (Box-Muller) from the core's own AES-CTR stream, keyed from the OS CSPRNG.
@@ -179,15 +184,14 @@ void TrustedCore::Impl::release_logprobs(Encoder& e) {
 // and sampler settings and of the whole context. The host cannot predict a draw (it does not know the key), and
 // whatever it changes (seed, temperature, top-k, top-p, any token) gives an independent draw; only the very same
 // request repeats, and then with the same token, which teaches it nothing new.
-uint64_t TrustedCore::Impl::draw_seed() const {
+uint64_t TrustedCore::Impl::draw_seed(const SamplerParams& p, const pkg::Hash& context) const {
     std::vector<uint8_t> in = {'S', 'I', 'D', 'R', 'A', 'W', '1', 0};
-    auto put = [&](const void* p, size_t n) { in.insert(in.end(), static_cast<const uint8_t*>(p), static_cast<const uint8_t*>(p) + n); };
-    const SamplerParams& p = sampler_params;
+    auto put = [&](const void* b, size_t n) { in.insert(in.end(), static_cast<const uint8_t*>(b), static_cast<const uint8_t*>(b) + n); };
     put(&p.seed, 8);
     put(&p.temperature, 4);
     put(&p.top_k, 4);
     put(&p.top_p, 4);
-    put(pass_context_hash.data(), pass_context_hash.size());
+    put(context.data(), context.size());
     pkg::Hash h = pkg::hmac_sha256(draw_key, in);
     uint64_t seed = 0;
     std::memcpy(&seed, h.data(), 8);
@@ -207,8 +211,8 @@ double TrustedCore::Impl::gaussian() {
 std::vector<uint8_t> TrustedCore::Impl::reset() {
     if (phase != Phase::ready) bad("reset: the model is not loaded");
     abandon();
-    fw->reset();
-    context_hash = pass_context_hash = pkg::Hash{};
+    seqs[0].kv.clear();
+    seqs[0].context_hash = pkg::Hash{};
     Encoder e(MsgType::ok);
     e.scalar<int32_t>(Tag::pos, 0);
     e.scalar<uint64_t>(Tag::flops, take_flops());
@@ -235,8 +239,8 @@ void TrustedCore::Impl::wipe_all() {
     pre.clear();
     kept_bytes = 0;
     projs.clear();
+    seqs.clear();
     fw.reset();
-    sampler.reset();
     masks.reset();
     noise.reset();
     phase = Phase::fresh;
@@ -273,7 +277,8 @@ std::vector<uint8_t> TrustedCore::process(std::span<const uint8_t> request) {
             case wire::MsgType::products: return c.products(m);
             case wire::MsgType::unit: return c.unit(m);
             case wire::MsgType::precompute: return c.precompute(m);
-            case wire::MsgType::reset: return c.reset();
+            case wire::MsgType::reset: return m.has(wire::Tag::slot) ? c.reset_slot(m) : c.reset();
+            case wire::MsgType::step: return c.step(m);
             case wire::MsgType::attest: return c.attest(m);
             case wire::MsgType::release: return c.release(m);
             case wire::MsgType::unseal: c.unseal(m); return c.ok();

@@ -117,7 +117,9 @@ void unstack(const uint32_t* y, int64_t T, int64_t rows, std::span<const int64_t
 // The gpu-only preset's plaintext state on the host.
 struct SecureSession::Gpu {
     std::unique_ptr<StagedForward> fw;
-    std::unique_ptr<Sampler> sampler;
+    std::vector<KvCache> caches;                     // [slot]
+    std::vector<std::unique_ptr<Sampler>> samplers;  // [slot]
+    std::vector<SamplerParams> sampler_params;       // [slot]
     std::vector<float> logits;
     std::vector<int32_t> xq, acc, stacked;
     std::vector<float> xs;
@@ -145,6 +147,9 @@ SecureSession::SecureSession(const ModelWeights& w, SecureSessionParams params) 
     cfg_tied_ = w.tied();
     n_ctx_ = params_.n_ctx > 0 ? std::min(params_.n_ctx, cfg_.seq_len) : cfg_.seq_len;
     if (params_.n_batch <= 0) fail(Status::invalid_argument, "batch size must be positive");
+    if (params_.slots < 1 || params_.slots > 1024)
+        fail(Status::invalid_argument, "slot count " + std::to_string(params_.slots) + " out of range [1, 1024]");
+    slot_pos_.assign(size_t(params_.slots), 0);
     if (params_.logprobs < 0 || params_.logprobs > cfg_.vocab_size)
         fail(Status::invalid_argument, "--logprobs must lie in [0, vocabulary size " + std::to_string(cfg_.vocab_size) + "]");
     if (!std::isfinite(params_.logprob_noise) || params_.logprob_noise < 0.0f)
@@ -313,13 +318,23 @@ void SecureSession::load_gpu(const ModelWeights& w) {
         }
     std::fill(plan_.begin(), plan_.end(), uint8_t(1));
     upload_slots(load_);
-    gpu_->sampler = std::make_unique<Sampler>(SamplerParams{0.0f, 0, 1.0f, 0});
+    gpu_->caches = std::vector<KvCache>(size_t(params_.slots));
+    gpu_->sampler_params.assign(size_t(params_.slots), SamplerParams{0.0f, 0, 1.0f, 0});
+    for (const SamplerParams& sp : gpu_->sampler_params) gpu_->samplers.push_back(std::make_unique<Sampler>(sp));
 }
 
 void SecureSession::run_gpu_pass(std::span<const int32_t> tokens) {
+    const SlotStep one{0, tokens, false};
+    run_gpu_pass(std::span<const SlotStep>(&one, 1));
+}
+
+void SecureSession::run_gpu_pass(std::span<const SlotStep> batch) {
     StagedForward& fw = *gpu_->fw;
     const uint64_t f0 = fw.flops();
-    fw.begin(tokens.data(), int(tokens.size()));
+    std::vector<PassSegment> segs;
+    for (const SlotStep& b : batch)
+        segs.push_back(PassSegment{&gpu_->caches[size_t(b.slot)], b.tokens.data(), int(b.tokens.size())});
+    fw.begin(segs);
     const int T = fw.T();
     struct Abort {  // a failure mid-pass leaves no half-done pass behind
         StagedForward& fw;
@@ -367,17 +382,25 @@ void SecureSession::run_gpu_pass(std::span<const int32_t> tokens) {
     }
     abort.armed = false;
     stats_.host.flops += double(fw.flops() - f0);
-    pos_ = fw.pos();
+    pos_ = gpu_->caches[0].pos();
+    for (const SlotStep& b : batch) slot_pos_[size_t(b.slot)] = gpu_->caches[size_t(b.slot)].pos();
 }
 
 // Logits [n][vocab] of tokens t0 .. t0 + n - 1 of the finished pass: final norm, then the int8 classifier on the
 // accelerator (mul_mat_int), exactly as the enclave computes it.
 void SecureSession::gpu_logits(int t0, int n, float* out) {
+    std::vector<int> rows(static_cast<size_t>(n));
+    for (int i = 0; i < n; ++i) rows[size_t(i)] = t0 + i;
+    gpu_logits(rows, out);
+}
+
+void SecureSession::gpu_logits(std::span<const int> rows, float* out) {
     StagedForward& fw = *gpu_->fw;
     const int64_t d = cfg_.dim;
+    const int n = int(rows.size());
     const uint64_t f0 = fw.flops();
     std::vector<float> h(size_t(n) * size_t(d));
-    for (int i = 0; i < n; ++i) fw.final_hidden(t0 + i, h.data() + size_t(i) * size_t(d));
+    for (int i = 0; i < n; ++i) fw.final_hidden(rows[size_t(i)], h.data() + size_t(i) * size_t(d));
     stats_.host.flops += double(fw.flops() - f0);
     gpu_->xq.resize(size_t(n) * size_t(d));
     gpu_->xs.resize(size_t(n));
@@ -480,11 +503,12 @@ std::span<const uint8_t> SecureSession::take_unit(int layer, int stage, uint64_t
 }
 
 size_t secret_working_set(const ModelConfig& c, int n_ctx, int n_batch, int64_t precompute_inside_bytes,
-                          size_t adapter_bytes) {
+                          size_t adapter_bytes, int slots) {
     const double dim = c.dim, hidden = c.hidden_dim, kv = c.kv_dim(), layers = c.n_layers;
     const double weights = 2.0 * c.vocab_size * dim + dim +
                            layers * (2.0 * dim + 2.0 * dim * dim + 2.0 * dim * kv + 3.0 * dim * hidden);
-    const double kv_cache = 2.0 * layers * std::max(n_ctx, 1) * kv * 4.0;
+    // every slot's cache at full context, and one more for the copy while a cache grows
+    const double kv_cache = 2.0 * layers * std::max(n_ctx, 1) * kv * 4.0 * (std::max(slots, 1) + 1);
     const double activations = 16.0 * std::max(n_batch, 1) * (dim + hidden + c.n_heads * double(std::max(n_ctx, 1))) * 4.0;
     const double total = 5.0 * weights + kv_cache + activations + double(std::max<int64_t>(precompute_inside_bytes, 0)) +
                          double(adapter_bytes) + double(64 << 20);
@@ -529,7 +553,7 @@ void SecureSession::load_enclave(const ModelWeights& w) {
             if (params_.lora)
                 for (const auto& t : params_.lora->tensors) adapter_bytes += (t.a.size() + t.b.size()) * sizeof(float);
             o.secret_arena_bytes = secret_working_set(cfg_, n_ctx_, n_batch_, params_.precompute_inside_bytes,
-                                                      adapter_bytes);
+                                                      adapter_bytes, params_.slots);
             o.enclave_threads = enclave_threads;
             o.spin = std::chrono::microseconds(params_.worker_spin_us);
             if (params_.pin_cpu >= CPU_SETSIZE)
@@ -566,6 +590,7 @@ void SecureSession::load_enclave(const ModelWeights& w) {
         const bool shares_cores = params_.mode == SecureMode::secureinfer && !params_.accelerator &&
                                   params_.accelerator_backend == "cpu";
         e.scalar<uint8_t>(Tag::serial_decode, shares_cores ? 1 : 0);
+        if (params_.slots > 1) e.scalar<int32_t>(Tag::slot_count, params_.slots);
         call(e.finish(), load_);
     }
     if (params_.package) {
@@ -748,8 +773,14 @@ std::vector<uint8_t> SecureSession::run_enclave_pass(std::span<const int32_t> to
     e.scalar<uint8_t>(Tag::output, uint8_t(output));
     if (output == int(wire::OutputKind::nll)) e.add(Tag::targets, targets);
     trace_tokens_in(tokens);
-    std::vector<uint8_t> resp = call(e.finish(), stats_);
+    std::vector<uint8_t> resp = drive_crossings(call(e.finish(), stats_));
+    slot_pos_[0] = pos_;
+    return resp;
+}
+
+std::vector<uint8_t> SecureSession::drive_crossings(std::vector<uint8_t> resp) {
     std::vector<uint32_t> x, y;
+    std::vector<uint8_t> units;
     for (;;) {
         const Message m = wire::decode(resp);
         if (m.type() != MsgType::offload) {
@@ -773,14 +804,22 @@ std::vector<uint8_t> SecureSession::run_enclave_pass(std::span<const int32_t> to
         }
         x.resize(size_t(T) * size_t(K));
         m.copy(Tag::activations, x.data(), x.size());
-        // Offline unblinding: the sealed unit the core asks for (the core authenticates it). With a concurrent
-        // enclave host it goes ahead of the products, and the core opens it while the accelerator computes.
+        // Offline unblinding: the sealed unit of each row the core asks for (the core authenticates them), in row
+        // order. With a concurrent enclave host they go ahead of the products, and the core opens them while the
+        // accelerator computes.
         std::span<const uint8_t> unit;
+        units.clear();
         if (m.has(Tag::batch)) {
-            unit = take_unit(layer, stage, m.scalar<uint64_t>(Tag::batch), m.scalar<uint32_t>(Tag::batch_index));
-            if (m.has(Tag::keep)) unit = {};  // kept inside the core: the host only keeps count
+            const auto seqs = m.array<uint64_t>(Tag::batch, T);
+            const auto idx = m.array<uint32_t>(Tag::batch_index, T);
+            const auto keep = m.has(Tag::keep) ? m.array<uint8_t>(Tag::keep, T) : std::vector<uint8_t>(size_t(T), 0);
+            for (int32_t t = 0; t < T; ++t) {
+                const auto u = take_unit(layer, stage, seqs[size_t(t)], idx[size_t(t)]);
+                if (!keep[size_t(t)]) units.insert(units.end(), u.begin(), u.end());  // kept: the host keeps count
+            }
+            unit = units;
         }
-        else if (precomputed_ && T == 1 && !exhausted_said_) {
+        else if (precomputed_ && !exhausted_said_ && precomputed_available() == 0) {
             exhausted_said_ = true;
             const char* msg = "precomputed unblinding factors exhausted: falling back to online unblinding";
             std::fprintf(stderr, "%s\n", msg);
@@ -855,12 +894,23 @@ std::vector<uint8_t> SecureSession::run_enclave_pass(std::span<const int32_t> to
 
 // ---- the public calls -------------------------------------------------------------------------------------------
 
-void SecureSession::set_sampler(const SamplerParams& p) {
+void SecureSession::set_sampler(const SamplerParams& p) { set_sampler(0, p); }
+
+void SecureSession::check_slot(int slot, const char* what) const {
+    if (slot < 0 || slot >= params_.slots)
+        fail(Status::invalid_argument, std::string(what) + ": slot " + std::to_string(slot) + " out of range [0, " +
+                                           std::to_string(params_.slots) + ")");
+}
+
+void SecureSession::set_sampler(int slot, const SamplerParams& p) {
+    check_slot(slot, "set_sampler");
     if (gpu_) {
-        gpu_->sampler = std::make_unique<Sampler>(p);
+        gpu_->sampler_params[size_t(slot)] = p;
+        gpu_->samplers[size_t(slot)] = std::make_unique<Sampler>(p);
         return;
     }
     Encoder e(MsgType::sampler);
+    if (slot != 0) e.scalar<int32_t>(Tag::slot, slot);
     e.scalar<float>(Tag::temperature, std::max(0.0f, p.temperature));
     e.scalar<int32_t>(Tag::top_k, std::max(0, p.top_k));
     e.scalar<float>(Tag::top_p, std::clamp(p.top_p, 0.0f, 1.0f));
@@ -895,7 +945,7 @@ int32_t SecureSession::eval_sample(std::span<const int32_t> tokens, std::vector<
             const int V = cfg_.vocab_size;
             gpu_->logits.resize(size_t(V));
             gpu_logits(int(chunk.size()) - 1, 1, gpu_->logits.data());
-            token = gpu_->sampler->sample(gpu_->logits.data(), V);
+            token = gpu_->samplers[0]->sample(gpu_->logits.data(), V);
             gpu_->fw->end_pass();
             if (params_.logprobs > 0 && logprobs) {
                 const float* lg = gpu_->logits.data();
@@ -1111,11 +1161,142 @@ uint64_t SecureSession::sealed_factor_bytes() const {
 void SecureSession::reset() {
     Timer timer(stats_);
     if (gpu_) {
-        gpu_->fw->reset();
+        gpu_->fw->abort_pass();
+        gpu_->caches[0].clear();
     } else {
         call(wire::Encoder(MsgType::reset).finish(), stats_);
     }
     pos_ = 0;
+    slot_pos_[0] = 0;
+}
+
+// ---- sequence slots ---------------------------------------------------------------------------------------------
+
+int SecureSession::slot_pos(int slot) const {
+    check_slot(slot, "slot_pos");
+    return slot_pos_[size_t(slot)];
+}
+
+uint64_t SecureSession::kv_bytes() const {
+    uint64_t n = 0;
+    if (gpu_) {
+        for (const KvCache& c : gpu_->caches) n += c.bytes();
+        return n;
+    }
+    // the core's caches grow by whole chunks, as StagedForward::kv_bytes counts them
+    const uint64_t per_pos = 2 * uint64_t(cfg_.n_layers) * uint64_t(cfg_.kv_dim()) * 4;
+    for (int p : slot_pos_)
+        n += per_pos * uint64_t(std::min<int64_t>(n_ctx_, (int64_t(p) + KvCache::kChunk - 1) / KvCache::kChunk * KvCache::kChunk));
+    return n;
+}
+
+void SecureSession::reset_slot(int slot) {
+    check_slot(slot, "reset_slot");
+    Timer timer(stats_);
+    if (gpu_) {
+        gpu_->fw->abort_pass();
+        gpu_->caches[size_t(slot)].clear();
+        gpu_->samplers[size_t(slot)] = std::make_unique<Sampler>(gpu_->sampler_params[size_t(slot)]);
+    } else {
+        Encoder e(MsgType::reset);
+        e.scalar<int32_t>(Tag::slot, slot);
+        call(e.finish(), stats_);
+    }
+    slot_pos_[size_t(slot)] = 0;
+    if (slot == 0) pos_ = 0;
+}
+
+std::vector<int32_t> SecureSession::step(std::span<const SlotStep> batch,
+                                         std::vector<std::vector<TokenLogprob>>* logprobs) {
+    Timer timer(stats_);
+    if (batch.empty()) fail(Status::invalid_argument, "step: no slots");
+    size_t total = 0;
+    std::vector<uint8_t> seen(size_t(params_.slots), 0);
+    for (const SlotStep& b : batch) {
+        check_slot(b.slot, "step");
+        if (seen[size_t(b.slot)]++) fail(Status::invalid_argument, "step: slot " + std::to_string(b.slot) + " named twice");
+        if (b.tokens.empty()) fail(Status::invalid_argument, "step: no tokens for slot " + std::to_string(b.slot));
+        if (int64_t(slot_pos_[size_t(b.slot)]) + int64_t(b.tokens.size()) > n_ctx_)
+            fail(Status::invalid_argument, "context overflow: slot " + std::to_string(b.slot) + " holds " +
+                                               std::to_string(slot_pos_[size_t(b.slot)]) + " tokens; " +
+                                               std::to_string(b.tokens.size()) + " more exceed the context of " +
+                                               std::to_string(n_ctx_));
+        total += b.tokens.size();
+    }
+    if (total > size_t(n_batch_))
+        fail(Status::invalid_argument, "step: " + std::to_string(total) + " tokens exceed the batch of " +
+                                           std::to_string(n_batch_) + " (split prompts into chunks)");
+    if (logprobs) logprobs->assign(batch.size(), {});
+    std::vector<int32_t> out(batch.size(), -1);
+    const int V = cfg_.vocab_size;
+    if (gpu_) {
+        std::vector<int32_t> all;
+        for (const SlotStep& b : batch) all.insert(all.end(), b.tokens.begin(), b.tokens.end());
+        trace_tokens_in(all);
+        run_gpu_pass(batch);
+        // the classifier once over the last row of every sampling slot, as the trusted core does
+        std::vector<int> rows;
+        int row = 0;
+        for (const SlotStep& b : batch) {
+            row += int(b.tokens.size());
+            if (b.sample) rows.push_back(row - 1);
+        }
+        if (!rows.empty()) {
+            gpu_->logits.resize(rows.size() * size_t(V));
+            gpu_logits(rows, gpu_->logits.data());
+        }
+        size_t at = 0;
+        for (size_t i = 0; i < batch.size(); ++i) {
+            if (!batch[i].sample) continue;
+            out[i] = gpu_->samplers[size_t(batch[i].slot)]->sample(gpu_->logits.data() + at++ * size_t(V), V);
+        }
+        gpu_->fw->end_pass();
+        return out;
+    }
+    Encoder e(MsgType::step);
+    std::vector<int32_t> slots, counts, all;
+    std::vector<uint8_t> sample;
+    for (const SlotStep& b : batch) {
+        slots.push_back(b.slot);
+        counts.push_back(int32_t(b.tokens.size()));
+        sample.push_back(b.sample ? 1 : 0);
+        all.insert(all.end(), b.tokens.begin(), b.tokens.end());
+    }
+    e.add(Tag::slots, slots);
+    e.add(Tag::counts, counts);
+    e.add(Tag::sample, sample);
+    e.add(Tag::tokens, all);
+    trace_tokens_in(all);
+    const std::vector<uint8_t> resp = drive_crossings(call(e.finish(), stats_));
+    const Message m = wire::decode(resp);
+    if (m.type() != MsgType::result) fail(Status::internal, "the trusted core did not answer a step with a result");
+    const auto rs = m.array<int32_t>(Tag::slots, int64_t(batch.size()));
+    const auto rt = m.array<int32_t>(Tag::tokens, int64_t(batch.size()));
+    const auto rp = m.array<int32_t>(Tag::counts, int64_t(batch.size()));
+    std::vector<int32_t> ids;
+    std::vector<float> values;
+    if (m.has(Tag::logprob_ids)) {
+        ids = m.array<int32_t>(Tag::logprob_ids);
+        values = m.array<float>(Tag::logprob_values, int64_t(ids.size()));
+    }
+    size_t sampled = 0;
+    for (size_t i = 0; i < batch.size(); ++i) sampled += batch[i].sample ? 1 : 0;
+    const size_t k = sampled && !ids.empty() ? ids.size() / sampled : 0;
+    size_t at = 0;
+    for (size_t i = 0; i < batch.size(); ++i) {
+        if (rs[i] != batch[i].slot || (batch[i].sample ? rt[i] < 0 || rt[i] >= V : rt[i] != -1))
+            fail(Status::internal, "the trusted core answered a step with a malformed result");
+        out[i] = rt[i];
+        slot_pos_[size_t(rs[i])] = rp[i];
+        if (batch[i].sample && k) {
+            if (logprobs)
+                for (size_t j = 0; j < k; ++j) (*logprobs)[i].push_back({ids[at + j], values[at + j]});
+            at += k;
+        }
+    }
+    pos_ = slot_pos_[0];
+    if (trace_) trace_->write(-1, "sample", "output", TraceDType::i32, {int64_t(out.size())}, out.data());
+    return out;
 }
 
 }  // namespace si

@@ -54,6 +54,10 @@ struct SecureSessionParams {
     int n_ctx = 0;      // 0: the model's context length
     int n_batch = 512;  // tokens per forward pass (lowered when a crossing would not fit one message)
     int n_threads = 0;  // host and accelerator threads (0: all CPUs)
+    // Sequence slots (1 .. 1024): one copy of the weights, each slot its own KV cache (growing with use), sampler
+    // and context; step() advances several together. The single-sequence calls (eval_sample, eval, reset ...) use
+    // slot 0.
+    int slots = 1;
     bool insecure = false;  // gpu-only: run a model with secret tensors anyway
     // automatic: the worker process when its executable exists, else in-process with a warning.
     EnclaveHostKind host = EnclaveHostKind::automatic;
@@ -124,7 +128,15 @@ struct TokenLogprob {
 // precomputed factors and 64 MiB for the rest (OpenSSL, the sampler); at least 64 MiB, at most
 // kMaxSecretArenaBytes. The worker's secret arena is reserved at this size.
 size_t secret_working_set(const ModelConfig& cfg, int n_ctx, int n_batch, int64_t precompute_inside_bytes,
-                          size_t adapter_bytes);
+                          size_t adapter_bytes, int slots = 1);
+
+// One slot's part of a step: tokens appended to the slot's sequence (a decode token, or a prompt chunk), and
+// whether to sample the token that follows them.
+struct SlotStep {
+    int slot = 0;
+    std::span<const int32_t> tokens;
+    bool sample = true;
+};
 
 class SecureSession {
 public:
@@ -158,6 +170,22 @@ public:
     // gpu-only only: logits of the last token or of every token ([n][vocab]); other modes throw Status::security.
     const float* eval_logits(std::span<const int32_t> tokens, bool all_logits);
     void reset();
+
+    // ---- sequence slots (continuous batching) ----
+    int slot_count() const { return params_.slots; }
+    // The tokens in a slot's KV cache.
+    int slot_pos(int slot) const;
+    // Bytes the slots' KV caches occupy now (gpu-only: on the host; otherwise inside the trusted core).
+    uint64_t kv_bytes() const;
+    // One forward pass over the rows of several slots (distinct; at most n_batch() tokens in all): one batched
+    // product per crossing, every row with fresh masks (or its own precomputed factors) and checked. Returns, per
+    // entry, the sampled token (from that slot's sampler) or -1 where sample is false. Each slot's tokens are
+    // exactly those it would get alone. logprobs (may be null) receives, per entry, the released log-probabilities.
+    std::vector<int32_t> step(std::span<const SlotStep> batch,
+                              std::vector<std::vector<TokenLogprob>>* logprobs = nullptr);
+    void set_sampler(int slot, const SamplerParams& p);
+    // Forgets a slot's sequence: its KV cache (freed and zeroed), context and sampler state.
+    void reset_slot(int slot);
 
     // secureinfer only: precomputes the unblinding factors W r of the next `tokens` decode steps (single-token
     // passes) for every offloaded stage of every layer. The trusted core returns them sealed (AES-256-GCM); the
@@ -199,8 +227,13 @@ private:
     struct SlotWeights;
     const SlotWeights& slot_weights(int layer, int stage, std::span<const uint8_t> projs) const;
     std::vector<uint8_t> run_enclave_pass(std::span<const int32_t> tokens, int output, std::span<const int32_t> targets);
+    // Answers the trusted core's crossings from `resp` on, until it returns something else (returned).
+    std::vector<uint8_t> drive_crossings(std::vector<uint8_t> resp);
     void run_gpu_pass(std::span<const int32_t> tokens);
+    void run_gpu_pass(std::span<const SlotStep> batch);
+    void check_slot(int slot, const char* what) const;
     void gpu_logits(int t0, int n, float* out);
+    void gpu_logits(std::span<const int> rows, float* out);  // the classifier over these rows of the pass, at once
     const char* op_name(int layer, int p) const;
     bool classifier_secret() const;
     void trace_tokens_in(std::span<const int32_t> tokens);
@@ -232,7 +265,8 @@ private:
         uint64_t kept = 0;             // bytes the core keeps for this batch (0: sealed)
     };
     std::vector<std::deque<SealedBatch>> sealed_;
-    std::vector<std::vector<uint8_t>> spent_;  // the last unit's batch, kept until that unit has been sent
+    std::vector<std::vector<uint8_t>> spent_;  // the last units' batches, kept until those units have been sent
+    std::vector<int> slot_pos_;                // enclave modes: each slot's position, as the core last said
     bool precomputed_ = false, exhausted_said_ = false;
     uint64_t kept_bytes_ = 0;  // factors kept inside the core, not yet consumed
 };

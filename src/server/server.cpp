@@ -1,10 +1,11 @@
-// The OpenAI-compatible HTTP server (see server.h). Request handling reads top to bottom: errors, the context
-// pool, request parsing, generation with stop strings and streaming, the routes.
+// The OpenAI-compatible HTTP server (see server.h). Request handling reads top to bottom: the sequence slots
+// (server/batcher.h), request parsing, generation with stop strings and streaming, the routes. Errors are in
+// server/api_error.h, the counters of GET /metrics in server/metrics.h.
 #include "server/server.h"
 
 #include "server/api_error.h"
+#include "server/batcher.h"
 #include "server/metrics.h"
-#include "server/pool.h"
 #include "server/status.h"
 #include "server/web_ui.h"
 
@@ -30,6 +31,28 @@ namespace si::server {
 
 namespace {
 
+// ---- the slots ----------------------------------------------------------------------------------------------------
+
+// A sequence slot held for one request (server/batcher.h); given back (reset) when the last owner lets go.
+struct Lease {
+    Batcher& batcher;
+    std::shared_ptr<Batcher::Job> job;
+    explicit Lease(Batcher& b) : batcher(b), job(acquire(b)) {}
+    ~Lease() { batcher.release(job); }
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+
+    static std::shared_ptr<Batcher::Job> acquire(Batcher& b) {
+        try {
+            return b.acquire();
+        } catch (const BatcherRefusal& e) {
+            throw ApiError(503, e.what(), "",
+                           e.kind == BatcherRefusal::busy     ? "server_busy"
+                           : e.kind == BatcherRefusal::closed ? "server_shutting_down"
+                                                              : "server_error");
+        }
+    }
+};
 
 // ---- requests -----------------------------------------------------------------------------------------------------
 
@@ -157,7 +180,7 @@ struct Server::Impl {
     si_model* model;
     Options opts;
     Metrics metrics;
-    std::unique_ptr<Pool> pool;
+    std::unique_ptr<Batcher> pool;
     int n_ctx = 0, n_vocab = 0;
     std::string warnings;
     std::string status;  // GET /v1/secureinfer/status
@@ -171,16 +194,17 @@ struct Server::Impl {
     Impl(si_model* m, si_context_params cp, Options o)
         : model(m), opts(std::move(o)), metrics(opts.model_id, opts.mode_name) {
         cp.logprobs = opts.logprobs;
-        pool = std::make_unique<Pool>(m, cp, std::max(1, opts.parallel), std::max(0, opts.max_queue),
-                                      std::max(0, opts.precompute), metrics);
-        n_ctx = si_context_n_ctx(pool->any());
+        pool = std::make_unique<Batcher>(m, cp, std::max(1, opts.parallel), std::max(0, opts.max_queue),
+                                         std::max(0, opts.precompute), &metrics);
+        n_ctx = pool->n_ctx();
         n_vocab = si_model_n_vocab(m);
-        warnings = si_context_warnings(pool->any());
+        warnings = pool->warnings();
         StatusInputs si{};
-        const char* protection = si_context_protection(pool->any());
-        if (!protection)
-            std::fprintf(stderr, "serve: the protection status is incomplete: %s\n", si_last_error());
-        si.protection = protection ? protection : "{}";
+        // built once from the batcher's context as it was created (a replacement has the same configuration)
+        const std::string& protection = pool->protection();
+        if (protection.empty())
+            std::fprintf(stderr, "serve: the protection status is incomplete: %s\n", pool->protection_error().c_str());
+        si.protection = protection.empty() ? "{}" : protection;
         si.model_id = opts.model_id;
         si.mode = opts.mode_name;
         si.n_ctx = n_ctx;
@@ -362,34 +386,19 @@ struct Server::Impl {
         bool gone = false;  // the client went away; generation stopped
         double ttft = -1;   // seconds from arrival to the first token (-1: none)
         double seconds = 0; // from arrival to the last token
-        si_stats stats{};   // the context's counters for this generation (zero in the plain mode)
+        si_stats stats{};   // this generation's share of the context's counters (Batcher::stats)
     };
 
-    // Generates on the leased context. emit(delta, tokens) receives text as it becomes final (not a possible start
+    // Generates on the leased slot. emit(delta, tokens) receives text as it becomes final (not a possible start
     // of a stop string, not an unfinished UTF-8 sequence) and the tokens sampled since the last call; it returns
     // false to stop (the client went away).
     using Emit = std::function<bool(const std::string& delta, std::vector<TokenInfo>& tokens)>;
-
-    static si_stats stats_delta(const si_stats& a, const si_stats& b) {
-        si_stats d{};
-        d.enclave_calls = b.enclave_calls - a.enclave_calls;
-        d.crossings = b.crossings - a.crossings;
-        d.accelerator_calls = b.accelerator_calls - a.accelerator_calls;
-        d.bytes_to_enclave = b.bytes_to_enclave - a.bytes_to_enclave;
-        d.bytes_from_enclave = b.bytes_from_enclave - a.bytes_from_enclave;
-        d.bytes_to_accelerator = b.bytes_to_accelerator - a.bytes_to_accelerator;
-        d.bytes_from_accelerator = b.bytes_from_accelerator - a.bytes_from_accelerator;
-        d.seconds_enclave = b.seconds_enclave - a.seconds_enclave;
-        d.seconds_accelerator = b.seconds_accelerator - a.seconds_accelerator;
-        d.seconds_host = b.seconds_host - a.seconds_host;
-        return d;
-    }
 
     Result generate(Lease& lease, const Request& r, const Emit& emit) {
         struct State {
             const Impl* self;
             const Request* r;
-            si_context* ctx;
+            const std::vector<std::pair<si_token, float>>* lps;  // released with the current token
             const Emit* emit;
             Result res;
             std::chrono::steady_clock::time_point arrived;
@@ -398,7 +407,7 @@ struct Server::Impl {
             std::vector<TokenInfo> pending;
             si_token prev = 0;
             bool stopped = false, gone = false;
-        } st{this, &r, lease.ctx, &emit, {}, r.arrived, {}, 0, {}, r.prompt.back(), false, false};
+        } st{this, &r, nullptr, &emit, {}, r.arrived, {}, 0, {}, r.prompt.back(), false, false};
         st.res.n_prompt = int(r.prompt.size());
 
         auto on_token = [](si_token tok, const char* p, size_t n, void* user) -> int {
@@ -409,15 +418,10 @@ struct Server::Impl {
             if (s.r->top_logprobs >= 0) {
                 TokenInfo info;
                 info.text.assign(p, n);
-                std::vector<si_token> ids(static_cast<size_t>(s.self->opts.logprobs));
-                std::vector<float> lps(ids.size());
-                size_t got = 0;
-                if (si_last_logprobs(s.ctx, ids.data(), lps.data(), ids.size(), &got) == SI_OK) {
-                    for (size_t i = 0; i < got; ++i) {
-                        if (ids[i] == tok) info.logprob = lps[i];
-                        if (int(i) < s.r->top_logprobs)
-                            info.top.emplace_back(piece(s.self->model, s.prev, ids[i]), lps[i]);
-                    }
+                for (size_t i = 0; i < s.lps->size(); ++i) {
+                    const auto& [id, lp] = (*s.lps)[i];
+                    if (id == tok) info.logprob = lp;
+                    if (int(i) < s.r->top_logprobs) info.top.emplace_back(piece(s.self->model, s.prev, id), lp);
                 }
                 s.pending.push_back(std::move(info));
             }
@@ -453,24 +457,23 @@ struct Server::Impl {
             return 0;
         };
 
-        int n = 0;
-        si_stats before{}, after{};
-        const bool have_stats = si_context_stats(lease.ctx, &before) == SI_OK;
-        const int rc = si_generate(lease.ctx, r.prompt.data(), r.prompt.size(), r.max_tokens, &r.sampler, on_token, &st,
-                                   &n);
-        const std::string error = rc == SI_OK ? "" : si_last_error();  // before the next call clears it
-        if (have_stats && si_context_stats(lease.ctx, &after) == SI_OK) st.res.stats = stats_delta(before, after);
+        std::string error;
+        const int rc = pool->run(lease.job, r.prompt, r.sampler, r.max_tokens,
+                                 [&](si_token tok, const std::vector<std::pair<si_token, float>>& lps) {
+                                     st.lps = &lps;
+                                     const std::string p = piece(model, st.prev, tok);
+                                     return on_token(tok, p.data(), p.size(), &st) == 0;
+                                 },
+                                 &error);
+        st.res.stats = pool->stats(lease.job);
         st.res.seconds = seconds_since(r.arrived);
         metrics.generation(rc == SI_ERR_INVALID_ARGUMENT ? 0 : st.res.n_prompt, st.res.n_generated, st.res.seconds,
                            st.res.ttft,
                            {st.res.stats.seconds_enclave, st.res.stats.seconds_accelerator, st.res.stats.seconds_host});
         if (rc == SI_ERR_INTEGRITY) metrics.integrity_failure();
-        if (rc != SI_OK) {
-            // invalid arguments were checked above; anything else may have left the context unusable
-            lease.broken = rc != SI_ERR_INVALID_ARGUMENT;
+        if (rc != SI_OK)  // a failed step ends the session; the batcher replaced the context
             throw ApiError(rc == SI_ERR_INVALID_ARGUMENT ? 400 : 500,
                            std::string("generation failed: ") + si_status_name(rc) + ": " + error);
-        }
         if (!st.gone && (st.sent < st.all.size() || !st.pending.empty()))
             emit(st.all.substr(st.sent), st.pending);
         st.res.text = std::move(st.all);
@@ -703,7 +706,7 @@ struct Server::Impl {
         http.Get("/health", [this](const auto&, auto& res) {
             res.status = stopping ? 503 : 200;
             json h = {{"status", stopping ? "shutting down" : "ok"}};
-            if (opts.precompute > 0) h["precomputed_steps"] = pool->min_precomputed();  // of the idle contexts
+            if (opts.precompute > 0) h["precomputed_steps"] = pool->precomputed_steps();  // per slot
             res.set_content(dump(h), "application/json");
         });
         for (const char* path : {"/v1/completions", "/v1/chat/completions"})

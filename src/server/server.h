@@ -3,12 +3,14 @@
 //   POST /v1/completions, /v1/chat/completions   (JSON, or server-sent events with "stream": true)
 //   GET  /v1/models, /v1/models/{id}, /health
 //
-// Each request runs on a context of its own from a fixed pool (Options::parallel), fresh or reset when the previous
-// request on it ended: the reset clears the KV cache and position and abandons any pass in progress, the sampler is
-// seeded anew by every request, and the one-time pads come from the enclave's stream, never reused, so nothing
-// carries from one request to the next. With Options::precompute, a context that comes back is topped up with
-// precomputed unblinding factors by a background thread before (or, when a request is waiting, while) it is handed
-// out again. Requests beyond the pool wait in a bounded queue, first come first served. In the secure modes only sampled tokens (and, if the server was started
+// The requests share one context with Options::parallel sequence slots (one copy of the weights in the enclave and
+// on the accelerator; server/batcher.h): a request waits for a free slot (first come, first served, in a bounded
+// queue; more get 503), and every running request advances in the same batched step, one token each per step, long
+// prompts fed in chunks between them. When a request ends its slot is reset: its KV cache is freed and zeroed and
+// its context and sampler state forgotten, the sampler is seeded anew by every request, and the one-time pads come
+// from the enclave's stream, never reused, so nothing carries from one request to the next. With
+// Options::precompute, the context keeps precomputed unblinding factors for that many decode steps per slot, topped
+// up while no request runs. In the secure modes only sampled tokens (and, if the server was started
 // with Options::logprobs, the released top-K log-probabilities) leave the trusted core.
 #pragma once
 #include <cstddef>
@@ -24,14 +26,13 @@ struct Options {
     int port = 8080;         // 0: any free port (see Server::bind)
     std::string model_id;    // the name clients pass as "model"
     std::string mode_name;   // shown in /v1/models and /health
-    int parallel = 1;        // contexts, i.e. requests generated at the same time
+    int parallel = 1;        // sequence slots of the one context, i.e. requests generated at the same time
     int max_queue = 64;      // requests allowed to wait for a context; more get 503
     size_t max_body = 1 << 20;  // request body limit in bytes; larger bodies get 413
     int max_tokens = 2048;   // the largest max_tokens a request may ask for
     int logprobs = 0;        // top-K log-probabilities the contexts release (0: requests for them get 400)
-    // secureinfer: unblinding factors each context keeps precomputed for this many decode steps (0: none; decoding
-    // then unblinds online, about half as fast). Filled before the server listens, topped up in the background
-    // after every request.
+    // secureinfer: unblinding factors kept precomputed for this many decode steps per slot (0: none; decoding then
+    // unblinds online, about half as fast). Filled before the server listens, topped up while no request runs.
     int precompute = 0;
     int http_threads = 0;    // connection threads (0: parallel + max_queue, at least 8)
     bool verbose = false;    // a line per request on stderr
@@ -39,8 +40,9 @@ struct Options {
 
 class Server {
 public:
-    // Creates Options::parallel contexts of `model` with `cp` (cp.logprobs is set from Options::logprobs). The model
-    // must outlive the server. Throws std::runtime_error with si_last_error()'s message when a context fails.
+    // Creates a context of `model` with Options::parallel slots and `cp` (cp.logprobs is set from
+    // Options::logprobs). The model must outlive the server. Throws std::runtime_error with si_last_error()'s
+    // message when the context fails.
     Server(si_model* model, const si_context_params& cp, Options opts);
     ~Server();
     Server(const Server&) = delete;
