@@ -253,7 +253,7 @@ TEST(Server, CompletionsEqualCliTokens) {
 TEST(Server, PrecomputedFactorsServeTheCliTokens) {
     const std::string dir = si::test::scratch_dir();
     Server s(dir, {"--precompute", "40", "--parallel", "2"});
-    EXPECT_NE(s.log().find("40 decode steps precomputed per context"), std::string::npos) << s.log();
+    EXPECT_NE(s.log().find("40 decode steps precomputed per slot"), std::string::npos) << s.log();
     Http health = curl(dir, {s.url("/health")});
     ASSERT_EQ(health.status, 200) << health.body;
     EXPECT_EQ(health.j["precomputed_steps"], 40) << health.body;

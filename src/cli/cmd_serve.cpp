@@ -82,10 +82,11 @@ Runner add_serve(CLI::App& app) {
         ->check(CLI::Range(0, 65535));
     sub->add_option("--alias", o->http.model_id, "model name in the API (default: the model file's name without "
                                                  "extension)");
-    sub->add_option("--parallel", o->http.parallel, "requests generated at the same time, each on a context of "
-                                                    "its own (default 1)")
-        ->check(CLI::Range(1, 64));
-    sub->add_option("--max-queue", o->http.max_queue, "requests allowed to wait for a context; more get 503 "
+    sub->add_option("--parallel", o->http.parallel, "requests generated at the same time: sequence slots of one session "
+                                                    "(one copy of the weights), advanced together in one batched step "
+                                                    "per token (default 1)")
+        ->check(CLI::Range(1, 1024));
+    sub->add_option("--max-queue", o->http.max_queue, "requests allowed to wait for a slot; more get 503 "
                                                       "(default 64)")
         ->check(CLI::Range(0, 4096));
     sub->add_option("--max-body", o->http.max_body, "largest request body in bytes; larger get 413 (default 1 MiB)")
@@ -95,9 +96,8 @@ Runner add_serve(CLI::App& app) {
     sub->add_option("--http-threads", o->http.http_threads, "connection threads (0: parallel + max-queue, at least 8)")
         ->check(CLI::Range(0, 4096));
     sub->add_option("--precompute", o->http.precompute, "secureinfer: keep unblinding factors precomputed for this many "
-                                                        "decode steps in every context, topped up in the background "
-                                                        "after each request (default 0: decode unblinds online, about "
-                                                        "half as fast)")
+                                                        "decode steps of every slot, topped up while no request runs "
+                                                        "(default 0: decode unblinds online, about half as fast)")
         ->check(CLI::Range(0, 1 << 16));
     sub->add_flag("-v,--verbose", o->http.verbose, "log every request on stderr");
     return [=]() -> int {
@@ -179,7 +179,7 @@ Runner add_serve(CLI::App& app) {
         });
 
         const std::string pre =
-            http.precompute > 0 ? ", " + std::to_string(http.precompute) + " decode steps precomputed per context" : "";
+            http.precompute > 0 ? ", " + std::to_string(http.precompute) + " decode steps precomputed per slot" : "";
         std::fprintf(stderr, "serve: model '%s', mode %s, context %d, %d parallel%s; listening on http://%s:%d\n",
                      http.model_id.c_str(), http.mode_name.c_str(), server.n_ctx(), http.parallel, pre.c_str(),
                      http.host.c_str(), port);
