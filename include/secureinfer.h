@@ -49,7 +49,13 @@ typedef int32_t si_token;
 
 typedef struct si_model si_model;
 
-typedef enum si_weight_format { SI_WEIGHTS_F32 = 0, SI_WEIGHTS_INT8 = 1 } si_weight_format;
+typedef enum si_weight_format {
+    SI_WEIGHTS_F32 = 0,
+    SI_WEIGHTS_INT8 = 1,
+    /* Quantised GGUF files: the matrices stay in the file's block format (Q4_0, Q8_0, Q4_K, Q6_K; others are
+       re-quantised to Q8_0) and are read in place, with int8 activations per block, as llama.cpp computes. */
+    SI_WEIGHTS_NATIVE = 2
+} si_weight_format;
 
 typedef struct si_model_params {
     /* Vocabulary for llama2.c checkpoints (tokenizer.bin). NULL: GGUF files carry their own; for llama2.c files

@@ -12,6 +12,7 @@ PKGS=(build-essential cmake g++ pkg-config
       libssl-dev libseccomp-dev
       curl strace libcap2-bin
       clang libclang-rt-14-dev
+      python3 python3-jinja2  # the chat-template tests' reference renderer (tests/chat_template_reference.py)
       python3-prometheus-client chromium chromium-driver haproxy)  # /metrics parser, web chat browser test, scale-out
 build_only=0
 [ "${1:-}" = "--build-only" ] && build_only=1

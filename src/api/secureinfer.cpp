@@ -213,7 +213,9 @@ int si_context_init(si_model* model, const si_context_params* params, si_context
         require(p.n_threads >= 0 && p.n_threads <= 1024, "si_context_init: n_threads out of range");
         require(p.n_ctx >= 0, "si_context_init: n_ctx must not be negative");
         require(p.n_batch > 0, "si_context_init: n_batch must be positive");
-        require(p.weight_format == SI_WEIGHTS_F32 || p.weight_format == SI_WEIGHTS_INT8, "si_context_init: unknown weight format");
+        require(p.weight_format == SI_WEIGHTS_F32 || p.weight_format == SI_WEIGHTS_INT8 ||
+                    p.weight_format == SI_WEIGHTS_NATIVE,
+                "si_context_init: unknown weight format");
         require(p.mode >= SI_MODE_SECUREINFER && p.mode <= SI_MODE_PLAIN, "si_context_init: unknown mode");
         require(p.enclave_host >= SI_HOST_AUTO && p.enclave_host <= SI_HOST_WORKER, "si_context_init: unknown enclave host");
         require(p.logprobs >= 0, "si_context_init: logprobs must not be negative");
@@ -228,7 +230,12 @@ int si_context_init(si_model* model, const si_context_params* params, si_context
             ep.n_threads = p.n_threads;
             ep.n_ctx = p.n_ctx;
             ep.n_batch = p.n_batch;
-            ep.weights = p.weight_format == SI_WEIGHTS_INT8 ? si::WeightFormat::int8 : si::WeightFormat::f32;
+            ep.weights = p.weight_format == SI_WEIGHTS_INT8     ? si::WeightFormat::int8
+                         : p.weight_format == SI_WEIGHTS_NATIVE ? si::WeightFormat::native
+                                                                : si::WeightFormat::f32;
+            if (model->lora && ep.weights == si::WeightFormat::native)
+                si::fail(si::Status::invalid_argument, "native weights are read from the model file as stored and "
+                                                       "cannot have a LoRA adapter merged in; use f32 or int8 weights");
             if (model->lora) {
                 // Merged into a copy of the f32 weights, so every engine format (int8 included) quantises the
                 // adapted weights.
@@ -236,7 +243,7 @@ int si_context_init(si_model* model, const si_context_params* params, si_context
                 si::train::merge_lora(merged, *model->lora, model->lora_scale);
                 c->engine = std::make_unique<si::Engine>(merged, ep);
             } else {
-                c->engine = std::make_unique<si::Engine>(model->file.weights, ep);
+                c->engine = std::make_unique<si::Engine>(model->file.weights, ep, model->file.gguf.get());
             }
             c->isolation = "none (plaintext engine)";
         } else {

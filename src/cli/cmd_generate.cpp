@@ -47,8 +47,9 @@ struct ModelOptions {
         sub->add_option("-t,--threads", threads, "worker threads (0: all CPUs)")->check(CLI::Range(0, 1024));
         sub->add_option("-c,--ctx-size", ctx, "context length (0: the model's)")->check(CLI::Range(0, 1 << 20));
         sub->add_option("-b,--batch-size", batch, "prompt tokens per forward pass")->check(CLI::Range(1, 1 << 16));
-        weights_opt = sub->add_option("--weights", weights, "weight format of the plaintext engine (--mode plain)")
-                          ->check(CLI::IsMember({"f32", "int8"}));
+        weights_opt = sub->add_option("--weights", weights, "weight format of the plaintext engine (--mode plain): f32, "
+                                                            "int8 (per-row), native (a quantised GGUF's blocks as stored)")
+                          ->check(CLI::IsMember({"f32", "int8", "native"}));
         auto* l = sub->add_option("--lora", lora, "LoRA adapter (llama.cpp GGUF adapter): kept inside the enclave and "
                                                   "treated as secret; merged into the weights with --mode plain");
         sub->add_option("--lora-scale", lora_scale, "adapter scale: the update is scale * alpha / rank * B A")
@@ -115,7 +116,7 @@ struct ModelOptions {
         p.n_threads = threads;
         p.n_ctx = ctx;
         p.n_batch = batch;
-        p.weight_format = weights == "int8" ? SI_WEIGHTS_INT8 : SI_WEIGHTS_F32;
+        p.weight_format = weights == "int8" ? SI_WEIGHTS_INT8 : weights == "native" ? SI_WEIGHTS_NATIVE : SI_WEIGHTS_F32;
         p.mode = mode == "plain"          ? SI_MODE_PLAIN
                  : mode == "gpu-only"     ? SI_MODE_GPU_ONLY
                  : mode == "enclave-only" ? SI_MODE_ENCLAVE_ONLY

@@ -23,7 +23,8 @@ namespace {
 
 size_t dtype_size(TraceDType t) {
     switch (t) {
-        case TraceDType::i8: return 1;
+        case TraceDType::i8:
+        case TraceDType::u8: return 1;
         case TraceDType::i32:
         case TraceDType::u32:
         case TraceDType::f32: return 4;
@@ -35,6 +36,7 @@ size_t dtype_size(TraceDType t) {
 const char* npy_descr(TraceDType t) {
     switch (t) {
         case TraceDType::i8: return "|i1";
+        case TraceDType::u8: return "|u1";
         case TraceDType::i32: return "<i4";
         case TraceDType::u32: return "<u4";
         case TraceDType::f32: return "<f4";
@@ -54,6 +56,7 @@ std::string shape_json(const std::vector<int64_t>& shape) {
 const char* trace_dtype_name(TraceDType t) {
     switch (t) {
         case TraceDType::i8: return "int8";
+        case TraceDType::u8: return "uint8";
         case TraceDType::i32: return "int32";
         case TraceDType::u32: return "uint32";
         case TraceDType::f32: return "float32";
