@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
 done
 vocab=../shared/models/llama2_tokenizer.bin
 [ -x build/secureinfer ] || { cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build -j"$(nproc)" --target secureinfer_cli; }
-bin=$(scripts/llamacpp.sh build)
+bin=${SI_LLAMACPP_BIN:-$(scripts/llamacpp.sh build)}  # SI_LLAMACPP_BIN: an existing llama.cpp bin directory
 work=${SI_BENCH_DIR:-/tmp/secureinfer-bench}
 mkdir -p "$work"
 types="f32 q8_0"
