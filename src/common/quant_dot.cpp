@@ -210,10 +210,17 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// Signed int8 x signed int8, 32 lanes, summed in eight int32 lanes (|products| <= 127 * 128: no saturation).
+// Signed int8 x signed int8, 32 lanes, summed in eight int32 lanes: |w| (unsigned) times x with w's sign, as
+// vpdpbusd (VNNI) or vpmaddubsw + vpmaddwd (|pair sums| <= 2 * 127 * 128: no saturation).
 inline __m256i dot_s8(__m256i w, __m256i x) {
-    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+    const __m256i aw = _mm256_sign_epi8(w, w), sx = _mm256_sign_epi8(x, w);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), aw, sx);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1));
+#endif
 }
 
 float q8_0(const uint8_t* w, int64_t n, const int8_t* q, const float* d) {

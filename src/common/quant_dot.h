@@ -5,8 +5,8 @@
 // exact before it is scaled.
 //
 // Every kernel has a portable scalar reference (namespace ref) computing the same integers; the vector kernels
-// (AVX2 where the compiler targets it) sum the scaled block products in a different order, so they agree with the
-// reference to float rounding, not bit for bit.
+// (AVX2 where the compiler targets it, VNNI's vpdpbusd for the signed 8-bit products where present) sum the scaled
+// block products in a different order, so they agree with the reference to float rounding, not bit for bit.
 #pragma once
 #include <cstddef>
 #include <cstdint>
