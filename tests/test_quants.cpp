@@ -336,6 +336,13 @@ TEST(QuantModel, NativeEngineReproducesLlamaCpp) {
                                   "--weights", "native"});
     ASSERT_EQ(c.exit_code, 0) << c.err;
     EXPECT_EQ(trim(c.out).substr(0, 16), "Once upon a time");
+    // An adapter cannot be merged into weights read as stored.
+    const auto l = test::run_cli({"run", "-m", test::shared("models/stories260K.bin"), "--tokenizer",
+                                  test::shared("models/tok512.bin"), "--lora",
+                                  std::string(SI_SOURCE_DIR) + "/adapters/austen-r8.gguf", "-n", "4", "--mode", "plain",
+                                  "--weights", "native"});
+    EXPECT_EQ(l.exit_code, 1);
+    EXPECT_NE(l.err.find("cannot have a LoRA adapter merged in"), std::string::npos) << l.err;
 }
 
 }  // namespace
