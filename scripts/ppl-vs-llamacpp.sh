@@ -35,16 +35,21 @@ build/secureinfer convert -m "$shared/models/stories260K.bin" --tokenizer "$shar
   -o "$work/F32.gguf" 2>/dev/null
 for q in $quants; do "$bin/llama-quantize" "$work/F32.gguf" "$work/$q.gguf" "$q" 1 >/dev/null 2>&1; done
 
-llama_ppl() {  # retried: llama-perplexity built with AMX has been seen to die silently now and then
-  local p="" try
-  for try in 1 2 3; do
-    p=$("$bin/llama-perplexity" -m "$1" -f "$text" -c "$ctx" -b "$ctx" --chunks "$chunks" -t "$threads" --no-repack 2>&1 |
-        sed -n 's/.*Final estimate: PPL = \([0-9.]*\).*/\1/p') || true
+llama_ppl() {
+  # The running estimate after the last chunk ("[N]x") is the final PPL. llama-perplexity's asynchronous log
+  # sometimes loses its last lines at exit (exit status 0), so this retries until either form is there.
+  local out p="" try
+  for try in 1 2 3 4 5; do
+    out=$("$bin/llama-perplexity" -m "$1" -f "$text" -c "$ctx" -b "$ctx" --chunks "$chunks" -t "$threads" --no-repack \
+          </dev/null 2>&1) || true
+    p=$(printf '%s\n' "$out" | sed -n 's/.*Final estimate: PPL = \([0-9.]*\).*/\1/p')
+    [ -n "$p" ] || p=$(printf '%s\n' "$out" | grep -o "\[$chunks\][0-9.]*" | head -1 | sed 's/.*\]//')
     [ -n "$p" ] && break
-    echo "ppl-vs-llamacpp: llama-perplexity failed on $(basename "$1") (try $try)" >&2
+    echo "ppl-vs-llamacpp: no result from llama-perplexity on $(basename "$1") (try $try)" >&2
   done
   echo "${p:-nan}"
 }
+
 ours_ppl() {  # file, mode
   local w=()
   [ "$2" = plain ] && { [ "$(basename "$1")" = F32.gguf ] && w=(--weights f32) || w=(--weights native); }
