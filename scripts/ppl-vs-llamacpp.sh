@@ -36,14 +36,15 @@ build/secureinfer convert -m "$shared/models/stories260K.bin" --tokenizer "$shar
 for q in $quants; do "$bin/llama-quantize" "$work/F32.gguf" "$work/$q.gguf" "$q" 1 >/dev/null 2>&1; done
 
 llama_ppl() {
-  # The running estimate after the last chunk ("[N]x") is the final PPL. llama-perplexity's asynchronous log
-  # sometimes loses its last lines at exit (exit status 0), so this retries until either form is there.
+  # llama-perplexity prints the running estimate after every chunk ("[N]x"); after chunk N it is the final PPL of
+  # --chunks N. Its asynchronous log loses the last lines when the process exits first (exit status 0, common on a
+  # loaded machine), so it runs one chunk more and reads the estimate after chunk N, which is printed while the
+  # extra chunk computes.
   local out p="" try
-  for try in 1 2 3 4 5; do
-    out=$("$bin/llama-perplexity" -m "$1" -f "$text" -c "$ctx" -b "$ctx" --chunks "$chunks" -t "$threads" --no-repack \
-          </dev/null 2>&1) || true
-    p=$(printf '%s\n' "$out" | sed -n 's/.*Final estimate: PPL = \([0-9.]*\).*/\1/p')
-    [ -n "$p" ] || p=$(printf '%s\n' "$out" | grep -o "\[$chunks\][0-9.]*" | head -1 | sed 's/.*\]//')
+  for try in 1 2 3; do
+    out=$("$bin/llama-perplexity" -m "$1" -f "$text" -c "$ctx" -b "$ctx" --chunks "$((chunks + 1))" -t "$threads" \
+          --no-repack </dev/null 2>&1) || true
+    p=$(printf '%s\n' "$out" | grep -o "\[$chunks\][0-9.]*" | head -1 | sed 's/.*\]//')
     [ -n "$p" ] && break
     echo "ppl-vs-llamacpp: no result from llama-perplexity on $(basename "$1") (try $try)" >&2
   done
