@@ -264,7 +264,12 @@ TEST(QuantDot, KernelsMatchReferenceAndDequantisedProduct) {
                     ASSERT_EQ(bsums[size_t(g)], s);
                 }
             } else {
-                qdot::quantize_q8_0(x.data(), n, q.data(), d.data());
+                qdot::quantize_q8_0(x.data(), n, q.data(), d.data(), bsums.data());
+                for (int64_t b = 0; b < n / 32; ++b) {
+                    int s = 0;
+                    for (int j = 0; j < 32; ++j) s += q[size_t(b * 32 + j)];
+                    ASSERT_EQ(bsums[size_t(b)], s);
+                }
                 for (int64_t i = 0; i < n; ++i) xq[size_t(i)] = float(q[size_t(i)]) * d[size_t(i / 32)];
             }
             // activation quantisation: half a step per element
