@@ -51,7 +51,7 @@ for r in $(seq 1 "$reps"); do
         if [ "$np" -gt 0 ]; then echo -e "llama.cpp\t$t\tpp$pp\t$ts"; else echo -e "llama.cpp\t$t\ttg$tg\t$ts"; fi
       done >> "$results"
     build/secureinfer bench -m "$f" -p "$pp" -n "$tg" -r 1 -t "$threads" --weights "$ours" 2>/dev/null |
-      awk -F'|' -v t="$t" 'NR>2 {gsub(/ /,"",$4); gsub(/ /,"",$5); print "secureinfer\t" t "\t" $4 "\t" $5}' >> "$results"
+      awk -F'|' -v t="$t" 'NR>2 {gsub(/ /,"",$5); gsub(/ /,"",$6); print "secureinfer\t" t "\t" $5 "\t" $6}' >> "$results"
     echo "bench-vs-llamacpp: repetition $r/$reps, $t done" >&2
   done
 done
