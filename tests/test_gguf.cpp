@@ -1006,8 +1006,10 @@ TEST(GgufCorrupt, VocabLevel) {
         e.drop_keys.insert(key);
         return rewrite(good, e);
     };
-    expect_error(with("tokenizer.ggml.model", Value::string("gpt2")), Status::unsupported,
-                 "tokenizer model 'gpt2' is not supported (only llama / SentencePiece)", Stage::vocab);
+    expect_error(with("tokenizer.ggml.model", Value::string("bert")), Status::unsupported,
+                 "tokenizer model 'bert' is not supported (llama: SentencePiece, gpt2: byte-level BPE)", Stage::vocab);
+    expect_error(with("tokenizer.ggml.model", Value::string("gpt2")), Status::format,
+                 "tokenizer.ggml.merges is missing: a gpt2 (byte-level BPE) vocabulary needs its merges", Stage::vocab);
     expect_error(without_key("tokenizer.ggml.tokens"), Status::format, "missing metadata key 'tokenizer.ggml.tokens'", Stage::vocab);
     expect_error(with("tokenizer.ggml.tokens", Value::strings({})), Status::format, "tokenizer.ggml.tokens is empty", Stage::vocab);
     expect_error(with("tokenizer.ggml.tokens", Value::array<uint32_t>({1, 2})), Status::format,

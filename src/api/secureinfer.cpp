@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "common/error.h"
 #include "common/sampler.h"
 #include "common/staged_forward.h"
@@ -17,6 +19,7 @@
 #include "formats/model_file.h"
 #include "host/package.h"
 #include "host/secure_session.h"
+#include "host/worker_host.h"
 #include "train/lora.h"
 
 struct si_model {
@@ -48,6 +51,9 @@ namespace {
 constexpr const char* kSecretTensorsKey = "secureinfer.secret_tensors";
 
 thread_local std::string g_last_error;
+// si_set_load_progress: the calling thread's load progress callback.
+thread_local si_progress_callback g_load_progress = nullptr;
+thread_local void* g_load_progress_user = nullptr;
 
 template <class F>
 int guarded(F&& f) {
@@ -281,6 +287,10 @@ int si_context_init(si_model* model, const si_context_params* params, si_context
             sp.lora_scale = model->lora_scale;
             sp.logprobs = p.logprobs;
             sp.logprob_noise = p.logprob_noise;
+            if (g_load_progress)
+                sp.load_progress = [cb = g_load_progress, user = g_load_progress_user](int done, int total) {
+                    cb(done, total, user);
+                };
             c->session = std::make_unique<si::SecureSession>(model->file.weights, std::move(sp));
             c->isolation = c->session->isolation();
             for (const auto& w : c->session->warnings()) c->warnings += (c->warnings.empty() ? "" : "\n") + w;
@@ -483,6 +493,66 @@ int si_last_logprobs(const si_context* ctx, si_token* tokens, float* logprobs, s
         }
         *n_out = n;
     });
+}
+
+// ---- protection status (the server's GET /v1/secureinfer/status and web chat) ------------------------------------
+
+const char* si_context_protection(const si_context* ctx) {
+    thread_local std::string out;
+    const int rc = guarded([&] {
+        require(ctx, "si_context_protection: context is required");
+        using nlohmann::json;
+        const char* modes[] = {"secureinfer", "gpu-only", "enclave-only", "plain"};
+        json j;
+        j["mode"] = modes[ctx->mode];
+        j["isolation"] = ctx->isolation;
+        const bool worker = ctx->isolation.rfind("worker process", 0) == 0;
+        const bool inprocess = ctx->isolation.rfind("no isolation (in-process", 0) == 0;
+        j["enclave_host"] = worker ? "worker" : inprocess ? "inprocess" : "none";
+        j["measurement"] = nullptr;
+        j["measurement_config"] = nullptr;
+        if (worker) {
+            si::WorkerOptions wo;
+            // the fallback without locked memory runs only when it was allowed (its configuration says so)
+            wo.insecure_memory = ctx->isolation.find("not locked") != std::string::npos;
+            const si::WorkerIdentity id = si::worker_identity(wo);
+            j["measurement"] = si::pkg::to_hex(id.measurement);
+            j["measurement_config"] = id.config;
+        } else if (inprocess) {
+            j["measurement"] = si::pkg::to_hex(si::inprocess_measurement());
+            j["measurement_config"] = "in-process core (tests only)";
+        }
+        j["package"] = nullptr;
+        if (const auto& pk = ctx->model->package) {
+            const json manifest = json::parse(pk->manifest_json(), nullptr, false);
+            const auto& sp = pk->sampling();
+            j["package"] = {{"model_id", si::pkg::to_hex(pk->model_id())},
+                            {"name", manifest.is_object() ? manifest.value("name", "") : ""},
+                            {"release",
+                             {{"logprobs_top_k", pk->release() & si::pkg::kReleaseLogprobsMask},
+                              {"nll", (pk->release() & si::pkg::kReleaseNll) != 0}}},
+                            {"sampling",
+                             {{"max_temperature", sp.max_temperature},
+                              {"min_top_k", sp.min_top_k},
+                              {"min_top_p", sp.min_top_p},
+                              {"min_logprob_noise", sp.min_logprob_noise}}}};
+        }
+        json secrets = json::array();
+        if (ctx->model->package)
+            for (const auto& n : ctx->model->package->secret_base_tensors()) secrets.push_back(n);
+        for (const auto& n : ctx->model->secret_tensors) secrets.push_back(n);
+        j["secret_tensors"] = secrets;
+        j["adapter"] = ctx->model->lora != nullptr || (ctx->model->package && ctx->model->package->has_adapter());
+        out = j.dump();
+    });
+    return rc == SI_OK ? out.c_str() : nullptr;
+}
+
+// ---- load progress -------------------------------------------------------------------------------------------------
+
+void si_set_load_progress(si_progress_callback progress, void* user_data) {
+    g_load_progress = progress;
+    g_load_progress_user = user_data;
 }
 
 }  // extern "C"
