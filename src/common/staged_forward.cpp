@@ -214,8 +214,8 @@ void StagedForward::finish_stage() {
             float* kc = key_cache_.data() + size_t(layer_) * n_ctx_ * kv;
             float* vc = value_cache_.data() + size_t(layer_) * n_ctx_ * kv;
             for (int t = 0; t < T_; ++t) {
-                rope(&q_[size_t(t) * d], cfg_.n_heads, hd, pass_pos_ + t, cfg_.rope_theta);
-                rope(&k_[size_t(t) * kv], cfg_.n_kv_heads, hd, pass_pos_ + t, cfg_.rope_theta);
+                rope(&q_[size_t(t) * d], cfg_.n_heads, hd, pass_pos_ + t, cfg_.rope_theta, cfg_.rope_factors());
+                rope(&k_[size_t(t) * kv], cfg_.n_kv_heads, hd, pass_pos_ + t, cfg_.rope_theta, cfg_.rope_factors());
                 std::copy_n(&k_[size_t(t) * kv], kv, kc + size_t(pass_pos_ + t) * kv);
                 std::copy_n(&v_[size_t(t) * kv], kv, vc + size_t(pass_pos_ + t) * kv);
             }
