@@ -116,6 +116,37 @@ TEST(AttackMath, LeastSquaresAucAndIntervals) {
     EXPECT_EQ(p.hi, 1.0);
 }
 
+// The paired one-sided test behind the verdicts against a decoy null, and the rule that an experiment which observed
+// nothing did not run.
+TEST(AttackMath, PairedTestAndObservations) {
+    // Student t tails against tabulated values: P(T > 2.776 | df 4) = 0.025, P(T > 12.706 | df 1) = 0.025,
+    // P(T > 1.833 | df 9) = 0.05; symmetric about 0.
+    EXPECT_NEAR(t_upper_tail(2.776, 4), 0.025, 2e-4);
+    EXPECT_NEAR(t_upper_tail(12.706, 1), 0.025, 2e-4);
+    EXPECT_NEAR(t_upper_tail(1.833, 9), 0.05, 2e-4);
+    EXPECT_NEAR(t_upper_tail(0.0, 7), 0.5, 1e-12);
+    EXPECT_NEAR(t_upper_tail(-1.833, 9), 0.95, 2e-4);
+    // victim above decoy on every seed with little spread: significant; the reverse, or equal values: not
+    const PairedTest up = paired_test({0.56, 0.55, 0.57, 0.58, 0.56}, {0.50, 0.49, 0.52, 0.50, 0.51});
+    EXPECT_EQ(up.n, 5);
+    EXPECT_NEAR(up.mean_diff, 0.06, 1e-12);
+    EXPECT_NEAR(up.t, 0.06 / (std::sqrt(0.0006 / 4.0) / std::sqrt(5.0)), 1e-9);
+    EXPECT_GT(up.p, 1e-4);  // t = 10.95 with 4 degrees of freedom: p = 0.0002
+    EXPECT_LT(up.p, 3e-4);
+    EXPECT_GT(paired_test({0.50, 0.49, 0.52, 0.50, 0.51}, {0.56, 0.55, 0.57, 0.58, 0.56}).p, 0.999);
+    EXPECT_EQ(paired_test({0.0053, 0.0053, 0.0053}, {0.0053, 0.0053, 0.0053}).p, 1.0);
+    EXPECT_EQ(paired_test({0.2, 0.2, 0.2}, {0.1, 0.1, 0.1}).p, 0.0);  // a constant positive difference
+    EXPECT_EQ(paired_test({}, {}).p, 1.0);
+    Observations o;
+    o.required = {"matrices", "rows"};
+    EXPECT_FALSE(o.ran());
+    o.matrices = 35;
+    EXPECT_FALSE(o.ran()) << "no rows observed";
+    o.rows = 1;
+    EXPECT_TRUE(o.ran());
+    EXPECT_FALSE(Observations{}.ran()) << "nothing required: nothing said what the attack observed";
+}
+
 // A1 on S1: the obfuscated fine-tuned weights (permutations, scales, fake rows) are aligned with the public base;
 // the recovered delta matches the adapter's. On S5 the weights are the public base only.
 TEST(AttackControls, A1RecoversS1AndFindsNothingOnS5) {

@@ -3,6 +3,7 @@
 // behind `secureinfer security-report`, which writes report.md, report.json and report.svg.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -14,6 +15,7 @@
 #include "attack/api_attacks.h"
 #include "attack/attacks.h"
 #include "attack/linalg.h"
+#include "attack/package_path.h"
 #include "attack/schemes.h"
 #include "common/model.h"
 #include "common/tokenizer.h"
@@ -22,7 +24,9 @@
 
 namespace si::attack {
 
-enum class Attack { a1, a2, a3, a4, a5, a6, a7, a8 };
+enum class Attack { a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13 };
+// A9-A13 are the active attacks (attack/active.h).
+inline bool is_active(Attack a) { return int(a) >= int(Attack::a9); }
 const char* attack_name(Attack a);         // "A1" ...
 const char* attack_description(Attack a);
 std::optional<Attack> parse_attack(const std::string& s);
@@ -34,7 +38,27 @@ struct AttackVariant {
     float logprob_noise = 0.0f;   // their Gaussian perturbation (SecureSessionParams::logprob_noise)
     bool nll_oracle = false;      // query the perplexity feature (SecureSession::eval_nll) instead of eval_sample
     bool white_box = false;       // A7: score with the fine-tuned weights as the scheme's trace exposes them
+    // A7's positive control: S5 serves an adapter over-fitted on a few member windows (real membership signal),
+    // judged by the same tokens-only attack.
+    bool overfit = false;
+    // A9-A13: the attack's positive control (the weak core, keyserver, credentials or unit store of attack/active.h)
+    // instead of S5.
+    bool weak = false;
+    // S5 on the package path (A1-A5): how decode steps are unblinded.
+    Unblinding unblinding = Unblinding::online;
     std::string label() const;    // "" for the default; e.g. "logprobs=512, noise=0.5"
+};
+
+// How much an experiment observed, summed over the victim's seeds: weight matrices, rows (masked vectors, windows,
+// log-probability rows, tampered products), features per row, queries (passes, API calls, trials, forgeries). An
+// entry whose `required` counts are zero on any seed did not run, which fails the suite.
+struct Observations {
+    int64_t matrices = 0, rows = 0, features = 0, queries = 0;
+    std::vector<std::string> required;
+    int64_t get(const std::string& k) const;
+    bool ran() const;  // every required count positive
+    void add(const Observations& o);  // sums the counts, features the largest; required kept
+    nlohmann::json json() const;
 };
 
 struct EvalConfig {
@@ -49,6 +73,13 @@ struct EvalConfig {
     EnclaveHostKind host = EnclaveHostKind::automatic;
     bool keep_traces = false;
     bool verbose = true;
+    // security_report: called with (experiments done, experiments planned, the next one's name) before each
+    // experiment and once at the end (name ""); may be empty.
+    std::function<void(int done, int total, const std::string& next)> progress;
+    // The shared significance level of the claims about S5 compared with their decoy null (paired, one-sided), and
+    // the number of such claims it is split over (Bonferroni): each is tested at alpha / family.
+    double alpha = 0.01;
+    int family = 1;
 };
 
 // Everything an experiment needs, loaded once: the base, tokenizer, victim adapter, text streams, and the decoy
@@ -58,6 +89,10 @@ public:
     explicit EvalContext(const EvalConfig& cfg);
     ~EvalContext();  // removes a temporary work directory it created (unless keep_traces)
     const EvalConfig& config() const { return cfg_; }
+    void set_family(int n) { cfg_.family = std::max(1, n); }
+    // S5 as deployed: packages of the victim and the decoys, a keyserver, the registered device (created on first
+    // use in the work directory).
+    std::shared_ptr<PackagePath> package_path();
     const ModelWeights& base() const { return base_; }
     const train::LoraAdapter& victim() const { return victim_; }
     const train::LoraAdapter& decoy(int seed);  // trained on first use
@@ -83,6 +118,11 @@ public:
     // base's evaluation of them (the attacker's calibration), cached per seed.
     const MembershipSet& a7_set(int seed);
     const WindowEval& a7_base_eval(int seed);
+    // A7's positive control: a few member windows of seed's set, over-fitted by an adapter of their own (trained
+    // here, many epochs), against as many non-member windows; that adapter; the base's evaluation of the windows.
+    const MembershipSet& a7_overfit_set(int seed);
+    const train::LoraAdapter& a7_overfit_adapter(int seed);
+    const WindowEval& a7_overfit_base_eval(int seed);
 
 private:
     const std::vector<int32_t>& text(const std::string& source);
@@ -100,6 +140,10 @@ private:
     std::optional<double> a5_victim_ppl_, a5_base_ppl_;
     std::map<int, MembershipSet> a7_sets_;
     std::map<int, WindowEval> a7_base_;
+    std::map<int, MembershipSet> a7_over_sets_;
+    std::map<int, train::LoraAdapter> a7_over_;
+    std::map<int, WindowEval> a7_over_base_;
+    std::shared_ptr<PackagePath> package_;
     bool own_work_dir_ = false;
 };
 
@@ -117,15 +161,21 @@ struct ExperimentResult {
     bool has_null = false;
     bool control = false;          // a weak scheme: the attack must break it
     bool broken = false;
+    Observations obs;              // summed over the victim's seeds
+    bool ran = true;               // every seed observed something (Observations::ran)
+    PairedTest paired;             // victim against decoy, per seed (when has_null)
+    double level = 0.0;            // the paired test's level: alpha / family (0: no paired test)
     std::string isolation;         // the enclave host (S5) or "simulated"
     nlohmann::json extra;          // secondary metrics per seed
     double seconds = 0.0;
-    std::string verdict() const { return broken ? "broken" : "not broken"; }
+    std::string verdict() const { return !ran ? "did not run" : broken ? "broken" : "not broken"; }
 };
 
 // Runs `attack` against `scheme` over cfg.seeds seeds (A8: cfg.a8_trials trials in all) and, for S5 (and A7 on any
 // scheme), the decoy null.
 ExperimentResult run_experiment(EvalContext& ctx, Scheme scheme, Attack attack, const AttackVariant& variant = {});
+// A9-A13 (run_experiment calls it for them): one run against S5 on the package path, or against the attack's control.
+ExperimentResult run_active_experiment(EvalContext& ctx, Attack attack, const AttackVariant& variant);
 
 nlohmann::json result_json(const ExperimentResult& r);
 

@@ -381,6 +381,74 @@ double t_quantile_975(int df) {
     return z + (z * z * z + z) / (4.0 * df);
 }
 
+namespace {
+
+// The continued fraction of the regularised incomplete beta function (modified Lentz).
+double beta_cf(double a, double b, double x) {
+    const double tiny = 1e-300;
+    double c = 1.0, d = 1.0 - (a + b) * x / (a + 1.0);
+    if (std::abs(d) < tiny) d = tiny;
+    d = 1.0 / d;
+    double h = d;
+    for (int m = 1; m <= 300; ++m) {
+        const double m2 = 2.0 * m;
+        double aa = m * (b - m) * x / ((a + m2 - 1.0) * (a + m2));
+        d = 1.0 + aa * d;
+        if (std::abs(d) < tiny) d = tiny;
+        c = 1.0 + aa / c;
+        if (std::abs(c) < tiny) c = tiny;
+        d = 1.0 / d;
+        h *= d * c;
+        aa = -(a + m) * (a + b + m) * x / ((a + m2) * (a + m2 + 1.0));
+        d = 1.0 + aa * d;
+        if (std::abs(d) < tiny) d = tiny;
+        c = 1.0 + aa / c;
+        if (std::abs(c) < tiny) c = tiny;
+        d = 1.0 / d;
+        const double del = d * c;
+        h *= del;
+        if (std::abs(del - 1.0) < 1e-14) break;
+    }
+    return h;
+}
+
+// I_x(a, b)
+double incomplete_beta(double a, double b, double x) {
+    if (x <= 0.0) return 0.0;
+    if (x >= 1.0) return 1.0;
+    const double lbt = std::lgamma(a + b) - std::lgamma(a) - std::lgamma(b) + a * std::log(x) + b * std::log1p(-x);
+    if (x < (a + 1.0) / (a + b + 2.0)) return std::exp(lbt) * beta_cf(a, b, x) / a;
+    return 1.0 - std::exp(lbt) * beta_cf(b, a, 1.0 - x) / b;
+}
+
+}  // namespace
+
+double t_upper_tail(double t, int df) {
+    if (df < 1) return 1.0;
+    if (std::isinf(t)) return t > 0 ? 0.0 : 1.0;
+    const double v = double(df);
+    const double tail = 0.5 * incomplete_beta(v / 2.0, 0.5, v / (v + t * t));  // P(|T| > |t|) / 2
+    return t >= 0.0 ? tail : 1.0 - tail;
+}
+
+PairedTest paired_test(const std::vector<double>& x, const std::vector<double>& y) {
+    PairedTest r;
+    r.n = int(std::min(x.size(), y.size()));
+    if (r.n == 0) return r;
+    std::vector<double> d(size_t(r.n));
+    for (size_t i = 0; i < d.size(); ++i) d[i] = x[i] - y[i];
+    const Interval iv = t_interval(d);
+    r.mean_diff = iv.mean;
+    if (r.n < 2 || iv.sd <= 1e-12 * std::max(1.0, std::abs(iv.mean))) {
+        r.t = iv.mean > 1e-9 ? std::numeric_limits<double>::infinity() : 0.0;
+        r.p = iv.mean > 1e-9 && r.n >= 2 ? 0.0 : 1.0;
+        return r;
+    }
+    r.t = iv.mean / (iv.sd / std::sqrt(double(r.n)));
+    r.p = t_upper_tail(r.t, r.n - 1);
+    return r;
+}
+
 Interval t_interval(const std::vector<double>& x) {
     Interval r;
     r.n = int(x.size());

@@ -88,6 +88,15 @@ Interval t_interval(const std::vector<double>& x);
 Interval proportion_interval(int64_t k, int64_t n);
 // Two-sided 97.5% quantile of Student's t with df degrees of freedom.
 double t_quantile_975(int df);
+// P(T > t) for Student's t with df degrees of freedom (the one-sided p-value of a t statistic).
+double t_upper_tail(double t, int df);
+// A paired one-sided test that x leaks more than y (x[i] and y[i] from the same seed): the mean difference, its t
+// statistic and p-value (df = n - 1). All differences equal: p = 0 when they are positive (beyond 1e-9), else 1.
+struct PairedTest {
+    int n = 0;
+    double mean_diff = 0.0, t = 0.0, p = 1.0;
+};
+PairedTest paired_test(const std::vector<double>& x, const std::vector<double>& y);
 
 // SplitMix64: the seeded generator the evaluation uses wherever a reproducible choice is made.
 struct SplitMix {

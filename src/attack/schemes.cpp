@@ -8,6 +8,7 @@
 #include "common/matmul.h"
 #include "common/staged_forward.h"
 #include "enclave/fixed_point.h"
+#include "host/package.h"
 #include "host/trace.h"
 
 namespace si::attack {
@@ -345,16 +346,32 @@ std::string run_scheme(Scheme scheme, const ModelWeights& base, const train::Lor
                        const SchemeOptions& options) {
     if (scheme == Scheme::s5) {
         SecureSessionParams p;
-        p.mode = SecureMode::secureinfer;
+        const ModelWeights* weights = &base;
+        if (options.package) {
+            if (!adapter) fail(Status::invalid_argument, "S5 on the package path needs an adapter to pack");
+            const auto pk = options.package->package(*adapter);
+            p = options.package->params(*adapter, options.unblinding);
+            p.trace_messages = true;
+            weights = &pk->model().weights;
+        } else {
+            p.mode = SecureMode::secureinfer;
+            p.lora = adapter;
+            p.n_threads = options.threads;
+            p.host = options.host;
+        }
         p.trace_dir = dir;
-        p.lora = adapter;
-        p.n_threads = options.threads;
-        p.host = options.host;
         p.accelerator = options.accelerator;
-        SecureSession s(base, p);
-        for (const auto& pr : prompts) {
+        SecureSession s(*weights, p);
+        for (size_t i = 0; i < prompts.size(); ++i) {
             s.reset();
-            s.eval(pr);
+            if (options.generate <= 0) {
+                s.eval(prompts[i]);
+                continue;
+            }
+            if (options.unblinding != Unblinding::online) s.precompute(options.generate);
+            s.set_sampler(SamplerParams{1.0f, 0, 1.0f, options.seed * 1000003ULL + i});
+            int32_t t = s.eval_sample(prompts[i]);
+            for (int g = 1; g < options.generate; ++g) t = s.eval_sample(std::span<const int32_t>(&t, 1));
         }
         return s.isolation();
     }

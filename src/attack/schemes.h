@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "attack/linalg.h"
+#include "attack/package_path.h"
 #include "common/model.h"
 #include "host/secure_session.h"
 #include "train/lora.h"
@@ -55,6 +56,14 @@ struct SchemeOptions {
     std::shared_ptr<Accelerator> accelerator;           // S5: injected accelerator (A8)
     int logprobs = 0;             // S5: released top-K log-probabilities
     float logprob_noise = 0.0f;
+    // S5 on the production package path (attack/package_path.h): the adapter served from its package, the model key
+    // from the keyserver (or the sealed key), decode steps unblinded as `unblinding` says, and the trace holding every
+    // message to and from the trusted core. Null: the adapter is loaded from the host's file (SecureSessionParams::lora).
+    std::shared_ptr<PackagePath> package;
+    Unblinding unblinding = Unblinding::online;
+    // S5: tokens sampled (temperature 1, seeded per prompt from `seed`) after each prompt, so that the trace holds
+    // real output; 0: each prompt is one pass without output.
+    int generate = 0;
 };
 
 // A hook on every product an accelerator returns in the simulated schemes (A8): index of the product since the

@@ -61,6 +61,9 @@ std::vector<double> TraceReader::load(const TraceEntry& e, bool as_signed) const
     if (e.dtype == "int8") {
         const std::string b = raw(e, 1);
         for (size_t i = 0; i < n; ++i) out[i] = double(int8_t(b[i]));
+    } else if (e.dtype == "uint8") {
+        const std::string b = raw(e, 1);
+        for (size_t i = 0; i < n; ++i) out[i] = double(uint8_t(b[i]));
     } else if (e.dtype == "int32" || e.dtype == "uint32") {
         const std::string b = raw(e, 4);
         for (size_t i = 0; i < n; ++i) {

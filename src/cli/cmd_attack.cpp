@@ -6,6 +6,7 @@
 
 #include "attack/experiment.h"
 #include "cli/cli.h"
+#include "cli/progress.h"
 #include "common/error.h"
 
 namespace si::cli {
@@ -15,7 +16,7 @@ namespace {
 struct AttackCliOptions {
     std::string model = "../shared/models/stories260K.bin", tokenizer = "../shared/models/tok512.bin";
     std::string lora = "adapters/austen-r8.gguf", shared = "../shared", work, out = "security-report", json;
-    std::string scheme, attack, host = "worker";
+    std::string scheme, attack, host = "worker", unblinding = "online";
     int seeds = 3, threads = 1, trials = 1000;
     bool quick = false, keep = false, quiet = false;
     attack::AttackVariant variant;
@@ -83,7 +84,8 @@ Runner add_attack(CLI::App& app) {
         ->required();
     sub->add_option("--attack", o->attack,
                     "A1 weight alignment, A2 regression, A3 mask hygiene, A4 distinguisher, A5 surrogate fine-tuning, "
-                    "A6 log-probability extraction, A7 membership inference, A8 tampering")
+                    "A6 log-probability extraction, A7 membership inference, A8 tampering, A9 chosen public weights, A10 sampler "
+                    "oracle, A11 forged attestation, A12 device credentials, A13 replayed sealed data")
         ->required();
     sub->add_option("--logprobs", o->variant.logprobs,
                     "A6/A7: top-K log-probabilities the S5 session releases (0: off, the default; -1: the vocabulary)")
@@ -92,13 +94,27 @@ Runner add_attack(CLI::App& app) {
         ->check(CLI::Range(0.0f, 100.0f));
     sub->add_flag("--nll-oracle", o->variant.nll_oracle, "A6/A7: query the perplexity feature (eval_nll) instead");
     sub->add_flag("--white-box", o->variant.white_box, "A7: score with the weights the scheme's trace exposes");
+    sub->add_flag("--control", o->variant.weak,
+                  "A9-A13: attack the positive control (the weak variant the defence removes) instead of S5");
+    sub->add_flag("--overfit-control", o->variant.overfit,
+                  "A7 on S5: serve an adapter over-fitted on 8 member windows (the attack's positive control)");
+    sub->add_option("--unblinding", o->unblinding,
+                    "S5 on the package path (A1-A5): online (default), inside (precomputed, kept in the core) or "
+                    "sealed (precomputed, sealed to host memory)");
     sub->add_option("--json", o->json, "also write the result as JSON to this file");
     add_common(sub, *o);
     return [o]() -> int {
         const auto scheme = attack::parse_scheme(o->scheme);
         if (!scheme) throw UsageError("unknown --scheme '" + o->scheme + "' (S0, S1, S2, S3 or S5)");
         const auto atk = attack::parse_attack(o->attack);
-        if (!atk) throw UsageError("unknown --attack '" + o->attack + "' (A1 to A8)");
+        if (!atk) throw UsageError("unknown --attack '" + o->attack + "' (A1 to A13)");
+        if (o->variant.weak && !attack::is_active(*atk)) throw UsageError("--control applies to A9-A13 only");
+        if (o->unblinding == "inside")
+            o->variant.unblinding = attack::Unblinding::precomputed_inside;
+        else if (o->unblinding == "sealed")
+            o->variant.unblinding = attack::Unblinding::precomputed_sealed;
+        else if (o->unblinding != "online")
+            throw UsageError("--unblinding must be online, inside or sealed");
         attack::EvalContext ctx(make_config(*o));
         const attack::ExperimentResult r = attack::run_experiment(ctx, *scheme, *atk, o->variant);
         std::printf("%s on %s%s (%s)\n", attack::attack_name(r.attack), attack::scheme_name(r.scheme),
@@ -113,6 +129,10 @@ Runner add_attack(CLI::App& app) {
             std::printf("\n  null mean %.4f, 95%% prediction interval [%.4f, %.4f]\n", r.null_interval.mean,
                         r.null_interval.predict_lo, r.null_interval.predict_hi);
         }
+        std::printf("  observed: %s\n", r.obs.json().dump().c_str());
+        if (r.has_null)
+            std::printf("  paired (victim leaks more than decoy): mean difference %.4g, t %.3g, one-sided p %.4g (level %.4g)\n",
+                        r.paired.mean_diff, r.paired.t, r.paired.p, r.level);
         std::printf("  details: %s\n  verdict: %s (%.1f s)\n", r.extra.dump().c_str(), r.verdict().c_str(), r.seconds);
         if (!o->json.empty()) {
             std::FILE* f = std::fopen(o->json.c_str(), "w");
@@ -120,6 +140,10 @@ Runner add_attack(CLI::App& app) {
             const std::string s = attack::result_json(r).dump(2) + "\n";
             std::fwrite(s.data(), 1, s.size(), f);
             std::fclose(f);
+        }
+        if (!r.ran) {
+            std::fprintf(stderr, "secureinfer: error: the attack observed nothing (did not run)\n");
+            return kExitFailure;
         }
         return 0;
     };
@@ -131,9 +155,16 @@ Runner add_security_report(CLI::App& app) {
     sub->add_option("-o,--output", o->out, "output directory (default security-report)");
     add_common(sub, *o);
     return [o]() -> int {
-        attack::EvalContext ctx(make_config(*o));
+        attack::EvalConfig cfg = make_config(*o);
+        Progress bar("security-report", 0, "experiments", o->quiet ? ProgressStyle::quiet : progress_style());
+        cfg.progress = [&](int done, int total, const std::string& next) {
+            bar.set_total(total);
+            if (done < total) bar.update(done, next);
+            else bar.finish();
+        };
+        attack::EvalContext ctx(cfg);
         const auto rs = attack::security_report(ctx, o->out, join_args("security-report", *o));
-        int broken_s5 = 0;
+        int broken_s5 = 0, not_run = 0;
         bool control_failed = false;
         for (const auto& r : rs) {
             std::printf("%-3s %-3s %-18s %.4f [%.4f, %.4f]  %s%s%s\n", attack::scheme_name(r.scheme),
@@ -144,10 +175,15 @@ Runner add_security_report(CLI::App& app) {
             // released) must be broken, and informative entries count for neither.
             if (r.scheme == attack::Scheme::s5 && r.broken && !r.control && !r.informative) ++broken_s5;
             if (r.control && !r.broken) control_failed = true;
+            if (!r.ran) ++not_run;
         }
         std::printf("wrote %s/report.md, report.json, report.svg\n", o->out.c_str());
         // Exit status 1 when an attack broke S5, or failed its positive control (the evaluation then does not
         // establish what it claims).
+        if (not_run > 0) {
+            std::fprintf(stderr, "secureinfer: error: %d experiment(s) observed nothing (did not run)\n", not_run);
+            return kExitFailure;
+        }
         if (broken_s5 > 0) {
             std::fprintf(stderr, "secureinfer: error: %d attack(s) broke S5\n", broken_s5);
             return kExitFailure;

@@ -406,7 +406,9 @@ std::vector<uint8_t> SecureSession::call(const std::vector<uint8_t>& request, Se
     if (failed_)
         fail(Status::integrity, "the session was stopped after an integrity failure; no further output is released");
     std::vector<uint8_t> response;
+    trace_message(request, "input");
     timed_enclave(s, [&] { host_->call(request, response); });
+    trace_message(response, "output");
     account(request.size(), response, s);
     return response;
 }
@@ -414,14 +416,33 @@ std::vector<uint8_t> SecureSession::call(const std::vector<uint8_t>& request, Se
 void SecureSession::start_call(const std::vector<uint8_t>& request, SessionStats& s) {
     if (failed_)
         fail(Status::integrity, "the session was stopped after an integrity failure; no further output is released");
+    trace_message(request, "input");
     timed_enclave(s, [&] { host_->start_call(request); });
 }
 
 std::vector<uint8_t> SecureSession::finish_call(size_t request_bytes, SessionStats& s) {
     std::vector<uint8_t> response;
     timed_enclave(s, [&] { host_->finish_call(response); });
+    trace_message(response, "output");
     account(request_bytes, response, s);
     return response;
+}
+
+// Every message between this process and the trusted core goes into the trace as the bytes that cross: requests
+// (configure, uploads, manifest, encrypted secret chunks, attestation, key release, sealed units, products, control)
+// as "input", responses (crossings, sealed batches, quotes, sampled tokens) as "output".
+void SecureSession::trace_message(std::span<const uint8_t> bytes, const char* role) {
+    if (!trace_ || !params_.trace_messages) return;
+    std::string op = "enclave.";
+    if (bytes.size() >= wire::kHeaderBytes) {
+        uint16_t type = 0;
+        std::memcpy(&type, bytes.data() + 6, sizeof type);
+        const std::string name = wire::msg_type_name(MsgType(type));
+        op += name == "?" ? std::to_string(type) : name;
+    } else {
+        op += "short";
+    }
+    trace_->write(-1, op, role, TraceDType::u8, {int64_t(bytes.size())}, bytes.data());
 }
 
 void SecureSession::timed_enclave(SessionStats& s, const std::function<void()>& f) {
@@ -605,6 +626,7 @@ void SecureSession::load_enclave(const ModelWeights& w) {
                    [&](Encoder& e) { e.scalar<uint8_t>(Tag::secret, secret); });
             upload(TensorKind::proj_scale, l, int(p), hp.scale.data(), hp.scale.size(), false, nullptr);
         }
+        if (params_.load_progress) params_.load_progress(l + 1, cfg_.n_layers + 1);
     }
     if (params_.lora)
         for (const auto& t : params_.lora->tensors) {
@@ -643,6 +665,7 @@ void SecureSession::load_enclave(const ModelWeights& w) {
         fail(Status::security, "the trusted core's plan offloads the classifier, which must stay inside");
     upload_slots(load_);
     set_sampler(SamplerParams{0.0f, 0, 1.0f, 0});
+    if (params_.load_progress) params_.load_progress(cfg_.n_layers + 1, cfg_.n_layers + 1);
 }
 
 bool SecureSession::package_secret(uint32_t kind, int layer, int proj) const {

@@ -62,6 +62,10 @@ struct SecureSessionParams {
     // measured configuration then says memory=unlocked, which a keyserver's allow-list can refuse.
     bool insecure_memory = false;
     std::string trace_dir;    // non-empty: write the boundary trace there
+    // With trace_dir: also every message between the host and the trusted core, both ways, as the bytes that cross
+    // (op "enclave.<type>", layer -1, uint8; host/trace.h). Off by default: without a package the host uploads the
+    // adapter and secret tensors in the clear, and the accelerator-side trace stays comparable between presets.
+    bool trace_messages = false;
     std::string accelerator_backend = "cpu";  // make_accelerator() name: "cpu" or "cuda"
     // Worker host: busy-wait this long on each doorbell before sleeping (a core for lower latency per crossing).
     int worker_spin_us = 0;
@@ -87,6 +91,9 @@ struct SecureSessionParams {
     // Injected parts (tests): used instead of the CPU backend / the host chosen above when set.
     std::shared_ptr<Accelerator> accelerator;
     std::shared_ptr<EnclaveHost> enclave_host;
+    // Loading: called with (layers uploaded, layers + 1) as the model goes into the enclave, the last call when the
+    // plan is set up.
+    std::function<void(int done, int total)> load_progress;
 };
 
 struct DomainStats {
@@ -177,6 +184,7 @@ private:
     void start_call(const std::vector<uint8_t>& request, SessionStats& s);
     std::vector<uint8_t> finish_call(size_t request_bytes, SessionStats& s);
     void account(size_t request_bytes, const std::vector<uint8_t>& response, SessionStats& s);
+    void trace_message(std::span<const uint8_t> bytes, const char* role);
     // Runs f (a host call), its time counted as the enclave's; an integrity failure stops the session.
     void timed_enclave(SessionStats& s, const std::function<void()>& f);
     // The sealed unit (batch seq, index idx) of a crossing slot, or an empty span when the host holds none.

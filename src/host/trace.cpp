@@ -23,7 +23,8 @@ namespace {
 
 size_t dtype_size(TraceDType t) {
     switch (t) {
-        case TraceDType::i8: return 1;
+        case TraceDType::i8:
+        case TraceDType::u8: return 1;
         case TraceDType::i32:
         case TraceDType::u32:
         case TraceDType::f32: return 4;
@@ -35,6 +36,7 @@ size_t dtype_size(TraceDType t) {
 const char* npy_descr(TraceDType t) {
     switch (t) {
         case TraceDType::i8: return "|i1";
+        case TraceDType::u8: return "|u1";
         case TraceDType::i32: return "<i4";
         case TraceDType::u32: return "<u4";
         case TraceDType::f32: return "<f4";
@@ -54,6 +56,7 @@ std::string shape_json(const std::vector<int64_t>& shape) {
 const char* trace_dtype_name(TraceDType t) {
     switch (t) {
         case TraceDType::i8: return "int8";
+        case TraceDType::u8: return "uint8";
         case TraceDType::i32: return "int32";
         case TraceDType::u32: return "uint32";
         case TraceDType::f32: return "float32";
@@ -105,8 +108,10 @@ std::string TraceWriter::write(int layer, const std::string& op, const std::stri
                                const std::vector<int64_t>& shape, const void* data) {
     char name[64];
     std::snprintf(name, sizeof name, "%06llu", static_cast<unsigned long long>(files_++));
-    const std::string file = std::string(name) + "_" + (layer >= 0 ? "L" + std::to_string(layer) + "_" : "") + op +
-                             "_" + role + ".npy";
+    std::string file = name;
+    file += '_';
+    if (layer >= 0) file.append("L").append(std::to_string(layer)).append("_");
+    file.append(op).append("_").append(role).append(".npy");
     write_npy(dir_ + "/" + file, dtype, shape, data);
     index(layer, op, role, dtype, shape, file);
     return file;

@@ -2,7 +2,8 @@
 // accelerator, exactly as the host sees it. One NumPy .npy file per tensor and DIR/index.jsonl with one JSON object
 // per tensor, in order:
 //   {"seq": n, "layer": l, "op": "wq", "role": "input", "dtype": "uint32", "shape": [T, K], "file": "..."}
-// layer is -1 for tensors outside the blocks (token ids in, sampled tokens out). A tensor used by several products
+// layer is -1 for tensors outside the blocks (token ids in, sampled tokens out, and every message between the host and
+// the trusted core: op "enclave.<message type>", role "input" for a request, "output" for a response, dtype uint8). A tensor used by several products
 // (the masked input of a fused q/k/v crossing) is written once and indexed once per product.
 #pragma once
 #include <cstdint>
@@ -20,7 +21,7 @@ namespace si {
 const char* trace_op(Proj p);
 std::optional<Proj> trace_op_proj(std::string_view op);
 
-enum class TraceDType { i8, i32, u32, f32, f64 };
+enum class TraceDType { i8, i32, u32, f32, f64, u8 };
 
 class TraceWriter {
 public:
