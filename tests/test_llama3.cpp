@@ -113,6 +113,15 @@ TEST(Llama3, TemplateErrorsAndFallback) {
     EXPECT_EQ(r.exit_code, 0) << r.err;
     EXPECT_NE(r.err.find("WARNING: chat: the model has no chat template"), std::string::npos) << r.err;
     EXPECT_EQ(r.out, "HelloHello\n");
+    // A template the engine cannot handle: the warning names the construct and its line, then the fallback.
+    static const std::string dir = test::scratch_dir();
+    const std::string unsupported = dir + "/include.gguf";
+    test::write_llama3_chat_model(unsupported, "{% for m in messages %}\n{% include 'turn.jinja' %}{% endfor %}", 9906);
+    r = test::run_cli({"run", "-m", unsupported, "--chat", "-p", "Hi", "-n", "1", "--temp", "0", "--mode", "plain"});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_NE(r.err.find("line 2: unsupported construct '{% include %}'"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("using the plain System:/User:/Assistant: format"), std::string::npos) << r.err;
+    EXPECT_EQ(r.out, "Hello\n");
     r = test::run_cli({"run", "-m", none, "--system", "S", "-p", "Hi"});
     EXPECT_NE(r.exit_code, 0);
     EXPECT_NE(r.err.find("--system needs --chat"), std::string::npos) << r.err;
