@@ -267,8 +267,8 @@ void Engine::eval_batch(const int32_t* tokens, int T, bool all_logits, float* lo
             float* q = &qkv_[t * qkv_stride];
             float* k = q + d;
             const float* v = k + kv;
-            rope(q, n_heads, hd, pos_ + t, cfg_.rope_theta);
-            rope(k, cfg_.n_kv_heads, hd, pos_ + t, cfg_.rope_theta);
+            rope(q, n_heads, hd, pos_ + t, cfg_.rope_theta, cfg_.rope_factors());
+            rope(k, cfg_.n_kv_heads, hd, pos_ + t, cfg_.rope_theta, cfg_.rope_factors());
             std::copy_n(k, kv, kc + size_t(pos_ + t) * kv);
             std::copy_n(v, kv, vc + size_t(pos_ + t) * kv);
         }
