@@ -198,10 +198,21 @@ double EvalContext::a5_fine_tuned_ppl(int seed, const ModelWeights& start) {
     const train::TextCorpus budget = budget_corpus(private_corpus(), kBudgetFraction, uint64_t(seed));
     const ModelWeights tuned = fine_tune(start, budget, a5_train_options(cfg_, seed));
     const double ppl = perplexity(eval_windows(tuned, a5_eval_windows(), 0, cfg_.threads));
+    if (fid_prompts_.empty()) {
+        // held-out prompts: Persuasion windows at seeded positions, 32 tokens; the victim's greedy continuations
+        fid_prompts_ = prompts("persuasion", cfg_.quick ? 32 : 64, 32, 777);
+        fid_victim_ = greedy_continuations(merged_model(base_, victim_), fid_prompts_, 32, cfg_.threads);
+    }
+    a5_fid_[key] = fidelity(tuned, fid_prompts_, fid_victim_, cfg_.threads);
     if (cfg_.verbose)
         std::fprintf(stderr, "attack: A5 fine-tune (seed %d, %zu budget tokens) in %.1f s: perplexity %.3f\n", seed,
                      budget.train_tokens(), seconds_since(t0), ppl);
     return a5_ppl_[key] = ppl;
+}
+
+const Fidelity& EvalContext::a5_fidelity(int seed, const ModelWeights& start) {
+    a5_fine_tuned_ppl(seed, start);
+    return a5_fid_.at(std::make_pair(seed, weights_fingerprint(start)));
 }
 
 double EvalContext::a5_victim_ppl() {

@@ -308,6 +308,16 @@ SeedOutcome run_seed(EvalContext& ctx, Scheme scheme, Attack attack, const Attac
                          {"ctx", to.ctx},
                          {"eval_windows", ctx.a5_eval_windows().size()},
                          {"eval_len", ctx.a5_eval_windows().front().size() - 1}};
+            {
+                const ModelWeights sur_w = apply_estimates(base, est);
+                const Fidelity fb = ctx.a5_fidelity(seed, base), fs = ctx.a5_fidelity(seed, sur_w);
+                out.extra["token_match_blackbox"] = fb.token_match;
+                out.extra["bleu_blackbox"] = fb.bleu;
+                out.extra["token_match_surrogate"] = fs.token_match;
+                out.extra["bleu_surrogate"] = fs.bleu;
+                out.extra["fidelity_prompts"] = fs.prompts;
+                out.extra["fidelity_tokens"] = fs.tokens;
+            }
             out.obs.matrices = ds.matrices;
             out.obs.rows = int64_t(ctx.a5_eval_windows().size());
             out.obs.required = {"matrices", "rows"};

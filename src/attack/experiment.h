@@ -13,6 +13,7 @@
 
 #include "attack/api_attacks.h"
 #include "attack/attacks.h"
+#include "attack/fidelity.h"
 #include "attack/linalg.h"
 #include "attack/package_path.h"
 #include "attack/schemes.h"
@@ -107,6 +108,9 @@ public:
     // A5: perplexity on Persuasion of a model fine-tuned from `start` on seed's budget (cached: the trainer is
     // deterministic, so the same start and seed give the same model), of the victim, and the evaluation windows.
     double a5_fine_tuned_ppl(int seed, const ModelWeights& start);
+    // The research's fidelity metrics of that fine-tuned model against the victim (attack/fidelity.h) on held-out
+    // Persuasion prompts (computed with the perplexity, cached the same way).
+    const Fidelity& a5_fidelity(int seed, const ModelWeights& start);
     double a5_victim_ppl();
     double a5_base_ppl();
     const std::vector<std::vector<int32_t>>& a5_eval_windows();
@@ -133,6 +137,8 @@ private:
     std::optional<std::vector<int32_t>> persuasion_;
     std::vector<std::vector<int32_t>> a5_windows_;
     std::map<std::pair<int, uint64_t>, double> a5_ppl_;
+    std::map<std::pair<int, uint64_t>, Fidelity> a5_fid_;
+    std::vector<std::vector<int32_t>> fid_prompts_, fid_victim_;
     std::optional<double> a5_victim_ppl_, a5_base_ppl_;
     std::map<int, MembershipSet> a7_sets_;
     std::map<int, WindowEval> a7_base_;
