@@ -378,6 +378,7 @@ MembershipSet membership_set(const ModelWeights& base, const train::TextCorpus& 
         w.insert(w.end(), priv.train[f].begin() + int64_t(off), priv.train[f].begin() + int64_t(off + size_t(len)));
         out.windows.push_back(std::move(w));
         out.labels.push_back(label);
+        out.origins.emplace_back(f, off);
     };
     // members: distinct draws of the run, chosen at random
     std::vector<int> pm = random_permutation(int(drawn.size()), rng);
@@ -444,6 +445,29 @@ MembershipMetrics membership_metrics(const std::vector<double>& scores, const st
     m.auc = roc_auc(scores, labels);
     m.tpr_at_1pct = tpr_at_fpr(scores, labels, 0.01);
     return m;
+}
+
+train::TextCorpus corpus_without(const train::TextCorpus& priv, const MembershipSet& set) {
+    std::vector<std::vector<std::pair<size_t, size_t>>> cuts(priv.train.size());
+    for (size_t i = 0; i < set.origins.size(); ++i)
+        cuts[set.origins[i].first].emplace_back(set.origins[i].second, set.origins[i].second + set.windows[i].size() - 1);
+    train::TextCorpus out;
+    out.bos = priv.bos;
+    out.eval = priv.eval;
+    for (size_t f = 0; f < priv.train.size(); ++f) {
+        auto& c = cuts[f];
+        std::sort(c.begin(), c.end());
+        size_t at = 0;
+        auto keep = [&](size_t from, size_t to) {
+            if (to > from + 1) out.train.emplace_back(priv.train[f].begin() + int64_t(from), priv.train[f].begin() + int64_t(to));
+        };
+        for (const auto& [b, e] : c) {
+            if (b > at) keep(at, b);
+            at = std::max(at, e);
+        }
+        keep(at, priv.train[f].size());
+    }
+    return out;
 }
 
 }  // namespace si::attack

@@ -245,6 +245,31 @@ namespace {
 constexpr int kOverfitPerClass = 8, kOverfitLen = 128;
 }
 
+const train::LoraAdapter& EvalContext::a7_reference(int seed) {
+    auto it = a7_ref_.find(seed);
+    if (it != a7_ref_.end()) return it->second;
+    const auto t0 = std::chrono::steady_clock::now();
+    train::TrainOptions o;
+    o.lora_rank = victim_.tensors.empty() ? 8 : victim_.tensors[0].rank;
+    o.lora_alpha = victim_.alpha;
+    o.steps = cfg_.quick ? 30 : 60;
+    o.batch = 4;
+    o.ctx = 128;
+    o.lr = 5e-3f;
+    o.warmup = 5;
+    o.seed = 4000 + uint64_t(seed);
+    o.threads = cfg_.threads;
+    train::TextCorpus c = corpus_without(private_corpus(), a7_set(seed));
+    std::erase_if(c.train, [&](const std::vector<int32_t>& t) { return int64_t(t.size()) < int64_t(o.ctx) + 2; });
+    train::Trainer tr(base_, o, std::move(c));
+    while (!tr.done()) tr.train_step();
+    decoy_seconds_ += seconds_since(t0);
+    if (cfg_.verbose)
+        std::fprintf(stderr, "attack: A7 reference adapter %d (Austen without the candidate windows) in %.1f s\n", seed,
+                     seconds_since(t0));
+    return a7_ref_[seed] = tr.adapter("reference-" + std::to_string(seed));
+}
+
 const MembershipSet& EvalContext::a7_overfit_set(int seed) {
     auto it = a7_over_sets_.find(seed);
     if (it != a7_over_sets_.end()) return it->second;

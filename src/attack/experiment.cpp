@@ -477,7 +477,10 @@ ExperimentResult run_experiment(EvalContext& ctx, Scheme scheme, Attack attack, 
             trials += o.extra["trials"].get<int64_t>();
         }
         if (((scheme == Scheme::s5 && attack != Attack::a8) || attack == Attack::a7) && !variant.overfit) {
-            SeedOutcome n = run_seed(ctx, scheme, attack, variant, ctx.decoy(s), ctx.victim(), s, "decoy");
+            // A7's null is a same-distribution reference (Austen without the candidate windows); the others' a
+            // TinyStories decoy
+            const train::LoraAdapter& null = attack == Attack::a7 ? ctx.a7_reference(s) : ctx.decoy(s);
+            SeedOutcome n = run_seed(ctx, scheme, attack, variant, null, ctx.victim(), s, "decoy");
             r.null_values.push_back(n.value);
             null_extra.push_back(n.extra);
         }

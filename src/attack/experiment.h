@@ -120,6 +120,9 @@ public:
     const WindowEval& a7_base_eval(int seed);
     // A7's positive control: a few member windows of seed's set, over-fitted by an adapter of their own (trained
     // here, many epochs), against as many non-member windows; that adapter; the base's evaluation of the windows.
+    // A7's null: a reference adapter of the victim's rank trained on the private corpus without seed's candidate
+    // windows (the same text distribution; neither members nor non-members seen), cached per seed.
+    const train::LoraAdapter& a7_reference(int seed);
     const MembershipSet& a7_overfit_set(int seed);
     const train::LoraAdapter& a7_overfit_adapter(int seed);
     const WindowEval& a7_overfit_base_eval(int seed);
@@ -143,7 +146,7 @@ private:
     std::map<int, MembershipSet> a7_sets_;
     std::map<int, WindowEval> a7_base_;
     std::map<int, MembershipSet> a7_over_sets_;
-    std::map<int, train::LoraAdapter> a7_over_;
+    std::map<int, train::LoraAdapter> a7_over_, a7_ref_;
     std::map<int, WindowEval> a7_over_base_;
     std::shared_ptr<PackagePath> package_;
     bool own_work_dir_ = false;
