@@ -239,10 +239,11 @@ const WindowEval& EvalContext::a7_base_eval(int seed) {
     return a7_base_[seed] = eval_windows(base_, a7_set(seed).windows, api_sizes(cfg_.quick).a7_tail, cfg_.threads);
 }
 
-// A7's control: 8 member and 8 non-member windows of the seed's set, cut to 128 scored tokens; an adapter of the
-// victim's rank over-fitted on the 8 members (100 steps of 8 windows: about 100 epochs).
+// A7's control: 8 member and 8 non-member windows of the seed's set, cut to 128 scored tokens (quick: 64); an adapter
+// of the victim's rank over-fitted on the 8 members (100 steps of 8 windows: about 100 epochs; quick: 60).
 namespace {
-constexpr int kOverfitPerClass = 8, kOverfitLen = 128;
+constexpr int kOverfitPerClass = 8;
+int overfit_len(bool quick) { return quick ? 64 : 128; }
 }
 
 const train::LoraAdapter& EvalContext::a7_reference(int seed) {
@@ -281,7 +282,7 @@ const MembershipSet& EvalContext::a7_overfit_set(int seed) {
         if (taken[y] >= kOverfitPerClass) continue;
         ++taken[y];
         const auto& w = full.windows[i];
-        out.windows.emplace_back(w.begin(), w.begin() + std::min<int64_t>(int64_t(w.size()), kOverfitLen + 1));
+        out.windows.emplace_back(w.begin(), w.begin() + std::min<int64_t>(int64_t(w.size()), overfit_len(cfg_.quick) + 1));
         out.labels.push_back(y);
     }
     if (taken[0] < kOverfitPerClass || taken[1] < kOverfitPerClass)
@@ -301,9 +302,9 @@ const train::LoraAdapter& EvalContext::a7_overfit_adapter(int seed) {
     train::TrainOptions o;
     o.lora_rank = victim_.tensors.empty() ? 8 : victim_.tensors[0].rank;
     o.lora_alpha = victim_.alpha;
-    o.steps = 100;
+    o.steps = cfg_.quick ? 60 : 100;
     o.batch = 8;
-    o.ctx = kOverfitLen;
+    o.ctx = overfit_len(cfg_.quick);
     o.lr = 1e-2f;
     o.warmup = 5;
     o.seed = 3000 + uint64_t(seed);
