@@ -16,7 +16,7 @@ struct AttackCliOptions {
     std::string model = "../shared/models/stories260K.bin", tokenizer = "../shared/models/tok512.bin";
     std::string lora = "adapters/austen-r8.gguf", shared = "../shared", work, out = "security-report", json;
     std::string scheme, attack, host = "worker", unblinding = "online";
-    int seeds = 3, threads = 1, trials = 1000;
+    int seeds = 0, threads = 1, trials = 1000;  // seeds 0: 3 for attack and the quick suite, 5 for the full suite
     bool quick = false, keep = false, quiet = false;
     attack::AttackVariant variant;
 };
@@ -26,7 +26,8 @@ void add_common(CLI::App* sub, AttackCliOptions& o) {
     sub->add_option("--tokenizer", o.tokenizer, "tokenizer.bin for llama2.c checkpoints");
     sub->add_option("--lora", o.lora, "the victim's private LoRA adapter (default adapters/austen-r8.gguf)");
     sub->add_option("--shared", o.shared, "directory of the shared data (default ../shared)");
-    sub->add_option("--seeds", o.seeds, "seeds per experiment (at least 3 for intervals)")->check(CLI::Range(1, 100));
+    sub->add_option("--seeds", o.seeds, "seeds per experiment (default 3; the full security-report 5)")
+        ->check(CLI::Range(1, 100));
     sub->add_option("--trials", o.trials, "A8: tampering trials in all (split over the seeds)")->check(CLI::Range(1, 1000000));
     sub->add_option("-t,--threads", o.threads, "threads for the sessions and decoy training")->check(CLI::Range(0, 1024));
     sub->add_option("--work-dir", o.work, "where traces and decoys go (default: a temporary directory)");
@@ -114,6 +115,7 @@ Runner add_attack(CLI::App& app) {
             o->variant.unblinding = attack::Unblinding::precomputed_sealed;
         else if (o->unblinding != "online")
             throw UsageError("--unblinding must be online, inside or sealed");
+        if (o->seeds == 0) o->seeds = 3;
         attack::EvalContext ctx(make_config(*o));
         const attack::ExperimentResult r = attack::run_experiment(ctx, *scheme, *atk, o->variant);
         std::printf("%s on %s%s (%s)\n", attack::attack_name(r.attack), attack::scheme_name(r.scheme),
@@ -154,6 +156,7 @@ Runner add_security_report(CLI::App& app) {
     sub->add_option("-o,--output", o->out, "output directory (default security-report)");
     add_common(sub, *o);
     return [o]() -> int {
+        if (o->seeds == 0) o->seeds = o->quick ? 3 : 5;
         attack::EvalContext ctx(make_config(*o));
         const auto rs = attack::security_report(ctx, o->out, join_args("security-report", *o));
         int broken_s5 = 0, not_run = 0;
