@@ -213,7 +213,13 @@ SeedOutcome run_seed(EvalContext& ctx, Scheme scheme, Attack attack, const Attac
                      const train::LoraAdapter& adapter, const train::LoraAdapter& secret, int seed, const std::string& tag) {
     const bool quick = ctx.config().quick;
     const ModelWeights& base = ctx.base();
-    const SchemeOptions opt = scheme_options(ctx, uint64_t(seed));
+    SchemeOptions opt = scheme_options(ctx, uint64_t(seed));
+    // S5's default API (A6 and A7 with nothing released but tokens, and A8) is served from the package path; the
+    // variants that release log-probabilities or NLLs need settings the owner's default policy refuses, and load the
+    // adapter from a file.
+    if (scheme == Scheme::s5 && variant.logprobs == 0 && !variant.nll_oracle && !variant.white_box &&
+        (attack == Attack::a6 || attack == Attack::a7 || attack == Attack::a8))
+        opt.package = ctx.package_path();
     SeedOutcome out;
     const std::string name = std::string(scheme_name(scheme)) + "_" + attack_name(attack) + "_" + tag + "_" + std::to_string(seed);
     const ApiAttackSizes z = api_sizes(quick);

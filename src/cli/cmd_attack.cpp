@@ -16,7 +16,8 @@ struct AttackCliOptions {
     std::string model = "../shared/models/stories260K.bin", tokenizer = "../shared/models/tok512.bin";
     std::string lora = "adapters/austen-r8.gguf", shared = "../shared", work, out = "security-report", json;
     std::string scheme, attack, host = "worker", unblinding = "online";
-    int seeds = 0, threads = 1, trials = 1000;  // seeds 0: 3 for attack and the quick suite, 5 for the full suite
+    // 0: the defaults (seeds: 3 for attack and the quick suite, 5 for the full suite; trials: 300 quick, 1000 full)
+    int seeds = 0, threads = 1, trials = 0;
     bool quick = false, keep = false, quiet = false;
     attack::AttackVariant variant;
 };
@@ -28,7 +29,8 @@ void add_common(CLI::App* sub, AttackCliOptions& o) {
     sub->add_option("--shared", o.shared, "directory of the shared data (default ../shared)");
     sub->add_option("--seeds", o.seeds, "seeds per experiment (default 3; the full security-report 5)")
         ->check(CLI::Range(1, 100));
-    sub->add_option("--trials", o.trials, "A8: tampering trials in all (split over the seeds)")->check(CLI::Range(1, 1000000));
+    sub->add_option("--trials", o.trials, "A8: tampering trials in all, split over the seeds (default 1000; --quick 300)")
+        ->check(CLI::Range(1, 1000000));
     sub->add_option("-t,--threads", o.threads, "threads for the sessions and decoy training")->check(CLI::Range(0, 1024));
     sub->add_option("--work-dir", o.work, "where traces and decoys go (default: a temporary directory)");
     sub->add_option("--host", o.host, "S5 enclave host: worker (default; a missing worker is an error), auto (the "
@@ -48,7 +50,7 @@ attack::EvalConfig make_config(const AttackCliOptions& o) {
     c.quick = o.quick;
     c.seeds = o.seeds;
     c.threads = o.threads;
-    c.a8_trials = o.trials;
+    c.a8_trials = o.trials > 0 ? o.trials : o.quick ? 300 : 1000;
     c.keep_traces = o.keep;
     c.verbose = !o.quiet;
     if (o.host == "auto")
