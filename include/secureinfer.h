@@ -49,7 +49,13 @@ typedef int32_t si_token;
 
 typedef struct si_model si_model;
 
-typedef enum si_weight_format { SI_WEIGHTS_F32 = 0, SI_WEIGHTS_INT8 = 1 } si_weight_format;
+typedef enum si_weight_format {
+    SI_WEIGHTS_F32 = 0,
+    SI_WEIGHTS_INT8 = 1,
+    /* Quantised GGUF files: the matrices stay in the file's block format (Q4_0, Q8_0, Q4_K, Q6_K; others are
+       re-quantised to Q8_0) and are read in place, with int8 activations per block, as llama.cpp computes. */
+    SI_WEIGHTS_NATIVE = 2
+} si_weight_format;
 
 typedef struct si_model_params {
     /* Vocabulary for llama2.c checkpoints (tokenizer.bin). NULL: GGUF files carry their own; for llama2.c files
@@ -200,6 +206,23 @@ const char* si_context_warnings(const si_context* ctx);
 /* The log-probabilities released with the most recently sampled token (si_context_params.logprobs): up to capacity
    (token, log-probability) pairs, best first; *n_out receives the count. */
 int si_last_logprobs(const si_context* ctx, si_token* tokens, float* logprobs, size_t capacity, size_t* n_out);
+
+/* ---- protection status (the server's GET /v1/secureinfer/status and web chat) ----------------------------------- */
+/* A JSON object saying what protects the context's secrets: {"mode", "enclave_host" ("worker", "inprocess" or
+   "none"), "isolation" (si_context_isolation), "measurement" (hex: the identity a keyserver checks, of the worker
+   configuration this machine runs or of the in-process core; null without an enclave), "measurement_config",
+   "package" (null, or {"model_id" (hex), "name", "release": {"logprobs_top_k", "nll"}, "sampling":
+   {"max_temperature", "min_top_k", "min_top_p", "min_logprob_noise"}}: the owner's policy, enforced inside the
+   core), "secret_tensors" (the model's secret tensors kept inside the core: names, or ["*"]), "adapter" (whether a
+   LoRA adapter is kept inside)}. The worker's measurement is found by starting the worker once (--measure).
+   Valid until the next call of this function on the calling thread; NULL (si_last_error says why) on failure. */
+const char* si_context_protection(const si_context* ctx);
+
+/* ---- load progress ------------------------------------------------------------------------------------------- */
+/* Sets the callback si_context_init calls on this thread as it loads a model into the enclave (secure modes):
+   progress(done, total, user_data) with done = layers loaded so far out of total = layers + 1 (the last step sets
+   up the offloaded products). NULL: none (the default). Per thread. */
+void si_set_load_progress(si_progress_callback progress, void* user_data);
 
 /* ---- sampling and generation ------------------------------------------------------------------------------- */
 

@@ -2,7 +2,13 @@
 # GGUF interoperability with llama.cpp, both ways, on stories260K (greedy, 64 tokens from BOS):
 #   1. a GGUF written by `secureinfer convert` (f32 and q8_0) generates the same text in llama.cpp as in secureinfer;
 #   2. a GGUF written by llama.cpp's own converter (llama-convert-llama2c-to-ggml) generates the same text in
-#      secureinfer as in llama.cpp.
+#      secureinfer as in llama.cpp;
+#   3. files written by llama-quantize in the presets users download (Q4_K_M, Q5_K_M, Q6_K, Q8_0, Q4_0) run in
+#      every partition preset; the text of each is compared with llama.cpp's on the same file. stories260K's
+#      feed-forward width (172) is padded to 256 first (convert --pad-hidden, the same function) so that ffn_down
+#      is stored in k-quants. A difference here is reported, not fatal: llama.cpp multiplies by 8-bit quantised
+#      activations, secureinfer's presets by the dequantised weights in their own arithmetic, and a near tie in
+#      the greedy choice can go either way (SI_INTEROP_STRICT=1 makes it fatal).
 # Exits non-zero on the first mismatch. Builds llama.cpp with scripts/llamacpp.sh when needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,4 +47,23 @@ done
 compare "llama-convert-llama2c-to-ggml" "$work/llamacpp.gguf"
 "$bin/llama-quantize" "$work/llamacpp.gguf" "$work/llamacpp-q8_0.gguf" Q8_0 1 >/dev/null 2>&1
 compare "llama-convert-llama2c-to-ggml + llama-quantize Q8_0" "$work/llamacpp-q8_0.gguf"
-echo "interop: all identical"
+build/secureinfer convert -m "$shared/models/stories260K.bin" --tokenizer "$shared/models/tok512.bin" --pad-hidden 256 \
+  -o "$work/pad.gguf" 2>/dev/null
+diffs=0
+for q in Q4_K_M Q5_K_M Q6_K Q8_0 Q4_0; do
+  "$bin/llama-quantize" "$work/pad.gguf" "$work/pad-$q.gguf" "$q" 1 >/dev/null 2>&1
+  types=$(build/secureinfer info "$work/pad-$q.gguf" 2>/dev/null | awk 'NF == 6 && $2 ~ /^(Q|F|IQ|BF)/ {print $2}' | sort | uniq -c | tr -s ' ' | tr '\n' ',')
+  a=$(llama_text "$work/pad-$q.gguf")
+  for m in secureinfer gpu-only enclave-only plain; do
+    b=$(build/secureinfer run -m "$work/pad-$q.gguf" -n "$n" --temp 0 -t 1 --mode "$m" | sed -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//')
+    if [ "$a" = "$b" ]; then
+      printf 'interop: llama-quantize %-7s --mode %-12s identical to llama.cpp (types:%s)\n' "$q" "$m" "$types"
+    else
+      diffs=$((diffs + 1))
+      printf 'interop: llama-quantize %-7s --mode %-12s DIFFERS from llama.cpp after %s common characters\n' "$q" "$m" \
+        "$(python3 -c 'import os,sys; a,b=sys.argv[1:]; print(len(os.path.commonprefix([a,b])))' "$a" "$b")"
+    fi
+  done
+done
+if [ "$diffs" -gt 0 ] && [ "${SI_INTEROP_STRICT:-0}" = 1 ]; then echo "interop: $diffs quantised runs differ" >&2; exit 1; fi
+echo "interop: converted files identical; llama-quantize files: $diffs of 20 runs differ from llama.cpp's text"

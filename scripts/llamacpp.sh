@@ -88,7 +88,13 @@ fetch() {
   [ "$head" = "$LLAMACPP_COMMIT" ] || die "source tree at $head, expected $LLAMACPP_COMMIT (remove $SRC_DIR to refetch)"
 }
 
+# No AMX: with -march=native on a CPU that has it, ggml's CPU backend repacks quantised weights for AMX tiles
+# (an "extra buffer type"), and llama-bench, which has no --no-repack, crashes in ggml_cpu_extra_compute_forward on
+# the first quantised matrix product. Explicit -mno-amx-* flags win over -march=native in GCC.
+NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 CMAKE_FLAGS=(
+  "-DCMAKE_C_FLAGS=$NO_AMX"
+  "-DCMAKE_CXX_FLAGS=$NO_AMX"
   -DCMAKE_BUILD_TYPE=Release
   -DBUILD_SHARED_LIBS=OFF
   -DGGML_NATIVE=ON

@@ -883,15 +883,44 @@ TEST(GgufCorrupt, TensorData) {
     expect_error(image({}, {tinfo("a", {8}, 0, 0), tinfo("b", {8}, 0, 0)}, 96), Status::format, "overlaps tensor");
     // Shared bytes are the only problem: adjacent tensors and gaps are fine, in any order.
     EXPECT_NO_THROW(Reader::from_memory(image({}, {tinfo("b", {8}, 0, 64), tinfo("a", {8}, 0, 0)}, 96), "ok.gguf"));
-    // A type that cannot be dequantised is reported when its data is requested.
-    const Reader r = Reader::from_memory(image({}, {tinfo("q", {32}, 2, 0)}, 32), "q4.gguf");
-    EXPECT_EQ(r.tensor("q").n_bytes, 18u);
+    // A type that cannot be dequantised (IQ2_XXS: 256 elements in 66 bytes) is reported when its data is requested.
+    const Reader r = Reader::from_memory(image({}, {tinfo("q", {256}, 16, 0)}, 96), "iq2.gguf");
+    EXPECT_EQ(r.tensor("q").n_bytes, 66u);
     try {
         r.to_f32(r.tensor("q"));
         ADD_FAILURE();
     } catch (const Error& e) {
         EXPECT_EQ(e.status(), Status::unsupported);
-        EXPECT_NE(std::string(e.what()).find("q4.gguf: tensor 'q' has type Q4_0; dequantisation supports only"), std::string::npos) << e.what();
+        EXPECT_NE(std::string(e.what()).find("iq2.gguf: tensor 'q' has type IQ2_XXS, which cannot be dequantised "
+                                             "(supported: F32, F16, BF16, Q4_0"),
+                  std::string::npos)
+            << e.what();
+    }
+}
+
+// llama.cpp's block formats: a type number ggml no longer defines, a row that is not a whole number of blocks, and
+// data cut short each name the tensor.
+TEST(GgufCorrupt, QuantisedTensors) {
+    // 31 was Q4_0_4_4, removed from GGUF files by ggml.
+    expect_error(image({}, {tinfo("blk.0.attn_q.weight", {256}, 31, 0)}, 160), Status::unsupported,
+                 "tensor 'blk.0.attn_q.weight' has unknown ggml type 31");
+    expect_error(image({}, {tinfo("blk.0.ffn_down.weight", {172, 64}, 12, 0)}, 160), Status::format,
+                 "tensor 'blk.0.ffn_down.weight' ne[0] = 172 is not a multiple of the Q4_K block size 256");
+    expect_error(image({}, {tinfo("w", {96}, 23, 0)}, 160), Status::format,
+                 "tensor 'w' ne[0] = 96 is not a multiple of the IQ4_XS block size 256");
+    expect_error(image({}, {tinfo("w", {48}, 20, 0)}, 160), Status::format,
+                 "tensor 'w' ne[0] = 48 is not a multiple of the IQ4_NL block size 32");
+    // Q6_K: 210 bytes per 256 elements; two rows need 420 bytes, the file holds 416.
+    expect_error(image({}, {tinfo("output.weight", {256, 2}, 14, 0)}, 416), Status::format,
+                 "tensor 'output.weight' data [offset 0, 420 bytes] extends past end of file");
+    // Q5_K, Q3_K, Q2_K block sizes.
+    EXPECT_EQ(Reader::from_memory(image({}, {tinfo("w", {512}, 13, 0)}, 352), "q5k.gguf").tensor("w").n_bytes, 352u);
+    EXPECT_EQ(Reader::from_memory(image({}, {tinfo("w", {256}, 11, 0)}, 128), "q3k.gguf").tensor("w").n_bytes, 110u);
+    EXPECT_EQ(Reader::from_memory(image({}, {tinfo("w", {256}, 10, 0)}, 96), "q2k.gguf").tensor("w").n_bytes, 84u);
+    // Every supported type dequantises a well-formed tensor without error.
+    for (const uint32_t type : {2u, 3u, 6u, 7u, 8u, 10u, 11u, 12u, 13u, 14u, 20u, 23u}) {
+        const Reader r = Reader::from_memory(image({}, {tinfo("w", {256}, type, 0)}, 288), "ok.gguf");
+        EXPECT_EQ(r.to_f32(r.tensor("w")).size(), 256u) << type;
     }
 }
 
@@ -952,13 +981,14 @@ TEST(GgufCorrupt, ModelLevel) {
     };
     expect_error(rewrite(good, extra), Status::unsupported, "tensor 'blk.0.attn_q.bias' is not part of the supported llama layout", Stage::model);
     // A tensor type the loader cannot dequantise.
-    Edit q4;
-    q4.replace_tensor = [](Writer& w, const TensorInfo& t, const Reader&) {
+    Edit i8;
+    i8.replace_tensor = [](Writer& w, const TensorInfo& t, const Reader&) {
         if (t.name != "blk.0.attn_q.weight") return false;
-        w.add_tensor_raw(t.name, t.shape(), TensorType::Q4_0, std::vector<uint8_t>(32 * 18, 0));
+        w.add_tensor_raw(t.name, t.shape(), TensorType::I8, std::vector<uint8_t>(t.n_elements, 0));
         return true;
     };
-    expect_error(rewrite(good, q4), Status::unsupported, "tensor 'blk.0.attn_q.weight' has type Q4_0", Stage::model);
+    expect_error(rewrite(good, i8), Status::unsupported,
+                 "tensor 'blk.0.attn_q.weight' has type I8, which cannot be dequantised", Stage::model);
     // Tied: no output.weight is fine.
     EXPECT_TRUE(load_gguf_model(Reader::from_memory(without_tensor("output.weight"), "tied.gguf")).tied());
 }
@@ -976,8 +1006,10 @@ TEST(GgufCorrupt, VocabLevel) {
         e.drop_keys.insert(key);
         return rewrite(good, e);
     };
-    expect_error(with("tokenizer.ggml.model", Value::string("gpt2")), Status::unsupported,
-                 "tokenizer model 'gpt2' is not supported (only llama / SentencePiece)", Stage::vocab);
+    expect_error(with("tokenizer.ggml.model", Value::string("bert")), Status::unsupported,
+                 "tokenizer model 'bert' is not supported (llama: SentencePiece, gpt2: byte-level BPE)", Stage::vocab);
+    expect_error(with("tokenizer.ggml.model", Value::string("gpt2")), Status::format,
+                 "tokenizer.ggml.merges is missing: a gpt2 (byte-level BPE) vocabulary needs its merges", Stage::vocab);
     expect_error(without_key("tokenizer.ggml.tokens"), Status::format, "missing metadata key 'tokenizer.ggml.tokens'", Stage::vocab);
     expect_error(with("tokenizer.ggml.tokens", Value::strings({})), Status::format, "tokenizer.ggml.tokens is empty", Stage::vocab);
     expect_error(with("tokenizer.ggml.tokens", Value::array<uint32_t>({1, 2})), Status::format,

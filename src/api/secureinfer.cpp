@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "common/error.h"
 #include "common/sampler.h"
 #include "common/staged_forward.h"
@@ -17,6 +19,7 @@
 #include "formats/model_file.h"
 #include "host/package.h"
 #include "host/secure_session.h"
+#include "host/worker_host.h"
 #include "train/lora.h"
 
 struct si_model {
@@ -48,6 +51,9 @@ namespace {
 constexpr const char* kSecretTensorsKey = "secureinfer.secret_tensors";
 
 thread_local std::string g_last_error;
+// si_set_load_progress: the calling thread's load progress callback.
+thread_local si_progress_callback g_load_progress = nullptr;
+thread_local void* g_load_progress_user = nullptr;
 
 template <class F>
 int guarded(F&& f) {
@@ -207,7 +213,9 @@ int si_context_init(si_model* model, const si_context_params* params, si_context
         require(p.n_threads >= 0 && p.n_threads <= 1024, "si_context_init: n_threads out of range");
         require(p.n_ctx >= 0, "si_context_init: n_ctx must not be negative");
         require(p.n_batch > 0, "si_context_init: n_batch must be positive");
-        require(p.weight_format == SI_WEIGHTS_F32 || p.weight_format == SI_WEIGHTS_INT8, "si_context_init: unknown weight format");
+        require(p.weight_format == SI_WEIGHTS_F32 || p.weight_format == SI_WEIGHTS_INT8 ||
+                    p.weight_format == SI_WEIGHTS_NATIVE,
+                "si_context_init: unknown weight format");
         require(p.mode >= SI_MODE_SECUREINFER && p.mode <= SI_MODE_PLAIN, "si_context_init: unknown mode");
         require(p.enclave_host >= SI_HOST_AUTO && p.enclave_host <= SI_HOST_WORKER, "si_context_init: unknown enclave host");
         require(p.logprobs >= 0, "si_context_init: logprobs must not be negative");
@@ -222,7 +230,12 @@ int si_context_init(si_model* model, const si_context_params* params, si_context
             ep.n_threads = p.n_threads;
             ep.n_ctx = p.n_ctx;
             ep.n_batch = p.n_batch;
-            ep.weights = p.weight_format == SI_WEIGHTS_INT8 ? si::WeightFormat::int8 : si::WeightFormat::f32;
+            ep.weights = p.weight_format == SI_WEIGHTS_INT8     ? si::WeightFormat::int8
+                         : p.weight_format == SI_WEIGHTS_NATIVE ? si::WeightFormat::native
+                                                                : si::WeightFormat::f32;
+            if (model->lora && ep.weights == si::WeightFormat::native)
+                si::fail(si::Status::invalid_argument, "native weights are read from the model file as stored and "
+                                                       "cannot have a LoRA adapter merged in; use f32 or int8 weights");
             if (model->lora) {
                 // Merged into a copy of the f32 weights, so every engine format (int8 included) quantises the
                 // adapted weights.
@@ -230,7 +243,7 @@ int si_context_init(si_model* model, const si_context_params* params, si_context
                 si::train::merge_lora(merged, *model->lora, model->lora_scale);
                 c->engine = std::make_unique<si::Engine>(merged, ep);
             } else {
-                c->engine = std::make_unique<si::Engine>(model->file.weights, ep);
+                c->engine = std::make_unique<si::Engine>(model->file.weights, ep, model->file.gguf.get());
             }
             c->isolation = "none (plaintext engine)";
         } else {
@@ -274,6 +287,10 @@ int si_context_init(si_model* model, const si_context_params* params, si_context
             sp.lora_scale = model->lora_scale;
             sp.logprobs = p.logprobs;
             sp.logprob_noise = p.logprob_noise;
+            if (g_load_progress)
+                sp.load_progress = [cb = g_load_progress, user = g_load_progress_user](int done, int total) {
+                    cb(done, total, user);
+                };
             c->session = std::make_unique<si::SecureSession>(model->file.weights, std::move(sp));
             c->isolation = c->session->isolation();
             for (const auto& w : c->session->warnings()) c->warnings += (c->warnings.empty() ? "" : "\n") + w;
@@ -476,6 +493,66 @@ int si_last_logprobs(const si_context* ctx, si_token* tokens, float* logprobs, s
         }
         *n_out = n;
     });
+}
+
+// ---- protection status (the server's GET /v1/secureinfer/status and web chat) ------------------------------------
+
+const char* si_context_protection(const si_context* ctx) {
+    thread_local std::string out;
+    const int rc = guarded([&] {
+        require(ctx, "si_context_protection: context is required");
+        using nlohmann::json;
+        const char* modes[] = {"secureinfer", "gpu-only", "enclave-only", "plain"};
+        json j;
+        j["mode"] = modes[ctx->mode];
+        j["isolation"] = ctx->isolation;
+        const bool worker = ctx->isolation.rfind("worker process", 0) == 0;
+        const bool inprocess = ctx->isolation.rfind("no isolation (in-process", 0) == 0;
+        j["enclave_host"] = worker ? "worker" : inprocess ? "inprocess" : "none";
+        j["measurement"] = nullptr;
+        j["measurement_config"] = nullptr;
+        if (worker) {
+            si::WorkerOptions wo;
+            // the fallback without locked memory runs only when it was allowed (its configuration says so)
+            wo.insecure_memory = ctx->isolation.find("not locked") != std::string::npos;
+            const si::WorkerIdentity id = si::worker_identity(wo);
+            j["measurement"] = si::pkg::to_hex(id.measurement);
+            j["measurement_config"] = id.config;
+        } else if (inprocess) {
+            j["measurement"] = si::pkg::to_hex(si::inprocess_measurement());
+            j["measurement_config"] = "in-process core (tests only)";
+        }
+        j["package"] = nullptr;
+        if (const auto& pk = ctx->model->package) {
+            const json manifest = json::parse(pk->manifest_json(), nullptr, false);
+            const auto& sp = pk->sampling();
+            j["package"] = {{"model_id", si::pkg::to_hex(pk->model_id())},
+                            {"name", manifest.is_object() ? manifest.value("name", "") : ""},
+                            {"release",
+                             {{"logprobs_top_k", pk->release() & si::pkg::kReleaseLogprobsMask},
+                              {"nll", (pk->release() & si::pkg::kReleaseNll) != 0}}},
+                            {"sampling",
+                             {{"max_temperature", sp.max_temperature},
+                              {"min_top_k", sp.min_top_k},
+                              {"min_top_p", sp.min_top_p},
+                              {"min_logprob_noise", sp.min_logprob_noise}}}};
+        }
+        json secrets = json::array();
+        if (ctx->model->package)
+            for (const auto& n : ctx->model->package->secret_base_tensors()) secrets.push_back(n);
+        for (const auto& n : ctx->model->secret_tensors) secrets.push_back(n);
+        j["secret_tensors"] = secrets;
+        j["adapter"] = ctx->model->lora != nullptr || (ctx->model->package && ctx->model->package->has_adapter());
+        out = j.dump();
+    });
+    return rc == SI_OK ? out.c_str() : nullptr;
+}
+
+// ---- load progress -------------------------------------------------------------------------------------------------
+
+void si_set_load_progress(si_progress_callback progress, void* user_data) {
+    g_load_progress = progress;
+    g_load_progress_user = user_data;
 }
 
 }  // extern "C"

@@ -566,5 +566,4 @@ nlohmann::json result_json(const ExperimentResult& r) {
     return j;
 }
 
-
 }  // namespace si::attack

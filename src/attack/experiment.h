@@ -3,6 +3,7 @@
 // behind `secureinfer security-report`, which writes report.md, report.json and report.svg.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -73,6 +74,9 @@ struct EvalConfig {
     EnclaveHostKind host = EnclaveHostKind::automatic;
     bool keep_traces = false;
     bool verbose = true;
+    // security_report: called with (experiments done, experiments planned, the next one's name) before each
+    // experiment and once at the end (name ""); may be empty.
+    std::function<void(int done, int total, const std::string& next)> progress;
     // The shared significance level of the claims about S5 compared with their decoy null (paired, one-sided), and
     // the number of such claims it is split over (Bonferroni): each is tested at alpha / family.
     double alpha = 0.01;

@@ -168,6 +168,9 @@ std::vector<ExperimentResult> security_report(EvalContext& ctx, const std::strin
     ctx.set_family(family);
     std::vector<ExperimentResult> rs;
     for (const auto& p : plan) {
+        if (ctx.config().progress)
+            ctx.config().progress(int(rs.size()), int(plan.size()),
+                                  std::string(attack_name(p.a)) + " on " + scheme_name(p.s));
         rs.push_back(run_experiment(ctx, p.s, p.a, p.v));
         rs.back().control = p.control;
         rs.back().informative = p.informative;
@@ -177,6 +180,7 @@ std::vector<ExperimentResult> security_report(EvalContext& ctx, const std::strin
                          scheme_name(p.s), r.variant.empty() ? "" : (" [" + r.variant + "]").c_str(), r.metric.c_str(),
                          r.interval.mean, r.interval.lo, r.interval.hi, r.verdict().c_str(), r.seconds);
     }
+    if (ctx.config().progress) ctx.config().progress(int(rs.size()), int(plan.size()), "");
     const double total = seconds_since(t0);
     std::string isolation;
     for (const auto& r : rs)

@@ -11,6 +11,7 @@
 // A backend object is used by one thread at a time (it owns the parallelism inside its calls).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -102,7 +103,12 @@ std::unique_ptr<Accelerator> make_cuda_accelerator(ThreadPool* pool);
 bool cuda_backend_built();
 std::string cuda_device_name();  // the first CUDA device's name; empty when there is none (or no CUDA support)
 
-// The backends by name: "cpu", "cuda". Throws Status::invalid_argument for an unknown name.
+// The backends by name: "cpu", "cuda", and any registered with register_accelerator. Throws
+// Status::invalid_argument for an unknown name.
 std::unique_ptr<Accelerator> make_accelerator(const std::string& name, ThreadPool* pool);
+// Makes a further backend available by name to make_accelerator (and so to si_context_params.accelerator), e.g. a
+// misbehaving one in the tests of the server's integrity-failure handling. Not "cpu" or "cuda"; thread-safe.
+using AcceleratorFactory = std::function<std::unique_ptr<Accelerator>(ThreadPool* pool)>;
+void register_accelerator(const std::string& name, AcceleratorFactory factory);
 
 }  // namespace si

@@ -29,15 +29,4 @@ CLI::Validator pin_cpu_validator() {
         "auto|off|CPU");
 }
 
-void progress_bar(const char* label, int done, int total) {
-    constexpr int kWidth = 40;
-    const int fill = total > 0 ? int(int64_t(kWidth) * done / total) : kWidth;
-    char bar[kWidth + 1];
-    for (int i = 0; i < kWidth; ++i) bar[i] = i < fill ? '#' : ' ';
-    bar[kWidth] = '\0';
-    std::fprintf(stderr, "\r%s: [%s] %d/%d", label, bar, done, total);
-    if (done >= total) std::fputc('\n', stderr);
-    std::fflush(stderr);
-}
-
 }  // namespace si::cli

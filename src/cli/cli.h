@@ -37,9 +37,6 @@ Runner add_attack(CLI::App& app);
 Runner add_security_report(CLI::App& app);
 Runner add_serve(CLI::App& app);
 
-// A one-line progress bar on stderr ("label [#####     ] done/total"), ended with a newline when done == total.
-void progress_bar(const char* label, int done, int total);
-
 // --pin-cpu: "auto" (the default) pins with the CUDA backend, where the host's thread and the worker's serving thread
 // otherwise wake each other across CPUs at every crossing (measured: 1.84x -> 1.53x gpu-only's decode latency on an
 // H200), to the CPU this process runs on; "off" or -1: never; N: CPU N. Returns the CPU, or -1 for none.

@@ -6,6 +6,7 @@
 
 #include "attack/experiment.h"
 #include "cli/cli.h"
+#include "cli/progress.h"
 #include "common/error.h"
 
 namespace si::cli {
@@ -159,7 +160,14 @@ Runner add_security_report(CLI::App& app) {
     add_common(sub, *o);
     return [o]() -> int {
         if (o->seeds == 0) o->seeds = o->quick ? 3 : 5;
-        attack::EvalContext ctx(make_config(*o));
+        attack::EvalConfig cfg = make_config(*o);
+        Progress bar("security-report", 0, "experiments", o->quiet ? ProgressStyle::quiet : progress_style());
+        cfg.progress = [&](int done, int total, const std::string& next) {
+            bar.set_total(total);
+            if (done < total) bar.update(done, next);
+            else bar.finish();
+        };
+        attack::EvalContext ctx(cfg);
         const auto rs = attack::security_report(ctx, o->out, join_args("security-report", *o));
         int broken_s5 = 0, not_run = 0;
         bool control_failed = false;

@@ -17,6 +17,7 @@
 #include "common/error.h"
 #include "engine/engine.h"
 #include "engine/random_model.h"
+#include "formats/gguf.h"
 #include "formats/model_file.h"
 #include "backends/accelerator.h"
 #include "host/plan.h"
@@ -122,7 +123,9 @@ Runner add_bench(CLI::App& app) {
     sub->add_option("-n,--n-gen", o->n_gen, "decoded tokens (0: skip)")->check(CLI::Range(0, 1 << 16));
     sub->add_option("-r,--repetitions", o->reps, "repetitions of each test")->check(CLI::Range(1, 1000));
     sub->add_option("-t,--threads", o->threads, "worker threads (0: all CPUs)")->check(CLI::Range(0, 1024));
-    sub->add_option("--weights", o->weights, "weight formats to compare")->delimiter(',')->check(CLI::IsMember({"f32", "int8"}));
+    sub->add_option("--weights", o->weights, "weight formats to compare (native: a quantised GGUF's blocks as stored)")
+        ->delimiter(',')
+        ->check(CLI::IsMember({"f32", "int8", "native"}));
     sub->add_option("--modes", o->modes, "plain (the engine, each --weights) and/or the presets gpu-only, enclave-only, "
                                          "secureinfer, secureinfer-offline (decode with precomputed unblinding factors)")
         ->delimiter(',')->check(CLI::IsMember({"plain", "gpu-only", "enclave-only", "secureinfer", "secureinfer-offline"}));
@@ -146,8 +149,11 @@ Runner add_bench(CLI::App& app) {
     return [o]() -> int {
         ModelWeights w;
         std::string model_name;
+        std::shared_ptr<const gguf::Reader> file;  // native weights read the GGUF in place
         if (!o->model.empty()) {
-            w = load_model_file(o->model).weights;
+            ModelFile mf = load_model_file(o->model);
+            w = std::move(mf.weights);
+            file = mf.gguf;
             model_name = o->model;
         } else {
             w = random_model(shape_preset(o->shape), 1234);
@@ -181,8 +187,8 @@ Runner add_bench(CLI::App& app) {
                     EngineParams p;
                     p.n_threads = o->threads;
                     p.n_ctx = n_ctx;
-                    p.weights = f == "int8" ? WeightFormat::int8 : WeightFormat::f32;
-                    runs.push_back({"plain " + f, "", SecureMode::secureinfer, std::make_unique<Engine>(w, p), nullptr,
+                    p.weights = f == "int8" ? WeightFormat::int8 : f == "native" ? WeightFormat::native : WeightFormat::f32;
+                    runs.push_back({"plain " + f, "", SecureMode::secureinfer, std::make_unique<Engine>(w, p, file.get()), nullptr,
                                     {}, {}, {}, false, {}});
                 }
                 continue;

@@ -9,6 +9,7 @@
 #include <fstream>
 
 #include "cli/cli.h"
+#include "cli/progress.h"
 #include "common/error.h"
 #include "common/tokenizer.h"
 #include "formats/gguf_model.h"
@@ -106,7 +107,8 @@ Runner add_finetune(CLI::App& app) {
                              std::to_string(opt.ctx) + " tokens");
         if (!o->resume.empty()) tr.load_checkpoint(o->resume);
 
-        const bool tty = isatty(fileno(stderr)) != 0;
+        // A bar on a terminal; otherwise a line at every evaluation; nothing with --quiet or --no-progress.
+        const ProgressStyle style = o->quiet ? ProgressStyle::quiet : progress_style();
         char mode[160];
         if (opt.full)
             std::snprintf(mode, sizeof mode, "full fine-tuning");
@@ -128,7 +130,6 @@ Runner add_finetune(CLI::App& app) {
         auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
         double eval_loss = NAN, train_sum = 0.0, last_lr = 0.0, last_norm = 0.0, last_loss = NAN;
         int train_n = 0;
-        const int first_step = tr.step();
         int64_t tokens_done = 0;
 
         auto num = [](double v) {
@@ -145,24 +146,20 @@ Runner add_finetune(CLI::App& app) {
                              std::exp(eval_loss), last_norm, tps, elapsed());
                 std::fflush(log);
             }
-            if (!tty && !o->quiet)
+            if (style == ProgressStyle::lines)
                 std::fprintf(stderr, "step %d/%d  train loss %s  eval loss %.4f (ppl %.2f)  %.0f tok/s  %s elapsed\n", step,
                              opt.steps, num(tl).c_str(), eval_loss, std::exp(eval_loss), tps, duration(elapsed()).c_str());
             train_sum = 0.0;
             train_n = 0;
         };
+        Progress bar("finetune", opt.steps, "steps", style == ProgressStyle::bar ? style : ProgressStyle::quiet);
         auto progress = [&] {
-            if (!tty || o->quiet) return;
-            const int done = tr.step(), total = opt.steps;
-            const int width = 24, fill = int(double(done) / total * width);
             const double secs = elapsed();
-            const double rate = done > first_step ? secs / (done - first_step) : NAN;
-            std::string bar(size_t(fill), '#');
-            bar.resize(size_t(width), '.');
-            std::fprintf(stderr, "\r[%s] step %d/%d  loss %s  eval %s  %.0f tok/s  ETA %s   ", bar.c_str(), done, total,
-                         num(last_loss).c_str(), num(eval_loss).c_str(), secs > 0 ? double(tokens_done) / secs : 0.0,
-                         duration(rate * (total - done)).c_str());
-            std::fflush(stderr);
+            char note[96];
+            std::snprintf(note, sizeof note, "loss %s  eval %s  %.0f tok/s", num(last_loss).c_str(),
+                          num(eval_loss).c_str(), secs > 0 ? double(tokens_done) / secs : 0.0);
+            if (tr.done()) bar.finish(note);
+            else bar.update(tr.step(), note);
         };
 
         if (tr.step() == 0) record(0);
@@ -179,7 +176,6 @@ Runner add_finetune(CLI::App& app) {
             if (o->checkpoint_every > 0 && st.step % o->checkpoint_every == 0 && !tr.done()) tr.save_checkpoint(o->checkpoint);
             progress();
         }
-        if (tty && !o->quiet) std::fputc('\n', stderr);
         if (log) std::fclose(log);
 
         const std::string name = o->name.empty() ? std::filesystem::path(o->out).stem().string() : o->name;

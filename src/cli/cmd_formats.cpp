@@ -1,4 +1,5 @@
 // Commands on model files: info (hyper-parameters and tensor table) and convert (llama2.c or GGUF -> GGUF).
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 
@@ -93,11 +94,28 @@ Runner add_info(CLI::App& app) {
     return [=]() -> int { return looks_like_gguf(*file) ? info_gguf(*file, *metadata) : info_llama2c(*file); };
 }
 
+// Pads the SwiGLU hidden width with zero units: gate and up rows of zeros give silu(0) * 0 = 0, and the down
+// projection's new columns are zero, so every output is unchanged.
+static void pad_hidden_dim(ModelWeights& w, int multiple) {
+    const int64_t d = w.cfg.dim, h = w.cfg.hidden_dim;
+    const int64_t hp = (h + multiple - 1) / multiple * multiple;
+    if (hp == h) return;
+    for (LayerWeights& L : w.layers) {
+        L.w1.resize(size_t(hp * d), 0.0f);  // [hidden][dim]: new rows at the end
+        L.w3.resize(size_t(hp * d), 0.0f);
+        std::vector<float> w2(size_t(d * hp), 0.0f);  // [dim][hidden]: new columns in every row
+        for (int64_t r = 0; r < d; ++r) std::copy_n(&L.w2[size_t(r * h)], h, &w2[size_t(r * hp)]);
+        L.w2 = std::move(w2);
+    }
+    w.cfg.hidden_dim = int(hp);
+}
+
 Runner add_convert(CLI::App& app) {
     auto* sub = app.add_subcommand("convert", "write a GGUF model (llama.cpp conventions) from a llama2.c checkpoint, a GGUF, or random weights");
     struct Opts {
         std::string model, tokenizer, out, type = "f32", name, random_shape;
         uint64_t seed = 1;
+        int pad_hidden = 0;
     };
     auto o = std::make_shared<Opts>();
     sub->add_option("-m,--model", o->model, "input model (llama2.c checkpoint or GGUF)");
@@ -107,6 +125,10 @@ Runner add_convert(CLI::App& app) {
     sub->add_option("--name", o->name, "general.name (default: the input file name)");
     sub->add_option("--random-shape", o->random_shape, "write a random-weight model of this shape instead (stories260k, stories15m, stories110m, tinyllama)");
     sub->add_option("--seed", o->seed, "seed of --random-shape weights");
+    sub->add_option("--pad-hidden", o->pad_hidden,
+                    "pad the feed-forward width with zero units up to a multiple of this (e.g. 256, so that "
+                    "llama-quantize can store ffn_down in k-quants); the model computes the same function")
+        ->check(CLI::Range(1, 65536));
     return [o]() -> int {
         if (o->model.empty() == o->random_shape.empty()) throw UsageError("give exactly one of --model and --random-shape");
         ModelWeights w;
@@ -126,6 +148,7 @@ Runner add_convert(CLI::App& app) {
                                                           " tokens; shape " + o->random_shape + " needs " + std::to_string(w.cfg.vocab_size));
             if (name.empty()) name = o->random_shape + "-random";
         }
+        if (o->pad_hidden > 0) pad_hidden_dim(w, o->pad_hidden);
         const GgufWeightType type = o->type == "q8_0" ? GgufWeightType::q8_0 : o->type == "f16" ? GgufWeightType::f16 : GgufWeightType::f32;
         const auto notes = write_gguf_model(o->out, w, vocab, type, name);
         for (const auto& n : notes) std::fprintf(stderr, "convert: %s\n", n.c_str());

@@ -3,10 +3,12 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <optional>
 #include <random>
 #include <sstream>
 
 #include "cli/cli.h"
+#include "cli/progress.h"
 #include "common/tokenizer.h"
 #include "formats/model_file.h"
 #include "secureinfer.hpp"
@@ -45,8 +47,9 @@ struct ModelOptions {
         sub->add_option("-t,--threads", threads, "worker threads (0: all CPUs)")->check(CLI::Range(0, 1024));
         sub->add_option("-c,--ctx-size", ctx, "context length (0: the model's)")->check(CLI::Range(0, 1 << 20));
         sub->add_option("-b,--batch-size", batch, "prompt tokens per forward pass")->check(CLI::Range(1, 1 << 16));
-        weights_opt = sub->add_option("--weights", weights, "weight format of the plaintext engine (--mode plain)")
-                          ->check(CLI::IsMember({"f32", "int8"}));
+        weights_opt = sub->add_option("--weights", weights, "weight format of the plaintext engine (--mode plain): f32, "
+                                                            "int8 (per-row), native (a quantised GGUF's blocks as stored)")
+                          ->check(CLI::IsMember({"f32", "int8", "native"}));
         auto* l = sub->add_option("--lora", lora, "LoRA adapter (llama.cpp GGUF adapter): kept inside the enclave and "
                                                   "treated as secret; merged into the weights with --mode plain");
         sub->add_option("--lora-scale", lora_scale, "adapter scale: the update is scale * alpha / rank * B A")
@@ -113,7 +116,7 @@ struct ModelOptions {
         p.n_threads = threads;
         p.n_ctx = ctx;
         p.n_batch = batch;
-        p.weight_format = weights == "int8" ? SI_WEIGHTS_INT8 : SI_WEIGHTS_F32;
+        p.weight_format = weights == "int8" ? SI_WEIGHTS_INT8 : weights == "native" ? SI_WEIGHTS_NATIVE : SI_WEIGHTS_F32;
         p.mode = mode == "plain"          ? SI_MODE_PLAIN
                  : mode == "gpu-only"     ? SI_MODE_GPU_ONLY
                  : mode == "enclave-only" ? SI_MODE_ENCLAVE_ONLY
@@ -231,13 +234,17 @@ Runner add_run(CLI::App& app) {
         cp.logprobs = *logprobs;
         cp.logprob_noise = *logprobs_noise;
         cp.precompute_inside_mib = *inside_mib;
+        std::optional<LoadProgress> loading(std::in_place);
         secureinfer::Context ctx(model, cp);
+        loading.reset();
         print_warnings(ctx);
         if (*precompute > 0) {
             double secs = 0.0;
+            Progress bar("precompute", *precompute, "tokens");
             secureinfer::check(si_context_precompute(
                 ctx.get(), *precompute,
-                [](int done, int total, void*) { progress_bar("precompute", done, total); }, nullptr, &secs));
+                [](int done, int total, void* p) { static_cast<Progress*>(p)->update(done); }, &bar, &secs));
+            bar.finish();
             std::fprintf(stderr, "precompute: %d tokens of unblinding factors in %.3f s (%.1f tokens/s)\n", *precompute,
                          secs, secs > 0 ? *precompute / secs : 0.0);
         }
@@ -292,7 +299,9 @@ Runner add_perplexity(CLI::App& app) {
         if (*window > si_model_n_ctx_train(model.get()))
             throw UsageError("--ctx " + std::to_string(*window) + " exceeds the model's context of " + std::to_string(si_model_n_ctx_train(model.get())));
         cp.n_ctx = *window;
+        std::optional<LoadProgress> loading(std::in_place);
         secureinfer::Context ctx(model, cp);
+        loading.reset();
         print_warnings(ctx);
         const bool plain = o->mode == "plain";
         std::vector<si_token> targets;
@@ -307,6 +316,7 @@ Runner add_perplexity(CLI::App& app) {
         double nll = 0.0;
         size_t count = 0;
         const auto start = std::chrono::steady_clock::now();
+        Progress bar("perplexity", int64_t(n_windows), "windows");
         for (size_t w = 0; w < n_windows; ++w) {
             const size_t b = w * per, e = std::min(tokens.size(), b + per);
             batch.assign(1, model.bos());
@@ -334,10 +344,12 @@ Runner add_perplexity(CLI::App& app) {
                 ++count;
             }
             const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-            std::fprintf(stderr, "\rperplexity: window %zu/%zu  ppl %.4f  %.0f tokens/s ", w + 1, n_windows,
-                         std::exp(nll / double(count)), double(count) / std::max(secs, 1e-9));
+            char note[96];
+            std::snprintf(note, sizeof note, "ppl %.4f  %.0f tokens/s", std::exp(nll / double(count)),
+                          double(count) / std::max(secs, 1e-9));
+            if (w + 1 < n_windows) bar.update(int64_t(w + 1), note);
+            else bar.finish(note);
         }
-        std::fprintf(stderr, "\n");
         std::printf("tokens=%zu nll=%.6f ppl=%.4f\n", count, nll / double(count), std::exp(nll / double(count)));
         std::fflush(stdout);
         if (o->stats) print_stats(ctx, o->mode);

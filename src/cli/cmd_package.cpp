@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "cli/cli.h"
+#include "cli/progress.h"
 #include "common/error.h"
 #include "host/enclave_host.h"
 #include "host/keyserver.h"
@@ -67,7 +68,14 @@ Runner add_pack(CLI::App& app) {
     return [=]() -> int {
         pkg::Key k = read_owner_key(*key_file);
         const auto t0 = std::chrono::steady_clock::now();
-        const PackResult r = write_package(*out, *o, k);
+        Progress bar("pack: encrypting", 0, "secret tensors");
+        PackOptions po = *o;
+        po.progress = [&](int done, int total) {
+            bar.set_total(total);
+            if (done < total) bar.update(done);
+        };
+        const PackResult r = write_package(*out, po, k);
+        bar.finish();
         secure_zero(k.data(), k.size());
         const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         std::fprintf(stderr,

@@ -7,6 +7,7 @@
 #include <cstdio>
 
 #include "cli/cli.h"
+#include "cli/progress.h"
 
 #include "common/error.h"
 #include "common/threadpool.h"
@@ -50,13 +51,22 @@ Runner add_precompute(CLI::App& app) {
         sp.n_threads = o->threads;
         sp.host = o->host == "inprocess" ? EnclaveHostKind::inprocess : EnclaveHostKind::worker;
         sp.precompute_inside_bytes = int64_t(o->inside_mib) << 20;
+        Progress loading("loading", 0, "layers");
+        loading.set_delay(0.5);
+        sp.load_progress = [&](int done, int total) {
+            loading.set_total(total);
+            loading.update(done);
+        };
         SecureSession s(w, sp);
+        loading.finish();
         for (const auto& warn : s.warnings()) std::fprintf(stderr, "secureinfer: WARNING: %s\n", warn.c_str());
         const ModelConfig c = w.cfg;
         w = ModelWeights{};
         std::fprintf(stderr, "precompute: %s, dim %d, %d layers, hidden %d; enclave host: %s\n", name.c_str(), c.dim,
                      c.n_layers, c.hidden_dim, s.isolation().c_str());
-        s.precompute(o->n_tokens, [](int done, int total) { progress_bar("precompute", done, total); });
+        Progress bar("precompute", o->n_tokens, "tokens");
+        s.precompute(o->n_tokens, [&](int done, int) { bar.update(done); });
+        bar.finish();
         const SessionStats& st = s.stats();
         const double secs = st.offline.seconds;
         std::printf("precompute: %d tokens of unblinding factors in %.3f s: %.2f tokens/s (%.3f ms/token, %.2f GFLOP "

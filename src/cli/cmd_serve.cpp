@@ -4,9 +4,11 @@
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
+#include <optional>
 #include <thread>
 
 #include "cli/cli.h"
+#include "cli/progress.h"
 #include "secureinfer.hpp"
 #include "server/server.h"
 
@@ -144,7 +146,9 @@ Runner add_serve(CLI::App& app) {
         http.mode_name = o->mode;
         if (http.model_id.empty()) http.model_id = std::filesystem::path(path).stem().string();
 
+        std::optional<LoadProgress> loading(std::in_place);
         si::server::Server server(model.get(), cp, http);
+        loading.reset();
         const std::string w = server.warnings();
         for (size_t b = 0; b < w.size();) {
             const size_t e = std::min(w.find('\n', b), w.size());

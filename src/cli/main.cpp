@@ -1,9 +1,15 @@
 // secureinfer: command-line entry point. Parses arguments, dispatches to a command, maps errors to exit codes:
 // usage errors print one line and exit 2; runtime errors print "secureinfer: error: ..." and exit 1.
+#include <unistd.h>
+
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <map>
+#include <stdexcept>
 
 #include "cli/cli.h"
+#include "cli/progress.h"
 #include "secureinfer.hpp"
 #include "common/error.h"
 
@@ -12,6 +18,8 @@ int main(int argc, char** argv) {
     CLI::App app{"secureinfer: LLaMA inference that keeps a model's secrets inside a trusted execution environment"};
     app.require_subcommand(1);
     app.set_version_flag("--version", "secureinfer 0.1.0");
+    bool no_progress = false;
+    app.add_flag("--no-progress", no_progress, "no progress bars or progress lines on stderr (also: SI_PROGRESS=0)");
     std::map<CLI::App*, Runner> runners;
     for (auto add : {add_run, add_perplexity, add_tokenize, add_info, add_convert, add_bench, add_plan, add_finetune, add_precompute, add_serve,
                       add_keygen, add_pack, add_inspect, add_measure, add_device_key, add_keyserver,
@@ -19,6 +27,8 @@ int main(int argc, char** argv) {
         Runner r = add(app);
         runners[app.get_subcommands({}).back()] = r;
     }
+    // --no-progress may follow the command too
+    for (auto* sub : app.get_subcommands({})) sub->fallthrough();
     auto is_command = [&](const std::string& name) {
         for (const auto* sub : app.get_subcommands({}))
             if (sub->get_name() == name) return true;
@@ -44,6 +54,14 @@ int main(int argc, char** argv) {
     }
     const auto subs = app.get_subcommands();
     const std::string cmd = "secureinfer " + subs.front()->get_name();
+    try {
+        const char* term = std::getenv("TERM");
+        set_progress_style(progress_style(no_progress, std::getenv("SI_PROGRESS"),
+                                          isatty(STDERR_FILENO) && !(term && std::strcmp(term, "dumb") == 0)));
+    } catch (const std::invalid_argument& e) {
+        std::fprintf(stderr, "secureinfer: %s\n", e.what());
+        return kExitUsage;
+    }
     try {
         return runners.at(subs.front())();
     } catch (const UsageError& e) {

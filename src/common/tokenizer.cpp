@@ -112,6 +112,11 @@ void Tokenizer::validate_and_index(const std::string& what) {
     if (!in_range(vocab_.bos_id)) bad_id("BOS", vocab_.bos_id);
     if (!in_range(vocab_.eos_id)) bad_id("EOS", vocab_.eos_id);
     if (vocab_.unk_id != -1 && !in_range(vocab_.unk_id)) bad_id("unknown-token", vocab_.unk_id);
+    if (vocab_.eot_id != -1 && !in_range(vocab_.eot_id)) bad_id("end-of-turn", vocab_.eot_id);
+    if (vocab_.model != "llama" && vocab_.model != "gpt2")
+        fail(Status::unsupported, what + ": tokenizer model " + quoted(vocab_.model) +
+                                      " is not supported (llama: SentencePiece, gpt2: byte-level BPE)");
+    bpe_ = vocab_.is_bpe();
 
     // Hash table over every non-empty piece (so duplicates of any type are caught), at most half full.
     size_t cap = 16;
@@ -130,7 +135,7 @@ void Tokenizer::validate_and_index(const std::string& what) {
         // NaN would break the strict weak order of the merge queue; such a piece simply never wins a merge.
         const float s = vocab_.scores[i];
         merge_scores_[i] = std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;
-        if (vocab_.types[i] == TokenType::byte) {
+        if (vocab_.types[i] == TokenType::byte && !bpe_) {
             const int b = parse_byte_piece(p);
             if (b < 0)
                 fail(Status::format, what + ": token " + std::to_string(i) + " is a byte token but its text " +
@@ -152,6 +157,32 @@ void Tokenizer::validate_and_index(const std::string& what) {
         slots_[k] = Slot{h, id};
     }
 
+    for (size_t i = 0; i < n; ++i) {
+        const TokenType t = vocab_.types[i];
+        if (vocab_.pieces[i].empty()) continue;
+        if (t == TokenType::user_defined) user_defined_.push_back(int32_t(i));
+        if (t == TokenType::user_defined || t == TokenType::control || t == TokenType::unknown)
+            specials_.push_back(int32_t(i));
+    }
+    for (auto* list : {&user_defined_, &specials_})
+        std::stable_sort(list->begin(), list->end(), [&](int32_t a, int32_t b) {
+            return vocab_.pieces[size_t(a)].size() > vocab_.pieces[size_t(b)].size();
+        });
+    static constexpr std::string_view kEndOfTurn[] = {"<|eot_id|>",     "<|eom_id|>",      "<|im_end|>",
+                                                      "<end_of_turn>",  "<|end|>",         "<|endoftext|>",
+                                                      "<|end_of_text|>", "</s>"};
+    for (size_t i = 0; i < n; ++i) {
+        const int32_t id = int32_t(i);
+        bool eot = id == vocab_.eos_id || id == vocab_.eot_id;
+        if (vocab_.types[i] == TokenType::control)
+            for (const std::string_view t : kEndOfTurn) eot = eot || vocab_.pieces[i] == t;
+        if (eot) end_of_turn_.push_back(id);
+    }
+    if (bpe_) {
+        index_bpe(what);
+        return;
+    }
+
     // ASCII bytes that occur in no piece text can produce (see encode_fragment).
     for (int c = 0; c < 0x80; ++c) barrier_[c] = true;
     for (size_t i = 0; i < n; ++i)
@@ -171,12 +202,6 @@ void Tokenizer::validate_and_index(const std::string& what) {
         }
         byte_tokens_[b] = vocab_.unk_id;
     }
-
-    for (size_t i = 0; i < n; ++i)
-        if (vocab_.types[i] == TokenType::user_defined && !vocab_.pieces[i].empty()) user_defined_.push_back(int32_t(i));
-    std::stable_sort(user_defined_.begin(), user_defined_.end(), [&](int32_t a, int32_t b) {
-        return vocab_.pieces[size_t(a)].size() > vocab_.pieces[size_t(b)].size();
-    });
 
     decoded_.resize(n);
     droppable_.assign(n, 0);
@@ -229,13 +254,19 @@ TokenType Tokenizer::type(int32_t id) const {
     return vocab_.types[size_t(id)];
 }
 
-std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos) const {
+bool Tokenizer::is_end_of_turn(int32_t id) const {
+    return std::find(end_of_turn_.begin(), end_of_turn_.end(), id) != end_of_turn_.end();
+}
+
+std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos, bool parse_special) const {
     std::vector<int32_t> out;
     if (add_bos) out.push_back(vocab_.bos_id);
     if (text.empty()) return out;
     out.reserve(out.size() + text.size() / 3 + 8);
-    if (user_defined_.empty()) {
-        encode_fragment(text, vocab_.add_space_prefix, out);
+    const std::vector<int32_t>& specials = parse_special ? specials_ : user_defined_;
+    if (specials.empty()) {
+        if (bpe_) encode_bpe_fragment(text, out);
+        else encode_fragment(text, vocab_.add_space_prefix, out);
         return out;
     }
 
@@ -246,7 +277,7 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos) cons
         size_t off, len;
     };
     std::vector<Fragment> frags{{-1, 0, text.size()}}, next;
-    for (const int32_t id : user_defined_) {
+    for (const int32_t id : specials) {
         const std::string_view p = vocab_.pieces[size_t(id)];
         next.clear();
         for (const Fragment& f : frags) {
@@ -270,6 +301,8 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos) cons
         if (f.token >= 0) {
             out.push_back(f.token);
             after_special = true;
+        } else if (bpe_) {
+            encode_bpe_fragment(text.substr(f.off, f.len), out);
         } else {
             encode_fragment(text.substr(f.off, f.len), vocab_.add_space_prefix && after_special, out);
             after_special = false;

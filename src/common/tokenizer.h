@@ -13,12 +13,19 @@
 // symbol stops at the first byte that is not a continuation byte, so with all 256 byte tokens and no user-defined
 // tokens decode(encode(s)) == s for every byte string without U+2581 in it. Valid UTF-8 gives identical ids either way.
 //
+// Byte-level BPE vocabularies (model "gpt2", pre-tokenizer "llama-bpe": Llama 3) follow llama.cpp's llm_tokenizer_bpe:
+// the text is split around special tokens, then into words by the Llama 3 pre-tokenizer (common/unicode.h), each
+// word is byte-encoded (GPT-2's mapping) and, unless the whole word is a token (llama.cpp's ignore_merges), merged
+// pair by pair, lowest merge rank first, ties to the leftmost pair. Malformed UTF-8 bytes are kept as bytes (llama.cpp
+// turns them into U+FFFD), so decode(encode(s)) == s for every byte string without special-token text in it.
+//
 // Pure computation: no I/O and no mutable state; encode/decode may run concurrently on one instance.
 #pragma once
 #include <cstdint>
 #include <span>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "common/vocab.h"
@@ -34,7 +41,9 @@ public:
     explicit Tokenizer(Vocab vocab, const std::string& what = "vocabulary");
 
     // Token ids for `text` (any bytes; UTF-8 expected), preceded by BOS when add_bos. Empty text gives no tokens.
-    std::vector<int32_t> encode(std::string_view text, bool add_bos) const;
+    // With parse_special, the text of control tokens ("<|eot_id|>", "<s>") becomes those tokens (for text a chat
+    // template rendered); otherwise only user-defined tokens are (as llama.cpp's parse_special = false).
+    std::vector<int32_t> encode(std::string_view text, bool add_bos, bool parse_special = false) const;
 
     // Text of a sequence: normal pieces with U+2581 as ' ', byte tokens as their raw byte, user-defined pieces
     // verbatim, control and unknown tokens as nothing. With add_space_prefix, a token's leading space is dropped when
@@ -55,6 +64,11 @@ public:
     float score(int32_t id) const;
     TokenType type(int32_t id) const;
     bool is_control(int32_t id) const { return type(id) == TokenType::control; }
+    bool is_bpe() const { return bpe_; }
+    // Tokens that end an assistant turn: EOS, tokenizer.ggml.eot_token_id, and the control tokens "<|eot_id|>",
+    // "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "<|end_of_text|>", "</s>".
+    bool is_end_of_turn(int32_t id) const;
+    const std::vector<int32_t>& end_of_turn_tokens() const { return end_of_turn_; }
 
     // Id of a piece that text can produce (normal, user-defined, unused or undefined type), -1 when there is none.
     int32_t find(std::string_view piece) const;
@@ -75,6 +89,9 @@ private:
     void merge_run(std::string_view text, std::vector<Symbol>& sym, std::vector<Bigram>& heap,
                    std::vector<int32_t>& out) const;
     void check_id(int32_t id, const char* what) const;
+    void index_bpe(const std::string& what);
+    void encode_bpe_fragment(std::string_view text, std::vector<int32_t>& out) const;
+    void merge_bpe_word(std::string_view word, std::vector<int32_t>& out) const;
     std::string_view text_of(int32_t prev, int32_t id) const;
 
     Vocab vocab_;
@@ -87,6 +104,12 @@ private:
     std::vector<int32_t> user_defined_;   // ids, longest text first (llama.cpp's partition order)
     std::vector<std::string> decoded_;    // what each token decodes to
     std::vector<uint8_t> droppable_;      // 1 where decoded_ starts with a space that came from U+2581
+    std::vector<int32_t> specials_;       // user-defined, control and unknown ids, longest text first
+    std::vector<int32_t> end_of_turn_;
+    // Byte-level BPE only.
+    bool bpe_ = false;
+    bool ignore_merges_ = false;          // a word that is a token is emitted whole
+    std::unordered_map<std::string, int32_t> merge_rank_;  // "left right" -> rank
 };
 
 }  // namespace si

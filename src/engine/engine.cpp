@@ -7,10 +7,15 @@
 #include "common/error.h"
 #include "common/matmul.h"
 #include "common/ops.h"
+#include "common/quant_dot.h"
+#include "formats/gguf.h"
+#include "formats/quants.h"
 
 namespace si {
 
-const char* weight_format_name(WeightFormat f) { return f == WeightFormat::int8 ? "int8" : "f32"; }
+const char* weight_format_name(WeightFormat f) {
+    return f == WeightFormat::int8 ? "int8" : f == WeightFormat::native ? "native" : "f32";
+}
 
 Linear Linear::make(const std::vector<float>& w, int64_t rows, int64_t cols, WeightFormat format) {
     Linear L;
@@ -28,12 +33,107 @@ Linear Linear::make(const std::vector<float>& w, int64_t rows, int64_t cols, Wei
     return L;
 }
 
-size_t Linear::bytes() const { return f32.bytes() + q.bytes() + scale.size() * 4; }
+size_t Linear::bytes() const {
+    size_t b = f32.bytes() + q.bytes() + scale.size() * 4;
+    for (const Part& p : parts) b += size_t(p.rows) * p.row_bytes;
+    return b;
+}
+
+namespace {
+
+// Activations of T tokens in both block forms, per calling thread (scratch reused across calls).
+struct NativeActivations {
+    std::vector<int8_t> q0, qk;
+    std::vector<float> d0, dk;
+    std::vector<int16_t> bsums;
+};
+thread_local NativeActivations t_act;
+
+void native_forward(ThreadPool* pool, const Linear& W, const float* X, int64_t T, float* Y) {
+    const int64_t n = W.cols;
+    NativeActivations& a = t_act;
+    if (W.q80) {
+        a.q0.resize(size_t(T * n));
+        a.d0.resize(size_t(T * n / 32));
+        for (int64_t t = 0; t < T; ++t) qdot::quantize_q8_0(X + t * n, n, &a.q0[size_t(t * n)], &a.d0[size_t(t * n / 32)]);
+    }
+    if (W.q8k) {
+        a.qk.resize(size_t(T * n));
+        a.dk.resize(size_t(T * n / 256));
+        a.bsums.resize(size_t(T * n / 16));
+        for (int64_t t = 0; t < T; ++t)
+            qdot::quantize_q8_k(X + t * n, n, &a.qk[size_t(t * n)], &a.dk[size_t(t * n / 256)], &a.bsums[size_t(t * n / 16)]);
+    }
+    // One pass over all rows of all parts (one thread-pool round per product, as for the other formats).
+    const int64_t rows = W.rows;
+    pool->parallel_for(rows, 8, [&](int64_t begin, int64_t end) {
+        int64_t row0 = 0;
+        size_t pi = 0;
+        while (begin >= row0 + W.parts[pi].rows) row0 += W.parts[pi++].rows;
+        for (int64_t r = begin; r < end;) {
+            const Linear::Part& p = W.parts[pi];
+            const auto type = qdot::WType(p.type);
+            const bool k = qdot::uses_q8k(type);
+            const int8_t* q = k ? a.qk.data() : a.q0.data();
+            const float* d = k ? a.dk.data() : a.d0.data();
+            const int64_t dstride = k ? n / 256 : n / 32;
+            const int64_t stop = std::min(end, row0 + p.rows);
+            for (; r < stop; ++r) {
+                const uint8_t* row = p.data + size_t(r - row0) * p.row_bytes;
+                for (int64_t t = 0; t < T; ++t)
+                    Y[t * rows + r] = qdot::dot_row(type, row, n, q + t * n, d + t * dstride,
+                                                    k ? a.bsums.data() + t * (n / 16) : nullptr);
+            }
+            if (r == row0 + p.rows && pi + 1 < W.parts.size()) row0 += W.parts[pi++].rows;
+        }
+    });
+}
+
+// A native matrix from stacked tensors of the file (or, without the file or for a format without a native kernel,
+// from the f32 weights re-quantised to Q8_0). Falls back to int8 when a part cannot be stored natively (a row
+// length that is not a multiple of 32).
+Linear make_native(const gguf::Reader* file, std::initializer_list<std::pair<std::string, const std::vector<float>*>> parts,
+                   int64_t cols) {
+    Linear L;
+    L.cols = cols;
+    L.format = WeightFormat::native;
+    for (const auto& [name, w] : parts) {
+        Linear::Part p;
+        p.rows = int64_t(w->size()) / cols;
+        const gguf::TensorInfo* t = file ? file->find_tensor(name) : nullptr;
+        if (t && qdot::is_native(uint32_t(t->type)) && int64_t(t->ne[0]) == cols && int64_t(t->ne[1]) == p.rows) {
+            p.type = uint32_t(t->type);
+            p.data = file->tensor_data(*t).data();
+            p.row_bytes = size_t(t->n_bytes / uint64_t(p.rows));
+        } else if (cols % 32 == 0) {
+            p.type = uint32_t(qdot::WType::q8_0);
+            p.row_bytes = size_t(cols / 32 * 34);
+            p.owned.resize(size_t(p.rows) * p.row_bytes);
+            for (int64_t r = 0; r < p.rows; ++r)
+                qdot::quantize_row_q8_0_weights(w->data() + r * cols, cols, p.owned.data() + size_t(r) * p.row_bytes);
+            p.data = p.owned.data();
+        } else {
+            std::vector<float> all;
+            for (const auto& part : parts) all.insert(all.end(), part.second->begin(), part.second->end());
+            return Linear::make(all, int64_t(all.size()) / cols, cols, WeightFormat::int8);
+        }
+        (qdot::uses_q8k(qdot::WType(p.type)) ? L.q8k : L.q80) = true;
+        L.rows += p.rows;
+        L.parts.push_back(std::move(p));
+    }
+    return L;
+}
+
+}  // namespace
 
 void linear_forward(ThreadPool* pool, const Linear& W, const float* X, int64_t T, float* Y, std::vector<int8_t>& q8,
                     std::vector<float>& xs, std::vector<int32_t>& acc) {
     if (W.format == WeightFormat::f32) {
         matmul_f32_packed(pool, W.f32, X, T, Y);
+        return;
+    }
+    if (W.format == WeightFormat::native) {
+        native_forward(pool, W, X, T, Y);
         return;
     }
     q8.resize(size_t(T * W.cols));
@@ -54,7 +154,7 @@ std::vector<float> concat(std::initializer_list<const std::vector<float>*> parts
 }
 }  // namespace
 
-Engine::Engine(const ModelWeights& w, const EngineParams& params) : cfg_(w.cfg), params_(params) {
+Engine::Engine(const ModelWeights& w, const EngineParams& params, const gguf::Reader* file) : cfg_(w.cfg), params_(params) {
     w.validate("model");
     n_ctx_ = params.n_ctx > 0 ? std::min(params.n_ctx, cfg_.seq_len) : cfg_.seq_len;
     if (params_.n_batch <= 0) fail(Status::invalid_argument, "batch size must be positive");
@@ -64,17 +164,33 @@ Engine::Engine(const ModelWeights& w, const EngineParams& params) : cfg_(w.cfg),
     const WeightFormat f = params.weights;
     tok_embeddings_ = w.tok_embeddings;
     final_norm_ = w.final_norm;
-    for (const auto& L : w.layers) {
-        Layer E;
-        E.attn_norm = L.attn_norm;
-        E.ffn_norm = L.ffn_norm;
-        E.wqkv = Linear::make(concat({&L.wq, &L.wk, &L.wv}), d + 2 * kv, d, f);
-        E.wo = Linear::make(L.wo, d, d, f);
-        E.w13 = Linear::make(concat({&L.w1, &L.w3}), 2 * h, d, f);
-        E.w2 = Linear::make(L.w2, d, h, f);
-        layers_.push_back(std::move(E));
+    if (f == WeightFormat::native) {
+        for (int l = 0; l < cfg_.n_layers; ++l) {
+            const LayerWeights& L = w.layers[size_t(l)];
+            auto name = [&](Proj p) { return proj_tensor_name(l, p); };
+            Layer E;
+            E.attn_norm = L.attn_norm;
+            E.ffn_norm = L.ffn_norm;
+            E.wqkv = make_native(file, {{name(Proj::q), &L.wq}, {name(Proj::k), &L.wk}, {name(Proj::v), &L.wv}}, d);
+            E.wo = make_native(file, {{name(Proj::o), &L.wo}}, d);
+            E.w13 = make_native(file, {{name(Proj::w1), &L.w1}, {name(Proj::w3), &L.w3}}, d);
+            E.w2 = make_native(file, {{name(Proj::w2), &L.w2}}, h);
+            layers_.push_back(std::move(E));
+        }
+        classifier_ = make_native(file, {{w.tied() ? "token_embd.weight" : "output.weight", &w.output()}}, d);
+    } else {
+        for (const auto& L : w.layers) {
+            Layer E;
+            E.attn_norm = L.attn_norm;
+            E.ffn_norm = L.ffn_norm;
+            E.wqkv = Linear::make(concat({&L.wq, &L.wk, &L.wv}), d + 2 * kv, d, f);
+            E.wo = Linear::make(L.wo, d, d, f);
+            E.w13 = Linear::make(concat({&L.w1, &L.w3}), 2 * h, d, f);
+            E.w2 = Linear::make(L.w2, d, h, f);
+            layers_.push_back(std::move(E));
+        }
+        classifier_ = Linear::make(w.output(), cfg_.vocab_size, d, f);
     }
-    classifier_ = Linear::make(w.output(), cfg_.vocab_size, d, f);
     key_cache_.assign(size_t(cfg_.n_layers) * n_ctx_ * kv, 0.0f);
     value_cache_.assign(size_t(cfg_.n_layers) * n_ctx_ * kv, 0.0f);
 }

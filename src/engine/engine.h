@@ -1,5 +1,5 @@
 // The plaintext LLaMA engine: one forward pass you can read top to bottom (engine.cpp), batched over tokens for
-// prefill and one token at a time for decoding, with a KV cache and f32 or int8 weights.
+// prefill and one token at a time for decoding, with a KV cache and f32, int8 or native (ggml block format) weights.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -11,9 +11,15 @@
 #include "common/qgemm.h"
 #include "common/threadpool.h"
 
+namespace si::gguf {
+class Reader;
+}
+
 namespace si {
 
-enum class WeightFormat { f32, int8 };
+// native: the matrices stay in the GGUF file's block format (Q4_0, Q8_0, Q4_K, Q6_K) and are read as stored, with
+// int8 activations per block (common/quant_dot.h); matrices in other formats are re-quantised to Q8_0 once.
+enum class WeightFormat { f32, int8, native };
 const char* weight_format_name(WeightFormat f);
 
 struct EngineParams {
@@ -31,19 +37,32 @@ struct Linear {
     PackedF32 f32;             // f32 weights packed for the float kernel
     PackedI8 q;                // int8 weights packed for the integer kernels
     std::vector<float> scale;  // per-row dequantisation scale
+    // native: consecutive row ranges, each in one block format, read in place from the model file (or from `owned`
+    // for re-quantised matrices).
+    struct Part {
+        uint32_t type = 0;  // qdot::WType
+        int64_t rows = 0;
+        const uint8_t* data = nullptr;
+        size_t row_bytes = 0;
+        std::vector<uint8_t> owned;
+    };
+    std::vector<Part> parts;
+    bool q8k = false, q80 = false;  // which activation forms the parts need
 
     static Linear make(const std::vector<float>& w, int64_t rows, int64_t cols, WeightFormat format);
     size_t bytes() const;
 };
 
 // Y[T][rows] = X[T][cols] * W^T with the matrix's own arithmetic; `q8` is scratch of T * cols bytes (int8 only),
-// `acc` scratch of T * rows int32 (int8 only).
+// `acc` scratch of T * rows int32 (int8 only). Native matrices quantise X into `act` (scratch).
 void linear_forward(ThreadPool* pool, const Linear& W, const float* X, int64_t T, float* Y, std::vector<int8_t>& q8,
                     std::vector<float>& xs, std::vector<int32_t>& acc);
 
 class Engine {
 public:
-    Engine(const ModelWeights& weights, const EngineParams& params);
+    // `file`: the GGUF the weights came from, read in place by WeightFormat::native (it must outlive the engine);
+    // without it, native re-quantises every matrix to Q8_0.
+    Engine(const ModelWeights& weights, const EngineParams& params, const gguf::Reader* file = nullptr);
     ~Engine();
 
     const ModelConfig& config() const { return cfg_; }

@@ -18,6 +18,7 @@
 
 #include "common/error.h"
 #include "common/fp16.h"
+#include "formats/quants.h"
 
 namespace si::gguf {
 
@@ -92,9 +93,7 @@ const char* type_name(TensorType t) {
     return tr ? tr->name : "?";
 }
 
-bool can_dequantize(TensorType t) {
-    return t == TensorType::F32 || t == TensorType::F16 || t == TensorType::BF16 || t == TensorType::Q8_0;
-}
+bool can_dequantize(TensorType t) { return quants::supported(t); }
 
 std::string shape_string(std::span<const uint64_t> ne) {
     std::string s = "[";
@@ -217,7 +216,7 @@ void decode(TensorType type, const uint8_t* data, size_t n, float* out) {
         case TensorType::Q8_0: dequantize_q8_0(data, n, out); return;
         default: break;
     }
-    fail(Status::unsupported, std::string("cannot dequantise ") + type_name(type) + " (only F32, F16, BF16, Q8_0)");
+    quants::dequantize(type, data, n, out);  // the other block formats, or an error naming the type
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -863,7 +862,8 @@ std::vector<float> Reader::to_f32(const TensorInfo& t) const {
     const auto bytes = tensor_data(t);
     if (!can_dequantize(t.type))
         fail(Status::unsupported, name_ + ": tensor '" + t.name + "' has type " + type_name(t.type) +
-                                      "; dequantisation supports only F32, F16, BF16 and Q8_0");
+                                      ", which cannot be dequantised (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, "
+                                      "Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)");
     std::vector<float> out(size_t(t.n_elements));
     decode(t.type, bytes.data(), out.size(), out.data());
     return out;

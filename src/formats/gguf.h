@@ -54,7 +54,8 @@ struct TypeTraits {
 // nullptr for a type number ggml does not define.
 const TypeTraits* type_traits(uint32_t type);
 const char* type_name(TensorType t);  // "?" when unknown
-// True for the types to_f32() can dequantise: F32, F16, BF16, Q8_0.
+// True for the types to_f32() can dequantise: F32, F16, BF16 and llama.cpp's block formats Q4_0, Q4_1, Q5_0, Q5_1,
+// Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS (formats/quants.h).
 bool can_dequantize(TensorType t);
 
 inline constexpr size_t kQ8_0Block = 32;       // elements per Q8_0 block
@@ -71,7 +72,7 @@ void dequantize_q8_0(const uint8_t* blocks, size_t n, float* out);
 std::vector<uint16_t> f32_to_f16(const float* x, size_t n);
 // Converts float data into the stored bytes of F32, F16, BF16 or Q8_0 (throws Status::invalid_argument otherwise).
 std::vector<uint8_t> encode(TensorType type, const float* x, size_t n);
-// Dequantises n elements of F32, F16, BF16 or Q8_0 data (the caller guarantees the byte count).
+// Dequantises n elements of any can_dequantize() type (the caller guarantees the byte count).
 void decode(TensorType type, const uint8_t* data, size_t n, float* out);
 
 // One metadata value. Scalars keep their exact type; numeric arrays keep their raw little-endian element bytes so
@@ -209,7 +210,7 @@ public:
     const TensorInfo& tensor(const std::string& name) const;
     // The tensor's bytes inside the file (already checked to lie within it).
     std::span<const uint8_t> tensor_data(const TensorInfo& t) const;
-    // Dequantised copy (F32, F16, BF16, Q8_0; Status::unsupported for other types).
+    // Dequantised copy (any can_dequantize() type; Status::unsupported naming the tensor for other types).
     std::vector<float> to_f32(const TensorInfo& t) const;
 
 private:

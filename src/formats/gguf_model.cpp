@@ -121,9 +121,11 @@ ModelWeights load_gguf_model(const gguf::Reader& r) {
 
 Vocab load_gguf_vocab(const gguf::Reader& r) {
     const std::string model = r.get_str("tokenizer.ggml.model");
-    if (model != "llama")
-        fail(Status::unsupported, r.name() + ": tokenizer model '" + model + "' is not supported (only llama / SentencePiece)");
+    if (model != "llama" && model != "gpt2")
+        fail(Status::unsupported, r.name() + ": tokenizer model '" + model +
+                                      "' is not supported (llama: SentencePiece, gpt2: byte-level BPE)");
     Vocab vocab;
+    vocab.model = model;
     vocab.pieces = r.get_str_array("tokenizer.ggml.tokens");
     const size_t n = vocab.pieces.size();
     if (n == 0) bad(r, "tokenizer.ggml.tokens is empty");
@@ -164,8 +166,19 @@ Vocab load_gguf_vocab(const gguf::Reader& r) {
     };
     vocab.bos_id = id("tokenizer.ggml.bos_token_id", vocab.bos_id);
     vocab.eos_id = id("tokenizer.ggml.eos_token_id", vocab.eos_id);
-    vocab.unk_id = id("tokenizer.ggml.unknown_token_id", vocab.unk_id);
-    vocab.add_space_prefix = r.opt_bool("tokenizer.ggml.add_space_prefix").value_or(true);
+    // Llama 3 and chat templates: byte-level BPE merges, end-of-turn token, the template (see docs/CHAT.md).
+    const bool bpe = vocab.is_bpe();
+    vocab.unk_id = bpe && !r.has("tokenizer.ggml.unknown_token_id") ? -1 : id("tokenizer.ggml.unknown_token_id", vocab.unk_id);
+    if (r.has("tokenizer.ggml.eot_token_id")) vocab.eot_id = id("tokenizer.ggml.eot_token_id", -1);
+    vocab.add_space_prefix = r.opt_bool("tokenizer.ggml.add_space_prefix").value_or(!bpe);
+    if (bpe) {
+        vocab.pre = r.opt_str("tokenizer.ggml.pre").value_or("default");
+        if (!r.has("tokenizer.ggml.merges"))
+            bad(r, "tokenizer.ggml.merges is missing: a gpt2 (byte-level BPE) vocabulary needs its merges");
+        vocab.merges = r.get_str_array("tokenizer.ggml.merges");
+        if (vocab.merges.empty()) bad(r, "tokenizer.ggml.merges is empty: a gpt2 (byte-level BPE) vocabulary needs its merges");
+    }
+    vocab.chat_template = r.opt_str("tokenizer.chat_template").value_or("");
     return vocab;
 }
 
@@ -192,7 +205,7 @@ std::vector<std::string> write_gguf_model(const std::string& path, const ModelWe
         bad_vocab(std::to_string(n) + " tokens, but the model's vocabulary size is " + std::to_string(c.vocab_size));
     if (!vocab.scores.empty() && vocab.scores.size() != n) bad_vocab("scores do not match the token count");
     if (!vocab.types.empty() && vocab.types.size() != n) bad_vocab("token types do not match the token count");
-    for (const int32_t id : {vocab.bos_id, vocab.eos_id, vocab.unk_id})
+    for (const int32_t id : {vocab.bos_id, vocab.eos_id, vocab.unk_id == -1 ? vocab.bos_id : vocab.unk_id})
         if (id < 0 || size_t(id) >= n) bad_vocab("special token id " + std::to_string(id) + " is out of range");
 
     gguf::Writer g;
@@ -213,7 +226,13 @@ std::vector<std::string> write_gguf_model(const std::string& path, const ModelWe
     g.set_f32("llama.attention.layer_norm_rms_epsilon", c.norm_eps);
     g.set_u32("llama.vocab_size", uint32_t(c.vocab_size));
 
-    g.set_str("tokenizer.ggml.model", "llama");
+    g.set_str("tokenizer.ggml.model", vocab.model);
+    if (vocab.is_bpe()) {
+        g.set_str("tokenizer.ggml.pre", vocab.pre);
+        g.set_strs("tokenizer.ggml.merges", vocab.merges);
+    }
+    if (vocab.eot_id >= 0) g.set_u32("tokenizer.ggml.eot_token_id", uint32_t(vocab.eot_id));
+    if (!vocab.chat_template.empty()) g.set_str("tokenizer.chat_template", vocab.chat_template);
     g.set_strs("tokenizer.ggml.tokens", vocab.pieces);
     g.set_array("tokenizer.ggml.scores", vocab.scores.empty() ? std::vector<float>(n, 0.0f) : vocab.scores);
     std::vector<int32_t> types(n, int32_t(TokenType::normal));
@@ -221,7 +240,7 @@ std::vector<std::string> write_gguf_model(const std::string& path, const ModelWe
     g.set_array("tokenizer.ggml.token_type", types);
     g.set_u32("tokenizer.ggml.bos_token_id", uint32_t(vocab.bos_id));
     g.set_u32("tokenizer.ggml.eos_token_id", uint32_t(vocab.eos_id));
-    g.set_u32("tokenizer.ggml.unknown_token_id", uint32_t(vocab.unk_id));
+    if (vocab.unk_id >= 0) g.set_u32("tokenizer.ggml.unknown_token_id", uint32_t(vocab.unk_id));
     g.set_bool("tokenizer.ggml.add_bos_token", true);
     g.set_bool("tokenizer.ggml.add_eos_token", false);
     g.set_bool("tokenizer.ggml.add_space_prefix", vocab.add_space_prefix);

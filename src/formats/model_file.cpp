@@ -37,12 +37,13 @@ ModelFile load_model_file(const std::string& path, const std::string& tokenizer_
     m.path = path;
     if (looks_like_gguf(path)) {
         m.format = ModelFileFormat::gguf;
-        auto r = gguf::Reader::open(path);
-        m.weights = load_gguf_model(r);
+        auto r = std::make_shared<const gguf::Reader>(gguf::Reader::open(path));
+        m.weights = load_gguf_model(*r);
         if (tokenizer_path.empty()) {
-            m.vocab = load_gguf_vocab(r);
+            m.vocab = load_gguf_vocab(*r);
             m.vocab_path = path;
         }
+        m.gguf = std::move(r);
     } else {
         m.format = ModelFileFormat::llama2c;
         m.weights = load_llama2c(path);

@@ -1,11 +1,16 @@
 // Opens a model file of any supported format (decided by content: GGUF magic, else llama2.c) with its vocabulary.
 #pragma once
+#include <memory>
 #include <string>
 
 #include "common/model.h"
 #include "common/vocab.h"
 
 namespace si {
+
+namespace gguf {
+class Reader;
+}
 
 enum class ModelFileFormat { gguf, llama2c };
 
@@ -14,6 +19,8 @@ struct ModelFile {
     Vocab vocab;
     ModelFileFormat format = ModelFileFormat::gguf;
     std::string path, vocab_path;
+    // GGUF files: the open (memory-mapped) file, for engines that read tensors in their stored format.
+    std::shared_ptr<const gguf::Reader> gguf;
 };
 
 // tokenizer_path: a tokenizer.bin for llama2.c checkpoints ("" to look for tok<vocab>.bin / tokenizer.bin beside

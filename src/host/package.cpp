@@ -299,6 +299,7 @@ PackResult write_package(const std::string& out_path, const PackOptions& o, cons
     pkg::Table table;
     json tensors_json = json::array();
     std::set<std::string> secret_names_seen;
+    int encrypted = 0;
     for (auto& pl : plain) {
         pkg::SecretEntry& e = pl.entry;
         e.n_chunks = uint32_t((e.elements + e.chunk_elements - 1) / e.chunk_elements);
@@ -323,6 +324,7 @@ PackResult write_package(const std::string& out_path, const PackOptions& o, cons
                                 {"part", kSecretPart}, {"offset", at}, {"size", ct.size()},
                                 {"chunks", e.n_chunks}, {"chunk_elements", e.chunk_elements},
                                 {"sha256", hex_hash(ct)}});
+        if (o.progress) o.progress(++encrypted, int(plain.size()));
     }
     for (const auto& t : tensors)
         if (!secret.count(t.name))

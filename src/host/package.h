@@ -8,6 +8,7 @@
 // authenticates the manifest (it needs the model key) and decrypts the secret tensors.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -44,6 +45,8 @@ struct PackOptions {
     bool release_nll = false;
     // Bounds on the sampler settings a host or API client may ask for (enforced inside the trusted core).
     pkg::SamplingPolicy sampling;
+    // Called with (secret tensors encrypted, their number) as they are encrypted; may be empty.
+    std::function<void(int done, int total)> progress;
 };
 
 struct PackResult {

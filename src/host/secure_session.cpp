@@ -624,6 +624,7 @@ void SecureSession::load_enclave(const ModelWeights& w) {
                    [&](Encoder& e) { e.scalar<uint8_t>(Tag::secret, secret); });
             upload(TensorKind::proj_scale, l, int(p), hp.scale.data(), hp.scale.size(), false, nullptr);
         }
+        if (params_.load_progress) params_.load_progress(l + 1, cfg_.n_layers + 1);
     }
     if (params_.lora)
         for (const auto& t : params_.lora->tensors) {
@@ -662,6 +663,7 @@ void SecureSession::load_enclave(const ModelWeights& w) {
         fail(Status::security, "the trusted core's plan offloads the classifier, which must stay inside");
     upload_slots(load_);
     set_sampler(SamplerParams{0.0f, 0, 1.0f, 0});
+    if (params_.load_progress) params_.load_progress(cfg_.n_layers + 1, cfg_.n_layers + 1);
 }
 
 bool SecureSession::package_secret(uint32_t kind, int layer, int proj) const {

@@ -91,6 +91,9 @@ struct SecureSessionParams {
     // Injected parts (tests): used instead of the CPU backend / the host chosen above when set.
     std::shared_ptr<Accelerator> accelerator;
     std::shared_ptr<EnclaveHost> enclave_host;
+    // Loading: called with (layers uploaded, layers + 1) as the model goes into the enclave, the last call when the
+    // plan is set up.
+    std::function<void(int done, int total)> load_progress;
 };
 
 struct DomainStats {

@@ -108,8 +108,10 @@ std::string TraceWriter::write(int layer, const std::string& op, const std::stri
                                const std::vector<int64_t>& shape, const void* data) {
     char name[64];
     std::snprintf(name, sizeof name, "%06llu", static_cast<unsigned long long>(files_++));
-    const std::string file = std::string(name) + "_" + (layer >= 0 ? "L" + std::to_string(layer) + "_" : "") + op +
-                             "_" + role + ".npy";
+    std::string file = name;
+    file += '_';
+    if (layer >= 0) file.append("L").append(std::to_string(layer)).append("_");
+    file.append(op).append("_").append(role).append(".npy");
     write_npy(dir_ + "/" + file, dtype, shape, data);
     index(layer, op, role, dtype, shape, file);
     return file;

@@ -1,7 +1,7 @@
 // si-load-test: a bounded load test of a running `secureinfer serve`. C clients send R requests in all to
 // /v1/completions (some streamed), each checked: HTTP 200, a well-formed body or event stream ending in [DONE], and
 // the same text for the same prompt and seed every time (requests must not see each other's state). Prints
-// throughput and latency percentiles; exits 1 when any request failed.
+// throughput and latency percentiles and every kind of failure with its count; exits 1 when any request failed.
 //
 //   si-load-test --url http://127.0.0.1:8080 [--clients 8] [--requests 256] [--max-tokens 8] [--stream mixed]
 #include <httplib.h>
@@ -117,7 +117,9 @@ int main(int argc, char** argv) {
                 auto res = cli.Post("/v1/completions", req.dump(), "application/json");
                 o.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - s).count();
                 if (!res) {
-                    o.error = "no response: " + httplib::to_string(res.error());
+                    o.error = res.error() == httplib::Error::Read
+                                  ? "the connection closed in the middle of the response (the server stopped?)"
+                                  : "no response: " + httplib::to_string(res.error());
                     continue;
                 }
                 if (res->status != 200) {
@@ -145,6 +147,7 @@ int main(int argc, char** argv) {
     int errors = 0;
     long tokens = 0;
     std::vector<double> lat;
+    std::map<std::string, int> by_error;
     for (int i = 0; i < requests; ++i) {
         Outcome& o = out[size_t(i)];
         const size_t p = size_t(i) % (sizeof kPrompts / sizeof kPrompts[0]);
@@ -156,6 +159,7 @@ int main(int argc, char** argv) {
         }
         if (!o.error.empty()) {
             if (++errors <= 5) std::fprintf(stderr, "si-load-test: %s\n", o.error.c_str());
+            ++by_error[o.error.substr(0, 300)];
             continue;
         }
         tokens += o.tokens;
@@ -170,5 +174,6 @@ int main(int argc, char** argv) {
     std::printf("throughput %.1f requests/s, %.1f generated tokens/s\n", double(requests - errors) / wall,
                 double(tokens) / wall);
     std::printf("latency ms: p50 %.1f, p90 %.1f, p99 %.1f, max %.1f\n", pct(0.50), pct(0.90), pct(0.99), pct(1.0));
+    for (const auto& [error, n] : by_error) std::printf("failed %dx: %s\n", n, error.c_str());
     return errors == 0 ? 0 : 1;
 }

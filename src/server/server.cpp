@@ -2,6 +2,12 @@
 // pool, request parsing, generation with stop strings and streaming, the routes.
 #include "server/server.h"
 
+#include "server/api_error.h"
+#include "server/metrics.h"
+#include "server/pool.h"
+#include "server/status.h"
+#include "server/web_ui.h"
+
 #include <httplib.h>
 
 #include <algorithm>
@@ -24,192 +30,6 @@ namespace si::server {
 
 namespace {
 
-using json = nlohmann::json;
-
-// ---- errors ------------------------------------------------------------------------------------------------------
-
-// An error in the OpenAI shape: {"error": {"message", "type", "param", "code"}} with its HTTP status.
-struct ApiError : std::runtime_error {
-    int status;
-    std::string type, param, code;
-    ApiError(int status, const std::string& msg, std::string param = "", std::string code = "")
-        : std::runtime_error(msg), status(status), param(std::move(param)), code(std::move(code)) {
-        type = status >= 500 ? "server_error" : "invalid_request_error";
-    }
-};
-
-ApiError bad_request(const std::string& msg, const std::string& param = "", const std::string& code = "") {
-    return ApiError(400, msg, param, code);
-}
-
-// Responses may carry bytes of an unfinished UTF-8 sequence (byte-fallback tokens): replace them, never throw.
-std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
-
-json error_json(const ApiError& e) {
-    json err = {{"message", e.what()}, {"type", e.type}, {"param", nullptr}, {"code", nullptr}};
-    if (!e.param.empty()) err["param"] = e.param;
-    if (!e.code.empty()) err["code"] = e.code;
-    return json{{"error", err}};
-}
-
-void send_error(httplib::Response& res, const ApiError& e) {
-    res.status = e.status;
-    res.set_content(dump(error_json(e)), "application/json");
-}
-
-// ---- the context pool ---------------------------------------------------------------------------------------------
-
-// A fixed set of contexts handed out one request at a time, first come first served. A context is reset when it
-// comes back, so the next request starts from an empty KV cache; one that failed (an integrity error ends a
-// session) is replaced by a fresh one. With `precompute` > 0 every context holds precomputed unblinding factors
-// for that many decode steps: filled here, and topped up by a background thread when a context comes back (in
-// small batches, handing the context over early when a request is waiting for one).
-class Pool {
-public:
-    Pool(si_model* model, const si_context_params& cp, int n, int max_queue, int precompute)
-        : model_(model), cp_(cp), max_queue_(max_queue), precompute_(precompute) {
-        for (int i = 0; i < n; ++i) {
-            si_context* c = nullptr;
-            if (si_context_init(model, &cp_, &c) != SI_OK || (precompute_ > 0 && !top_up(c, false))) {
-                const std::string msg = si_last_error();
-                if (c) si_context_free(c);
-                for (si_context* f : free_) si_context_free(f);
-                throw std::runtime_error(msg);
-            }
-            free_.push_back(c);
-        }
-        all_ = n;
-        if (precompute_ > 0) refiller_ = std::thread([this] { refill_loop(); });
-    }
-    ~Pool() {
-        close();
-        if (refiller_.joinable()) refiller_.join();
-        for (si_context* c : free_) si_context_free(c);
-        for (si_context* c : stale_) si_context_free(c);
-    }
-
-    si_context* any() const { return free_.empty() ? nullptr : free_.front(); }
-
-    // The fewest precomputed decode steps any idle context holds (for /health).
-    int min_precomputed() {
-        std::lock_guard<std::mutex> lk(m_);
-        int best = -1;
-        for (si_context* c : free_) best = best < 0 ? si_context_precomputed(c) : std::min(best, si_context_precomputed(c));
-        return std::max(0, best);
-    }
-
-    si_context* acquire() {
-        std::unique_lock<std::mutex> lk(m_);
-        if (closed_) throw ApiError(503, "the server is shutting down", "", "server_shutting_down");
-        if (all_ == 0) throw ApiError(503, "no context is available (every context failed)", "", "server_error");
-        if (next_ - head_ >= uint64_t(max_queue_) + free_.size() + stale_.size() + size_t(refilling_))
-            throw ApiError(503, "the server is busy: " + std::to_string(max_queue_) + " requests are already queued",
-                           "", "server_busy");
-        const uint64_t ticket = next_++;
-        cv_.wait(lk, [&] { return closed_ || (ticket == head_ && !free_.empty()); });
-        if (closed_) {
-            // Let the waiters behind this one see the close too.
-            cv_.notify_all();
-            throw ApiError(503, "the server is shutting down", "", "server_shutting_down");
-        }
-        ++head_;
-        si_context* c = free_.back();
-        free_.pop_back();
-        cv_.notify_all();
-        return c;
-    }
-
-    void release(si_context* c, bool broken) {
-        if (broken) {
-            si_context_free(c);
-            c = nullptr;
-            if (si_context_init(model_, &cp_, &c) != SI_OK) {
-                std::fprintf(stderr, "serve: a context failed and cannot be replaced: %s\n", si_last_error());
-                c = nullptr;
-            }
-        } else {
-            si_context_reset(c);
-        }
-        std::lock_guard<std::mutex> lk(m_);
-        if (!c) {
-            --all_;
-        } else if (precompute_ > 0 && !closed_) {
-            stale_.push_back(c);  // the refill thread hands it out again
-        } else {
-            free_.push_back(c);
-        }
-        cv_.notify_all();
-    }
-
-    void close() {
-        std::lock_guard<std::mutex> lk(m_);
-        closed_ = true;
-        cv_.notify_all();
-    }
-
-private:
-    // Tops c up to precompute_ decode steps, 16 at a time; with `yield`, stops early when a request waits and no
-    // context is free. False when the trusted core refused (si_last_error() says why).
-    bool top_up(si_context* c, bool yield) {
-        for (int need = precompute_ - si_context_precomputed(c); need > 0; need -= 16) {
-            if (si_context_precompute(c, std::min(need, 16), nullptr, nullptr, nullptr) != SI_OK) return false;
-            if (yield) {
-                std::lock_guard<std::mutex> lk(m_);
-                if (closed_ || (next_ > head_ && free_.empty())) break;
-            }
-        }
-        return true;
-    }
-
-    void refill_loop() {
-        std::unique_lock<std::mutex> lk(m_);
-        for (;;) {
-            cv_.wait(lk, [&] { return closed_ || !stale_.empty(); });
-            if (stale_.empty()) return;  // closed, nothing left to refill
-            si_context* c = stale_.front();
-            stale_.pop_front();
-            ++refilling_;
-            lk.unlock();
-            // A context the core will not refill still serves: its decoding unblinds online.
-            if (!closed_flag() && !top_up(c, true))
-                std::fprintf(stderr, "serve: precomputing unblinding factors failed: %s\n", si_last_error());
-            lk.lock();
-            --refilling_;
-            free_.push_back(c);
-            cv_.notify_all();
-        }
-    }
-
-    bool closed_flag() {
-        std::lock_guard<std::mutex> lk(m_);
-        return closed_;
-    }
-
-    si_model* model_;
-    si_context_params cp_;
-    int max_queue_;
-    int precompute_ = 0;
-    std::mutex m_;
-    std::condition_variable cv_;
-    std::vector<si_context*> free_;
-    std::deque<si_context*> stale_;  // back from a request, waiting to be topped up
-    int refilling_ = 0;
-    int all_ = 0;
-    uint64_t next_ = 0, head_ = 0;  // tickets handed out, and the one served next
-    bool closed_ = false;
-    std::thread refiller_;
-};
-
-// A context held for one request; given back (reset) when the last owner lets go.
-struct Lease {
-    Pool& pool;
-    si_context* ctx;
-    bool broken = false;
-    explicit Lease(Pool& p) : pool(p), ctx(p.acquire()) {}
-    ~Lease() { pool.release(ctx, broken); }
-    Lease(const Lease&) = delete;
-    Lease& operator=(const Lease&) = delete;
-};
 
 // ---- requests -----------------------------------------------------------------------------------------------------
 
@@ -221,6 +41,7 @@ struct Request {
     bool stream = false, include_usage = false;
     std::vector<std::string> stop;
     int top_logprobs = -1;  // -1: no log-probabilities
+    std::chrono::steady_clock::time_point arrived = std::chrono::steady_clock::now();
 };
 
 // Typed access to optional fields; a present field of the wrong type is a 400 naming it (null counts as absent).
@@ -335,9 +156,11 @@ uint64_t random_seed() {
 struct Server::Impl {
     si_model* model;
     Options opts;
+    Metrics metrics;
     std::unique_ptr<Pool> pool;
     int n_ctx = 0, n_vocab = 0;
     std::string warnings;
+    std::string status;  // GET /v1/secureinfer/status
     httplib::Server http;
     std::atomic<bool> stopping{false};
     socket_t listen_fd = INVALID_SOCKET;
@@ -345,13 +168,28 @@ struct Server::Impl {
     uint64_t id_base = random_seed();
     std::time_t started = std::time(nullptr);
 
-    Impl(si_model* m, si_context_params cp, Options o) : model(m), opts(std::move(o)) {
+    Impl(si_model* m, si_context_params cp, Options o)
+        : model(m), opts(std::move(o)), metrics(opts.model_id, opts.mode_name) {
         cp.logprobs = opts.logprobs;
         pool = std::make_unique<Pool>(m, cp, std::max(1, opts.parallel), std::max(0, opts.max_queue),
-                                      std::max(0, opts.precompute));
+                                      std::max(0, opts.precompute), metrics);
         n_ctx = si_context_n_ctx(pool->any());
         n_vocab = si_model_n_vocab(m);
         warnings = si_context_warnings(pool->any());
+        StatusInputs si{};
+        const char* protection = si_context_protection(pool->any());
+        if (!protection)
+            std::fprintf(stderr, "serve: the protection status is incomplete: %s\n", si_last_error());
+        si.protection = protection ? protection : "{}";
+        si.model_id = opts.model_id;
+        si.mode = opts.mode_name;
+        si.n_ctx = n_ctx;
+        si.parallel = std::max(1, opts.parallel);
+        si.max_tokens = opts.max_tokens;
+        si.logprobs = opts.logprobs;
+        si.logprob_noise = cp.logprob_noise;
+        si.warnings = warnings;
+        status = status_json(si);
         routes();
     }
 
@@ -522,6 +360,9 @@ struct Server::Impl {
         int n_prompt = 0, n_generated = 0;
         std::string finish_reason = "stop";
         bool gone = false;  // the client went away; generation stopped
+        double ttft = -1;   // seconds from arrival to the first token (-1: none)
+        double seconds = 0; // from arrival to the last token
+        si_stats stats{};   // the context's counters for this generation (zero in the plain mode)
     };
 
     // Generates on the leased context. emit(delta, tokens) receives text as it becomes final (not a possible start
@@ -529,24 +370,40 @@ struct Server::Impl {
     // false to stop (the client went away).
     using Emit = std::function<bool(const std::string& delta, std::vector<TokenInfo>& tokens)>;
 
-    Result generate(Lease& lease, const Request& r, const Emit& emit) const {
+    static si_stats stats_delta(const si_stats& a, const si_stats& b) {
+        si_stats d{};
+        d.enclave_calls = b.enclave_calls - a.enclave_calls;
+        d.crossings = b.crossings - a.crossings;
+        d.accelerator_calls = b.accelerator_calls - a.accelerator_calls;
+        d.bytes_to_enclave = b.bytes_to_enclave - a.bytes_to_enclave;
+        d.bytes_from_enclave = b.bytes_from_enclave - a.bytes_from_enclave;
+        d.bytes_to_accelerator = b.bytes_to_accelerator - a.bytes_to_accelerator;
+        d.bytes_from_accelerator = b.bytes_from_accelerator - a.bytes_from_accelerator;
+        d.seconds_enclave = b.seconds_enclave - a.seconds_enclave;
+        d.seconds_accelerator = b.seconds_accelerator - a.seconds_accelerator;
+        d.seconds_host = b.seconds_host - a.seconds_host;
+        return d;
+    }
+
+    Result generate(Lease& lease, const Request& r, const Emit& emit) {
         struct State {
             const Impl* self;
             const Request* r;
             si_context* ctx;
             const Emit* emit;
             Result res;
+            std::chrono::steady_clock::time_point arrived;
             std::string all;  // the text so far, cut at a stop string
             size_t sent = 0;  // bytes of `all` given to emit
             std::vector<TokenInfo> pending;
             si_token prev = 0;
             bool stopped = false, gone = false;
-        } st{this, &r, lease.ctx, &emit, {}, {}, 0, {}, r.prompt.back(), false, false};
+        } st{this, &r, lease.ctx, &emit, {}, r.arrived, {}, 0, {}, r.prompt.back(), false, false};
         st.res.n_prompt = int(r.prompt.size());
 
         auto on_token = [](si_token tok, const char* p, size_t n, void* user) -> int {
             State& s = *static_cast<State*>(user);
-            ++s.res.n_generated;
+            if (s.res.n_generated++ == 0) s.res.ttft = seconds_since(s.arrived);
             const size_t before = s.all.size();
             s.all.append(p, n);
             if (s.r->top_logprobs >= 0) {
@@ -597,13 +454,22 @@ struct Server::Impl {
         };
 
         int n = 0;
+        si_stats before{}, after{};
+        const bool have_stats = si_context_stats(lease.ctx, &before) == SI_OK;
         const int rc = si_generate(lease.ctx, r.prompt.data(), r.prompt.size(), r.max_tokens, &r.sampler, on_token, &st,
                                    &n);
+        const std::string error = rc == SI_OK ? "" : si_last_error();  // before the next call clears it
+        if (have_stats && si_context_stats(lease.ctx, &after) == SI_OK) st.res.stats = stats_delta(before, after);
+        st.res.seconds = seconds_since(r.arrived);
+        metrics.generation(rc == SI_ERR_INVALID_ARGUMENT ? 0 : st.res.n_prompt, st.res.n_generated, st.res.seconds,
+                           st.res.ttft,
+                           {st.res.stats.seconds_enclave, st.res.stats.seconds_accelerator, st.res.stats.seconds_host});
+        if (rc == SI_ERR_INTEGRITY) metrics.integrity_failure();
         if (rc != SI_OK) {
             // invalid arguments were checked above; anything else may have left the context unusable
             lease.broken = rc != SI_ERR_INVALID_ARGUMENT;
             throw ApiError(rc == SI_ERR_INVALID_ARGUMENT ? 400 : 500,
-                           std::string("generation failed: ") + si_status_name(rc) + ": " + si_last_error());
+                           std::string("generation failed: ") + si_status_name(rc) + ": " + error);
         }
         if (!st.gone && (st.sent < st.all.size() || !st.pending.empty()))
             emit(st.all.substr(st.sent), st.pending);
@@ -669,6 +535,29 @@ struct Server::Impl {
         return {{"tokens", toks}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offs}};
     }
 
+    // What this response cost, per domain (an extension field "secureinfer" of the last chunk and of the
+    // non-streamed response; the web chat's panel shows it).
+    json cost_json(const Result& out) const {
+        const si_stats& st = out.stats;
+        const double decode = out.ttft >= 0 ? out.seconds - out.ttft : 0;
+        return {{"mode", opts.mode_name},
+                {"prompt_tokens", out.n_prompt},
+                {"generated_tokens", out.n_generated},
+                {"seconds", out.seconds},
+                {"ttft_seconds", out.ttft >= 0 ? json(out.ttft) : json(nullptr)},
+                {"decode_tokens_per_second", out.n_generated > 1 && decode > 0 ? json((out.n_generated - 1) / decode)
+                                                                               : json(nullptr)},
+                {"enclave_seconds", st.seconds_enclave},
+                {"accelerator_seconds", st.seconds_accelerator},
+                {"host_seconds", st.seconds_host},
+                {"enclave_calls", st.enclave_calls},
+                {"crossings", st.crossings},
+                {"bytes_to_enclave", st.bytes_to_enclave},
+                {"bytes_from_enclave", st.bytes_from_enclave},
+                {"bytes_to_accelerator", st.bytes_to_accelerator},
+                {"bytes_from_accelerator", st.bytes_from_accelerator}};
+    }
+
     json envelope(bool chat, bool chunk, const std::string& id, std::time_t created) const {
         return {{"id", id},
                 {"object", chat ? (chunk ? "chat.completion.chunk" : "chat.completion") : "text_completion"},
@@ -697,6 +586,7 @@ struct Server::Impl {
             else choice["text"] = out.text;
             body["choices"] = json::array({choice});
             body["usage"] = usage(out);
+            body["secureinfer"] = cost_json(out);
             res.set_content(dump(body), "application/json");
             log(req, 200, out, t0);
             return;
@@ -738,6 +628,7 @@ struct Server::Impl {
                     return false;
                 }
                 json last = chunk(chat ? json::object() : json(""), out.finish_reason, nullptr);
+                last["secureinfer"] = cost_json(out);
                 if (!send(last)) return false;
                 if (r.include_usage) {
                     json u = envelope(chat, true, id, created);
@@ -788,8 +679,18 @@ struct Server::Impl {
     }
 
     void routes() {
-        http.Post("/v1/completions", guard([this](const auto& req, auto& res) { complete(req, res, false); }));
-        http.Post("/v1/chat/completions", guard([this](const auto& req, auto& res) { complete(req, res, true); }));
+        // Generation requests count by endpoint and status before the response goes out (a stream once its
+        // status is sent).
+        http.Post("/v1/completions", [this, h = guard([this](const auto& req, auto& res) { complete(req, res, false); })](
+                                         const auto& req, auto& res) {
+            h(req, res);
+            metrics.request("completions", res.status < 0 ? 200 : res.status);  // -1: the default, 200
+        });
+        http.Post("/v1/chat/completions", [this, h = guard([this](const auto& req, auto& res) { complete(req, res, true); })](
+                                              const auto& req, auto& res) {
+            h(req, res);
+            metrics.request("chat", res.status < 0 ? 200 : res.status);
+        });
         http.Get("/v1/models", guard([this](const auto&, auto& res) {
             res.set_content(dump({{"object", "list"}, {"data", json::array({model_json()})}}), "application/json");
         }));
@@ -812,6 +713,8 @@ struct Server::Impl {
         // Errors raised by the HTTP layer itself (no route, body too large, bad request line) get the same shape.
         http.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
             if (!res.body.empty()) return;
+            if (req.method == "POST" && (req.path == "/v1/completions" || req.path == "/v1/chat/completions"))
+                metrics.request(req.path == "/v1/completions" ? "completions" : "chat", res.status);
             if (res.status == 413)
                 send_error(res, ApiError(413, "the request body exceeds the limit of " + std::to_string(opts.max_body) +
                                                   " bytes", "", "request_too_large"));
@@ -829,6 +732,20 @@ struct Server::Impl {
             } catch (...) {
             }
             send_error(res, ApiError(500, msg));
+        });
+        http.Get("/v1/secureinfer/status", [this](const auto&, auto& res) { res.set_content(status, "application/json"); });
+        // The web chat, from files compiled into the binary.
+        for (const WebAsset* a = kWebAssets; a->path; ++a) {
+            auto serve = [a](const httplib::Request&, httplib::Response& res) {
+                res.set_content(reinterpret_cast<const char*>(a->data), a->size, a->content_type);
+                res.set_header("Cache-Control", "no-cache");
+                res.set_header("Content-Security-Policy", "default-src 'self'");
+            };
+            http.Get(a->path, serve);
+            if (std::string(a->path) == "/index.html") http.Get("/", serve);
+        }
+        http.Get("/metrics", [this](const auto&, auto& res) {
+            res.set_content(metrics.render(pool->gauges()), "text/plain; version=0.0.4; charset=utf-8");
         });
         http.set_payload_max_length(opts.max_body);
         // Small responses and event-stream chunks go out at once, not after a delayed ACK.

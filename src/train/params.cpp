@@ -40,7 +40,10 @@ std::vector<Proj> parse_proj_list(const std::string& list) {
 
 std::string proj_list_string(std::span<const Proj> projs) {
     std::string s;
-    for (Proj p : projs) s += (s.empty() ? "" : ",") + std::string(proj_name(p));
+    for (Proj p : projs) {
+        if (!s.empty()) s += ',';
+        s += proj_name(p);
+    }
     return s;
 }
 
