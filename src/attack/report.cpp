@@ -184,7 +184,7 @@ std::vector<ExperimentResult> security_report(EvalContext& ctx, const std::strin
     const double total = seconds_since(t0);
     std::string isolation;
     for (const auto& r : rs)
-        if (r.scheme == Scheme::s5 && !r.isolation.empty()) isolation = r.isolation;
+        if (r.scheme == Scheme::s5 && !r.isolation.empty() && !is_active(r.attack)) isolation = r.isolation;
     char date[64];
     const std::time_t now = std::time(nullptr);
     std::strftime(date, sizeof date, "%Y-%m-%d %H:%M:%S UTC", std::gmtime(&now));
