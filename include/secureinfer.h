@@ -93,6 +93,30 @@ int si_tokenize(const si_model* model, const char* text, size_t text_len, int ad
 int si_token_to_piece(const si_model* model, si_token prev, si_token token, char* buf, size_t capacity,
                       size_t* n_out);
 
+/* ---- chat templates (docs/CHAT.md) ----
+   The model's chat template (GGUF tokenizer.chat_template) rendered by a Jinja-subset engine; a model without a
+   template, or with one the engine cannot handle, gets the documented fallback (ChatML when the vocabulary has
+   <|im_start|>/<|im_end|>, else "System: / User: / Assistant:" lines) and a warning. */
+/* Renders a conversation: messages_json is a JSON array of {"role": ..., "content": ...} objects (content a
+   string, or null beside OpenAI-style "tool_calls"); tools_json is NULL or a JSON array of tools. Same buffer
+   protocol as si_token_to_piece. A template's raise_exception (e.g. roles that do not alternate) is
+   SI_ERR_INVALID_ARGUMENT with the template's message in si_last_error(). */
+int si_chat_apply_template(const si_model* model, const char* messages_json, const char* tools_json,
+                           int add_generation_prompt, char* buf, size_t capacity, size_t* n_out);
+/* Tokenizes a prompt si_chat_apply_template rendered: with a template, special-token text in it ("<|eot_id|>")
+   becomes those tokens and BOS is added unless the text starts with it; the plain fallback tokenizes as
+   si_tokenize with BOS. Same buffer protocol as si_tokenize. */
+int si_chat_tokenize(const si_model* model, const char* text, size_t text_len, si_token* out, size_t capacity,
+                     size_t* n_out);
+/* "" when the model's template is used as is, else why the fallback is used. Valid while the model lives. */
+const char* si_chat_template_warning(const si_model* model);
+/* A stop string the chat format needs ("\nUser:" for the plain fallback, whose turns are not marked by tokens),
+   else "". */
+const char* si_chat_stop_text(const si_model* model);
+/* 1 when `token` ends a turn (EOS, tokenizer.ggml.eot_token_id, <|eot_id|>, <|eom_id|>, <|im_end|>,
+   <end_of_turn>, <|end|>, <|endoftext|>, ...), else 0. si_generate stops before any of them. */
+int si_token_is_end_of_turn(const si_model* model, si_token token);
+
 /* ---- contexts (one conversation: KV cache, position) -------------------------------------------------------- */
 
 typedef struct si_context si_context;

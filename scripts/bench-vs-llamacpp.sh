@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
 done
 vocab=../shared/models/llama2_tokenizer.bin
 [ -x build/secureinfer ] || { cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build -j"$(nproc)" --target secureinfer_cli; }
-bin=$(scripts/llamacpp.sh build)
+bin=${SI_LLAMACPP_BIN:-$(scripts/llamacpp.sh build)}  # SI_LLAMACPP_BIN: an existing llama.cpp bin directory
 work=${SI_BENCH_DIR:-/tmp/secureinfer-bench}
 mkdir -p "$work"
 types="f32 q8_0"
@@ -51,7 +51,7 @@ for r in $(seq 1 "$reps"); do
         if [ "$np" -gt 0 ]; then echo -e "llama.cpp\t$t\tpp$pp\t$ts"; else echo -e "llama.cpp\t$t\ttg$tg\t$ts"; fi
       done >> "$results"
     build/secureinfer bench -m "$f" -p "$pp" -n "$tg" -r 1 -t "$threads" --weights "$ours" 2>/dev/null |
-      awk -F'|' -v t="$t" 'NR>2 {gsub(/ /,"",$4); gsub(/ /,"",$5); print "secureinfer\t" t "\t" $4 "\t" $5}' >> "$results"
+      awk -F'|' -v t="$t" 'NR>2 {gsub(/ /,"",$5); gsub(/ /,"",$6); print "secureinfer\t" t "\t" $5 "\t" $6}' >> "$results"
     echo "bench-vs-llamacpp: repetition $r/$reps, $t done" >&2
   done
 done

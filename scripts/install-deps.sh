@@ -5,7 +5,7 @@
 #   scripts/install-deps.sh --build-only what building secureinfer needs (scripts/run.sh)
 set -euo pipefail
 BUILD_PKGS=(build-essential cmake g++ pkg-config libcli11-dev nlohmann-json3-dev libcpp-httplib-dev libssl-dev
-            libseccomp-dev)
+            libseccomp-dev libgtest-dev libgmock-dev libbenchmark-dev)  # (CMake looks for the test libraries)
 PKGS=(build-essential cmake g++ pkg-config
       libgtest-dev libgmock-dev libbenchmark-dev
       libcli11-dev nlohmann-json3-dev libcpp-httplib-dev

@@ -7,6 +7,7 @@
 # each one's change relative to f32.
 #   scripts/ppl-vs-llamacpp.sh [--ctx 256] [--chunks 40] [--threads 2] [--quants "Q8_0 Q6_K Q5_K_M Q4_K_M Q4_0"]
 #                              [--modes "secureinfer plain"]
+# llama.cpp runs with --no-repack (the repacked AMX path crashes on CPUs with AMX; scoring is not timed).
 # secureinfer modes: any preset (secureinfer, gpu-only, enclave-only: the enclave scores the windows) or plain
 # (plaintext engine; quantised files run with --weights native, f32 with f32 weights).
 set -euo pipefail
@@ -21,12 +22,12 @@ while [ $# -gt 0 ]; do
     --threads) threads=$2; shift 2 ;;
     --quants) quants=$2; shift 2 ;;
     --modes) modes=$2; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "ppl-vs-llamacpp: unknown argument '$1'" >&2; exit 2 ;;
   esac
 done
 [ -x build/secureinfer ] || { cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build -j"$(nproc)" --target secureinfer_cli; }
-bin=$(scripts/llamacpp.sh build)
+bin=${SI_LLAMACPP_BIN:-$(scripts/llamacpp.sh build)}  # SI_LLAMACPP_BIN: an existing llama.cpp bin directory
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -35,9 +36,21 @@ build/secureinfer convert -m "$shared/models/stories260K.bin" --tokenizer "$shar
 for q in $quants; do "$bin/llama-quantize" "$work/F32.gguf" "$work/$q.gguf" "$q" 1 >/dev/null 2>&1; done
 
 llama_ppl() {
-  "$bin/llama-perplexity" -m "$1" -f "$text" -c "$ctx" -b "$ctx" --chunks "$chunks" -t "$threads" 2>&1 |
-    sed -n 's/.*Final estimate: PPL = \([0-9.]*\).*/\1/p'
+  # llama-perplexity prints the running estimate after every chunk ("[N]x"); after chunk N it is the final PPL of
+  # --chunks N. Its asynchronous log loses the last lines when the process exits first (exit status 0, common on a
+  # loaded machine), so it runs one chunk more and reads the estimate after chunk N, which is printed while the
+  # extra chunk computes.
+  local out p="" try
+  for try in 1 2 3; do
+    out=$("$bin/llama-perplexity" -m "$1" -f "$text" -c "$ctx" -b "$ctx" --chunks "$((chunks + 1))" -t "$threads" \
+          --no-repack </dev/null 2>&1) || true
+    p=$(printf '%s\n' "$out" | grep -o "\[$chunks\][0-9.]*" | head -1 | sed 's/.*\]//')
+    [ -n "$p" ] && break
+    echo "ppl-vs-llamacpp: no result from llama-perplexity on $(basename "$1") (try $try)" >&2
+  done
+  echo "${p:-nan}"
 }
+
 ours_ppl() {  # file, mode
   local w=()
   [ "$2" = plain ] && { [ "$(basename "$1")" = F32.gguf ] && w=(--weights f32) || w=(--weights native); }

@@ -35,6 +35,8 @@ cmake --build build -j"$jobs"
 step "Release tests"
 ctest --test-dir build --output-on-failure -j"$jobs" | tee build/ctest.log
 check_skips build/ctest.log
+step "Scale-out: three instances behind haproxy, one killed during the load test (docs/DEPLOYMENT.md)"
+SI_BUILD_DIR=build bash scripts/scale-out.sh
 step "Security evaluation, quick suite (docs/SECURITY-EVAL.md)"
 build/secureinfer security-report --quick -q -o build/security-report
 

@@ -15,6 +15,7 @@
 #include "attack/api_attacks.h"
 #include "attack/attacks.h"
 #include "attack/experiment.h"
+#include "attack/fidelity.h"
 #include "attack/linalg.h"
 #include "attack/schemes.h"
 #include "attack/trace_reader.h"
@@ -145,6 +146,21 @@ TEST(AttackMath, PairedTestAndObservations) {
     o.rows = 1;
     EXPECT_TRUE(o.ran());
     EXPECT_FALSE(Observations{}.ran()) << "nothing required: nothing said what the attack observed";
+}
+
+// BLEU of the fidelity metrics: identical continuations score 1, a known case by hand, and the brevity penalty.
+TEST(AttackMath, CorpusBleu) {
+    const std::vector<std::vector<int32_t>> ref = {{1, 2, 3, 4, 5, 6, 7, 8}};
+    EXPECT_NEAR(corpus_bleu(ref, ref), 1.0, 1e-12);
+    // one token changed in the middle: 1-grams 7/8, 2-grams 5/7, 3-grams 3/6, 4-grams 1/5
+    const std::vector<std::vector<int32_t>> one = {{1, 2, 3, 9, 5, 6, 7, 8}};
+    EXPECT_NEAR(corpus_bleu(one, ref), std::pow(7.0 / 8 * 5.0 / 7 * 3.0 / 6 * 1.0 / 5, 0.25), 1e-12);
+    // nothing in common: every order smoothed to 0.1 match
+    const std::vector<std::vector<int32_t>> none = {{20, 21, 22, 23, 24, 25, 26, 27}};
+    EXPECT_NEAR(corpus_bleu(none, ref), std::pow(0.1 / 8 * 0.1 / 7 * 0.1 / 6 * 0.1 / 5, 0.25), 1e-12);
+    // a prefix half as long: all n-grams match, brevity penalty exp(1 - 8/4)
+    const std::vector<std::vector<int32_t>> half = {{1, 2, 3, 4}};
+    EXPECT_NEAR(corpus_bleu(half, ref), std::exp(1.0 - 2.0), 1e-12);
 }
 
 // A1 on S1: the obfuscated fine-tuned weights (permutations, scales, fake rows) are aligned with the public base;

@@ -13,6 +13,8 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "secureinfer.h"
+
 #include "enclave/package_crypto.h"
 #include "host/keyserver.h"
 #include "host/package.h"
@@ -84,7 +86,8 @@ public:
     Server(const std::string& dir, const std::vector<std::string>& extra)
         : log_(dir + "/server" + std::to_string(count_++) + ".log") {
         std::vector<std::string> argv = {SI_CLI, "serve", "--port", "0", "-t", "1"};
-        if (std::find(extra.begin(), extra.end(), "--package") == extra.end())
+        if (std::find(extra.begin(), extra.end(), "--package") == extra.end() &&
+            std::find(extra.begin(), extra.end(), "-m") == extra.end())
             argv.insert(argv.end(), {"-m", kModel, "--tokenizer", kTok});
         argv.insert(argv.end(), extra.begin(), extra.end());
         pid_ = spawn(argv, log_ + ".out", log_);
@@ -653,4 +656,49 @@ TEST(Example, GenerateMatchesCli) {
     const Proc sampled = run({SI_EXAMPLE_GENERATE, kModel, kTok, "", "40", "0.8", "11"}, dir);
     ASSERT_EQ(sampled.exit_code, 0) << sampled.err;
     EXPECT_EQ(sampled.out, cli_text("", 40, "0.8", "11") + "\n");
+}
+
+// Chat with the model's own template (a Llama 3 vocabulary and template in the GGUF; docs/CHAT.md): the prompt is the
+// template's rendering, generation ends at <|eot_id|>, tools reach the template, and the template's
+// raise_exception is a 400 with its message. The model without a template refuses tools.
+TEST(Server, ChatUsesTheModelsTemplate) {
+    const std::string dir = si::test::scratch_dir();
+    const std::string model = dir + "/llama3.gguf";
+    si::test::write_llama3_chat_model(model, read_file(shared("templates/meta-llama-Llama-3.1-8B-Instruct.jinja")), 9906);
+    Server s(dir, {"-m", model, "--alias", "l3"});
+    const json chat = {{"model", "l3"}, {"messages", {{{"role", "user"}, {"content", "Hi"}}}}, {"max_tokens", 3}, {"temperature", 0}};
+    Http h = post(dir, s, "/v1/chat/completions", chat.dump());
+    ASSERT_EQ(h.status, 200) << h.body;
+    EXPECT_EQ(h.j["choices"][0]["message"]["content"], "HelloHelloHello");
+    // The prompt is the rendered template, tokenized with its special tokens (as the C API does it).
+    si_model* m = nullptr;
+    ASSERT_EQ(si_model_load(model.c_str(), nullptr, &m), SI_OK);
+    char text[4096];
+    size_t n = 0, k = 0;
+    ASSERT_EQ(si_chat_apply_template(m, chat["messages"].dump().c_str(), nullptr, 1, text, sizeof text, &n), SI_OK);
+    si_token ids[512];
+    ASSERT_EQ(si_chat_tokenize(m, text, n, ids, 512, &k), SI_OK);
+    si_model_free(m);
+    EXPECT_NE(std::string(text, n).find("<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"), std::string::npos);
+    EXPECT_EQ(h.j["usage"]["prompt_tokens"], int(k)) << h.body;
+    EXPECT_LT(k, 40u);  // special tokens parsed, not spelled out
+    json with_tools = chat;
+    with_tools["tools"] = json::parse(R"([{"type": "function", "function": {"name": "f", "parameters": {}}}])");
+    h = post(dir, s, "/v1/chat/completions", with_tools.dump());
+    EXPECT_EQ(h.status, 200) << h.body;
+    EXPECT_GT(h.j["usage"]["prompt_tokens"].get<int>(), int(k) + 50) << h.body;  // the tool's JSON is in it
+    json bad = chat;
+    bad["messages"] = json::parse(R"([{"role": "user", "content": "x"}, {"role": "assistant", "content": null, "tool_calls": [
+        {"function": {"name": "a", "arguments": {}}}, {"function": {"name": "b", "arguments": {}}}]}])");
+    h = post(dir, s, "/v1/chat/completions", bad.dump());
+    EXPECT_EQ(h.status, 400) << h.body;
+    EXPECT_NE(h.body.find("This model only supports single tool-calls at once!"), std::string::npos) << h.body;
+    s.stop();
+
+    // stories260K has no template: the plain format, and no tools.
+    Server plain(dir, {});
+    const json t = {{"messages", {{{"role", "user"}, {"content", "Hi"}}}}, {"tools", with_tools["tools"]}, {"max_tokens", 2}};
+    h = post(dir, plain, "/v1/chat/completions", t.dump());
+    EXPECT_EQ(h.status, 400) << h.body;
+    EXPECT_NE(h.body.find("chat template"), std::string::npos) << h.body;
 }

@@ -177,7 +177,7 @@ TEST(SoftwareTee, HostUserCannotReadTheDeviceCredentials) {
         DIR* dir = opendir(d.device.c_str());
         s += dir ? "listed" : std::strerror(errno);
         if (dir) closedir(dir);
-        s += "|" + tee::quoting_public_hex(d.device);
+        s.append("|").append(tee::quoting_public_hex(d.device));  // not "|" + ...: GCC 12's -Wrestrict, bug 105329
         return s;
     });
     EXPECT_EQ(r, "Permission denied|Permission denied|Permission denied|" +

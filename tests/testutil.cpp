@@ -21,7 +21,9 @@
 #include "common/error.h"
 #include "common/matmul.h"
 #include "common/qgemm.h"
+#include "engine/random_model.h"
 #include "formats/gguf.h"
+#include "formats/gguf_model.h"
 #include "formats/llama2c.h"
 
 namespace si::test {
@@ -356,6 +358,31 @@ std::string in_child_as(uint32_t uid, uint32_t gid, const std::function<std::str
     close(fds[0]);
     waitpid(child, nullptr, 0);
     return got;
+}
+
+void write_llama3_chat_model(const std::string& path, const std::string& chat_template, int32_t favoured) {
+    Vocab vocab = load_gguf_vocab(gguf::Reader::open(shared("models/ggml-vocab-llama-bpe.gguf")));
+    vocab.chat_template = chat_template;
+    vocab.eot_id = 128009;
+    ModelConfig c;
+    c.dim = 64;
+    c.hidden_dim = 128;
+    c.n_layers = 2;
+    c.n_heads = 4;
+    c.n_kv_heads = 2;
+    c.vocab_size = int(vocab.size());
+    c.seq_len = 256;
+    c.rope_theta = 500000.0f;
+    ModelWeights w = random_model(c, 3, true);
+    const size_t d = size_t(c.dim);
+    for (size_t t = 0; t < size_t(c.vocab_size); ++t) {
+        w.tok_embeddings[t * d] = 1.0f;
+        w.classifier[t * d] = 0.0f;
+    }
+    w.classifier[size_t(favoured) * d] = 100.0f;
+    std::fill(w.final_norm.begin(), w.final_norm.end(), 0.0f);
+    w.final_norm[0] = 1.0f;
+    write_gguf_model(path, w, vocab, GgufWeightType::f16, "llama3-chat-test");
 }
 
 }  // namespace si::test

@@ -148,4 +148,10 @@ std::string adapter_path();
 std::string in_child_as(uint32_t uid, uint32_t gid, const std::function<std::string()>& f,
                         const std::function<std::string()>& prepare = nullptr);
 
+// A small Llama 3 shaped GGUF (dim 64, 2 layers, GQA, the 128256-token llama-bpe vocabulary, an untied classifier)
+// with `chat_template` in its metadata, written to `path`. Its weights make greedy decoding always pick `favoured`
+// (the final norm keeps one dimension, which every embedding sets to 1, and only that token's classifier row
+// reads it).
+void write_llama3_chat_model(const std::string& path, const std::string& chat_template, int32_t favoured);
+
 }  // namespace si::test

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <ctime>
 #include <memory>
 #include <new>
 #include <string>
@@ -10,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "chat/chat_template.h"
 #include "common/error.h"
 #include "common/sampler.h"
 #include "common/staged_forward.h"
@@ -33,6 +35,7 @@ struct si_model {
     std::vector<std::string> secret_tensors;
     // A protected package: `file` is its public model; the secret tensors stay encrypted in here.
     std::shared_ptr<const si::Package> package;
+    std::unique_ptr<si::chat::ChatTemplate> chat;  // the vocabulary's chat template or its fallback
 };
 
 struct si_context {
@@ -143,6 +146,7 @@ int si_model_load(const char* path, const si_model_params* params, si_model** ou
             m->lora_scale = p.lora_scale;
         }
         m->tokenizer = std::make_unique<si::Tokenizer>(m->file.vocab, m->file.vocab_path);
+        m->chat = std::make_unique<si::chat::ChatTemplate>(si::chat::ChatTemplate::for_vocab(m->file.vocab));
         *out = m.release();
     });
 }
@@ -180,6 +184,75 @@ int si_token_to_piece(const si_model* model, si_token prev, si_token token, char
         piece = model->tokenizer->piece(prev, token);
     });
     return g != SI_OK ? g : copy_out(piece, buf, capacity, n_out);
+}
+
+/* ---- chat templates ---- */
+
+int si_chat_apply_template(const si_model* model, const char* messages_json, const char* tools_json,
+                           int add_generation_prompt, char* buf, size_t capacity, size_t* n_out) {
+    std::string text;
+    const int g = guarded([&] {
+        require(model && messages_json && n_out, "si_chat_apply_template: model, messages_json and n_out must not be NULL");
+        si::chat::ChatOptions opts;
+        opts.add_generation_prompt = add_generation_prompt != 0;
+        opts.now = std::time(nullptr);
+        si::chat::Value messages;
+        try {
+            messages = si::chat::from_json(messages_json);
+            if (tools_json) opts.tools = si::chat::from_json(tools_json);
+        } catch (const std::runtime_error& e) {
+            si::fail(si::Status::invalid_argument, std::string("si_chat_apply_template: ") + e.what());
+        }
+        if (messages.kind != si::chat::Value::Kind::list)
+            si::fail(si::Status::invalid_argument, "si_chat_apply_template: messages_json must be a JSON array");
+        try {
+            text = model->chat->apply(messages, opts);
+        } catch (const si::chat::TemplateError& e) {
+            si::fail(e.kind() == si::chat::TemplateError::Kind::unsupported ? si::Status::unsupported
+                                                                             : si::Status::invalid_argument,
+                     std::string("chat template: ") + e.what());
+        }
+    });
+    if (g != SI_OK) {
+        if (n_out) *n_out = 0;
+        return g;
+    }
+    return copy_out(text, buf, capacity, n_out);
+}
+
+int si_chat_tokenize(const si_model* model, const char* text, size_t text_len, si_token* out, size_t capacity,
+                     size_t* n_out) {
+    int rc = SI_OK;
+    int g = guarded([&] {
+        require(model && (text || text_len == 0) && n_out, "si_chat_tokenize: model, text and n_out must not be NULL");
+        const std::string_view t(text ? text : "", text_len);
+        const si::chat::ChatTemplate& c = *model->chat;
+        const si::Tokenizer& tok = *model->tokenizer;
+        // Templates write BOS themselves ({{ bos_token }}); add it only when the text does not start with it.
+        const std::string& bos = tok.token_text(tok.bos());
+        const bool add_bos = !c.parse_special() || !(t.substr(0, bos.size()) == bos);
+        const auto ids = tok.encode(t, add_bos, c.parse_special());
+        *n_out = ids.size();
+        if (ids.size() > capacity) {
+            rc = SI_ERR_BUFFER_TOO_SMALL;
+            return;
+        }
+        require(out || ids.empty(), "si_chat_tokenize: out must not be NULL");
+        std::copy(ids.begin(), ids.end(), out);
+    });
+    if (g == SI_OK && rc != SI_OK) g_last_error = "buffer too small: need " + std::to_string(*n_out) + " tokens";
+    return g != SI_OK ? g : rc;
+}
+
+const char* si_chat_template_warning(const si_model* model) { return model ? model->chat->warning().c_str() : ""; }
+
+const char* si_chat_stop_text(const si_model* model) {
+    if (!model) return "";
+    return model->chat->format() == si::chat::ChatTemplate::Format::plain ? "\nUser:" : "";
+}
+
+int si_token_is_end_of_turn(const si_model* model, si_token token) {
+    return model && token >= 0 && token < model->tokenizer->n_vocab() && model->tokenizer->is_end_of_turn(token) ? 1 : 0;
 }
 
 si_context_params si_context_default_params(void) {
@@ -289,11 +362,11 @@ int context_init(si_model* model, const si_context_params* params, int n_slots, 
             sp.lora_scale = model->lora_scale;
             sp.logprobs = p.logprobs;
             sp.logprob_noise = p.logprob_noise;
-            sp.slots = n_slots;
             if (g_load_progress)
                 sp.load_progress = [cb = g_load_progress, user = g_load_progress_user](int done, int total) {
                     cb(done, total, user);
                 };
+            sp.slots = n_slots;
             c->session = std::make_unique<si::SecureSession>(model->file.weights, std::move(sp));
             c->isolation = c->session->isolation();
             for (const auto& w : c->session->warnings()) c->warnings += (c->warnings.empty() ? "" : "\n") + w;
@@ -381,7 +454,7 @@ int si_generate(si_context* ctx, const si_token* prompt, size_t n_prompt, int n_
             si_token next = s.eval_sample(std::span<const int32_t>(prompt, n_prompt), &ctx->logprobs);
             si_token prev = prompt[n_prompt - 1];
             for (int i = 0; i < n_predict; ++i) {
-                if (next == tok.eos()) break;
+                if (tok.is_end_of_turn(next)) break;
                 const std::string piece = tok.piece(prev, next);
                 if (n_generated) ++*n_generated;
                 if (callback && callback(next, piece.data(), piece.size(), user_data) != 0) break;
@@ -402,7 +475,7 @@ int si_generate(si_context* ctx, const si_token* prompt, size_t n_prompt, int n_
         si_token prev = prompt[n_prompt - 1];
         for (int i = 0; i < n_predict; ++i) {
             const si_token next = s.sample(logits, n_vocab);
-            if (next == tok.eos()) break;
+            if (tok.is_end_of_turn(next)) break;
             const std::string piece = tok.piece(prev, next);
             if (n_generated) ++*n_generated;
             if (callback && callback(next, piece.data(), piece.size(), user_data) != 0) break;
@@ -503,6 +576,66 @@ int si_last_logprobs(const si_context* ctx, si_token* tokens, float* logprobs, s
     });
 }
 
+// ---- protection status (the server's GET /v1/secureinfer/status and web chat) ------------------------------------
+
+const char* si_context_protection(const si_context* ctx) {
+    thread_local std::string out;
+    const int rc = guarded([&] {
+        require(ctx, "si_context_protection: context is required");
+        using nlohmann::json;
+        const char* modes[] = {"secureinfer", "gpu-only", "enclave-only", "plain"};
+        json j;
+        j["mode"] = modes[ctx->mode];
+        j["isolation"] = ctx->isolation;
+        const bool worker = ctx->isolation.rfind("worker process", 0) == 0;
+        const bool inprocess = ctx->isolation.rfind("no isolation (in-process", 0) == 0;
+        j["enclave_host"] = worker ? "worker" : inprocess ? "inprocess" : "none";
+        j["measurement"] = nullptr;
+        j["measurement_config"] = nullptr;
+        if (worker) {
+            si::WorkerOptions wo;
+            // the fallback without locked memory runs only when it was allowed (its configuration says so)
+            wo.insecure_memory = ctx->isolation.find("not locked") != std::string::npos;
+            const si::WorkerIdentity id = si::worker_identity(wo);
+            j["measurement"] = si::pkg::to_hex(id.measurement);
+            j["measurement_config"] = id.config;
+        } else if (inprocess) {
+            j["measurement"] = si::pkg::to_hex(si::inprocess_measurement());
+            j["measurement_config"] = "in-process core (tests only)";
+        }
+        j["package"] = nullptr;
+        if (const auto& pk = ctx->model->package) {
+            const json manifest = json::parse(pk->manifest_json(), nullptr, false);
+            const auto& sp = pk->sampling();
+            j["package"] = {{"model_id", si::pkg::to_hex(pk->model_id())},
+                            {"name", manifest.is_object() ? manifest.value("name", "") : ""},
+                            {"release",
+                             {{"logprobs_top_k", pk->release() & si::pkg::kReleaseLogprobsMask},
+                              {"nll", (pk->release() & si::pkg::kReleaseNll) != 0}}},
+                            {"sampling",
+                             {{"max_temperature", sp.max_temperature},
+                              {"min_top_k", sp.min_top_k},
+                              {"min_top_p", sp.min_top_p},
+                              {"min_logprob_noise", sp.min_logprob_noise}}}};
+        }
+        json secrets = json::array();
+        if (ctx->model->package)
+            for (const auto& n : ctx->model->package->secret_base_tensors()) secrets.push_back(n);
+        for (const auto& n : ctx->model->secret_tensors) secrets.push_back(n);
+        j["secret_tensors"] = secrets;
+        j["adapter"] = ctx->model->lora != nullptr || (ctx->model->package && ctx->model->package->has_adapter());
+        out = j.dump();
+    });
+    return rc == SI_OK ? out.c_str() : nullptr;
+}
+
+// ---- load progress -------------------------------------------------------------------------------------------------
+
+void si_set_load_progress(si_progress_callback progress, void* user_data) {
+    g_load_progress = progress;
+    g_load_progress_user = user_data;
+}
+
 // ---- sequence slots (continuous batching) --------------------------------------------------------------------
 
 int si_slots_context_init(si_model* model, const si_context_params* params, int n_slots, si_context** out) {
@@ -578,66 +711,6 @@ int si_slots_last_logprobs(const si_context* ctx, int slot, si_token* tokens, fl
         }
         *n_out = n;
     });
-}
-
-// ---- protection status (the server's GET /v1/secureinfer/status and web chat) ------------------------------------
-
-const char* si_context_protection(const si_context* ctx) {
-    thread_local std::string out;
-    const int rc = guarded([&] {
-        require(ctx, "si_context_protection: context is required");
-        using nlohmann::json;
-        const char* modes[] = {"secureinfer", "gpu-only", "enclave-only", "plain"};
-        json j;
-        j["mode"] = modes[ctx->mode];
-        j["isolation"] = ctx->isolation;
-        const bool worker = ctx->isolation.rfind("worker process", 0) == 0;
-        const bool inprocess = ctx->isolation.rfind("no isolation (in-process", 0) == 0;
-        j["enclave_host"] = worker ? "worker" : inprocess ? "inprocess" : "none";
-        j["measurement"] = nullptr;
-        j["measurement_config"] = nullptr;
-        if (worker) {
-            si::WorkerOptions wo;
-            // the fallback without locked memory runs only when it was allowed (its configuration says so)
-            wo.insecure_memory = ctx->isolation.find("not locked") != std::string::npos;
-            const si::WorkerIdentity id = si::worker_identity(wo);
-            j["measurement"] = si::pkg::to_hex(id.measurement);
-            j["measurement_config"] = id.config;
-        } else if (inprocess) {
-            j["measurement"] = si::pkg::to_hex(si::inprocess_measurement());
-            j["measurement_config"] = "in-process core (tests only)";
-        }
-        j["package"] = nullptr;
-        if (const auto& pk = ctx->model->package) {
-            const json manifest = json::parse(pk->manifest_json(), nullptr, false);
-            const auto& sp = pk->sampling();
-            j["package"] = {{"model_id", si::pkg::to_hex(pk->model_id())},
-                            {"name", manifest.is_object() ? manifest.value("name", "") : ""},
-                            {"release",
-                             {{"logprobs_top_k", pk->release() & si::pkg::kReleaseLogprobsMask},
-                              {"nll", (pk->release() & si::pkg::kReleaseNll) != 0}}},
-                            {"sampling",
-                             {{"max_temperature", sp.max_temperature},
-                              {"min_top_k", sp.min_top_k},
-                              {"min_top_p", sp.min_top_p},
-                              {"min_logprob_noise", sp.min_logprob_noise}}}};
-        }
-        json secrets = json::array();
-        if (ctx->model->package)
-            for (const auto& n : ctx->model->package->secret_base_tensors()) secrets.push_back(n);
-        for (const auto& n : ctx->model->secret_tensors) secrets.push_back(n);
-        j["secret_tensors"] = secrets;
-        j["adapter"] = ctx->model->lora != nullptr || (ctx->model->package && ctx->model->package->has_adapter());
-        out = j.dump();
-    });
-    return rc == SI_OK ? out.c_str() : nullptr;
-}
-
-// ---- load progress -------------------------------------------------------------------------------------------------
-
-void si_set_load_progress(si_progress_callback progress, void* user_data) {
-    g_load_progress = progress;
-    g_load_progress_user = user_data;
 }
 
 }  // extern "C"

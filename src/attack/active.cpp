@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <grp.h>
+#include <stdlib.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -546,10 +547,19 @@ ActiveResult a12_read_credentials(PackagePath& pk, const train::LoraAdapter& vic
     // the host's user: an unprivileged uid when this runs as root (root is out of scope), else this process's
     const uint32_t host_uid = root ? 65534 : getuid(), host_gid = root ? 65534 : getgid();
     std::string device, owner_desc;
-    const std::string base = pk.dir() + "/a12";
+    // Under the system's temporary directory: the host's user must reach the files it may read whatever the
+    // permissions of the directories above the work directory (a home directory of 0700, say).
+    std::string tmpl = (fs::temp_directory_path() / "si-a12-XXXXXX").string();
+    if (!mkdtemp(tmpl.data())) fail(Status::io, "A12: cannot create a directory under " + fs::temp_directory_path().string());
+    const std::string base = tmpl;
+    struct Cleanup {
+        std::string dir;
+        ~Cleanup() {
+            std::error_code e;
+            fs::remove_all(dir, e);
+        }
+    } cleanup{base};
     std::error_code ec;
-    fs::create_directories(base);
-    chmod(pk.dir().c_str(), 0755);
     chmod(base.c_str(), 0755);
     const std::string sealed_copy = base + "/model.sealed";
     fs::copy_file(sealed, sealed_copy, fs::copy_options::overwrite_existing);
@@ -584,7 +594,6 @@ ActiveResult a12_read_credentials(PackagePath& pk, const train::LoraAdapter& vic
                    {"read_sealed_key", r.sealed},
                    {"key_recovered", res.key_recovered}};
     if (!r.error.empty()) res.details["error"] = r.error;
-    fs::remove_all(base, ec);
     return res;
 }
 

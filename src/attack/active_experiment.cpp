@@ -63,8 +63,9 @@ ExperimentResult run_active_experiment(EvalContext& ctx, Attack attack, const At
     r.obs.required = {"queries", "rows"};
     r.ran = r.obs.ran();
     r.isolation = variant.weak ? "control: " + std::string(attack_name(attack)) + "'s weak variant (attack/active.h)"
-                               : ctx.package_path()->host() == EnclaveHostKind::inprocess ? "in-process core"
-                                                                                           : "worker process";
+                               : ctx.package_path()->host() == EnclaveHostKind::inprocess
+                                   ? "in-process core (package path)"
+                                   : "worker process (package path)";
     nlohmann::json d = a.details;
     d["attempts_made"] = a.attempts;
     d["attempts_accepted"] = a.accepted;

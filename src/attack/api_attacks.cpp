@@ -8,6 +8,7 @@
 #include <set>
 
 #include "common/error.h"
+#include "host/package.h"
 #include "common/threadpool.h"
 #include "host/secure_session.h"
 #include "host/trace.h"
@@ -249,13 +250,24 @@ namespace {
 
 SecureSessionParams api_params(const train::LoraAdapter* adapter, int logprobs, float noise, const SchemeOptions& o) {
     SecureSessionParams p;
-    p.mode = SecureMode::secureinfer;
-    p.lora = adapter;
-    p.n_threads = o.threads;
-    p.host = o.host;
+    if (o.package && adapter) {
+        // S5 as deployed: the adapter from its package, under the owner's default policy
+        o.package->package(*adapter);
+        p = o.package->params(*adapter, Unblinding::online);
+    } else {
+        p.mode = SecureMode::secureinfer;
+        p.lora = adapter;
+        p.n_threads = o.threads;
+        p.host = o.host;
+    }
     p.logprobs = logprobs;
     p.logprob_noise = noise;
     return p;
+}
+
+// The public model a session of these options loads: the package's when S5 runs on the package path.
+const ModelWeights& api_weights(const ModelWeights& base, const train::LoraAdapter* adapter, const SchemeOptions& o) {
+    return o.package && adapter ? o.package->package(*adapter)->model().weights : base;
 }
 
 }  // namespace
@@ -264,7 +276,7 @@ LastLayerExtraction a6_logprob_queries(const ModelWeights& base, const train::Lo
                                        const std::vector<std::vector<int32_t>>& prompts, int gen, int logprobs,
                                        float logprob_noise, const SchemeOptions& options, std::string* isolation) {
     const int V = base.cfg.vocab_size;
-    SecureSession s(base, api_params(adapter, logprobs, logprob_noise, options));
+    SecureSession s(api_weights(base, adapter, options), api_params(adapter, logprobs, logprob_noise, options));
     if (isolation) *isolation = s.isolation();
     std::vector<std::vector<double>> rows;  // dense rows over the vocabulary, NaN where not released
     int64_t queries = 0;
@@ -312,7 +324,7 @@ LastLayerExtraction a6_nll_oracle(const ModelWeights& base, const train::LoraAda
                                   const std::vector<std::vector<int32_t>>& prompts, int cols, uint64_t seed,
                                   const SchemeOptions& options, std::string* isolation) {
     const int V = base.cfg.vocab_size;
-    SecureSession s(base, api_params(adapter, 0, 0.0f, options));
+    SecureSession s(api_weights(base, adapter, options), api_params(adapter, 0, 0.0f, options));
     if (isolation) *isolation = s.isolation();
     SplitMix rng(seed * 0x2545F4914F6CDD1DULL + 0xA6);
     std::vector<int> perm = random_permutation(V, rng);
@@ -378,6 +390,7 @@ MembershipSet membership_set(const ModelWeights& base, const train::TextCorpus& 
         w.insert(w.end(), priv.train[f].begin() + int64_t(off), priv.train[f].begin() + int64_t(off + size_t(len)));
         out.windows.push_back(std::move(w));
         out.labels.push_back(label);
+        out.origins.emplace_back(f, off);
     };
     // members: distinct draws of the run, chosen at random
     std::vector<int> pm = random_permutation(int(drawn.size()), rng);
@@ -398,7 +411,7 @@ ApiWindowScores api_window_scores(const ModelWeights& base, const train::LoraAda
                                   const std::vector<std::vector<int32_t>>& windows, int tail, int logprobs,
                                   float logprob_noise, bool nll_oracle, const SchemeOptions& options,
                                   std::string* isolation) {
-    SecureSession s(base, api_params(adapter, logprobs, logprob_noise, options));
+    SecureSession s(api_weights(base, adapter, options), api_params(adapter, logprobs, logprob_noise, options));
     if (isolation) *isolation = s.isolation();
     ApiWindowScores out;
     std::vector<TokenLogprob> lp;
@@ -444,6 +457,29 @@ MembershipMetrics membership_metrics(const std::vector<double>& scores, const st
     m.auc = roc_auc(scores, labels);
     m.tpr_at_1pct = tpr_at_fpr(scores, labels, 0.01);
     return m;
+}
+
+train::TextCorpus corpus_without(const train::TextCorpus& priv, const MembershipSet& set) {
+    std::vector<std::vector<std::pair<size_t, size_t>>> cuts(priv.train.size());
+    for (size_t i = 0; i < set.origins.size(); ++i)
+        cuts[set.origins[i].first].emplace_back(set.origins[i].second, set.origins[i].second + set.windows[i].size() - 1);
+    train::TextCorpus out;
+    out.bos = priv.bos;
+    out.eval = priv.eval;
+    for (size_t f = 0; f < priv.train.size(); ++f) {
+        auto& c = cuts[f];
+        std::sort(c.begin(), c.end());
+        size_t at = 0;
+        auto keep = [&](size_t from, size_t to) {
+            if (to > from + 1) out.train.emplace_back(priv.train[f].begin() + int64_t(from), priv.train[f].begin() + int64_t(to));
+        };
+        for (const auto& [b, e] : c) {
+            if (b > at) keep(at, b);
+            at = std::max(at, e);
+        }
+        keep(at, priv.train[f].size());
+    }
+    return out;
 }
 
 }  // namespace si::attack

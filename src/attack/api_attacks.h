@@ -109,7 +109,11 @@ LastLayerExtraction a6_nll_oracle(const ModelWeights& base, const train::LoraAda
 struct MembershipSet {
     std::vector<std::vector<int32_t>> windows;  // L + 1 ids each, BOS first
     std::vector<int> labels;                    // 1: trained on (member), 0: never trained on
+    std::vector<std::pair<size_t, size_t>> origins;  // (stream, offset) of each window's first token in the corpus
 };
+// The corpus without the set's windows (streams split around them): what a same-distribution reference model for
+// membership is trained on.
+train::TextCorpus corpus_without(const train::TextCorpus& priv, const MembershipSet& set);
 // Members: windows the recipe drew during training (random steps and batch indices; their first `len` tokens).
 // Non-members: windows of the same training streams that no training window of the whole run overlaps (the same
 // text distribution, never seen). `priv` must be the corpus the recipe trained on.

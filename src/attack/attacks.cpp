@@ -12,6 +12,7 @@
 
 #include "backends/accelerator.h"
 #include "common/error.h"
+#include "host/package.h"
 #include "host/secure_session.h"
 #include "host/trace.h"
 
@@ -504,16 +505,23 @@ TamperResult a8_tamper(Scheme scheme, const ModelWeights& base, const train::Lor
     // S5: the production session, its accelerator replaced by one that tampers
     auto s5_params = [&](std::shared_ptr<Accelerator> acc) {
         SecureSessionParams p;
-        p.mode = SecureMode::secureinfer;
-        p.lora = adapter;
+        if (options.package && adapter) {
+            options.package->package(*adapter);  // S5 as deployed: the adapter from its package
+            p = options.package->params(*adapter, options.unblinding);
+        } else {
+            p.mode = SecureMode::secureinfer;
+            p.lora = adapter;
+            p.host = options.host;
+        }
         p.n_threads = 1;
-        p.host = options.host;
         p.accelerator = std::move(acc);
         return p;
     };
+    const ModelWeights& s5_weights =
+        options.package && adapter ? options.package->package(*adapter)->model().weights : base;
     if (scheme == Scheme::s5) {
         auto acc = std::make_shared<TamperingAccelerator>(-1, 0);
-        SecureSession s(base, s5_params(acc));
+        SecureSession s(s5_weights, s5_params(acc));
         res.isolation = s.isolation();
         int f = -1;
         if (greedy_s5(s, reference, f) != Status::ok) fail(Status::internal, "A8: the untampered reference run failed");
@@ -553,7 +561,7 @@ TamperResult a8_tamper(Scheme scheme, const ModelWeights& base, const train::Lor
         std::vector<int32_t> released;
         if (scheme == Scheme::s5) {
             auto acc = std::make_shared<TamperingAccelerator>(target, tseed);
-            SecureSession s(base, s5_params(acc));
+            SecureSession s(s5_weights, s5_params(acc));
             int fail_step = -1;
             const Status st = greedy_s5(s, released, fail_step);
             if (acc->tampered()) ++res.tampered;

@@ -198,10 +198,21 @@ double EvalContext::a5_fine_tuned_ppl(int seed, const ModelWeights& start) {
     const train::TextCorpus budget = budget_corpus(private_corpus(), kBudgetFraction, uint64_t(seed));
     const ModelWeights tuned = fine_tune(start, budget, a5_train_options(cfg_, seed));
     const double ppl = perplexity(eval_windows(tuned, a5_eval_windows(), 0, cfg_.threads));
+    if (fid_prompts_.empty()) {
+        // held-out prompts: Persuasion windows at seeded positions, 32 tokens; the victim's greedy continuations
+        fid_prompts_ = prompts("persuasion", cfg_.quick ? 32 : 64, 32, 777);
+        fid_victim_ = greedy_continuations(merged_model(base_, victim_), fid_prompts_, 32, cfg_.threads);
+    }
+    a5_fid_[key] = fidelity(tuned, fid_prompts_, fid_victim_, cfg_.threads);
     if (cfg_.verbose)
         std::fprintf(stderr, "attack: A5 fine-tune (seed %d, %zu budget tokens) in %.1f s: perplexity %.3f\n", seed,
                      budget.train_tokens(), seconds_since(t0), ppl);
     return a5_ppl_[key] = ppl;
+}
+
+const Fidelity& EvalContext::a5_fidelity(int seed, const ModelWeights& start) {
+    a5_fine_tuned_ppl(seed, start);
+    return a5_fid_.at(std::make_pair(seed, weights_fingerprint(start)));
 }
 
 double EvalContext::a5_victim_ppl() {
@@ -228,10 +239,36 @@ const WindowEval& EvalContext::a7_base_eval(int seed) {
     return a7_base_[seed] = eval_windows(base_, a7_set(seed).windows, api_sizes(cfg_.quick).a7_tail, cfg_.threads);
 }
 
-// A7's control: 8 member and 8 non-member windows of the seed's set, cut to 128 scored tokens; an adapter of the
-// victim's rank over-fitted on the 8 members (100 steps of 8 windows: about 100 epochs).
+// A7's control: 8 member and 8 non-member windows of the seed's set, cut to 128 scored tokens (quick: 64); an adapter
+// of the victim's rank over-fitted on the 8 members (100 steps of 8 windows: about 100 epochs; quick: 60).
 namespace {
-constexpr int kOverfitPerClass = 8, kOverfitLen = 128;
+constexpr int kOverfitPerClass = 8;
+int overfit_len(bool quick) { return quick ? 64 : 128; }
+}
+
+const train::LoraAdapter& EvalContext::a7_reference(int seed) {
+    auto it = a7_ref_.find(seed);
+    if (it != a7_ref_.end()) return it->second;
+    const auto t0 = std::chrono::steady_clock::now();
+    train::TrainOptions o;
+    o.lora_rank = victim_.tensors.empty() ? 8 : victim_.tensors[0].rank;
+    o.lora_alpha = victim_.alpha;
+    o.steps = cfg_.quick ? 30 : 60;
+    o.batch = 4;
+    o.ctx = 128;
+    o.lr = 5e-3f;
+    o.warmup = 5;
+    o.seed = 4000 + uint64_t(seed);
+    o.threads = cfg_.threads;
+    train::TextCorpus c = corpus_without(private_corpus(), a7_set(seed));
+    std::erase_if(c.train, [&](const std::vector<int32_t>& t) { return int64_t(t.size()) < int64_t(o.ctx) + 2; });
+    train::Trainer tr(base_, o, std::move(c));
+    while (!tr.done()) tr.train_step();
+    decoy_seconds_ += seconds_since(t0);
+    if (cfg_.verbose)
+        std::fprintf(stderr, "attack: A7 reference adapter %d (Austen without the candidate windows) in %.1f s\n", seed,
+                     seconds_since(t0));
+    return a7_ref_[seed] = tr.adapter("reference-" + std::to_string(seed));
 }
 
 const MembershipSet& EvalContext::a7_overfit_set(int seed) {
@@ -245,7 +282,7 @@ const MembershipSet& EvalContext::a7_overfit_set(int seed) {
         if (taken[y] >= kOverfitPerClass) continue;
         ++taken[y];
         const auto& w = full.windows[i];
-        out.windows.emplace_back(w.begin(), w.begin() + std::min<int64_t>(int64_t(w.size()), kOverfitLen + 1));
+        out.windows.emplace_back(w.begin(), w.begin() + std::min<int64_t>(int64_t(w.size()), overfit_len(cfg_.quick) + 1));
         out.labels.push_back(y);
     }
     if (taken[0] < kOverfitPerClass || taken[1] < kOverfitPerClass)
@@ -265,9 +302,9 @@ const train::LoraAdapter& EvalContext::a7_overfit_adapter(int seed) {
     train::TrainOptions o;
     o.lora_rank = victim_.tensors.empty() ? 8 : victim_.tensors[0].rank;
     o.lora_alpha = victim_.alpha;
-    o.steps = 100;
+    o.steps = cfg_.quick ? 60 : 100;
     o.batch = 8;
-    o.ctx = kOverfitLen;
+    o.ctx = overfit_len(cfg_.quick);
     o.lr = 1e-2f;
     o.warmup = 5;
     o.seed = 3000 + uint64_t(seed);

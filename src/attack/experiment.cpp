@@ -213,7 +213,13 @@ SeedOutcome run_seed(EvalContext& ctx, Scheme scheme, Attack attack, const Attac
                      const train::LoraAdapter& adapter, const train::LoraAdapter& secret, int seed, const std::string& tag) {
     const bool quick = ctx.config().quick;
     const ModelWeights& base = ctx.base();
-    const SchemeOptions opt = scheme_options(ctx, uint64_t(seed));
+    SchemeOptions opt = scheme_options(ctx, uint64_t(seed));
+    // S5's default API (A6 and A7 with nothing released but tokens, and A8) is served from the package path; the
+    // variants that release log-probabilities or NLLs need settings the owner's default policy refuses, and load the
+    // adapter from a file.
+    if (scheme == Scheme::s5 && variant.logprobs == 0 && !variant.nll_oracle && !variant.white_box &&
+        (attack == Attack::a6 || attack == Attack::a7 || attack == Attack::a8))
+        opt.package = ctx.package_path();
     SeedOutcome out;
     const std::string name = std::string(scheme_name(scheme)) + "_" + attack_name(attack) + "_" + tag + "_" + std::to_string(seed);
     const ApiAttackSizes z = api_sizes(quick);
@@ -308,6 +314,16 @@ SeedOutcome run_seed(EvalContext& ctx, Scheme scheme, Attack attack, const Attac
                          {"ctx", to.ctx},
                          {"eval_windows", ctx.a5_eval_windows().size()},
                          {"eval_len", ctx.a5_eval_windows().front().size() - 1}};
+            {
+                const ModelWeights sur_w = apply_estimates(base, est);
+                const Fidelity fb = ctx.a5_fidelity(seed, base), fs = ctx.a5_fidelity(seed, sur_w);
+                out.extra["token_match_blackbox"] = fb.token_match;
+                out.extra["bleu_blackbox"] = fb.bleu;
+                out.extra["token_match_surrogate"] = fs.token_match;
+                out.extra["bleu_surrogate"] = fs.bleu;
+                out.extra["fidelity_prompts"] = fs.prompts;
+                out.extra["fidelity_tokens"] = fs.tokens;
+            }
             out.obs.matrices = ds.matrices;
             out.obs.rows = int64_t(ctx.a5_eval_windows().size());
             out.obs.required = {"matrices", "rows"};
@@ -467,7 +483,10 @@ ExperimentResult run_experiment(EvalContext& ctx, Scheme scheme, Attack attack, 
             trials += o.extra["trials"].get<int64_t>();
         }
         if (((scheme == Scheme::s5 && attack != Attack::a8) || attack == Attack::a7) && !variant.overfit) {
-            SeedOutcome n = run_seed(ctx, scheme, attack, variant, ctx.decoy(s), ctx.victim(), s, "decoy");
+            // A7's null is a same-distribution reference (Austen without the candidate windows); the others' a
+            // TinyStories decoy
+            const train::LoraAdapter& null = attack == Attack::a7 ? ctx.a7_reference(s) : ctx.decoy(s);
+            SeedOutcome n = run_seed(ctx, scheme, attack, variant, null, ctx.victim(), s, "decoy");
             r.null_values.push_back(n.value);
             null_extra.push_back(n.extra);
         }

@@ -14,6 +14,7 @@
 
 #include "attack/api_attacks.h"
 #include "attack/attacks.h"
+#include "attack/fidelity.h"
 #include "attack/linalg.h"
 #include "attack/package_path.h"
 #include "attack/schemes.h"
@@ -111,6 +112,9 @@ public:
     // A5: perplexity on Persuasion of a model fine-tuned from `start` on seed's budget (cached: the trainer is
     // deterministic, so the same start and seed give the same model), of the victim, and the evaluation windows.
     double a5_fine_tuned_ppl(int seed, const ModelWeights& start);
+    // The research's fidelity metrics of that fine-tuned model against the victim (attack/fidelity.h) on held-out
+    // Persuasion prompts (computed with the perplexity, cached the same way).
+    const Fidelity& a5_fidelity(int seed, const ModelWeights& start);
     double a5_victim_ppl();
     double a5_base_ppl();
     const std::vector<std::vector<int32_t>>& a5_eval_windows();
@@ -120,6 +124,9 @@ public:
     const WindowEval& a7_base_eval(int seed);
     // A7's positive control: a few member windows of seed's set, over-fitted by an adapter of their own (trained
     // here, many epochs), against as many non-member windows; that adapter; the base's evaluation of the windows.
+    // A7's null: a reference adapter of the victim's rank trained on the private corpus without seed's candidate
+    // windows (the same text distribution; neither members nor non-members seen), cached per seed.
+    const train::LoraAdapter& a7_reference(int seed);
     const MembershipSet& a7_overfit_set(int seed);
     const train::LoraAdapter& a7_overfit_adapter(int seed);
     const WindowEval& a7_overfit_base_eval(int seed);
@@ -137,11 +144,13 @@ private:
     std::optional<std::vector<int32_t>> persuasion_;
     std::vector<std::vector<int32_t>> a5_windows_;
     std::map<std::pair<int, uint64_t>, double> a5_ppl_;
+    std::map<std::pair<int, uint64_t>, Fidelity> a5_fid_;
+    std::vector<std::vector<int32_t>> fid_prompts_, fid_victim_;
     std::optional<double> a5_victim_ppl_, a5_base_ppl_;
     std::map<int, MembershipSet> a7_sets_;
     std::map<int, WindowEval> a7_base_;
     std::map<int, MembershipSet> a7_over_sets_;
-    std::map<int, train::LoraAdapter> a7_over_;
+    std::map<int, train::LoraAdapter> a7_over_, a7_ref_;
     std::map<int, WindowEval> a7_over_base_;
     std::shared_ptr<PackagePath> package_;
     bool own_work_dir_ = false;

@@ -184,7 +184,7 @@ std::vector<ExperimentResult> security_report(EvalContext& ctx, const std::strin
     const double total = seconds_since(t0);
     std::string isolation;
     for (const auto& r : rs)
-        if (r.scheme == Scheme::s5 && !r.isolation.empty()) isolation = r.isolation;
+        if (r.scheme == Scheme::s5 && !r.isolation.empty() && !is_active(r.attack)) isolation = r.isolation;
     char date[64];
     const std::time_t now = std::time(nullptr);
     std::strftime(date, sizeof date, "%Y-%m-%d %H:%M:%S UTC", std::gmtime(&now));
@@ -241,6 +241,44 @@ std::vector<ExperimentResult> security_report(EvalContext& ctx, const std::strin
            << " | " << (r.has_null ? fmt(r.paired.p, 4) : "–") << " | " << r.obs.matrices << " / " << r.obs.rows << " / "
            << r.obs.features << " / " << r.obs.queries << " | **" << r.verdict() << "** | " << (r.control ? "yes" : r.informative ? "no (informative)" : "no") << " | "
            << fmt(r.seconds, 1) << " s |\n";
+    }
+    // The research's fidelity metrics beside ours: A5's surrogates and the black-box baseline against the victim.
+    {
+        nlohmann::json rm = nlohmann::json::array();
+        md << "\n## Surrogate fidelity (the research's metrics)\n\nGreedy token match (teacher-forced on the victim's "
+              "greedy continuation) and corpus BLEU-4 (token ids) of free-running greedy continuations against the "
+              "victim's, 32 tokens after held-out Persuasion prompts of 32 tokens; mean over seeds. The research reports "
+              "surrogate BLEU below 0.12 and token match at most 56.4% for its scheme.\n\n";
+        md << "| surrogate | token match | BLEU | prompts |\n|---|---:|---:|---:|\n";
+        bool baseline = false;
+        for (const auto& r : rs) {
+            if (r.attack != Attack::a5 || !r.extra.contains("victim")) continue;
+            double tm = 0, bl = 0, tmb = 0, blb = 0;
+            int n = 0;
+            int64_t prompts = 0;
+            for (const auto& e : r.extra["victim"]) {
+                if (!e.contains("token_match_surrogate")) continue;
+                tm += e["token_match_surrogate"].get<double>();
+                bl += e["bleu_surrogate"].get<double>();
+                tmb += e["token_match_blackbox"].get<double>();
+                blb += e["bleu_blackbox"].get<double>();
+                prompts = e["fidelity_prompts"].get<int64_t>();
+                ++n;
+            }
+            if (n == 0) continue;
+            if (!baseline) {
+                md << "| black-box baseline (public base + the same budget) | " << fmt(100.0 * tmb / n, 1) << "% | "
+                   << fmt(blb / n, 3) << " | " << prompts << " |\n";
+                rm.push_back({{"surrogate", "black-box"}, {"token_match", tmb / n}, {"bleu", blb / n}});
+                baseline = true;
+            }
+            md << "| " << scheme_name(r.scheme) << " (" << scheme_description(r.scheme) << ") | " << fmt(100.0 * tm / n, 1)
+               << "% | " << fmt(bl / n, 3) << " | " << prompts << " |\n";
+            rm.push_back({{"surrogate", scheme_name(r.scheme)}, {"token_match", tm / n}, {"bleu", bl / n}});
+        }
+        j["research_metrics"] = rm;
+        std::ofstream f(out_dir + "/report.json");
+        f << j.dump(2) << "\n";
     }
     md << "\n## Details per experiment\n\n";
     for (const auto& r : rs) {

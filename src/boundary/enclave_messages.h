@@ -63,7 +63,7 @@ size_t wire_size(WireType t);  // 0 for an unknown type
 
 enum class Tag : uint16_t {
     cfg_ints = 1,       // i32[8]: dim, hidden, layers, heads, kv heads, vocab, seq_len, n_ctx
-    cfg_floats = 2,     // f32[2]: rope theta, norm eps
+    cfg_floats = 2,     // f32[2 + n]: rope theta, norm eps, then head_dim / 2 RoPE frequency factors if any
     offload = 3,        // u8: 1 offloads public base projections (secureinfer), 0 offloads nothing (enclave-only)
     tied = 4,           // u8: 1 when the classifier is tied to the token embeddings
     kind = 5,           // u32: TensorKind

@@ -267,9 +267,12 @@ private:
 
     Value make_macro(const Node& n) {
         const Node* node = &n;
-        std::shared_ptr<Frame> root = frames_.front();
-        return function(n.text, [this, node, root](std::vector<Value>& a, Kwargs& k) {
+        // Weak: the macro is stored in the frame it refers to (a strong reference would be a cycle).
+        std::weak_ptr<Frame> weak_root = frames_.front();
+        return function(n.text, [this, node, weak_root](std::vector<Value>& a, Kwargs& k) {
             DepthGuard d(*this, node->line);
+            std::shared_ptr<Frame> root = weak_root.lock();
+            if (!root) runtime_error(node->line, "macro '" + node->text + "' called after its template finished");
             if (a.size() > node->params.size())
                 runtime_error(node->line, "macro '" + node->text + "' takes " + std::to_string(node->params.size()) +
                                               " arguments (" + std::to_string(a.size()) + " given)");

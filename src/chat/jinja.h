@@ -97,7 +97,7 @@ private:
 
 struct Limits {
     size_t max_output = 16u << 20;   // bytes of rendered text
-    uint64_t max_steps = 2000000;    // evaluation steps (expressions, loop iterations): about a second
+    uint64_t max_steps = 2000000;    // evaluation steps (expressions, loop iterations): a second or two
     int max_depth = 200;             // nested blocks / expressions / macro calls
 };
 

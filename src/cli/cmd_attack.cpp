@@ -17,7 +17,8 @@ struct AttackCliOptions {
     std::string model = "../shared/models/stories260K.bin", tokenizer = "../shared/models/tok512.bin";
     std::string lora = "adapters/austen-r8.gguf", shared = "../shared", work, out = "security-report", json;
     std::string scheme, attack, host = "worker", unblinding = "online";
-    int seeds = 3, threads = 1, trials = 1000;
+    // 0: the defaults (seeds: 3 for attack and the quick suite, 5 for the full suite; trials: 300 quick, 1000 full)
+    int seeds = 0, threads = 1, trials = 0;
     bool quick = false, keep = false, quiet = false;
     attack::AttackVariant variant;
 };
@@ -27,8 +28,10 @@ void add_common(CLI::App* sub, AttackCliOptions& o) {
     sub->add_option("--tokenizer", o.tokenizer, "tokenizer.bin for llama2.c checkpoints");
     sub->add_option("--lora", o.lora, "the victim's private LoRA adapter (default adapters/austen-r8.gguf)");
     sub->add_option("--shared", o.shared, "directory of the shared data (default ../shared)");
-    sub->add_option("--seeds", o.seeds, "seeds per experiment (at least 3 for intervals)")->check(CLI::Range(1, 100));
-    sub->add_option("--trials", o.trials, "A8: tampering trials in all (split over the seeds)")->check(CLI::Range(1, 1000000));
+    sub->add_option("--seeds", o.seeds, "seeds per experiment (default 3; the full security-report 5)")
+        ->check(CLI::Range(1, 100));
+    sub->add_option("--trials", o.trials, "A8: tampering trials in all, split over the seeds (default 1000; --quick 300)")
+        ->check(CLI::Range(1, 1000000));
     sub->add_option("-t,--threads", o.threads, "threads for the sessions and decoy training")->check(CLI::Range(0, 1024));
     sub->add_option("--work-dir", o.work, "where traces and decoys go (default: a temporary directory)");
     sub->add_option("--host", o.host, "S5 enclave host: worker (default; a missing worker is an error), auto (the "
@@ -48,7 +51,7 @@ attack::EvalConfig make_config(const AttackCliOptions& o) {
     c.quick = o.quick;
     c.seeds = o.seeds;
     c.threads = o.threads;
-    c.a8_trials = o.trials;
+    c.a8_trials = o.trials > 0 ? o.trials : o.quick ? 300 : 1000;
     c.keep_traces = o.keep;
     c.verbose = !o.quiet;
     if (o.host == "auto")
@@ -115,6 +118,7 @@ Runner add_attack(CLI::App& app) {
             o->variant.unblinding = attack::Unblinding::precomputed_sealed;
         else if (o->unblinding != "online")
             throw UsageError("--unblinding must be online, inside or sealed");
+        if (o->seeds == 0) o->seeds = 3;
         attack::EvalContext ctx(make_config(*o));
         const attack::ExperimentResult r = attack::run_experiment(ctx, *scheme, *atk, o->variant);
         std::printf("%s on %s%s (%s)\n", attack::attack_name(r.attack), attack::scheme_name(r.scheme),
@@ -155,6 +159,7 @@ Runner add_security_report(CLI::App& app) {
     sub->add_option("-o,--output", o->out, "output directory (default security-report)");
     add_common(sub, *o);
     return [o]() -> int {
+        if (o->seeds == 0) o->seeds = o->quick ? 3 : 5;
         attack::EvalConfig cfg = make_config(*o);
         Progress bar("security-report", 0, "experiments", o->quiet ? ProgressStyle::quiet : progress_style());
         cfg.progress = [&](int done, int total, const std::string& next) {

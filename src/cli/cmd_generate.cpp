@@ -3,9 +3,12 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <iostream>
 #include <optional>
 #include <random>
 #include <sstream>
+
+#include <nlohmann/json.hpp>
 
 #include "cli/cli.h"
 #include "cli/progress.h"
@@ -191,6 +194,108 @@ std::string read_text_file(const std::string& path) {
     return ss.str();
 }
 
+// ---- chat mode (run --chat; docs/CHAT.md) ----
+
+std::string render_chat(const secureinfer::Model& model, const nlohmann::json& messages) {
+    const std::string m = messages.dump();
+    std::string text(4096, '\0');
+    size_t n = 0;
+    int rc = si_chat_apply_template(model.get(), m.c_str(), nullptr, 1, text.data(), text.size(), &n);
+    if (rc == SI_ERR_BUFFER_TOO_SMALL) {
+        text.resize(n);
+        rc = si_chat_apply_template(model.get(), m.c_str(), nullptr, 1, text.data(), text.size(), &n);
+    }
+    secureinfer::check(rc);
+    text.resize(n);
+    return text;
+}
+
+std::vector<si_token> chat_tokens(const secureinfer::Model& model, const std::string& text) {
+    std::vector<si_token> ids(text.size() + 2);
+    size_t n = 0;
+    int rc = si_chat_tokenize(model.get(), text.data(), text.size(), ids.data(), ids.size(), &n);
+    if (rc == SI_ERR_BUFFER_TOO_SMALL) {
+        ids.resize(n);
+        rc = si_chat_tokenize(model.get(), text.data(), text.size(), ids.data(), ids.size(), &n);
+    }
+    secureinfer::check(rc);
+    ids.resize(n);
+    return ids;
+}
+
+// One conversation on one context: each turn renders the whole conversation with the model's chat template and
+// evaluates only the tokens the context does not hold yet (all of them again when the rendering no longer starts
+// with what it holds). Replies stream to stdout and end at the template's end-of-turn tokens (si_generate stops
+// there) or at the plain format's stop text.
+class ChatSession {
+public:
+    ChatSession(secureinfer::Model& model, secureinfer::Context& ctx, const si_sampler_params& sp, int n_predict)
+        : model_(model), ctx_(ctx), sp_(sp), n_predict_(n_predict), stop_(si_chat_stop_text(model.get())) {
+        messages_ = nlohmann::json::array();
+    }
+    void system(const std::string& text) { messages_.push_back({{"role", "system"}, {"content", text}}); }
+
+    void user_turn(const std::string& text) {
+        messages_.push_back({{"role", "user"}, {"content", text}});
+        const std::vector<si_token> all = chat_tokens(model_, render_chat(model_, messages_));
+        const bool prefix = held_.size() < all.size() && std::equal(held_.begin(), held_.end(), all.begin());
+        if (!prefix) {
+            ctx_.reset();
+            held_.clear();
+        }
+        const std::vector<si_token> fresh(all.begin() + long(held_.size()), all.end());
+        if (int(all.size()) >= ctx_.n_ctx())
+            throw secureinfer::Error(SI_ERR_INVALID_ARGUMENT, "the conversation has " + std::to_string(all.size()) +
+                                                                  " tokens; the context holds " + std::to_string(ctx_.n_ctx()));
+        std::string reply;
+        size_t printed = 0;
+        bool stopped = false;
+        std::vector<si_token> generated;
+        const int room = ctx_.n_ctx() - int(all.size());
+        ctx_.generate(fresh, std::min(n_predict_, room), sp_, [&](si_token token, std::string_view piece) {
+            generated.push_back(token);
+            reply.append(piece);
+            size_t end = reply.size();
+            if (!stop_.empty()) {
+                if (const size_t at = reply.find(stop_); at != std::string::npos) {
+                    end = at;
+                    stopped = true;
+                } else {  // hold back what may still become the stop text
+                    for (size_t k = std::min(stop_.size() - 1, reply.size()); k > 0; --k)
+                        if (reply.compare(reply.size() - k, k, stop_, 0, k) == 0) {
+                            end = reply.size() - k;
+                            break;
+                        }
+                }
+            }
+            if (end > printed) {
+                std::fwrite(reply.data() + printed, 1, end - printed, stdout);
+                std::fflush(stdout);
+                printed = end;
+            }
+            if (stopped) reply.resize(end);
+            return !stopped;
+        });
+        if (!stopped && printed < reply.size()) std::fwrite(reply.data() + printed, 1, reply.size() - printed, stdout);
+        std::fputc('\n', stdout);
+        std::fflush(stdout);
+        // The context now holds the prompt and every reply token but the last (the end-of-turn token is never
+        // evaluated; a reply cut by the token limit or the stop text leaves its last token unevaluated).
+        held_ = all;
+        if (!generated.empty()) held_.insert(held_.end(), generated.begin(), generated.end() - 1);
+        messages_.push_back({{"role", "assistant"}, {"content", reply}});
+    }
+
+private:
+    secureinfer::Model& model_;
+    secureinfer::Context& ctx_;
+    si_sampler_params sp_;
+    int n_predict_;
+    std::string stop_;
+    nlohmann::json messages_;
+    std::vector<si_token> held_;
+};
+
 }  // namespace
 
 Runner add_run(CLI::App& app) {
@@ -224,8 +329,14 @@ Runner add_run(CLI::App& app) {
     sub->add_option("--top-k", sp->top_k, "top-k sampling (0: off)")->check(CLI::Range(0, 1 << 20));
     sub->add_option("--top-p", sp->top_p, "top-p sampling (1: off)")->check(CLI::Range(0.0, 1.0));
     sub->add_option("-s,--seed", *seed, "sampler seed (default: random)")->check(CLI::Range(int64_t(0), INT64_MAX));
+    auto chat = std::make_shared<bool>(false);
+    auto system_prompt = std::make_shared<std::string>();
+    sub->add_flag("--chat", *chat, "chat with the model's chat template (docs/CHAT.md): --prompt is one user turn, "
+                                   "without it each line of stdin is one; replies end at the end-of-turn token");
+    sub->add_option("--system", *system_prompt, "--chat: a system message before the first turn");
     return [=]() -> int {
         o->check();
+        if (!system_prompt->empty() && !*chat) throw UsageError("--system needs --chat");
         if (*logprobs > 0 && o->mode == "plain")
             throw UsageError("--logprobs needs one of the modes secureinfer, gpu-only, enclave-only");
         if (*precompute > 0 && o->mode != "secureinfer") throw UsageError("--precompute needs --mode secureinfer");
@@ -250,6 +361,25 @@ Runner add_run(CLI::App& app) {
         }
         si_sampler_params s = *sp;
         s.seed = *seed >= 0 ? uint64_t(*seed) : (uint64_t(std::random_device{}()) << 32) ^ std::random_device{}();
+        if (*chat) {
+            if (const std::string w = si_chat_template_warning(model.get()); !w.empty())
+                std::fprintf(stderr, "secureinfer: WARNING: chat: %s\n", w.c_str());
+            ChatSession session(model, ctx, s, *n_predict);
+            if (!system_prompt->empty()) session.system(*system_prompt);
+            if (!prompt->empty()) {
+                session.user_turn(*prompt);
+            } else {
+                for (std::string line;;) {
+                    std::fputs("> ", stderr);
+                    std::fflush(stderr);
+                    if (!std::getline(std::cin, line)) break;
+                    if (line.empty()) continue;
+                    session.user_turn(line);
+                }
+            }
+            if (o->stats) print_stats(ctx, o->mode);
+            return 0;
+        }
         const auto ids = model.tokenize(*prompt, true);
         if (int(ids.size()) >= ctx.n_ctx())
             throw UsageError("prompt has " + std::to_string(ids.size()) + " tokens; the context holds " + std::to_string(ctx.n_ctx()));

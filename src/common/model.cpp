@@ -1,5 +1,7 @@
 #include "common/model.h"
 
+#include <cmath>
+
 #include "common/error.h"
 
 namespace si {
@@ -18,6 +20,35 @@ void ModelConfig::validate(const std::string& what) const {
     if (vocab_size <= 0 || vocab_size > kMaxVocab) bad("vocabulary size " + std::to_string(vocab_size) + " out of range");
     if (seq_len <= 0 || seq_len > kMaxSeq) bad("context length " + std::to_string(seq_len) + " out of range");
     if (!(rope_theta > 0.0f) || !(norm_eps > 0.0f) || norm_eps > 1.0f) bad("invalid rope theta or norm epsilon");
+    if (!rope_freq_factors.empty()) {
+        if (rope_freq_factors.size() != size_t(head_dim() / 2))
+            bad(std::to_string(rope_freq_factors.size()) + " RoPE frequency factors, expected " + std::to_string(head_dim() / 2) +
+                " (head dimension / 2)");
+        for (const float f : rope_freq_factors)
+            if (!(f > 0.0f) || !std::isfinite(f)) bad("a RoPE frequency factor is not a finite positive number");
+    }
+}
+
+std::vector<float> llama3_rope_factors(int head_dim, float theta, float factor, float low_freq_factor,
+                                       float high_freq_factor, float original_context) {
+    const double pi = 3.14159265358979323846;
+    const double low_wavelen = double(original_context) / low_freq_factor;
+    const double high_wavelen = double(original_context) / high_freq_factor;
+    std::vector<float> out;
+    for (int i = 0; i < head_dim; i += 2) {
+        // As the converter computes it: the frequency in f32, the rest in double.
+        const float freq = 1.0f / std::pow(theta, float(i) / float(head_dim));
+        const double wavelen = 2 * pi / double(freq);
+        if (wavelen < high_wavelen) {
+            out.push_back(1.0f);
+        } else if (wavelen > low_wavelen) {
+            out.push_back(factor);
+        } else {
+            const double smooth = (double(original_context) / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+            out.push_back(float(1.0 / ((1.0 - smooth) / factor + smooth)));
+        }
+    }
+    return out;
 }
 
 uint64_t ModelConfig::n_params(bool tied_classifier) const {

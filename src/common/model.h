@@ -19,6 +19,9 @@ struct ModelConfig {
     int seq_len = 0;     // maximum context
     float rope_theta = 10000.0f;
     float norm_eps = 1e-5f;
+    // Llama 3.1 RoPE scaling: head_dim / 2 factors dividing each rotation frequency (GGUF rope_freqs.weight, or
+    // computed from llama.rope.scaling.* of type llama3); empty: none.
+    std::vector<float> rope_freq_factors;
 
     int head_dim() const { return dim / n_heads; }
     int kv_dim() const { return head_dim() * n_kv_heads; }
@@ -27,7 +30,14 @@ struct ModelConfig {
     void validate(const std::string& what) const;
     // Number of parameters of the dense model (classifier counted once when tied).
     uint64_t n_params(bool tied_classifier) const;
+    const float* rope_factors() const { return rope_freq_factors.empty() ? nullptr : rope_freq_factors.data(); }
 };
+
+// Llama 3's RoPE frequency factors (Meta's apply_scaling, as llama.cpp's converter writes rope_freqs.weight): for
+// each pair i, with wavelength 2 pi / theta^(-2i/head_dim), 1 below original_context / high_freq_factor, `factor`
+// above original_context / low_freq_factor, and a smooth blend between.
+std::vector<float> llama3_rope_factors(int head_dim, float theta, float factor, float low_freq_factor,
+                                       float high_freq_factor, float original_context);
 
 struct LayerWeights {
     std::vector<float> attn_norm;  // [dim]

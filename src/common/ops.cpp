@@ -12,9 +12,10 @@ void rmsnorm(float* out, const float* x, const float* weight, int n, float eps) 
     for (int i = 0; i < n; ++i) out[i] = x[i] * inv * weight[i];
 }
 
-void rope(float* v, int n_heads, int head_dim, int pos, float theta) {
+void rope(float* v, int n_heads, int head_dim, int pos, float theta, const float* freq_factors) {
     for (int i = 0; i < head_dim; i += 2) {
-        const float freq = 1.0f / std::pow(theta, float(i) / float(head_dim));
+        float freq = 1.0f / std::pow(theta, float(i) / float(head_dim));
+        if (freq_factors) freq /= freq_factors[i / 2];
         const float angle = float(pos) * freq;
         const float c = std::cos(angle), s = std::sin(angle);
         for (int h = 0; h < n_heads; ++h) {

@@ -9,7 +9,8 @@ namespace si {
 void rmsnorm(float* out, const float* x, const float* weight, int n, float eps);
 
 // Rotates interleaved pairs (v[2i], v[2i+1]) of every head of a [n_heads][head_dim] vector by pos * theta^(-2i/head_dim).
-void rope(float* v, int n_heads, int head_dim, int pos, float theta);
+// freq_factors: null, or head_dim / 2 divisors of the rotation frequencies (Llama 3.1 RoPE scaling).
+void rope(float* v, int n_heads, int head_dim, int pos, float theta, const float* freq_factors = nullptr);
 
 // In-place softmax of x[0..n).
 void softmax(float* x, int n);

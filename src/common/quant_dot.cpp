@@ -59,14 +59,19 @@ inline void k4_scales(const uint8_t* q, uint8_t sc[8], uint8_t m[8]) {
 
 }  // namespace
 
-void quantize_q8_0(const float* x, int64_t n, int8_t* q, float* d) {
+void quantize_q8_0(const float* x, int64_t n, int8_t* q, float* d, int16_t* sums) {
     for (int64_t b = 0; b < n / 32; ++b) {
         const float* xb = x + b * 32;
         float amax = 0.0f;
         for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
         const float s = amax / 127.0f, id = s != 0.0f ? 1.0f / s : 0.0f;
         d[b] = s;
-        for (int j = 0; j < 32; ++j) q[b * 32 + j] = int8_t(std::lrint(std::clamp(xb[j] * id, -127.0f, 127.0f)));
+        int sum = 0;
+        for (int j = 0; j < 32; ++j) {
+            q[b * 32 + j] = int8_t(std::lrint(std::clamp(xb[j] * id, -127.0f, 127.0f)));
+            sum += q[b * 32 + j];
+        }
+        sums[b] = int16_t(sum);
     }
 }
 
@@ -210,13 +215,57 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// Signed int8 x signed int8, 32 lanes, summed in eight int32 lanes (|products| <= 127 * 128: no saturation).
+// Signed int8 x signed int8, 32 lanes, summed in eight int32 lanes: |w| (unsigned) times x with w's sign
+// (|pair sums| <= 2 * 127 * 128: no saturation).
 inline __m256i dot_s8(__m256i w, __m256i x) {
     const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
     return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
 }
 
-float q8_0(const uint8_t* w, int64_t n, const int8_t* q, const float* d) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define SI_QDOT_VNNI 1
+inline __m256i dpbusd(__m256i u, __m256i s) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s); }
+#elif defined(__AVXVNNI__)
+#define SI_QDOT_VNNI 1
+inline __m256i dpbusd(__m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s); }
+#else
+#define SI_QDOT_VNNI 0
+#endif
+
+#if SI_QDOT_VNNI
+// With vpdpbusd (unsigned x signed bytes) the weights are made unsigned by an offset that the activations' block sum
+// takes back out: sum (w + o) x - o sum x. Q8_0: o = 128 (w xor 0x80); Q4_0: the stored nibble is w + 8.
+float q8_0(const uint8_t* w, int64_t n, const int8_t* q, const float* d, const int16_t* sums) {
+    __m256 acc = _mm256_setzero_ps();
+    float corr = 0.0f;
+    const __m256i flip = _mm256_set1_epi8(char(0x80));
+    for (int64_t b = 0; b < n / 32; ++b, w += 34, q += 32) {
+        const __m256i wv = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2)), flip);
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+        const float s = half(w) * d[b];
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dpbusd(wv, xv)), _mm256_set1_ps(s), acc);
+        corr += s * float(sums[b]);
+    }
+    return hsum(acc) - 128.0f * corr;
+}
+
+float q4_0(const uint8_t* w, int64_t n, const int8_t* q, const float* d, const int16_t* sums) {
+    __m256 acc = _mm256_setzero_ps();
+    float corr = 0.0f;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int64_t b = 0; b < n / 32; ++b, w += 18, q += 32) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2));
+        // bytes 0..15: low nibbles (elements 0..15); bytes 16..31: high nibbles (elements 16..31)
+        const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+        const float s = half(w) * d[b];
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dpbusd(nib, xv)), _mm256_set1_ps(s), acc);
+        corr += s * float(sums[b]);
+    }
+    return hsum(acc) - 8.0f * corr;
+}
+#else
+float q8_0(const uint8_t* w, int64_t n, const int8_t* q, const float* d, const int16_t*) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / 32; ++b, w += 34, q += 32) {
         const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
@@ -226,12 +275,11 @@ float q8_0(const uint8_t* w, int64_t n, const int8_t* q, const float* d) {
     return hsum(acc);
 }
 
-float q4_0(const uint8_t* w, int64_t n, const int8_t* q, const float* d) {
+float q4_0(const uint8_t* w, int64_t n, const int8_t* q, const float* d, const int16_t*) {
     __m256 acc = _mm256_setzero_ps();
     const __m256i low = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
     for (int64_t b = 0; b < n / 32; ++b, w += 18, q += 32) {
         const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2));
-        // bytes 0..15: low nibbles (elements 0..15); bytes 16..31: high nibbles (elements 16..31)
         const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
         const __m256i wv = _mm256_sub_epi8(nib, eight);
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
@@ -239,6 +287,7 @@ float q4_0(const uint8_t* w, int64_t n, const int8_t* q, const float* d) {
     }
     return hsum(acc);
 }
+#endif
 
 float q4_k(const uint8_t* w, int64_t n, const int8_t* q, const float* d, const int16_t* bsums) {
     __m256 acc = _mm256_setzero_ps();
@@ -308,8 +357,8 @@ float q6_k(const uint8_t* w, int64_t n, const int8_t* q, const float* d, const i
 float dot_row(WType t, const uint8_t* row, int64_t n, const int8_t* q, const float* d, const int16_t* bsums) {
 #if SI_QDOT_AVX2
     switch (t) {
-        case WType::q4_0: return q4_0(row, n, q, d);
-        case WType::q8_0: return q8_0(row, n, q, d);
+        case WType::q4_0: return q4_0(row, n, q, d, bsums);
+        case WType::q8_0: return q8_0(row, n, q, d, bsums);
         case WType::q4_k: return q4_k(row, n, q, d, bsums);
         case WType::q6_k: return q6_k(row, n, q, d, bsums);
     }

@@ -5,8 +5,8 @@
 // exact before it is scaled.
 //
 // Every kernel has a portable scalar reference (namespace ref) computing the same integers; the vector kernels
-// (AVX2 where the compiler targets it) sum the scaled block products in a different order, so they agree with the
-// reference to float rounding, not bit for bit.
+// (AVX2 where the compiler targets it, VNNI's vpdpbusd for the signed 8-bit products where present) sum the scaled
+// block products in a different order, so they agree with the reference to float rounding, not bit for bit.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -24,13 +24,13 @@ inline bool uses_q8k(WType t) { return t == WType::q4_k || t == WType::q6_k; }
 
 // Activations of one token, quantised for both block sizes (n must be a multiple of 32; the Q8_K form is only
 // filled, and only usable, when n is a multiple of 256).
-//   q0 [n] int8 and d0 [n/32]: blocks of 32, d = max|x| / 127, q = round(x / d)
+//   q0 [n] int8, d0 [n/32], s0 [n/32]: blocks of 32, d = max|x| / 127, q = round(x / d), s = sum of the block's q
 //   qk [n] int8, dk [n/256], bsums [n/16]: blocks of 256 and the sum of each run of 16 quants
-void quantize_q8_0(const float* x, int64_t n, int8_t* q0, float* d0);
+void quantize_q8_0(const float* x, int64_t n, int8_t* q0, float* d0, int16_t* s0);
 void quantize_q8_k(const float* x, int64_t n, int8_t* qk, float* dk, int16_t* bsums);
 
-// One row of n elements in format t (its n / block_elems blocks) times one token's activations: the Q8_0 form for
-// q4_0 / q8_0, the Q8_K form for q4_k / q6_k.
+// One row of n elements in format t (its n / block_elems blocks) times one token's activations: the Q8_0 form
+// (q0, d0, s0) for q4_0 / q8_0, the Q8_K form (qk, dk, bsums) for q4_k / q6_k.
 float dot_row(WType t, const uint8_t* row, int64_t n, const int8_t* q, const float* d, const int16_t* bsums);
 
 // Q8_0 weights written by this process (for matrices whose file format has no native kernel): ggml's reference

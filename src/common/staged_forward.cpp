@@ -289,8 +289,8 @@ void StagedForward::finish_stage() {
                 float* vc = s.cache->v_[size_t(layer_)].data();
                 for (int t = s.row0; t < s.row0 + s.n; ++t) {
                     const int p = row_pos_[size_t(t)];
-                    rope(&q_[size_t(t) * d], cfg_.n_heads, hd, p, cfg_.rope_theta);
-                    rope(&k_[size_t(t) * kv], cfg_.n_kv_heads, hd, p, cfg_.rope_theta);
+                    rope(&q_[size_t(t) * d], cfg_.n_heads, hd, p, cfg_.rope_theta, cfg_.rope_factors());
+                    rope(&k_[size_t(t) * kv], cfg_.n_kv_heads, hd, p, cfg_.rope_theta, cfg_.rope_factors());
                     std::copy_n(&k_[size_t(t) * kv], kv, kc + size_t(p) * kv);
                     std::copy_n(&v_[size_t(t) * kv], kv, vc + size_t(p) * kv);
                 }

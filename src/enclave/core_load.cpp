@@ -17,7 +17,8 @@ using core::kSealKeyBytes;
 void TrustedCore::Impl::configure(const Message& m) {
     if (phase != Phase::fresh) bad("configure: the core is already configured");
     const auto ints = m.array<int32_t>(Tag::cfg_ints, 8);
-    const auto floats = m.array<float>(Tag::cfg_floats, 2);
+    const auto floats = m.array<float>(Tag::cfg_floats);
+    if (floats.size() < 2) bad("configure: cfg_floats needs rope theta and norm epsilon");
     ModelConfig c;
     c.dim = ints[0];
     c.hidden_dim = ints[1];
@@ -28,6 +29,7 @@ void TrustedCore::Impl::configure(const Message& m) {
     c.seq_len = ints[6];
     c.rope_theta = floats[0];
     c.norm_eps = floats[1];
+    c.rope_freq_factors.assign(floats.begin() + 2, floats.end());  // validate() checks the count and values
     c.validate("configure");
     if (!std::isfinite(c.rope_theta) || !std::isfinite(c.norm_eps)) bad("configure: non-finite rope theta or norm epsilon");
     const int ctx = ints[7];

@@ -45,7 +45,7 @@ namespace {
 struct NativeActivations {
     std::vector<int8_t> q0, qk;
     std::vector<float> d0, dk;
-    std::vector<int16_t> bsums;
+    std::vector<int16_t> s0, bsums;
 };
 thread_local NativeActivations t_act;
 
@@ -55,7 +55,9 @@ void native_forward(ThreadPool* pool, const Linear& W, const float* X, int64_t T
     if (W.q80) {
         a.q0.resize(size_t(T * n));
         a.d0.resize(size_t(T * n / 32));
-        for (int64_t t = 0; t < T; ++t) qdot::quantize_q8_0(X + t * n, n, &a.q0[size_t(t * n)], &a.d0[size_t(t * n / 32)]);
+        a.s0.resize(size_t(T * n / 32));
+        for (int64_t t = 0; t < T; ++t)
+            qdot::quantize_q8_0(X + t * n, n, &a.q0[size_t(t * n)], &a.d0[size_t(t * n / 32)], &a.s0[size_t(t * n / 32)]);
     }
     if (W.q8k) {
         a.qk.resize(size_t(T * n));
@@ -82,7 +84,7 @@ void native_forward(ThreadPool* pool, const Linear& W, const float* X, int64_t T
                 const uint8_t* row = p.data + size_t(r - row0) * p.row_bytes;
                 for (int64_t t = 0; t < T; ++t)
                     Y[t * rows + r] = qdot::dot_row(type, row, n, q + t * n, d + t * dstride,
-                                                    k ? a.bsums.data() + t * (n / 16) : nullptr);
+                                                    k ? a.bsums.data() + t * (n / 16) : a.s0.data() + t * dstride);
             }
             if (r == row0 + p.rows && pi + 1 < W.parts.size()) row0 += W.parts[pi++].rows;
         }
@@ -265,8 +267,8 @@ void Engine::eval_batch(const int32_t* tokens, int T, bool all_logits, float* lo
             float* q = &qkv_[t * qkv_stride];
             float* k = q + d;
             const float* v = k + kv;
-            rope(q, n_heads, hd, pos_ + t, cfg_.rope_theta);
-            rope(k, cfg_.n_kv_heads, hd, pos_ + t, cfg_.rope_theta);
+            rope(q, n_heads, hd, pos_ + t, cfg_.rope_theta, cfg_.rope_factors());
+            rope(k, cfg_.n_kv_heads, hd, pos_ + t, cfg_.rope_theta, cfg_.rope_factors());
             std::copy_n(k, kv, kc + size_t(pos_ + t) * kv);
             std::copy_n(v, kv, vc + size_t(pos_ + t) * kv);
         }

@@ -28,6 +28,25 @@ int get_int(const gguf::Reader& r, const std::string& key) {
     return int(v);
 }
 
+// Llama 3.1 RoPE scaling: the rope_freqs.weight tensor (what llama.cpp's converter writes), else factors computed
+// from llama.rope.scaling.* when its type is llama3.
+void read_rope_factors(const gguf::Reader& r, ModelConfig& c, const std::string& scaling) {
+    const uint64_t half = uint64_t(c.head_dim() / 2);
+    if (const gguf::TensorInfo* t = r.find_tensor("rope_freqs.weight")) {
+        if (t->n_dims != 1 || t->ne[0] != half)
+            bad(r, "tensor 'rope_freqs.weight' has shape " + gguf::shape_string(t->shape()) + ", expected [" +
+                       std::to_string(half) + "] (head dimension / 2)");
+        c.rope_freq_factors = r.to_f32(*t);
+    } else if (scaling == "llama3") {
+        const float orig = float(r.opt_u32("llama.rope.scaling.original_context_length").value_or(8192));
+        c.rope_freq_factors = llama3_rope_factors(c.head_dim(), c.rope_theta,
+                                                  r.opt_f32("llama.rope.scaling.factor").value_or(8.0f),
+                                                  r.opt_f32("llama.rope.scaling.low_freq_factor").value_or(1.0f),
+                                                  r.opt_f32("llama.rope.scaling.high_freq_factor").value_or(4.0f), orig);
+    }
+    c.validate(r.name());
+}
+
 }  // namespace
 
 ModelConfig read_gguf_config(const gguf::Reader& r) {
@@ -36,8 +55,9 @@ ModelConfig read_gguf_config(const gguf::Reader& r) {
     if (const auto experts = r.opt_u32("llama.expert_count"); experts && *experts > 0)
         fail(Status::unsupported, r.name() + ": mixture-of-experts llama models (llama.expert_count = " +
                                       std::to_string(*experts) + ") are not supported");
-    if (const auto scaling = r.opt_str("llama.rope.scaling.type"); scaling && *scaling != "none")
-        fail(Status::unsupported, r.name() + ": RoPE scaling '" + *scaling + "' is not supported");
+    const auto scaling = r.opt_str("llama.rope.scaling.type");
+    if (scaling && *scaling != "none" && *scaling != "llama3")
+        fail(Status::unsupported, r.name() + ": RoPE scaling '" + *scaling + "' is not supported (only llama3)");
 
     ModelConfig c;
     c.dim = get_int(r, "llama.embedding_length");
@@ -66,6 +86,7 @@ ModelConfig read_gguf_config(const gguf::Reader& r) {
     c.vocab_size = int(vocab);
 
     c.validate(r.name());
+    read_rope_factors(r, c, scaling.value_or("none"));
     if (const auto rot = r.opt_u32("llama.rope.dimension_count"); rot && *rot != uint32_t(c.head_dim()))
         fail(Status::unsupported, r.name() + ": llama.rope.dimension_count " + std::to_string(*rot) +
                                       " differs from the head dimension " + std::to_string(c.head_dim()) +
@@ -81,7 +102,8 @@ ModelWeights load_gguf_model(const gguf::Reader& r) {
 
     // Anything beyond the plain llama layout (biases, rope_freqs, ...) would change the computation: refuse it
     // rather than silently ignore it, as llama.cpp does.
-    std::unordered_set<std::string> expected = {"token_embd.weight", "output_norm.weight", "output.weight"};
+    std::unordered_set<std::string> expected = {"token_embd.weight", "output_norm.weight", "output.weight",
+                                                "rope_freqs.weight"};  // read by read_gguf_config
     for (int l = 0; l < c.n_layers; ++l)
         for (const char* t : kLayerTensors) expected.insert(layer_tensor(l, t));
     for (const gguf::TensorInfo& t : r.tensors())
@@ -275,6 +297,7 @@ std::vector<std::string> write_gguf_model(const std::string& path, const ModelWe
         matrix(layer_tensor(l, "ffn_up"), L.w3, h, d);
     }
     vec("output_norm.weight", w.final_norm);
+    if (!c.rope_freq_factors.empty()) vec("rope_freqs.weight", c.rope_freq_factors);
     if (!w.tied()) matrix("output.weight", w.classifier, v, d);
     g.write(path);
     return notes;

@@ -137,6 +137,8 @@ std::vector<pkg::PublicDigest> public_digests(const ModelWeights& w, const std::
 
 pkg::BoundConfig bound_config(const ModelWeights& w) {
     const ModelConfig& c = w.cfg;
+    if (!c.rope_freq_factors.empty())
+        fail(Status::unsupported, "protected packages do not support RoPE frequency factors (Llama 3.1 RoPE scaling)");
     return {c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len, c.rope_theta,
             c.norm_eps, w.tied() ? 1u : 0u};
 }

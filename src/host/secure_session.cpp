@@ -580,7 +580,9 @@ void SecureSession::load_enclave(const ModelWeights& w) {
         const std::vector<int32_t> ints = {cfg_.dim, cfg_.hidden_dim, cfg_.n_layers, cfg_.n_heads, cfg_.n_kv_heads,
                                            cfg_.vocab_size, cfg_.seq_len, n_ctx_};
         e.add(Tag::cfg_ints, ints);
-        e.add(Tag::cfg_floats, std::vector<float>{cfg_.rope_theta, cfg_.norm_eps});
+        std::vector<float> floats{cfg_.rope_theta, cfg_.norm_eps};
+        floats.insert(floats.end(), cfg_.rope_freq_factors.begin(), cfg_.rope_freq_factors.end());
+        e.add(Tag::cfg_floats, floats);
         e.scalar<uint8_t>(Tag::offload, params_.mode == SecureMode::secureinfer ? 1 : 0);
         e.scalar<uint8_t>(Tag::tied, w.tied() ? 1 : 0);
         // In secureinfer mode with the CPU backend the accelerator's threads run on the same cores between the

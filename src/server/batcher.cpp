@@ -1,9 +1,76 @@
 #include "server/batcher.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 
 namespace si::server {
+
+namespace {
+
+// Counters of si_stats as fractions: a job's share of the context's counters, or the difference of two readings.
+struct StatsShare {
+    double enclave_calls = 0, crossings = 0, accelerator_calls = 0;
+    double bytes_to_enclave = 0, bytes_from_enclave = 0, bytes_to_accelerator = 0, bytes_from_accelerator = 0;
+    double seconds_enclave = 0, seconds_accelerator = 0, seconds_host = 0;
+    double flops_enclave = 0, flops_accelerator = 0, flops_host = 0;
+
+    static StatsShare between(const si_stats& a, const si_stats& b) {
+        StatsShare d;
+        d.enclave_calls = double(b.enclave_calls - a.enclave_calls);
+        d.crossings = double(b.crossings - a.crossings);
+        d.accelerator_calls = double(b.accelerator_calls - a.accelerator_calls);
+        d.bytes_to_enclave = double(b.bytes_to_enclave - a.bytes_to_enclave);
+        d.bytes_from_enclave = double(b.bytes_from_enclave - a.bytes_from_enclave);
+        d.bytes_to_accelerator = double(b.bytes_to_accelerator - a.bytes_to_accelerator);
+        d.bytes_from_accelerator = double(b.bytes_from_accelerator - a.bytes_from_accelerator);
+        d.seconds_enclave = b.seconds_enclave - a.seconds_enclave;
+        d.seconds_accelerator = b.seconds_accelerator - a.seconds_accelerator;
+        d.seconds_host = b.seconds_host - a.seconds_host;
+        d.flops_enclave = b.flops_enclave - a.flops_enclave;
+        d.flops_accelerator = b.flops_accelerator - a.flops_accelerator;
+        d.flops_host = b.flops_host - a.flops_host;
+        return d;
+    }
+
+    void add(const StatsShare& d, double f) {
+        enclave_calls += d.enclave_calls * f;
+        crossings += d.crossings * f;
+        accelerator_calls += d.accelerator_calls * f;
+        bytes_to_enclave += d.bytes_to_enclave * f;
+        bytes_from_enclave += d.bytes_from_enclave * f;
+        bytes_to_accelerator += d.bytes_to_accelerator * f;
+        bytes_from_accelerator += d.bytes_from_accelerator * f;
+        seconds_enclave += d.seconds_enclave * f;
+        seconds_accelerator += d.seconds_accelerator * f;
+        seconds_host += d.seconds_host * f;
+        flops_enclave += d.flops_enclave * f;
+        flops_accelerator += d.flops_accelerator * f;
+        flops_host += d.flops_host * f;
+    }
+
+    // Counts rounded to the nearest whole number (a request alone in its steps gets the exact difference).
+    si_stats get() const {
+        auto whole = [](double v) { return uint64_t(std::llround(std::max(0.0, v))); };
+        si_stats s{};
+        s.enclave_calls = whole(enclave_calls);
+        s.crossings = whole(crossings);
+        s.accelerator_calls = whole(accelerator_calls);
+        s.bytes_to_enclave = whole(bytes_to_enclave);
+        s.bytes_from_enclave = whole(bytes_from_enclave);
+        s.bytes_to_accelerator = whole(bytes_to_accelerator);
+        s.bytes_from_accelerator = whole(bytes_from_accelerator);
+        s.seconds_enclave = seconds_enclave;
+        s.seconds_accelerator = seconds_accelerator;
+        s.seconds_host = seconds_host;
+        s.flops_enclave = flops_enclave;
+        s.flops_accelerator = flops_accelerator;
+        s.flops_host = flops_host;
+        return s;
+    }
+};
+
+}  // namespace
 
 struct Batcher::Job {
     int slot = -1;
@@ -19,7 +86,7 @@ struct Batcher::Job {
     int generated = 0, pos = 0;
     si_token last = -1;
     std::deque<std::pair<si_token, std::vector<std::pair<si_token, float>>>> out;
-    double share[10] = {};  // its share of the steps' counters (si_stats fields, in step_counters order)
+    StatsShare stats;  // its share of the context's counters (see Batcher::stats)
     int rc = SI_OK;
     std::string error;
     std::condition_variable cv;
@@ -27,26 +94,21 @@ struct Batcher::Job {
 
 namespace {
 std::runtime_error last_error(const char* what) { return std::runtime_error(std::string(what) + si_last_error()); }
-
-// The online counters of a context (si_stats), as doubles.
-void step_counters(const si_stats& s, double (&v)[10]) {
-    const double f[10] = {double(s.enclave_calls),        double(s.crossings),          double(s.bytes_to_enclave),
-                          double(s.bytes_from_enclave),   double(s.bytes_to_accelerator), double(s.bytes_from_accelerator),
-                          s.seconds_enclave,              s.seconds_accelerator,        s.seconds_host,
-                          double(s.accelerator_calls)};
-    std::copy(f, f + 10, v);
-}
 }  // namespace
 
 Batcher::Batcher(si_model* model, const si_context_params& cp, int slots, int max_queue, int precompute,
-                 std::function<void(int)> on_failure)
+                 Metrics* metrics)
     : model_(model), cp_(cp), slots_(std::max(1, slots)), max_queue_(std::max(0, max_queue)),
-      precompute_(std::max(0, precompute)), on_failure_(std::move(on_failure)) {
+      precompute_(std::max(0, precompute)), metrics_(metrics) {
     if (si_slots_context_init(model, &cp_, slots_, &ctx_) != SI_OK) throw last_error("");
     n_ctx_ = si_context_n_ctx(ctx_);
     n_batch_ = si_slots_n_batch(ctx_);
     eos_ = si_model_eos(model);
     warnings_ = si_context_warnings(ctx_);
+    if (const char* p = si_context_protection(ctx_))
+        protection_ = p;
+    else
+        protection_error_ = si_last_error();
     if (precompute_ > 0) {
         if (si_context_precompute(ctx_, precompute_ * slots_, nullptr, nullptr, nullptr) != SI_OK) {
             const std::runtime_error e = last_error("");
@@ -73,11 +135,16 @@ int Batcher::precomputed_steps() const {
 PoolGauges Batcher::gauges() const {
     std::lock_guard<std::mutex> lk(m_);
     PoolGauges g;
-    g.slots = slots_;
+    g.slots = dead_ ? 0 : slots_;
     g.active = leased_;
     g.queued = int(next_ - head_);
     g.precomputed = precomputed_;
     return g;
+}
+
+si_stats Batcher::stats(const std::shared_ptr<Job>& job) const {
+    std::lock_guard<std::mutex> lk(m_);
+    return job->stats.get();
 }
 
 std::shared_ptr<Batcher::Job> Batcher::acquire() {
@@ -104,7 +171,7 @@ std::shared_ptr<Batcher::Job> Batcher::acquire() {
 }
 
 int Batcher::run(const std::shared_ptr<Job>& jp, const std::vector<si_token>& prompt, const si_sampler_params& sampler, int max_tokens,
-                 const OnToken& on_token, std::string* error, si_stats* stats) {
+                 const OnToken& on_token, std::string* error) {
     Job& job = *jp;
     std::unique_lock<std::mutex> lk(m_);
     if (job.ready || job.slot_returned) {
@@ -139,20 +206,6 @@ int Batcher::run(const std::shared_ptr<Job>& jp, const std::vector<si_token>& pr
         }
     }
     if (error) *error = job.error;
-    if (stats) {
-        const double* v = job.share;
-        *stats = si_stats{};
-        stats->enclave_calls = uint64_t(v[0] + 0.5);
-        stats->crossings = uint64_t(v[1] + 0.5);
-        stats->bytes_to_enclave = uint64_t(v[2] + 0.5);
-        stats->bytes_from_enclave = uint64_t(v[3] + 0.5);
-        stats->bytes_to_accelerator = uint64_t(v[4] + 0.5);
-        stats->bytes_from_accelerator = uint64_t(v[5] + 0.5);
-        stats->seconds_enclave = v[6];
-        stats->seconds_accelerator = v[7];
-        stats->seconds_host = v[8];
-        stats->accelerator_calls = uint64_t(v[9] + 0.5);
-    }
     return job.rc;
 }
 
@@ -180,6 +233,7 @@ void Batcher::close() {
 // session is stopped for good, and a new one (new keys, empty caches) serves the requests that follow.
 void Batcher::fail_active(int rc, const std::string& msg) {
     std::fprintf(stderr, "serve: a batched step failed: %s; the context is replaced\n", msg.c_str());
+    if (metrics_) metrics_->worker_restart();
     si_context_free(ctx_);
     ctx_ = nullptr;
     const bool ok = si_slots_context_init(model_, &cp_, slots_, &ctx_) == SI_OK;
@@ -197,7 +251,6 @@ void Batcher::fail_active(int rc, const std::string& msg) {
     precomputed_ = 0;
     if (!ok) dead_ = true;
     cv_.notify_all();
-    if (on_failure_) on_failure_(rc);
 }
 
 void Batcher::loop() {
@@ -270,30 +323,29 @@ void Batcher::loop() {
             continue;
         }
         if (steps.empty()) continue;
-        // a request's sampler settings may be refused (a package's policy): that request ends with the error
-        for (const auto& j : starting) {
-            const int src = si_slots_set_sampler(ctx_, j->slot, &j->sampler);
-            if (src == SI_OK) {
-                j->started = true;
-                continue;
-            }
-            const std::string msg = si_last_error();
-            const auto at = size_t(std::find(stepped.begin(), stepped.end(), j) - stepped.begin());
-            steps.erase(steps.begin() + long(at));
-            stepped.erase(stepped.begin() + long(at));
-            std::lock_guard<std::mutex> lk(m_);
-            j->rc = src;
-            j->error = msg;
-            j->cancel = true;  // finished (slot reset and returned) on the next round
-            j->cv.notify_all();
-        }
-        if (steps.empty()) continue;
-        int rc = SI_OK;
-        tokens_out.assign(steps.size(), -1);
         si_stats before{}, after{};
-        const bool counted = si_context_stats(ctx_, &before) == SI_OK;
-        rc = si_slots_step(ctx_, steps.data(), steps.size(), tokens_out.data());
-        const std::string step_error = rc == SI_OK ? "" : si_last_error();  // before the next call clears it
+        const bool have_before = si_context_stats(ctx_, &before) == SI_OK;
+        int rc = SI_OK;
+        for (const auto& j : starting) {
+            rc = si_slots_set_sampler(ctx_, j->slot, &j->sampler);
+            if (rc != SI_OK) break;
+            j->started = true;
+        }
+        tokens_out.assign(steps.size(), -1);
+        if (rc == SI_OK) rc = si_slots_step(ctx_, steps.data(), steps.size(), tokens_out.data());
+        const std::string step_error = rc == SI_OK ? std::string() : si_last_error();  // before the next call
+        // What the step cost (time per domain, crossings, bytes) is not separable by row inside one batched
+        // product: the difference of the context's counters around the step is split evenly over its rows (a
+        // decode row is one token, a prompt chunk as many rows as tokens) and each job accumulates the share of
+        // its rows. A job alone in its steps gets exactly its own cost.
+        if (have_before && si_context_stats(ctx_, &after) == SI_OK) {
+            const StatsShare cost = StatsShare::between(before, after);
+            size_t rows = 0;
+            for (const auto& s : steps) rows += s.n_tokens;
+            std::lock_guard<std::mutex> lk(m_);
+            for (size_t i = 0; i < steps.size() && rows > 0; ++i)
+                stepped[i]->stats.add(cost, double(steps[i].n_tokens) / double(rows));
+        }
         if (rc != SI_OK) {
             fail_active(rc, step_error);
             continue;
@@ -309,21 +361,10 @@ void Batcher::loop() {
                 if (si_slots_last_logprobs(ctx_, steps[i].slot, ids.data(), v.data(), ids.size(), &got) == SI_OK)
                     for (size_t k = 0; k < got; ++k) lps[i].emplace_back(ids[k], v[k]);
             }
-        double d0[10], d1[10];
-        size_t rows = 0;
-        for (const si_slot_step& st : steps) rows += st.n_tokens;
-        if (counted && si_context_stats(ctx_, &after) == SI_OK) {
-            step_counters(before, d0);
-            step_counters(after, d1);
-        } else {
-            std::fill(d0, d0 + 10, 0.0);
-            std::fill(d1, d1 + 10, 0.0);
-        }
         std::lock_guard<std::mutex> lk(m_);
         precomputed_ = si_context_precomputed(ctx_);
         for (size_t i = 0; i < steps.size(); ++i) {
             Job& j = *stepped[i];
-            for (int k = 0; k < 10; ++k) j.share[k] += (d1[k] - d0[k]) * double(steps[i].n_tokens) / double(rows);
             if (j.fed < j.prompt.size()) j.fed += steps[i].n_tokens;
             j.pos += int(steps[i].n_tokens);
             if (!steps[i].sample || j.cancel) continue;

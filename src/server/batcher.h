@@ -31,11 +31,11 @@ struct BatcherRefusal : std::runtime_error {
 
 class Batcher {
 public:
-    // slots: 1 .. 1024. precompute: decode steps per slot to keep precomputed (0: none). on_failure(rc) is called
-    // (on the scheduler thread) when a step failed and the context was replaced. Throws std::runtime_error with
+    // slots: 1 .. 1024. precompute: decode steps per slot to keep precomputed (0: none). metrics (may be null, must
+    // outlive the batcher) counts a replaced context as a worker restart. Throws std::runtime_error with
     // si_last_error()'s message when the context cannot be created or filled.
     Batcher(si_model* model, const si_context_params& cp, int slots, int max_queue, int precompute,
-            std::function<void(int rc)> on_failure = nullptr);
+            Metrics* metrics = nullptr);
     ~Batcher();
     Batcher(const Batcher&) = delete;
     Batcher& operator=(const Batcher&) = delete;
@@ -47,10 +47,9 @@ public:
     // Generates on the job's slot: the prompt, then up to max_tokens tokens, ending early at EOS (not reported) or
     // at the context's end. on_token(token, log-probabilities) runs on the calling thread, in order; false stops.
     // Returns SI_OK or the error code of a failed step (*error: its message); after an error the job is over.
-    // *stats (may be null): the job's share of the counters of the steps it took part in, by its rows.
     using OnToken = std::function<bool(si_token, const std::vector<std::pair<si_token, float>>&)>;
-    int run(const std::shared_ptr<Job>& job, const std::vector<si_token>& prompt, const si_sampler_params& sampler,
-            int max_tokens, const OnToken& on_token, std::string* error, si_stats* stats = nullptr);
+    int run(const std::shared_ptr<Job>& job, const std::vector<si_token>& prompt, const si_sampler_params& sampler, int max_tokens,
+            const OnToken& on_token, std::string* error);
     // Gives the slot back (reset first when it was used). Every acquired job is released once.
     void release(const std::shared_ptr<Job>& job);
     // Refuses new and waiting requests; running ones finish. Thread-safe.
@@ -60,10 +59,15 @@ public:
     std::string warnings() const { return warnings_; }
     // Decode steps per slot for which precomputed factors remain (as of the last step).
     int precomputed_steps() const;
-    // For /metrics: slots, slots in use, requests waiting, precomputed decode steps summed over the slots.
+    // For GET /metrics: slots (0 once the context failed and could not be replaced), slots held by a request,
+    // requests waiting for one, and decode rows with precomputed factors left (all slots together). Thread-safe.
     PoolGauges gauges() const;
-    // The context, for reading its fixed properties (si_context_protection) before the first request.
-    const si_context* context() const { return ctx_; }
+    // The job's share of the context's counters (si_context_stats) so far: each batched step's difference is split
+    // evenly over the rows (tokens) of that step, and a job gets the share of its rows. Thread-safe.
+    si_stats stats(const std::shared_ptr<Job>& job) const;
+    // si_context_protection of the context as it was created ("" when it failed; protection_error() says why).
+    const std::string& protection() const { return protection_; }
+    const std::string& protection_error() const { return protection_error_; }
 
 private:
     void loop();
@@ -72,11 +76,12 @@ private:
     si_model* model_;
     si_context_params cp_;
     int slots_, max_queue_, precompute_;
-    std::function<void(int)> on_failure_;
     si_context* ctx_ = nullptr;  // used by the scheduler thread only (after construction)
     int n_ctx_ = 0, n_batch_ = 0;
     si_token eos_ = -1;
     std::string warnings_;
+    std::string protection_, protection_error_;
+    Metrics* metrics_ = nullptr;
 
     mutable std::mutex m_;
     std::condition_variable cv_;       // slots freed, jobs ready, close

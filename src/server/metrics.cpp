@@ -134,17 +134,17 @@ std::string Metrics::render(const PoolGauges& pool) const {
            "Generations the trusted core stopped because a check failed (Freivalds, sealed factors).");
     sample(o, "secureinfer_integrity_failures_total", double(integrity_failures_));
     header(o, "secureinfer_worker_restarts_total", "counter",
-           "Contexts (with their trusted core's worker) replaced after a failure.");
+           "Contexts (with their trusted core's worker) replaced after a failed step.");
     sample(o, "secureinfer_worker_restarts_total", double(worker_restarts_));
 
-    header(o, "secureinfer_slots", "gauge", "Contexts in the pool (requests generated at the same time).");
+    header(o, "secureinfer_slots", "gauge", "Sequence slots of the served context (requests generated at the same time).");
     sample(o, "secureinfer_slots", pool.slots);
-    header(o, "secureinfer_slots_active", "gauge", "Contexts serving a request now.");
+    header(o, "secureinfer_slots_active", "gauge", "Slots serving a request now.");
     sample(o, "secureinfer_slots_active", pool.active);
-    header(o, "secureinfer_queue_depth", "gauge", "Requests waiting for a context.");
+    header(o, "secureinfer_queue_depth", "gauge", "Requests waiting for a slot.");
     sample(o, "secureinfer_queue_depth", pool.queued);
     header(o, "secureinfer_precomputed_decode_steps", "gauge",
-           "Decode steps with precomputed unblinding factors, summed over the idle contexts.");
+           "Decode rows (one token of one slot) with precomputed unblinding factors left.");
     sample(o, "secureinfer_precomputed_decode_steps", double(pool.precomputed));
     return o;
 }

@@ -25,17 +25,17 @@ private:
     uint64_t count_ = 0;
 };
 
-// Time a request spent in each domain, from the difference of si_context_stats around its generation.
+// Time a request spent in each domain: its share of the context's si_context_stats (Batcher::stats).
 struct DomainSeconds {
     double enclave = 0, accelerator = 0, host = 0;
 };
 
-// What the pool reports at scrape time.
+// What the batcher (server/batcher.h) reports at scrape time.
 struct PoolGauges {
-    int slots = 0;            // contexts in the pool
-    int active = 0;           // contexts serving a request
-    int queued = 0;           // requests waiting for a context
-    int64_t precomputed = 0;  // decode steps with precomputed unblinding factors, summed over idle contexts
+    int slots = 0;            // sequence slots of the served context
+    int active = 0;           // slots serving a request
+    int queued = 0;           // requests waiting for a slot
+    int64_t precomputed = 0;  // decode rows with precomputed unblinding factors left (all slots together)
 };
 
 class Metrics {

@@ -1,10 +1,11 @@
-// The OpenAI-compatible HTTP server (see server.h). Request handling reads top to bottom: errors, the context
-// slots, request parsing, generation with stop strings and streaming, the routes.
+// The OpenAI-compatible HTTP server (see server.h). Request handling reads top to bottom: the sequence slots
+// (server/batcher.h), request parsing, generation with stop strings and streaming, the routes. Errors are in
+// server/api_error.h, the counters of GET /metrics in server/metrics.h.
 #include "server/server.h"
 
 #include "server/api_error.h"
-#include "server/metrics.h"
 #include "server/batcher.h"
+#include "server/metrics.h"
 #include "server/status.h"
 #include "server/web_ui.h"
 
@@ -119,11 +120,12 @@ std::string message_text(const json& content, size_t i) {
     return text;
 }
 
-// The chat template for models without one: "Role: content" lines, then "Assistant:" for the model to continue.
-// "\nUser:" is added to the stop strings so that the model does not write the user's next turn.
-std::string simple_chat_prompt(const json& messages) {
+// The conversation as the chat template sees it: each message checked (an object with a string role; content a
+// string, text parts joined, or null beside tool_calls), fields a template may use (tool_calls, tool_call_id,
+// name) kept. With the plain fallback format (no template) only the roles it can show are accepted.
+json chat_messages(const json& messages, bool plain) {
     if (!messages.is_array() || messages.empty()) throw bad_request("'messages' must be a non-empty array", "messages");
-    std::string text;
+    json out = json::array();
     for (size_t i = 0; i < messages.size(); ++i) {
         const json& m = messages[i];
         const std::string param = "messages[" + std::to_string(i) + "]";
@@ -131,17 +133,52 @@ std::string simple_chat_prompt(const json& messages) {
         const auto role = m.find("role");
         if (role == m.end() || !role->is_string()) throw bad_request("'" + param + ".role' must be a string", param + ".role");
         const std::string r = role->get<std::string>();
-        const char* name = r == "system" || r == "developer" ? "System"
-                           : r == "user"                     ? "User"
-                           : r == "assistant"                ? "Assistant"
-                                                             : nullptr;
-        if (!name)
+        if (plain && r != "system" && r != "developer" && r != "user" && r != "assistant")
             throw bad_request("'" + param + ".role' must be one of system, developer, user, assistant", param + ".role");
+        json msg = {{"role", r == "developer" && plain ? "system" : r}};
         const auto content = m.find("content");
-        if (content == m.end() || content->is_null()) throw bad_request("'" + param + ".content' is required", param + ".content");
-        text += std::string(name) + ": " + message_text(*content, i) + "\n";
+        const bool tool_calls = m.contains("tool_calls") && !m["tool_calls"].is_null();
+        if (content == m.end() || content->is_null()) {
+            if (!tool_calls || plain) throw bad_request("'" + param + ".content' is required", param + ".content");
+            msg["content"] = nullptr;
+        } else {
+            msg["content"] = message_text(*content, i);
+        }
+        for (const char* k : {"tool_calls", "tool_call_id", "name"})
+            if (m.contains(k) && !m[k].is_null()) msg[k] = m[k];
+        out.push_back(std::move(msg));
     }
-    return text + "Assistant:";
+    return out;
+}
+
+// The prompt text of a conversation in the model's chat format (si_chat_apply_template; docs/CHAT.md).
+std::string chat_prompt(const si_model* model, const json& messages, const json* tools) {
+    const std::string m = messages.dump();
+    const std::string t = tools ? tools->dump() : std::string();
+    std::string text(4096, '\0');
+    size_t n = 0;
+    int rc = si_chat_apply_template(model, m.c_str(), tools ? t.c_str() : nullptr, 1, text.data(), text.size(), &n);
+    if (rc == SI_ERR_BUFFER_TOO_SMALL) {
+        text.resize(n);
+        rc = si_chat_apply_template(model, m.c_str(), tools ? t.c_str() : nullptr, 1, text.data(), text.size(), &n);
+    }
+    if (rc == SI_ERR_INVALID_ARGUMENT) throw bad_request(si_last_error(), "messages");
+    if (rc != SI_OK) throw ApiError(500, si_last_error());
+    text.resize(n);
+    return text;
+}
+
+std::vector<si_token> chat_tokenize(const si_model* model, const std::string& text) {
+    std::vector<si_token> ids(text.size() + 2);
+    size_t n = 0;
+    int rc = si_chat_tokenize(model, text.data(), text.size(), ids.data(), ids.size(), &n);
+    if (rc == SI_ERR_BUFFER_TOO_SMALL) {
+        ids.resize(n);
+        rc = si_chat_tokenize(model, text.data(), text.size(), ids.data(), ids.size(), &n);
+    }
+    if (rc != SI_OK) throw ApiError(500, std::string("tokenizer: ") + si_last_error());
+    ids.resize(n);
+    return ids;
 }
 
 std::vector<si_token> tokenize(const si_model* model, const std::string& text) {
@@ -194,18 +231,18 @@ struct Server::Impl {
         : model(m), opts(std::move(o)), metrics(opts.model_id, opts.mode_name) {
         cp.logprobs = opts.logprobs;
         pool = std::make_unique<Batcher>(m, cp, std::max(1, opts.parallel), std::max(0, opts.max_queue),
-                                         std::max(0, opts.precompute), [this](int rc) {
-                                             if (rc == SI_ERR_INTEGRITY) metrics.integrity_failure();
-                                             metrics.worker_restart();
-                                         });
+                                         std::max(0, opts.precompute), &metrics);
         n_ctx = pool->n_ctx();
         n_vocab = si_model_n_vocab(m);
         warnings = pool->warnings();
+        if (const std::string chat = si_chat_template_warning(m); !chat.empty())
+            warnings += (warnings.empty() ? "" : "\n") + ("chat: " + chat);
         StatusInputs si{};
-        const char* protection = si_context_protection(pool->context());
-        if (!protection)
-            std::fprintf(stderr, "serve: the protection status is incomplete: %s\n", si_last_error());
-        si.protection = protection ? protection : "{}";
+        // built once from the batcher's context as it was created (a replacement has the same configuration)
+        const std::string& protection = pool->protection();
+        if (protection.empty())
+            std::fprintf(stderr, "serve: the protection status is incomplete: %s\n", pool->protection_error().c_str());
+        si.protection = protection.empty() ? "{}" : protection;
         si.model_id = opts.model_id;
         si.mode = opts.mode_name;
         si.n_ctx = n_ctx;
@@ -263,15 +300,20 @@ struct Server::Impl {
             throw bad_request("'logit_bias' is not supported: logits never leave the trusted core", "logit_bias");
         if (const json* s = field(body, "suffix"); s && !(s->is_string() && s->get<std::string>().empty()))
             throw bad_request("'suffix' is not supported", "suffix");
-        if (const json* t = field(body, "tools"); t && !(t->is_array() && t->empty()))
-            throw bad_request("'tools' are not supported", "tools");
+        const bool plain_chat = *si_chat_stop_text(model) != '\0';  // the fallback format without a template
+        const json* tools = field(body, "tools");
+        if (tools && tools->is_array() && tools->empty()) tools = nullptr;
+        if (tools && (!chat || plain_chat || !tools->is_array()))
+            throw bad_request(!tools->is_array() ? "'tools' must be an array"
+                                                 : "'tools' need a model whose chat template supports them",
+                              "tools");
 
         // the prompt
         if (chat) {
             const json* messages = field(body, "messages");
             if (!messages) throw bad_request("'messages' is required", "messages");
-            r.prompt = tokenize(model, simple_chat_prompt(*messages));
-            r.stop.push_back("\nUser:");
+            r.prompt = chat_tokenize(model, chat_prompt(model, chat_messages(*messages, plain_chat), tools));
+            if (plain_chat) r.stop.push_back(si_chat_stop_text(model));
         } else {
             const json* p = field(body, "prompt");
             if (!p || p->is_string()) {
@@ -387,10 +429,10 @@ struct Server::Impl {
         bool gone = false;  // the client went away; generation stopped
         double ttft = -1;   // seconds from arrival to the first token (-1: none)
         double seconds = 0; // from arrival to the last token
-        si_stats stats{};   // the context's counters for this generation (zero in the plain mode)
+        si_stats stats{};   // this generation's share of the context's counters (Batcher::stats)
     };
 
-    // Generates on the leased context. emit(delta, tokens) receives text as it becomes final (not a possible start
+    // Generates on the leased slot. emit(delta, tokens) receives text as it becomes final (not a possible start
     // of a stop string, not an unfinished UTF-8 sequence) and the tokens sampled since the last call; it returns
     // false to stop (the client went away).
     using Emit = std::function<bool(const std::string& delta, std::vector<TokenInfo>& tokens)>;
@@ -459,18 +501,19 @@ struct Server::Impl {
         };
 
         std::string error;
-        // st.res.stats: the request's share (by rows) of the batched steps it took part in
         const int rc = pool->run(lease.job, r.prompt, r.sampler, r.max_tokens,
                                  [&](si_token tok, const std::vector<std::pair<si_token, float>>& lps) {
                                      st.lps = &lps;
                                      const std::string p = piece(model, st.prev, tok);
                                      return on_token(tok, p.data(), p.size(), &st) == 0;
                                  },
-                                 &error, &st.res.stats);
+                                 &error);
+        st.res.stats = pool->stats(lease.job);
         st.res.seconds = seconds_since(r.arrived);
         metrics.generation(rc == SI_ERR_INVALID_ARGUMENT ? 0 : st.res.n_prompt, st.res.n_generated, st.res.seconds,
                            st.res.ttft,
                            {st.res.stats.seconds_enclave, st.res.stats.seconds_accelerator, st.res.stats.seconds_host});
+        if (rc == SI_ERR_INTEGRITY) metrics.integrity_failure();
         if (rc != SI_OK)  // a failed step ends the session; the batcher replaced the context
             throw ApiError(rc == SI_ERR_INVALID_ARGUMENT ? 400 : 500,
                            std::string("generation failed: ") + si_status_name(rc) + ": " + error);

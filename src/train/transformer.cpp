@@ -30,6 +30,8 @@ T dotp(const T* a, const T* b, int n) {
 template <class T>
 Transformer<T>::Transformer(const ModelConfig& cfg, ThreadPool& pool) : cfg_(cfg), pool_(pool) {
     cfg_.validate("model");
+    if (!cfg_.rope_freq_factors.empty())
+        fail(Status::unsupported, "fine-tuning a model with RoPE frequency factors (Llama 3.1 RoPE scaling) is not supported");
 }
 
 template <class T>
