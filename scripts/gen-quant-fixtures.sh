@@ -7,9 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-tests/data/quants}
-scripts/llamacpp.sh build >/dev/null
+# SI_LLAMACPP_BIN: the bin directory of an existing llama.cpp build (its source tree must be scripts/llamacpp.sh srcdir)
+bin=${SI_LLAMACPP_BIN:-$(scripts/llamacpp.sh build)}
 src=$(scripts/llamacpp.sh srcdir)
-lib="$(dirname "$(scripts/llamacpp.sh bindir)")/ggml/src"
+lib="$(dirname "$bin")/ggml/src"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 g++ -std=c++17 -O2 -I"$src/ggml/include" scripts/quant-fixtures/gen.cpp "$lib/libggml-base.a" -fopenmp -lpthread -lm \
@@ -22,7 +23,6 @@ mkdir -p "$out"
 # 64-wide matrices fall back to Q5_0 / Q8_0 as llama-quantize does. Beside it, llama.cpp's greedy continuation
 # of BOS (32 tokens) on that file, which tests/test_quants.cpp expects every preset to reproduce.
 shared=${SI_SHARED_DIR:-../shared}
-bin=$(scripts/llamacpp.sh bindir)
 [ -x build/secureinfer ] || { cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build -j"$(nproc)" --target secureinfer_cli; }
 build/secureinfer convert -m "$shared/models/stories260K.bin" --tokenizer "$shared/models/tok512.bin" --pad-hidden 256 \
   --name stories260K-h256 -o "$work/pad.gguf" 2>/dev/null

@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 shared=${SI_SHARED_DIR:-../shared}
 n=${SI_INTEROP_TOKENS:-64}
 [ -x build/secureinfer ] || { cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build -j"$(nproc)" --target secureinfer_cli; }
-bin=$(scripts/llamacpp.sh build)
+bin=${SI_LLAMACPP_BIN:-$(scripts/llamacpp.sh build)}  # SI_LLAMACPP_BIN: an existing llama.cpp bin directory
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 

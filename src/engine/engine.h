@@ -18,7 +18,8 @@ class Reader;
 namespace si {
 
 // native: the matrices stay in the GGUF file's block format (Q4_0, Q8_0, Q4_K, Q6_K) and are read as stored, with
-// int8 activations per block (common/quant_dot.h); matrices in other formats are re-quantised to Q8_0 once.
+// int8 activations per block (common/quant_dot.h); matrices in other formats are re-quantised to Q8_0 once, and a
+// product whose rows are not a whole number of 32-element blocks (hidden 172) uses the int8 format instead.
 enum class WeightFormat { f32, int8, native };
 const char* weight_format_name(WeightFormat f);
 
@@ -54,7 +55,7 @@ struct Linear {
 };
 
 // Y[T][rows] = X[T][cols] * W^T with the matrix's own arithmetic; `q8` is scratch of T * cols bytes (int8 only),
-// `acc` scratch of T * rows int32 (int8 only). Native matrices quantise X into `act` (scratch).
+// `acc` scratch of T * rows int32 (int8 only). Native matrices quantise X into per-thread scratch of their own.
 void linear_forward(ThreadPool* pool, const Linear& W, const float* X, int64_t T, float* Y, std::vector<int8_t>& q8,
                     std::vector<float>& xs, std::vector<int32_t>& acc);
 
