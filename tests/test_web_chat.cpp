@@ -268,7 +268,33 @@ TEST(WebChat, StreamsTheGreedyCompletionShowsCostsAndErrors) {
     b.type("#max_tokens", "400");
     b.type("#prompt", "Once upon a time");
     // Stop is pressed as soon as the first text shows (from the page itself: a round trip through the driver
-    // could come after a 400-token stream of this small model has ended).
+    // could come after a 400-token stream of this small model has ended). The page's fetch is wrapped so that the
+    // stream reaches it one server-sent event every 30 ms (this model can finish its whole answer inside one network
+    // read), and so that Stop's abort ends that paced stream as it ends a real one.
+    b.js("const real = window.fetch;"
+         "window.fetch = async (url, init) => {"
+         "  const r = await real(url, init);"
+         "  if (!String(url).includes('chat/completions') || !r.body) return r;"
+         "  const src = r.body.getReader(), dec = new TextDecoder(), enc = new TextEncoder();"
+         "  let buf = '', ended = false;"
+         "  const body = new ReadableStream({ start(c) {"
+         "    init.signal.addEventListener('abort', () => { ended = true; c.error(new DOMException('stopped', 'AbortError')); });"
+         "    (async () => {"
+         "      for (;;) {"
+         "        const { value, done } = await src.read().catch(() => ({ done: true }));"
+         "        if (!done) buf += dec.decode(value, { stream: true });"
+         "        let i;"
+         "        while ((i = buf.indexOf('\\n\\n')) >= 0 && !ended) {"
+         "          c.enqueue(enc.encode(buf.slice(0, i + 2))); buf = buf.slice(i + 2);"
+         "          await new Promise(res => setTimeout(res, 30));"
+         "        }"
+         "        if (done || ended) break;"
+         "      }"
+         "      if (!ended) { if (buf) c.enqueue(enc.encode(buf)); c.close(); }"
+         "    })();"
+         "  } });"
+         "  return new Response(body, { status: r.status, headers: r.headers });"
+         "};");
     b.js("const box = document.getElementById('messages');"
          "new MutationObserver((_, obs) => {"
          "  const m = [...box.querySelectorAll('.msg.assistant .content')].pop();"
