@@ -74,6 +74,8 @@ struct Seq {
     int n;
     int chunk;
     SamplerParams sampler{0.0f, 0, 1.0f, 0};
+    Seq(int slot, std::vector<int32_t> prompt, int join, int n, int chunk, SamplerParams sampler = {0.0f, 0, 1.0f, 0})
+        : slot(slot), prompt(std::move(prompt)), join(join), n(n), chunk(chunk), sampler(sampler) {}
     // progress
     size_t fed = 0;
     std::vector<int32_t> out;

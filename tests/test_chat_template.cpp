@@ -20,6 +20,12 @@ using ojson = nlohmann::ordered_json;
 
 namespace {
 
+ChatOptions no_generation_prompt() {
+    ChatOptions o;
+    o.add_generation_prompt = false;
+    return o;
+}
+
 struct Case {
     std::string label;
     std::string tmpl;
@@ -578,7 +584,7 @@ TEST(ChatTemplate, FallbackFormats) {
     const ChatTemplate bad("{% for m in messages %}\n{% include 'turn.jinja' %}{% endfor %}", "<s>", "</s>", true);
     EXPECT_EQ(bad.format(), ChatTemplate::Format::chatml);
     EXPECT_NE(bad.warning().find("line 2: unsupported construct '{% include %}'"), std::string::npos) << bad.warning();
-    EXPECT_EQ(bad.apply(conv, {.add_generation_prompt = false}),
+    EXPECT_EQ(bad.apply(conv, no_generation_prompt()),
               "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello."
               "<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n");
     EXPECT_TRUE(bad.parse_special());

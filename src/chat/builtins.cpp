@@ -29,7 +29,13 @@ namespace {
 
 using K = Value::Kind;
 
-std::string object_name(const Value& v) { return "'" + v.type_name() + " object'"; }
+std::string object_name(const Value& v) {
+    // appended piecewise: "'" + std::string trips GCC 12's -Wrestrict false positive (GCC bug 105329)
+    std::string s = "'";
+    s += v.type_name();
+    s += " object'";
+    return s;
+}
 
 [[noreturn]] void fail_undefined(const Value& v, int line) {
     runtime_error(line, v.s.empty() ? "value is undefined" : v.s);

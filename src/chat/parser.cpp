@@ -397,7 +397,8 @@ private:
                 f->name = expect_name();
                 while (at_op(".")) {
                     next();
-                    f->name += "." + expect_name();
+                    f->name += '.';
+                    f->name += expect_name();
                 }
                 if (!kFilters.count(f->name)) unsupported(line, "unknown filter '" + f->name + "'");
                 f->args.push_back(std::move(e));
