@@ -73,7 +73,7 @@ for i in 1 2 3; do
 done
 for i in 1 2 3; do wait_for "$work/serve$i.log" "listening on" "${serve_pids[$((i - 1))]}"; done
 releases=$(grep -c "released model key" "$work/keyserver.log" || true)
-echo "keyserver: $releases key releases after attestation (3 instances x 2 contexts)"
+echo "keyserver: $releases key releases after attestation (3 instances, one context of 2 sequence slots each)"
 
 # haproxy: at most --parallel requests per instance (the rest wait in haproxy's queue and go to whichever instance
 # is up), /health checked every 200 ms, connection failures retried elsewhere, and an OpenAI-shaped JSON error
@@ -169,7 +169,7 @@ after=$(for p in "${ports[0]}" "${ports[2]}"; do
 done | awk '{n += $1} END {print n}')
 echo "after the kill: instances 1 and 3 answered $after requests in all; haproxy marked s2 down: $(grep -c '^\[WARNING\].*s2 is DOWN' "$work/haproxy.log" || true)"
 if [ -z "$ok" ] || [ "$failed" -gt "$on_s2" ] || [ "$on_s1" -ne 0 ] || [ "$on_s3" -ne 0 ] || [ -n "$unclear" ] ||
-   [ "$releases" -lt 6 ]; then
+   [ "$releases" -lt 3 ]; then
   echo "scale-out: FAILED: $ok ok, $failed failed (only those running on the killed instance may)" >&2
   [ -n "$unclear" ] && echo "scale-out: failures without a clear error: $unclear" >&2
   cat "$work/load.err" >&2
