@@ -98,7 +98,8 @@ Mat align_to_base(const Mat& Wp, const Mat& W0, double* objective) {
         }
         return obj;
     };
-    // Two starts: the profile matching above, and "no obfuscation" (identity); the better objective wins.
+    // Three starts: the profile matching above, "no obfuscation" (identity), and columns matched by their profiles;
+    // the best objective wins.
     std::vector<int> rows = hungarian(cost), cols(static_cast<size_t>(K));
     std::iota(cols.begin(), cols.end(), 0);
     std::vector<double> sign(static_cast<size_t>(N), 1.0);
@@ -113,6 +114,54 @@ Mat align_to_base(const Mat& Wp, const Mat& W0, double* objective) {
             obj = obj2;
             rows = rows2;
             cols = cols2;
+        }
+    }
+    {
+        // Third start: columns matched by their own profiles (the sorted entries of each column of the normalised
+        // rows, read at N quantiles: invariant to the row permutation and scales, disturbed only by the fake rows),
+        // rows matched given those columns.
+        Mat ccost(K, K);
+        std::vector<std::vector<double>> qv(static_cast<size_t>(K)), qu(static_cast<size_t>(K));
+        for (int64_t j = 0; j < K; ++j) {
+            std::vector<double> a(static_cast<size_t>(N)), b(static_cast<size_t>(M));
+            for (int64_t i = 0; i < N; ++i) a[size_t(i)] = V(i, j);
+            for (int64_t r = 0; r < M; ++r) b[size_t(r)] = U(r, j);
+            std::sort(a.begin(), a.end());
+            std::sort(b.begin(), b.end());
+            qv[size_t(j)] = a;
+            qu[size_t(j)].resize(size_t(N));
+            for (int64_t i = 0; i < N; ++i)
+                qu[size_t(j)][size_t(i)] = b[size_t(N > 1 ? (i * (M - 1) + (N - 1) / 2) / (N - 1) : 0)];
+        }
+        for (int64_t j = 0; j < K; ++j)
+            for (int64_t jp = 0; jp < K; ++jp) {
+                double c = 0;
+                for (int64_t i = 0; i < N; ++i) {
+                    const double d = qv[size_t(j)][size_t(i)] - qu[size_t(jp)][size_t(i)];
+                    c += d * d;
+                }
+                ccost(j, jp) = c;
+            }
+        std::vector<int> cols3 = hungarian(ccost);
+        Mat rc(N, M);
+        for (int64_t i = 0; i < N; ++i)
+            for (int64_t r = 0; r < M; ++r) {
+                double c = 0;
+                for (int64_t j = 0; j < K; ++j) c += V(i, j) * U(r, cols3[size_t(j)]);
+                rc(i, r) = -std::abs(c);
+            }
+        std::vector<int> rows3 = hungarian(rc);
+        std::vector<double> sign3(static_cast<size_t>(N), 1.0);
+        for (int64_t i = 0; i < N; ++i) {
+            double c = 0;
+            for (int64_t j = 0; j < K; ++j) c += V(i, j) * U(rows3[size_t(i)], cols3[size_t(j)]);
+            sign3[size_t(i)] = c < 0 ? -1.0 : 1.0;
+        }
+        const double obj3 = alternate(rows3, cols3, sign3);
+        if (obj3 > obj) {
+            obj = obj3;
+            rows = rows3;
+            cols = cols3;
         }
     }
     if (objective) *objective = obj;

@@ -22,7 +22,7 @@ using ProjKey = std::pair<int, Proj>;  // (layer, projection)
 
 // Aligns an offloaded matrix Wp [M][K] (M >= N rows: possibly permuted, scaled, with fake rows; columns possibly
 // permuted) with the public base W0 [N][K]: Hungarian matching of rows and columns (alternating, started from
-// permutation- and scale-invariant row profiles), then a per-row least-squares scale fit against W0, and finally
+// permutation- and scale-invariant row profiles, from the identity and from column profiles; the best wins), then a per-row least-squares scale fit against W0, and finally
 // an orthogonal Procrustes check (kept only when it explains Wp better than the permutation). Returns the estimate
 // of the offloaded (fine-tuned) weights in W0's coordinates, and in *objective the mean |cos| of matched rows.
 Mat align_to_base(const Mat& Wp, const Mat& W0, double* objective = nullptr);
