@@ -32,40 +32,8 @@ const Tokenizer& tok512() {
     return t;
 }
 
-struct Case {
-    std::string text;
-    std::vector<int32_t> ids;
-};
+using Case = test::VocabCase;
 
-// Parsed as llama.cpp's tests/test-tokenizer-0.cpp does: inputs separated by "\n__ggml_vocab_test__\n" (the file
-// also ends with one, so no empty case follows it), one line of space-separated ids per input.
-std::vector<Case> conformance_cases() {
-    const std::string base = test::shared("models/ggml-vocab-llama-spm.gguf");
-    const std::string inp = test::read_file(base + ".inp");
-    const std::string sep = "\n__ggml_vocab_test__\n";
-    std::vector<std::string> texts;
-    for (size_t pos = 0; pos < inp.size();) {
-        const size_t next = inp.find(sep, pos);
-        if (next == std::string::npos) {
-            texts.push_back(inp.substr(pos));
-            break;
-        }
-        texts.push_back(inp.substr(pos, next - pos));
-        pos = next + sep.size();
-    }
-    std::istringstream out(test::read_file(base + ".out"));
-    std::vector<Case> cases;
-    std::string line;
-    for (size_t i = 0; std::getline(out, line); ++i) {
-        Case c;
-        c.text = i < texts.size() ? texts[i] : "";
-        std::istringstream ids(line);
-        for (int32_t id; ids >> id;) c.ids.push_back(id);
-        cases.push_back(std::move(c));
-    }
-    EXPECT_EQ(cases.size(), texts.size()) << "the .inp and .out files disagree on the number of cases";
-    return cases;
-}
 
 std::string show(const std::vector<int32_t>& ids) {
     std::string s;
@@ -77,7 +45,7 @@ std::string show(const std::vector<int32_t>& ids) {
 }
 
 void expect_conformance(const Tokenizer& tok) {
-    const std::vector<Case> cases = conformance_cases();
+    const std::vector<Case> cases = test::vocab_conformance_cases("models/ggml-vocab-llama-spm.gguf");
     ASSERT_EQ(cases.size(), 46u);
     int matched = 0;
     for (const Case& c : cases) {

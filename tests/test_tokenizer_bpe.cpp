@@ -31,43 +31,15 @@ const Tokenizer& llama3() {
 
 std::string show(const std::vector<int32_t>& ids) {
     std::string s;
-    for (int32_t id : ids) s += (s.empty() ? "" : " ") + std::to_string(id);
+    for (int32_t id : ids) {
+        if (!s.empty()) s += ' ';
+        s += std::to_string(id);
+    }
     return s;
 }
 
-struct Case {
-    std::string text;
-    std::vector<int32_t> ids;
-};
+using Case = test::VocabCase;
 
-// As llama.cpp's tests/test-tokenizer-0.cpp: inputs separated by "\n__ggml_vocab_test__\n", one line of ids each.
-std::vector<Case> conformance_cases() {
-    const std::string base = test::shared(kVocabFile);
-    const std::string inp = test::read_file(base + ".inp");
-    const std::string sep = "\n__ggml_vocab_test__\n";
-    std::vector<std::string> texts;
-    for (size_t pos = 0; pos < inp.size();) {
-        const size_t next = inp.find(sep, pos);
-        if (next == std::string::npos) {
-            texts.push_back(inp.substr(pos));
-            break;
-        }
-        texts.push_back(inp.substr(pos, next - pos));
-        pos = next + sep.size();
-    }
-    std::istringstream out(test::read_file(base + ".out"));
-    std::vector<Case> cases;
-    std::string line;
-    for (size_t i = 0; std::getline(out, line); ++i) {
-        Case c;
-        c.text = i < texts.size() ? texts[i] : "";
-        std::istringstream ids(line);
-        for (int32_t id; ids >> id;) c.ids.push_back(id);
-        cases.push_back(std::move(c));
-    }
-    EXPECT_EQ(cases.size(), texts.size()) << "the .inp and .out files disagree on the number of cases";
-    return cases;
-}
 
 std::vector<std::string> split(std::string_view text) {
     std::vector<std::string> words;
@@ -101,7 +73,7 @@ TEST(TokenizerBpe, LlamaBpeConformance) {
     EXPECT_TRUE(tok.is_bpe());
     EXPECT_EQ(tok.n_vocab(), 128256);
     EXPECT_EQ(tok.bos(), 128000);
-    const std::vector<Case> cases = conformance_cases();
+    const std::vector<Case> cases = test::vocab_conformance_cases(kVocabFile);
     ASSERT_EQ(cases.size(), 46u);
     int matched = 0;
     for (const Case& c : cases) {

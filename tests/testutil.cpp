@@ -385,4 +385,32 @@ void write_llama3_chat_model(const std::string& path, const std::string& chat_te
     write_gguf_model(path, w, vocab, GgufWeightType::f16, "llama3-chat-test");
 }
 
+std::vector<VocabCase> vocab_conformance_cases(const std::string& vocab) {
+    const std::string base = shared(vocab);
+    const std::string inp = read_file(base + ".inp");
+    const std::string sep = "\n__ggml_vocab_test__\n";
+    std::vector<std::string> texts;
+    for (size_t pos = 0; pos < inp.size();) {
+        const size_t next = inp.find(sep, pos);
+        if (next == std::string::npos) {
+            texts.push_back(inp.substr(pos));
+            break;
+        }
+        texts.push_back(inp.substr(pos, next - pos));
+        pos = next + sep.size();
+    }
+    std::istringstream out(read_file(base + ".out"));
+    std::vector<VocabCase> cases;
+    std::string line;
+    for (size_t i = 0; std::getline(out, line); ++i) {
+        VocabCase c;
+        c.text = i < texts.size() ? texts[i] : "";
+        std::istringstream ids(line);
+        for (int32_t id; ids >> id;) c.ids.push_back(id);
+        cases.push_back(std::move(c));
+    }
+    EXPECT_EQ(cases.size(), texts.size()) << "the .inp and .out files disagree on the number of cases";
+    return cases;
+}
+
 }  // namespace si::test

@@ -27,6 +27,15 @@ std::string shared(const std::string& rel);
 // A fresh, empty scratch directory for the calling test (created under the build tree).
 std::string scratch_dir();
 std::string read_file(const std::string& path);
+
+// One tokenizer conformance case of llama.cpp's vocabulary tests: an input and its expected ids (no BOS).
+struct VocabCase {
+    std::string text;
+    std::vector<int32_t> ids;
+};
+// Reads <vocab>.inp / <vocab>.out below the shared directory as llama.cpp's tests/test-tokenizer-0.cpp does: inputs
+// separated by "\n__ggml_vocab_test__\n" (the file also ends with one), one line of space-separated ids per input.
+std::vector<VocabCase> vocab_conformance_cases(const std::string& vocab);
 void write_file(const std::string& path, const std::string& bytes);
 
 struct CliResult {
