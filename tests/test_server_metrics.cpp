@@ -16,25 +16,14 @@
 #include "backends/accelerator.h"
 #include "secureinfer.h"
 #include "server/server.h"
+#include "server_testutil.h"
 #include "testutil.h"
 
 using json = nlohmann::json;
+using si::test::LocalServer;
 using si::test::shared;
 
 namespace {
-
-// The served model, loaded once.
-si_model* model() {
-    static si_model* m = [] {
-        si_model_params mp = si_model_default_params();
-        const std::string tok = shared("models/tok512.bin");
-        mp.tokenizer_path = tok.c_str();
-        si_model* out = nullptr;
-        EXPECT_EQ(si_model_load(shared("models/stories260K.bin").c_str(), &mp, &out), SI_OK) << si_last_error();
-        return out;
-    }();
-    return m;
-}
 
 // The CPU backend that alters one value of its next masked product once armed (then disarms).
 std::atomic<bool> g_tamper{false};
@@ -59,39 +48,6 @@ public:
 
 private:
     std::unique_ptr<si::Accelerator> inner_;
-};
-
-// si::server::Server on a free loopback port, served by a thread of this process.
-class LocalServer {
-public:
-    explicit LocalServer(const char* accelerator = "cpu", int parallel = 1) {
-        si_context_params cp = si_context_default_params();
-        cp.n_threads = 1;
-        cp.accelerator = accelerator;
-        si::server::Options o;
-        o.port = 0;
-        o.model_id = "stories260K";
-        o.mode_name = "secureinfer";
-        o.parallel = parallel;
-        server_ = std::make_unique<si::server::Server>(model(), cp, o);
-        port_ = server_->bind();
-        thread_ = std::thread([this] { server_->run(); });
-        while (!server_->running()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-    ~LocalServer() {
-        server_->stop();
-        thread_.join();
-    }
-    httplib::Client client() const {
-        httplib::Client c("127.0.0.1", port_);
-        c.set_read_timeout(120, 0);
-        return c;
-    }
-
-private:
-    std::unique_ptr<si::server::Server> server_;
-    int port_ = 0;
-    std::thread thread_;
 };
 
 // The samples of an exposition, parsed by the reference parser: "name{k=v,...}" -> value (labels sorted by key).

@@ -24,55 +24,17 @@
 
 #include "secureinfer.h"
 #include "server/server.h"
+#include "server_testutil.h"
 #include "testutil.h"
 
 using json = nlohmann::json;
+using si::test::LocalServer;
 using si::test::shared;
 
 namespace {
 
 constexpr const char* kChromium = "/usr/bin/chromium";
 constexpr const char* kDriver = "/usr/bin/chromedriver";
-
-si_model* model() {
-    static si_model* m = [] {
-        si_model_params mp = si_model_default_params();
-        const std::string tok = shared("models/tok512.bin");
-        mp.tokenizer_path = tok.c_str();
-        si_model* out = nullptr;
-        EXPECT_EQ(si_model_load(shared("models/stories260K.bin").c_str(), &mp, &out), SI_OK) << si_last_error();
-        return out;
-    }();
-    return m;
-}
-
-// The server, in this process, on a free loopback port.
-class LocalServer {
-public:
-    LocalServer() {
-        si_context_params cp = si_context_default_params();
-        cp.n_threads = 1;
-        si::server::Options o;
-        o.port = 0;
-        o.model_id = "stories260K";
-        o.mode_name = "secureinfer";
-        server_ = std::make_unique<si::server::Server>(model(), cp, o);
-        port_ = server_->bind();
-        thread_ = std::thread([this] { server_->run(); });
-        while (!server_->running()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-    ~LocalServer() {
-        server_->stop();
-        thread_.join();
-    }
-    int port() const { return port_; }
-    std::string url() const { return "http://127.0.0.1:" + std::to_string(port_) + "/"; }
-
-private:
-    std::unique_ptr<si::server::Server> server_;
-    int port_ = 0;
-    std::thread thread_;
-};
 
 int free_port() {
     const int fd = socket(AF_INET, SOCK_STREAM, 0);
