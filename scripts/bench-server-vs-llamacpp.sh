@@ -3,23 +3,26 @@
 # against llama.cpp's `llama-server --parallel N` on the same GGUF file, driven by the same load generator
 # (si-load-test: C clients, /v1/completions, greedy, not streamed). The three servers alternate inside every
 # repetition; prints one markdown table of medians and the ratios to llama-server.
-#   scripts/bench-server-vs-llamacpp.sh [--shape stories110m] [--parallel 4] [--clients 4] [--requests 48]
-#                                       [--max-tokens 32] [--reps 3] [--threads 2]
+#   scripts/bench-server-vs-llamacpp.sh [--shape stories110m] [--outtype q8_0] [--parallel 4] [--clients 4]
+#                                       [--requests 48] [--max-tokens 32] [--reps 3] [--threads 2]
+# The file is a random-weight model of the shape, written by `convert` as q8_0 (default) or f32: with q8_0 both
+# engines read one byte per weight (secureinfer's presets turn the blocks into per-row int8 weights).
 # Builds secureinfer (build/) and llama.cpp (scripts/llamacpp.sh, which builds llama-server) when needed;
 # SI_LLAMACPP_BIN names an existing llama.cpp bin directory instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-shape=stories110m parallel=4 clients=4 requests=48 max_tokens=32 reps=3 threads=$(nproc)
+shape=stories110m outtype=q8_0 parallel=4 clients=4 requests=48 max_tokens=32 reps=3 threads=$(nproc)
 while [ $# -gt 0 ]; do
   case "$1" in
     --shape) shape=$2; shift 2 ;;
+    --outtype) outtype=$2; shift 2 ;;
     --parallel) parallel=$2; shift 2 ;;
     --clients) clients=$2; shift 2 ;;
     --requests) requests=$2; shift 2 ;;
     --max-tokens) max_tokens=$2; shift 2 ;;
     --reps) reps=$2; shift 2 ;;
     --threads) threads=$2; shift 2 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "bench-server-vs-llamacpp: unknown argument '$1'" >&2; exit 2 ;;
   esac
 done
@@ -32,8 +35,8 @@ bin=${SI_LLAMACPP_BIN:-$(scripts/llamacpp.sh build)}
 [ -x "$bin/llama-server" ] || { echo "bench-server-vs-llamacpp: $bin/llama-server is missing" >&2; exit 1; }
 work=${SI_BENCH_DIR:-/tmp/secureinfer-bench}
 mkdir -p "$work"
-model="$work/$shape-f32.gguf"
-[ -f "$model" ] || build/secureinfer convert --random-shape "$shape" --tokenizer "$vocab" --outtype f32 -o "$model"
+model="$work/$shape-$outtype.gguf"
+[ -f "$model" ] || build/secureinfer convert --random-shape "$shape" --tokenizer "$vocab" --outtype "$outtype" -o "$model"
 ctx=256
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
