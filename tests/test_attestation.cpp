@@ -17,6 +17,7 @@
 
 #include <gtest/gtest.h>
 
+#include "attack/active.h"
 #include "common/error.h"
 #include "enclave/package_crypto.h"
 #include "host/keyserver.h"
@@ -32,37 +33,8 @@ namespace {
 
 bool contains(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
 
-// The attacker: no device, only the published measurement and a nonce from the keyserver. Makes an Ed25519 quoting
-// key and an X25519 key of its own and signs a software-tee quote of a report naming them.
-struct Forger {
-    SecretVector<uint8_t> seed = SecretVector<uint8_t>(32);
-    pkg::X25519Pair x = pkg::x25519_generate();
-    pkg::Report report;
-    Forger() { pkg::random_bytes(std::span<uint8_t>(seed.data(), seed.size())); }
-    pkg::PubKey quoting_pub() const { return pkg::ed25519_public(seed.data()); }
-    // Signed with this forger's key; the quote claims `claimed` as its quoting key (default: this forger's).
-    std::vector<uint8_t> quote(const pkg::Hash& measurement, const pkg::Nonce& nonce,
-                               const pkg::PubKey* claimed = nullptr) {
-        report = pkg::Report{measurement, nonce, x.pub};
-        const auto r = pkg::encode_report(report);
-        std::vector<uint8_t> q = pkg::encode_quote_body(tee::kSoftwareTee, r, claimed ? *claimed : quoting_pub());
-        const auto sig = pkg::ed25519_sign(seed.data(), q);
-        q.insert(q.end(), sig.begin(), sig.end());
-        return q;
-    }
-    // What the attacker does with a released key: opens it with its X25519 private key.
-    std::vector<uint8_t> open(const std::array<uint8_t, pkg::kWrappedBytes>& w, const pkg::ModelId& id) const {
-        pkg::PubKey server{};
-        std::memcpy(server.data(), w.data(), server.size());
-        SecretVector<uint8_t> shared(32), wrap(32);
-        pkg::x25519_derive(x.priv.data(), server, shared.data());
-        pkg::derive_wrap_key(shared, report, server, id, wrap.data());
-        std::vector<uint8_t> key(pkg::kKeyBytes);
-        const uint8_t iv[pkg::kIvBytes] = {};
-        if (!pkg::gcm_open(wrap.data(), iv, id, w.data() + pkg::kPubBytes, key.size(), key.data())) key.clear();
-        return key;
-    }
-};
+// The attacker: no device, only the published measurement and a nonce from the keyserver (src/attack/active.h).
+using Forger = si::attack::QuoteForger;
 
 struct Lab {
     std::string dir = test::scratch_dir();

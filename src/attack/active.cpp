@@ -316,36 +316,34 @@ ActiveResult a10_sampler_oracle(const ModelWeights& base, const train::LoraAdapt
 
 // ---- A11 -----------------------------------------------------------------------------------------------------------
 
-namespace {
+QuoteForger::QuoteForger() { pkg::random_bytes(std::span<uint8_t>(seed.data(), seed.size())); }
 
-// The attacker: no device, only the published measurement and a nonce. An Ed25519 quoting key and an X25519 key of
-// its own; signs a software-tee quote of a report naming them.
-struct Forger {
-    SecretVector<uint8_t> seed = SecretVector<uint8_t>(32);
-    pkg::X25519Pair x = pkg::x25519_generate();
-    pkg::Report report;
-    Forger() { pkg::random_bytes(std::span<uint8_t>(seed.data(), seed.size())); }
-    pkg::PubKey quoting_pub() const { return pkg::ed25519_public(seed.data()); }
-    std::vector<uint8_t> quote(const pkg::Hash& measurement, const pkg::Nonce& nonce, const pkg::PubKey* claimed = nullptr) {
-        report = pkg::Report{measurement, nonce, x.pub};
-        const auto r = pkg::encode_report(report);
-        std::vector<uint8_t> q = pkg::encode_quote_body(tee::kSoftwareTee, r, claimed ? *claimed : quoting_pub());
-        const auto sig = pkg::ed25519_sign(seed.data(), q);
-        q.insert(q.end(), sig.begin(), sig.end());
-        return q;
-    }
-    std::vector<uint8_t> open(const std::array<uint8_t, pkg::kWrappedBytes>& w, const pkg::ModelId& id) const {
-        pkg::PubKey server{};
-        std::memcpy(server.data(), w.data(), server.size());
-        SecretVector<uint8_t> shared(32), wrap(32);
-        pkg::x25519_derive(x.priv.data(), server, shared.data());
-        pkg::derive_wrap_key(shared, report, server, id, wrap.data());
-        std::vector<uint8_t> key(pkg::kKeyBytes);
-        const uint8_t iv[pkg::kIvBytes] = {};
-        if (!pkg::gcm_open(wrap.data(), iv, id, w.data() + pkg::kPubBytes, key.size(), key.data())) key.clear();
-        return key;
-    }
-};
+pkg::PubKey QuoteForger::quoting_pub() const { return pkg::ed25519_public(seed.data()); }
+
+std::vector<uint8_t> QuoteForger::quote(const pkg::Hash& measurement, const pkg::Nonce& nonce,
+                                        const pkg::PubKey* claimed) {
+    report = pkg::Report{measurement, nonce, x.pub};
+    const auto r = pkg::encode_report(report);
+    std::vector<uint8_t> q = pkg::encode_quote_body(tee::kSoftwareTee, r, claimed ? *claimed : quoting_pub());
+    const auto sig = pkg::ed25519_sign(seed.data(), q);
+    q.insert(q.end(), sig.begin(), sig.end());
+    return q;
+}
+
+std::vector<uint8_t> QuoteForger::open(const std::array<uint8_t, pkg::kWrappedBytes>& w, const pkg::ModelId& id) const {
+    pkg::PubKey server{};
+    std::memcpy(server.data(), w.data(), server.size());
+    SecretVector<uint8_t> shared(32), wrap(32);
+    pkg::x25519_derive(x.priv.data(), server, shared.data());
+    pkg::derive_wrap_key(shared, report, server, id, wrap.data());
+    std::vector<uint8_t> key(pkg::kKeyBytes);
+    const uint8_t iv[pkg::kIvBytes] = {};
+    if (!pkg::gcm_open(wrap.data(), iv, id, w.data() + pkg::kPubBytes, key.size(), key.data())) key.clear();
+    return key;
+}
+
+
+namespace {
 
 // The control's keyserver: checks the quote's type, measurement and nonce, and its signature under the key the
 // quote itself carries; then wraps the model key to the report.
@@ -402,7 +400,7 @@ ActiveResult a11_forged_quote(PackagePath& pk, const train::LoraAdapter& victim,
     const pkg::ModelId& id = package->model_id();
     const std::vector<uint8_t> truth = pk.model_key(victim);
     nlohmann::json tries = nlohmann::json::array();
-    auto attempt = [&](const std::string& what, Forger* f,
+    auto attempt = [&](const std::string& what, QuoteForger* f,
                        const std::function<std::array<uint8_t, pkg::kWrappedBytes>()>& send) {
         ++res.attempts;
         try {
@@ -416,7 +414,7 @@ ActiveResult a11_forged_quote(PackagePath& pk, const train::LoraAdapter& victim,
             tries.push_back({{"attempt", what}, {"released", false}, {"refusal", e.what()}});
         }
     };
-    Forger own, claim;
+    QuoteForger own, claim;
     if (control) {
         pkg::Nonce n{};
         pkg::random_bytes(n);

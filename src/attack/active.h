@@ -23,14 +23,18 @@
 // Each result says what was recovered: the cosine of the recovered update (A9), the logit-gap error (A10), whether
 // the model key was recovered (A11-A13), and how many of the attempts the target accepted.
 #pragma once
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "attack/package_path.h"
 #include "common/model.h"
+#include "common/secret_memory.h"
+#include "enclave/package_crypto.h"
 #include "train/lora.h"
 
 namespace si::attack {
@@ -54,6 +58,22 @@ ActiveResult a9_chosen_weights(const ModelWeights& base, const train::LoraAdapte
 // and the gap is read to within 0.01 nats.
 ActiveResult a10_sampler_oracle(const ModelWeights& base, const train::LoraAdapter& victim, PackagePath* package,
                                 EnclaveHostKind host, int threads);
+// The A11 attacker (also used by tests/test_attestation.cpp): no device, only the published measurement and a nonce.
+// An Ed25519 quoting key and an X25519 key of its own; signs a software-tee quote of a report naming them.
+struct QuoteForger {
+    SecretVector<uint8_t> seed = SecretVector<uint8_t>(32);
+    pkg::X25519Pair x = pkg::x25519_generate();
+    pkg::Report report;
+
+    QuoteForger();
+    pkg::PubKey quoting_pub() const;
+    // Signed with this forger's key; the quote claims `claimed` as its quoting key (default: this forger's).
+    std::vector<uint8_t> quote(const pkg::Hash& measurement, const pkg::Nonce& nonce,
+                               const pkg::PubKey* claimed = nullptr);
+    // What the attacker does with a released key: opens it with its X25519 private key (empty when it does not open).
+    std::vector<uint8_t> open(const std::array<uint8_t, pkg::kWrappedBytes>& w, const pkg::ModelId& id) const;
+};
+
 // A11. control = true: the weak keyserver; else the package path's keyserver (through HTTP).
 ActiveResult a11_forged_quote(PackagePath& package, const train::LoraAdapter& victim, bool control);
 // A12. control = true: the device files belong to the host's user; else to another user (a provisioned
