@@ -86,22 +86,27 @@ std::vector<std::vector<int32_t>> EvalContext::prompts(const std::string& source
     return out;
 }
 
+train::TrainOptions EvalContext::victim_shaped(uint64_t seed) const {
+    train::TrainOptions o;
+    o.lora_rank = victim_.tensors.empty() ? 8 : victim_.tensors[0].rank;
+    o.lora_alpha = victim_.alpha;
+    o.warmup = 5;
+    o.seed = seed;
+    o.threads = cfg_.threads;
+    return o;
+}
+
 const train::LoraAdapter& EvalContext::decoy(int seed) {
     if (seed < 0) seed = 0;
     if (size_t(seed) >= decoys_.size()) decoys_.resize(size_t(seed) + 1);
     auto& slot = decoys_[size_t(seed)];
     if (slot) return *slot;
     const auto t0 = std::chrono::steady_clock::now();
-    train::TrainOptions o;
-    o.lora_rank = victim_.tensors.empty() ? 8 : victim_.tensors[0].rank;
-    o.lora_alpha = victim_.alpha;
+    train::TrainOptions o = victim_shaped(1000 + uint64_t(seed));
     o.steps = cfg_.quick ? 30 : 60;
     o.batch = 4;
     o.ctx = 64;
     o.lr = 5e-3f;
-    o.warmup = 5;
-    o.seed = 1000 + uint64_t(seed);
-    o.threads = cfg_.threads;
     // The decoy is fine-tuned separately, on other text (TinyStories), with its own seed.
     train::TextCorpus corpus;
     corpus.bos = tok_->bos();
@@ -250,16 +255,11 @@ const train::LoraAdapter& EvalContext::a7_reference(int seed) {
     auto it = a7_ref_.find(seed);
     if (it != a7_ref_.end()) return it->second;
     const auto t0 = std::chrono::steady_clock::now();
-    train::TrainOptions o;
-    o.lora_rank = victim_.tensors.empty() ? 8 : victim_.tensors[0].rank;
-    o.lora_alpha = victim_.alpha;
+    train::TrainOptions o = victim_shaped(4000 + uint64_t(seed));
     o.steps = cfg_.quick ? 30 : 60;
     o.batch = 4;
     o.ctx = 128;
     o.lr = 5e-3f;
-    o.warmup = 5;
-    o.seed = 4000 + uint64_t(seed);
-    o.threads = cfg_.threads;
     train::TextCorpus c = corpus_without(private_corpus(), a7_set(seed));
     std::erase_if(c.train, [&](const std::vector<int32_t>& t) { return int64_t(t.size()) < int64_t(o.ctx) + 2; });
     train::Trainer tr(base_, o, std::move(c));
@@ -299,16 +299,11 @@ const train::LoraAdapter& EvalContext::a7_overfit_adapter(int seed) {
     mem.bos = bos();
     for (size_t i = 0; i < set.windows.size(); ++i)
         if (set.labels[i] == 1) mem.train.emplace_back(set.windows[i].begin() + 1, set.windows[i].end());
-    train::TrainOptions o;
-    o.lora_rank = victim_.tensors.empty() ? 8 : victim_.tensors[0].rank;
-    o.lora_alpha = victim_.alpha;
+    train::TrainOptions o = victim_shaped(3000 + uint64_t(seed));
     o.steps = cfg_.quick ? 60 : 100;
     o.batch = 8;
     o.ctx = overfit_len(cfg_.quick);
     o.lr = 1e-2f;
-    o.warmup = 5;
-    o.seed = 3000 + uint64_t(seed);
-    o.threads = cfg_.threads;
     train::Trainer tr(base_, o, std::move(mem));
     while (!tr.done()) tr.train_step();
     if (cfg_.verbose)

@@ -132,6 +132,9 @@ public:
     const WindowEval& a7_overfit_base_eval(int seed);
 
 private:
+    // Training options for an adapter shaped like the victim's (its rank and alpha), seeded, warmup 5, on the
+    // configured threads; the caller sets steps, batch, context and learning rate.
+    train::TrainOptions victim_shaped(uint64_t seed) const;
     const std::vector<int32_t>& text(const std::string& source);
     EvalConfig cfg_;
     ModelWeights base_;
