@@ -311,7 +311,7 @@ TEST(QuantDot, Q8_0WeightsAreGgmlsReference) {
 // leaves a partial last group, and 1 to 6 tokens (every tile width and a tail).
 TEST(QuantDot, InterleavedKernelsEqualReferenceBitForBit) {
     const std::pair<const char*, qdot::WType> types[] = {
-        {"q4_0", qdot::WType::q4_0}, {"q8_0", qdot::WType::q8_0}, {"q6_K", qdot::WType::q6_k}};
+        {"q4_0", qdot::WType::q4_0}, {"q8_0", qdot::WType::q8_0}, {"q4_K", qdot::WType::q4_k}, {"q6_K", qdot::WType::q6_k}};
     std::mt19937 rng(11);
     std::normal_distribution<float> N(0.0f, 1.0f);
     for (const auto& [name, type] : types) {
@@ -328,11 +328,12 @@ TEST(QuantDot, InterleavedKernelsEqualReferenceBitForBit) {
                 continue;
             }
             for (size_t i = 0; i < rb; ++i) row[i] = uint8_t(rng());
-            // finite fp16 scales (random bytes may be inf or NaN): the block scale, and Q6_K's super-block scale
-            for (size_t b = 0; b < rb; b += qdot::block_bytes(type)) {
-                const uint16_t h = fp32_to_fp16(std::ldexp(float(1 + rng() % 1000), -12 - int(rng() % 6)));
-                std::memcpy(row + b + (type == qdot::WType::q6_k ? 208 : 0), &h, 2);
-            }
+            // finite fp16 scales (random bytes may be inf or NaN): the block scale (Q4_K: and the mins' scale)
+            for (size_t b = 0; b < rb; b += qdot::block_bytes(type))
+                for (int k = 0; k < (type == qdot::WType::q4_k ? 2 : 1); ++k) {
+                    const uint16_t h = fp32_to_fp16(std::ldexp(float(1 + rng() % 1000), -12 - int(rng() % 6)));
+                    std::memcpy(row + b + (type == qdot::WType::q6_k ? 208 : 2 * k), &h, 2);
+                }
         }
         const qdot::Packed P(type, w.data(), rows, n, rb);
         ASSERT_EQ(P.groups(), 3);

@@ -49,6 +49,10 @@ void quantize_row_q8_0_weights(const float* x, int64_t n, uint8_t* out);
 //         activations' block sum); then 16 fp16 scales per block.
 //   q8_0: per block, 8 x 64 bytes: vector j holds quants 4j..4j+3 of each row, xor 0x80 (unsigned; the +128 is
 //         taken out with the block sum); then 16 fp16 scales per block.
+//   q4_k: per super-block, 4 x 8 x 64 bytes: vector 8j + k holds bytes 32j + 4k .. 32j + 4k + 3 of each row's 128
+//         nibble bytes (elements 64j + 4k + i of sub-block 2j in the low nibbles, 64j + 32 + 4k + i of sub-block
+//         2j + 1 in the high ones); then 16 fp16 scales, 16 fp16 mins' scales and the 12 bytes of 6-bit scales and
+//         mins of each row ([byte][row]).
 //   q6_k: per super-block, 16 sub-blocks of 3 x 64 bytes: for lane r (row r), byte i, vector 0 holds the low
 //         nibbles of elements i (low) and 4+i (high) of the sub-block, vector 1 those of 8+i and 12+i, vector 2
 //         their top two bits (bits 0-1: i, 2-3: 4+i, 4-5: 8+i, 6-7: 12+i); then 16 fp16 scales and the 16 x 16
@@ -56,7 +60,7 @@ void quantize_row_q8_0_weights(const float* x, int64_t n, uint8_t* out);
 // Each row's result is the scalar reference's (ref::dot_row on the row as stored), bit for bit: the same integer per
 // block and the same float operations in the same order (this file is compiled with -ffp-contract=off).
 constexpr int kGroupRows = 16;
-// Whether this build has the interleaved kernels (AVX-512 BW and VNNI) and the format is one they take.
+// Whether this build has the interleaved kernels (AVX-512 BW and VNNI) for the format (all four when it has any).
 bool has_packed(WType t);
 
 class Packed {
@@ -84,7 +88,7 @@ private:
 
 // Y[t * ldy + r] = row r of W times token t's activations, for the rows of groups [g0, g1) and T tokens: the Q8_0
 // form (q, d, sums = q0, d0, s0 of quantize_q8_0, token t at q + t * cols, d + t * cols / 32, sums + t * cols / 32)
-// for q4_0 / q8_0, the Q8_K form (qk, dk, bsums; token strides cols, cols / 256, cols / 16) for q6_k. Tokens are
+// for q4_0 / q8_0, the Q8_K form (qk, dk, bsums; token strides cols, cols / 256, cols / 16) for q4_k / q6_k. Tokens are
 // taken four at a time per weight block read (prefill).
 void gemm_packed(const Packed& W, int64_t g0, int64_t g1, const int8_t* q, const float* d, const int16_t* sums,
                  int64_t T, float* Y, int64_t ldy);

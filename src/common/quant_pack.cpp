@@ -22,8 +22,16 @@ namespace si::qdot {
 namespace {
 
 // Bytes per group of 16 rows and one block (super-block for q6_k): quants, then scales.
-size_t quant_bytes(WType t) { return t == WType::q4_0 ? 256 : t == WType::q8_0 ? 512 : 3072; }
-size_t scale_bytes(WType t) { return t == WType::q6_k ? 32 + 256 : 32; }
+size_t quant_bytes(WType t) {
+    switch (t) {
+        case WType::q4_0: return 256;
+        case WType::q8_0: return 512;
+        case WType::q4_k: return 2048;
+        case WType::q6_k: return 3072;
+    }
+    return 0;
+}
+size_t scale_bytes(WType t) { return t == WType::q6_k ? 32 + 256 : t == WType::q4_k ? 32 + 32 + 192 : 32; }
 
 // The 256 six-bit values (0..63) of a Q6_K super-block, element order.
 void q6_k_values(const uint8_t* w, uint8_t v[256]) {
@@ -41,14 +49,12 @@ void q6_k_values(const uint8_t* w, uint8_t v[256]) {
 
 }  // namespace
 
-bool has_packed(WType t) { return SI_QPACK_AVX512 && (t == WType::q4_0 || t == WType::q8_0 || t == WType::q6_k); }
+bool has_packed(WType) { return SI_QPACK_AVX512; }
 
 void Packed::Free::operator()(uint8_t* p) const { std::free(p); }
 
 Packed::Packed(WType t, const uint8_t* src, int64_t rows, int64_t cols, size_t row_bytes)
     : type_(t), rows_(rows), cols_(cols) {
-    if (t != WType::q4_0 && t != WType::q8_0 && t != WType::q6_k)
-        fail(Status::internal, "no interleaved layout for this block format");
     const int64_t be = block_elems(t);
     if (rows <= 0 || cols <= 0 || cols % be != 0 || row_bytes != size_t(cols / be) * block_bytes(t))
         fail(Status::internal, "interleaved packing: bad matrix shape");
@@ -77,6 +83,12 @@ Packed::Packed(WType t, const uint8_t* src, int64_t rows, int64_t cols, size_t r
                     std::memcpy(sd + 2 * r, blk, 2);
                     for (int j = 0; j < 8; ++j)
                         for (int i = 0; i < 4; ++i) qd[64 * j + 4 * r + i] = uint8_t(blk[2 + 4 * j + i] ^ 0x80);
+                } else if (t == WType::q4_k) {
+                    std::memcpy(sd + 2 * r, blk, 2);
+                    std::memcpy(sd + 32 + 2 * r, blk + 2, 2);
+                    for (int k = 0; k < 12; ++k) sd[64 + 16 * k + r] = blk[4 + k];
+                    for (int j = 0; j < 4; ++j)
+                        for (int k = 0; k < 8; ++k) std::memcpy(qd + 512 * j + 64 * k + 4 * r, blk + 16 + 32 * j + 4 * k, 4);
                 } else {
                     uint8_t v[256];
                     q6_k_values(blk, v);
@@ -209,6 +221,77 @@ void q6_k_group(const uint8_t* grp, int64_t nsb, const int8_t* q, const float* d
     for (int t = 0; t < NT; ++t) _mm512_mask_storeu_ps(Y + t * ldy, m, acc[t]);
 }
 
+// Q4_K: per pair of sub-blocks (2j, 2j+1) the exact nibble sums of both (low and high nibbles of the same bytes),
+// times the rows' 6-bit scales, summed in int32; the mins' term sum_s m[s] (bsums[2s] + bsums[2s+1]) through
+// vpdpwssd on pairs of 16-bit mins; then scale_x * (dmaj * float(sumi) - dmin * float(summ)) as the reference.
+template <int NT>
+void q4_k_group(const uint8_t* grp, int64_t nsb, const int8_t* q, const float* d, const int16_t* bsums, int64_t cols,
+                float* Y, int64_t ldy, __mmask16 m) {
+    const uint8_t* scl = grp + size_t(nsb) * 2048;
+    const __m512i low = _mm512_set1_epi8(0x0F), six = _mm512_set1_epi32(63), nib = _mm512_set1_epi32(0x0F);
+    constexpr int kSelectCAB = 0xE4;  // ternary logic: c ? a : b
+    __m512 acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nsb; ++b) {
+        const uint8_t* qb = grp + size_t(b) * 2048;
+        const uint8_t* sb = scl + size_t(b) * 256;
+        // the 12 scale bytes of 16 rows, one 32-bit lane per row, decoded as ggml's get_scale_min_k4
+        __m512i Q[12];
+        for (int k = 0; k < 12; ++k)
+            Q[k] = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(sb + 64 + 16 * k)));
+        __m512i sc[8], mn[4];
+        for (int j = 0; j < 4; ++j) {
+            sc[j] = _mm512_and_si512(Q[j], six);
+            sc[4 + j] = _mm512_ternarylogic_epi32(Q[8 + j], _mm512_srli_epi32(Q[j], 2), nib, kSelectCAB);
+        }
+        {
+            __m512i mv[8];
+            for (int j = 0; j < 4; ++j) {
+                mv[j] = _mm512_and_si512(Q[4 + j], six);
+                mv[4 + j] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(Q[8 + j], 4), _mm512_srli_epi32(Q[4 + j], 2), nib,
+                                                      kSelectCAB);
+            }
+            for (int p = 0; p < 4; ++p) mn[p] = _mm512_or_si512(mv[2 * p], _mm512_slli_epi32(mv[2 * p + 1], 16));
+        }
+        __m512i sumi[NT], summ[NT];
+        for (int t = 0; t < NT; ++t) {
+            sumi[t] = _mm512_setzero_si512();
+            summ[t] = _mm512_setzero_si512();
+            const int16_t* bs = bsums + t * (cols / 16) + 16 * b;
+            for (int p = 0; p < 4; ++p) {
+                const int32_t lo = bs[4 * p] + bs[4 * p + 1], hi = bs[4 * p + 2] + bs[4 * p + 3];
+                const int32_t both = int32_t((uint32_t(lo) & 0xFFFFu) | (uint32_t(hi) << 16));
+                summ[t] = _mm512_dpwssd_epi32(summ[t], mn[p], _mm512_set1_epi32(both));
+            }
+        }
+        for (int j = 0; j < 4; ++j) {
+            __m512i lo[8], hi[8];
+            for (int k = 0; k < 8; ++k) {
+                const __m512i v = ld(qb + 512 * j + 64 * k);
+                lo[k] = _mm512_and_si512(v, low);
+                hi[k] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            }
+            for (int t = 0; t < NT; ++t) {
+                const int8_t* x = q + t * cols + 256 * b + 64 * j;
+                __m512i al = _mm512_setzero_si512(), ah = _mm512_setzero_si512();
+                for (int k = 0; k < 8; ++k) {
+                    al = _mm512_dpbusd_epi32(al, lo[k], bcast4(x + 4 * k));
+                    ah = _mm512_dpbusd_epi32(ah, hi[k], bcast4(x + 32 + 4 * k));
+                }
+                sumi[t] = _mm512_add_epi32(sumi[t], _mm512_add_epi32(_mm512_mullo_epi32(al, sc[2 * j]),
+                                                                     _mm512_mullo_epi32(ah, sc[2 * j + 1])));
+            }
+        }
+        const __m512 dmaj = scales16(sb), dmin = scales16(sb + 32);
+        for (int t = 0; t < NT; ++t) {
+            const __m512 v = _mm512_sub_ps(_mm512_mul_ps(dmaj, _mm512_cvtepi32_ps(sumi[t])),
+                                           _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(summ[t])));
+            acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(_mm512_set1_ps(d[t * nsb + b]), v));
+        }
+    }
+    for (int t = 0; t < NT; ++t) _mm512_mask_storeu_ps(Y + t * ldy, m, acc[t]);
+}
+
 using GroupFn = void (*)(const uint8_t*, int64_t, const int8_t*, const float*, const int16_t*, int64_t, float*, int64_t,
                          __mmask16);
 
@@ -219,6 +302,10 @@ struct Q40 {
 template <int NT>
 struct Q80 {
     static constexpr GroupFn fn = q8_0_group<NT>;
+};
+template <int NT>
+struct Q4K {
+    static constexpr GroupFn fn = q4_k_group<NT>;
 };
 template <int NT>
 struct Q6K {
@@ -236,8 +323,11 @@ void gemm_packed(const Packed& W, int64_t g0, int64_t g1, const int8_t* q, const
 #if SI_QPACK_AVX512
     const WType t = W.type();
     const int64_t cols = W.cols(), nb = cols / block_elems(t);
-    const GroupFn* fns = t == WType::q4_0 ? tiles<Q40> : t == WType::q8_0 ? tiles<Q80> : tiles<Q6K>;
-    const int64_t sum_stride = t == WType::q6_k ? cols / 16 : nb;
+    const GroupFn* fns = t == WType::q4_0   ? tiles<Q40>
+                         : t == WType::q8_0 ? tiles<Q80>
+                         : t == WType::q4_k ? tiles<Q4K>
+                                            : tiles<Q6K>;
+    const int64_t sum_stride = uses_q8k(t) ? cols / 16 : nb;
     for (int64_t g = g0; g < g1; ++g) {
         const int64_t r0 = g * kGroupRows;
         const int64_t live = std::min<int64_t>(kGroupRows, W.rows() - r0);

@@ -40,8 +40,8 @@ struct Linear {
     PackedI8 q;                // int8 weights packed for the integer kernels
     std::vector<float> scale;  // per-row dequantisation scale
     // native: consecutive row ranges, each in one block format, read in place from the model file (or from `owned`
-    // for re-quantised matrices), or, where the build has the interleaved kernels for the format (AVX-512 VNNI:
-    // q4_0, q8_0, q6_k), repacked once into groups of 16 rows (`packed`, as many bytes as the file's blocks).
+    // for re-quantised matrices), or, where the build has the interleaved kernels (AVX-512 VNNI), repacked once
+    // into groups of 16 rows (`packed`, as many bytes as the file's blocks).
     struct Part {
         uint32_t type = 0;  // qdot::WType
         int64_t rows = 0;
