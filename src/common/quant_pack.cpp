@@ -122,6 +122,12 @@ inline __m512 scales16(const uint8_t* p) {
     return _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(p)));
 }
 inline __m512i ld(const uint8_t* p) { return _mm512_load_si512(p); }
+// Decoding streams every matrix from memory once per token: the quants are prefetched this far ahead of their use
+// (the groups of a thread's rows lie back to back), which measured faster than the hardware prefetcher alone.
+constexpr size_t kPrefetchAhead = 2048;
+inline void prefetch(const uint8_t* p, int lines) {
+    for (int i = 0; i < lines; ++i) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchAhead + 64 * i), _MM_HINT_T0);
+}
 constexpr int kOr_AndBC = 0xF8;  // ternary logic: a | (b & c)
 
 // One group of 16 rows times NT tokens. Per row and token, the block's exact integer, then
@@ -135,6 +141,7 @@ void q4_0_group(const uint8_t* grp, int64_t nb, const int8_t* q, const float* d,
     for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* qb = grp + size_t(b) * 256;
+        prefetch(qb, 4);
         __m512i w[8];
         for (int j = 0; j < 4; ++j) {
             const __m512i v = ld(qb + 64 * j);
@@ -164,6 +171,7 @@ void q8_0_group(const uint8_t* grp, int64_t nb, const int8_t* q, const float* d,
     for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* qb = grp + size_t(b) * 512;
+        prefetch(qb, 8);
         const __m512 dw = scales16(scl + 32 * b);
         for (int t = 0; t < NT; ++t) {
             const int8_t* x = q + t * cols + 32 * b;
@@ -194,6 +202,7 @@ void q6_k_group(const uint8_t* grp, int64_t nsb, const int8_t* q, const float* d
         __m512i tot[NT];
         for (int t = 0; t < NT; ++t) tot[t] = _mm512_setzero_si512();
         for (int s = 0; s < 16; ++s) {
+            prefetch(qb + 192 * s, 3);
             const __m512i l0 = ld(qb + 192 * s), l1 = ld(qb + 192 * s + 64), h = ld(qb + 192 * s + 128);
             const __m512i v0 = _mm512_ternarylogic_epi32(_mm512_and_si512(l0, low), _mm512_slli_epi16(h, 4), top, kOr_AndBC);
             const __m512i v1 = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(l0, 4), low),
@@ -266,6 +275,7 @@ void q4_k_group(const uint8_t* grp, int64_t nsb, const int8_t* q, const float* d
         }
         for (int j = 0; j < 4; ++j) {
             __m512i lo[8], hi[8];
+            prefetch(qb + 512 * j, 8);
             for (int k = 0; k < 8; ++k) {
                 const __m512i v = ld(qb + 512 * j + 64 * k);
                 lo[k] = _mm512_and_si512(v, low);
