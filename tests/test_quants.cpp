@@ -306,6 +306,34 @@ TEST(QuantDot, Q8_0WeightsAreGgmlsReference) {
     for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(back[i], x[i]) << i;
 }
 
+// The vectorised activation quantisers write the scalar references' bytes (scales, quants, sums), for blocks of
+// every magnitude, an all-zero block and values exactly halfway between two steps.
+TEST(QuantDot, ActivationQuantisersEqualScalarReference) {
+    std::mt19937 rng(5);
+    std::normal_distribution<float> N(0.0f, 1.0f);
+    const int64_t n = 2048;
+    std::vector<float> x(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) x[size_t(i)] = N(rng) * std::ldexp(1.0f, int(i / 256) * 3 - 10);
+    std::fill(x.begin() + 256, x.begin() + 288, 0.0f);                 // a zero block of 32
+    for (int j = 0; j < 32; ++j) x[size_t(512 + j)] = float(j - 16) + 0.5f;  // ties: .5 steps when amax = 127
+    x[512 + 31] = 127.0f;
+    for (const bool k : {false, true}) {
+        std::vector<int8_t> q(static_cast<size_t>(n)), qr(static_cast<size_t>(n));
+        std::vector<float> d(static_cast<size_t>(n / 32)), dr(static_cast<size_t>(n / 32));
+        std::vector<int16_t> s(static_cast<size_t>(n / 16)), sr(static_cast<size_t>(n / 16));
+        if (k) {
+            qdot::quantize_q8_k(x.data(), n, q.data(), d.data(), s.data());
+            qdot::ref::quantize_q8_k(x.data(), n, qr.data(), dr.data(), sr.data());
+        } else {
+            qdot::quantize_q8_0(x.data(), n, q.data(), d.data(), s.data());
+            qdot::ref::quantize_q8_0(x.data(), n, qr.data(), dr.data(), sr.data());
+        }
+        EXPECT_EQ(q, qr) << k;
+        EXPECT_EQ(0, std::memcmp(d.data(), dr.data(), d.size() * 4)) << k;
+        EXPECT_EQ(s, sr) << k;
+    }
+}
+
 // The interleaved kernels (16 rows per group, several tokens per weight block read) give each row exactly what the
 // scalar reference gives for that row as stored: ggml-written rows of the fixtures and random rows, a row count that
 // leaves a partial last group, and 1 to 6 tokens (every tile width and a tail).

@@ -94,6 +94,8 @@ void gemm_packed(const Packed& W, int64_t g0, int64_t g1, const int8_t* q, const
                  int64_t T, float* Y, int64_t ldy);
 
 namespace ref {
+void quantize_q8_0(const float* x, int64_t n, int8_t* q0, float* d0, int16_t* s0);
+void quantize_q8_k(const float* x, int64_t n, int8_t* qk, float* dk, int16_t* bsums);
 float dot_row(WType t, const uint8_t* row, int64_t n, const int8_t* q, const float* d, const int16_t* bsums);
 }
 
