@@ -18,6 +18,8 @@ class Reader;
 
 namespace si {
 
+class TensorSource;
+
 // native: the matrices stay in the GGUF file's block format (Q4_0, Q8_0, Q4_K, Q6_K) and are read as stored, with
 // int8 activations per block (common/quant_dot.h); matrices in other formats are re-quantised to Q8_0 once, and a
 // product whose rows are not a whole number of 32-element blocks (hidden 172) uses the int8 format instead.
@@ -67,6 +69,10 @@ public:
     // `file`: the GGUF the weights came from, read in place by WeightFormat::native (it must outlive the engine);
     // without it, native re-quantises every matrix to Q8_0.
     Engine(const ModelWeights& weights, const EngineParams& params, const gguf::Reader* file = nullptr);
+    // Bounded memory: the tensors are read one at a time from `source` (only during construction) and turned into
+    // the engine's format, no f32 copy of the model kept beyond what that format is (f32 weights, the embeddings);
+    // native reads `file`'s blocks in place and reads f32 only for matrices it re-quantises.
+    Engine(const TensorSource& source, const EngineParams& params, const gguf::Reader* file = nullptr);
     ~Engine();
 
     const ModelConfig& config() const { return cfg_; }
