@@ -38,7 +38,7 @@ while [ $# -gt 0 ]; do
     --threads) threads=$2; shift 2 ;;
     --servers) servers=$2; shift 2 ;;
     --precompute-rows) pre_rows=$2; shift 2 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "bench-server-vs-llamacpp: unknown argument '$1'" >&2; exit 2 ;;
   esac
 done
