@@ -25,7 +25,9 @@
 #include "train/lora.h"
 
 struct si_model {
-    si::ModelFile file;  // the base weights, never merged with the adapter
+    // The base model, never merged with the adapter: its config and vocabulary, its tensors read one at a time
+    // from file.source (bounded memory: a context turns them into its own form; no f32 copy is kept here).
+    si::ModelFile file;
     std::unique_ptr<si::Tokenizer> tokenizer;
     // The LoRA adapter: merged into a copy of the weights for the plaintext engine, kept apart (and sent to the
     // trusted core only) in the secure modes.
@@ -132,9 +134,23 @@ int si_model_load(const char* path, const si_model_params* params, si_model** ou
                 si::fail(si::Status::invalid_argument, "a protected package carries its own adapters; lora_path "
                                                        "cannot be added to it");
             m->package = si::Package::open(path);
-            m->file = m->package->model();
+            // The package's public model, read in place (the package stays open as long as the source).
+            const si::ModelFile& pm = m->package->model();
+            m->file.weights.cfg = pm.weights.cfg;
+            m->file.vocab = pm.vocab;
+            m->file.format = pm.format;
+            m->file.path = pm.path;
+            m->file.vocab_path = pm.vocab_path;
+            struct Held {
+                std::shared_ptr<const si::Package> package;
+                si::DenseSource source;
+                explicit Held(std::shared_ptr<const si::Package> p) : package(std::move(p)), source(package->model().weights) {}
+            };
+            auto held = std::make_shared<Held>(m->package);
+            m->file.source = std::shared_ptr<const si::TensorSource>(held, &held->source);
+            m->file.lazy = true;
         } else {
-            m->file = si::load_model_file(path, p.tokenizer_path ? p.tokenizer_path : "");
+            m->file = si::load_model_file(path, p.tokenizer_path ? p.tokenizer_path : "", si::LoadWeights::lazy);
         }
         if (m->file.format == si::ModelFileFormat::gguf && !m->package) {
             const si::gguf::Reader r = si::gguf::Reader::open(path);
@@ -314,11 +330,11 @@ int context_init(si_model* model, const si_context_params* params, int n_slots, 
             if (model->lora) {
                 // Merged into a copy of the f32 weights, so every engine format (int8 included) quantises the
                 // adapted weights.
-                si::ModelWeights merged = model->file.weights;
+                si::ModelWeights merged = si::materialize(*si::source_for(model->file));
                 si::train::merge_lora(merged, *model->lora, model->lora_scale);
                 c->engine = std::make_unique<si::Engine>(merged, ep);
             } else {
-                c->engine = std::make_unique<si::Engine>(model->file.weights, ep, model->file.gguf.get());
+                c->engine = std::make_unique<si::Engine>(*si::source_for(model->file), ep, model->file.gguf.get());
             }
             c->isolation = "none (plaintext engine)";
         } else {
@@ -367,7 +383,7 @@ int context_init(si_model* model, const si_context_params* params, int n_slots, 
                     cb(done, total, user);
                 };
             sp.slots = n_slots;
-            c->session = std::make_unique<si::SecureSession>(model->file.weights, std::move(sp));
+            c->session = std::make_unique<si::SecureSession>(si::source_for(model->file), std::move(sp));
             c->isolation = c->session->isolation();
             for (const auto& w : c->session->warnings()) c->warnings += (c->warnings.empty() ? "" : "\n") + w;
         }

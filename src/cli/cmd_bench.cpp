@@ -122,7 +122,8 @@ Runner add_bench(CLI::App& app) {
     };
     auto o = std::make_shared<Opts>();
     sub->add_option("-m,--model", o->model, "model file (default: a random-weight model of --shape)");
-    sub->add_option("--shape", o->shape, "random-weight model shape: stories260k, stories15m, stories110m, tinyllama");
+    sub->add_option("--shape", o->shape, "random-weight model shape: stories260k, stories15m, stories110m, tinyllama, "
+                                         "llama2-7b, llama3-8b (generated tensor by tensor)");
     sub->add_option("-p,--n-prompt", o->n_prompt, "prefill length in tokens (0: skip)")->check(CLI::Range(0, 1 << 16));
     o->n_gen_opt = sub->add_option("-n,--n-gen", o->n_gen, "decoded tokens (0: skip; with --concurrency: decode steps, "
                                                            "default 32)")->check(CLI::Range(0, 1 << 16));
@@ -164,19 +165,22 @@ Runner add_bench(CLI::App& app) {
     sub->add_option("--json", o->json, "also write the results as JSON to this file");
     sub->add_option("--plot", o->plot, "write an SVG of the presets' decode latency per domain to this file");
     return [o]() -> int {
-        ModelWeights w;
+        // The model's tensors one at a time (bounded memory): a memory-mapped file or generated random weights.
         std::string model_name;
         std::shared_ptr<const gguf::Reader> file;  // native weights read the GGUF in place
+        ModelFile mf;
+        std::shared_ptr<const TensorSource> src;
         if (!o->model.empty()) {
-            ModelFile mf = load_model_file(o->model);
-            w = std::move(mf.weights);
+            mf = load_model_file(o->model, "", LoadWeights::lazy);
+            src = source_for(mf);
             file = mf.gguf;
             model_name = o->model;
         } else {
-            w = random_model(shape_preset(o->shape), 1234);
+            src = std::make_shared<RandomSource>(shape_preset(o->shape), 1234);
             model_name = o->shape + " (random weights)";
         }
-        if (o->slot_memory > 0) return bench_slot_memory(w, model_name, o->slot_memory, o->slot_memory_positions, o->threads);
+        if (o->slot_memory > 0)
+            return bench_slot_memory(materialize(*src), model_name, o->slot_memory, o->slot_memory_positions, o->threads);
         if (!o->concurrency.empty()) {
             ConcurrencyBench cb;
             cb.levels = o->concurrency;
@@ -189,9 +193,9 @@ Runner add_bench(CLI::App& app) {
             cb.inside_mib = o->inside_mib;
             cb.backend = o->backends.front();
             cb.json = o->json;
-            return bench_concurrency(w, model_name, cb);
+            return bench_concurrency(materialize(*src), model_name, cb);
         }
-        const ModelConfig c = w.cfg;
+        const ModelConfig c = src->config();
         const int n_ctx = std::max(o->n_prompt, o->n_gen + 1);
         if (n_ctx > c.seq_len) throw UsageError("the test needs " + std::to_string(n_ctx) + " positions; the model's context is " + std::to_string(c.seq_len));
 
@@ -207,6 +211,7 @@ Runner add_bench(CLI::App& app) {
             bool offline = false;   // precompute the unblinding factors before each decode run
             std::vector<double> pre;  // precompute tokens/s
             uint64_t kept_bytes = 0;  // factors kept inside after the last precompute
+            double load_s = 0.0;      // construction: reading, converting and uploading the model
             void reset() { engine ? engine->reset() : session->reset(); }
             // a step computes the logits it needs, as the engine does: the sessions sample the last token (greedy)
             void eval(std::span<const int32_t> t) { engine ? (void)engine->eval(t) : (void)session->eval_sample(t); }
@@ -220,8 +225,10 @@ Runner add_bench(CLI::App& app) {
                     p.n_threads = o->threads;
                     p.n_ctx = n_ctx;
                     p.weights = f == "int8" ? WeightFormat::int8 : f == "native" ? WeightFormat::native : WeightFormat::f32;
-                    runs.push_back({"plain " + f, "", SecureMode::secureinfer, std::make_unique<Engine>(w, p, file.get()), nullptr,
+                    const auto t0 = std::chrono::steady_clock::now();
+                    runs.push_back({"plain " + f, "", SecureMode::secureinfer, std::make_unique<Engine>(*src, p, file.get()), nullptr,
                                     {}, {}, {}, false, {}});
+                    runs.back().load_s = seconds_since(t0);
                 }
                 continue;
             }
@@ -236,11 +243,26 @@ Runner add_bench(CLI::App& app) {
                 sp.worker_spin_us = o->spin_us;
                 sp.pin_cpu = resolve_pin_cpu(o->pin_cpu, b, o->spin_us);
                 sp.precompute_inside_bytes = int64_t(o->inside_mib) << 20;
-                runs.push_back({m + " int8", b, sp.mode, nullptr, std::make_unique<SecureSession>(w, sp), {}, {}, {},
+                const auto t0 = std::chrono::steady_clock::now();
+                runs.push_back({m + " int8", b, sp.mode, nullptr, std::make_unique<SecureSession>(src, sp), {}, {}, {},
                                 offline, {}});
+                runs.back().load_s = seconds_since(t0);
             }
         }
-        w = ModelWeights{};  // the runners hold their own copies
+        // Loading and memory: this process's peak resident memory so far (every runner's loading included) and
+        // each enclave worker's, as /proc reports them.
+        std::fprintf(stderr, "bench: f32 elements read from the model: %.3g (%.3g per parameter)\n",
+                     double(src->f32_elements_read()), double(src->f32_elements_read()) / double(c.n_params(src->tied())));
+        for (const auto& r : runs)
+            std::fprintf(stderr, "bench: load %s [%s]: %.2f s\n", r.name.c_str(), r.engine ? "-" : r.backend.c_str(), r.load_s);
+        auto report_memory = [&](const char* when) {
+            std::fprintf(stderr, "bench: peak resident memory %s: host %.1f MiB", when, double(peak_rss_kib()) / 1024.0);
+            for (const auto& r : runs)
+                if (r.session && r.session->worker_peak_rss_kib() >= 0)
+                    std::fprintf(stderr, ", %s worker %.1f MiB", r.name.c_str(), double(r.session->worker_peak_rss_kib()) / 1024.0);
+            std::fprintf(stderr, "\n");
+        };
+        report_memory("after loading");
         const auto prompt = bench_tokens(o->n_prompt, c.vocab_size);
         const auto gen = bench_tokens(o->n_gen, c.vocab_size);
         std::fprintf(stderr, "bench: %s, dim %d, %d layers, hidden %d, vocab %d, %d threads\n", model_name.c_str(), c.dim,
@@ -280,6 +302,7 @@ Runner add_bench(CLI::App& app) {
             }
         }
         std::fprintf(stderr, "\n");
+        report_memory("at the end");
         nlohmann::json out = nlohmann::json::array();
         std::printf("| model | runner | backend | test | t/s (median) | min | max | decode ms/token: enclave / accel / host | crossings/token | KiB crossing/token | SGX1 / SGX2 projected t/s |\n"
                     "|---|---|---|---|---|---|---|---|---|---|---|\n");

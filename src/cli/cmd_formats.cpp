@@ -123,7 +123,8 @@ Runner add_convert(CLI::App& app) {
     sub->add_option("-o,--output", o->out, "output GGUF file")->required();
     sub->add_option("--outtype", o->type, "tensor type of the matrices")->check(CLI::IsMember({"f32", "f16", "q8_0"}));
     sub->add_option("--name", o->name, "general.name (default: the input file name)");
-    sub->add_option("--random-shape", o->random_shape, "write a random-weight model of this shape instead (stories260k, stories15m, stories110m, tinyllama)");
+    sub->add_option("--random-shape", o->random_shape, "write a random-weight model of this shape instead (stories260k, stories15m, stories110m, tinyllama, "
+                                                        "llama2-7b, llama3-8b; generated and written one tensor at a time)");
     sub->add_option("--seed", o->seed, "seed of --random-shape weights");
     sub->add_option("--pad-hidden", o->pad_hidden,
                     "pad the feed-forward width with zero units up to a multiple of this (e.g. 256, so that "
@@ -131,28 +132,38 @@ Runner add_convert(CLI::App& app) {
         ->check(CLI::Range(1, 65536));
     return [o]() -> int {
         if (o->model.empty() == o->random_shape.empty()) throw UsageError("give exactly one of --model and --random-shape");
-        ModelWeights w;
+        // Tensor by tensor from the input (a memory-mapped GGUF, or generated) into the output file; only
+        // --pad-hidden (and a llama2.c input) holds the model in memory.
+        ModelFile m;
+        std::shared_ptr<const TensorSource> src;
         Vocab vocab;
         std::string name = o->name;
         if (!o->model.empty()) {
-            ModelFile m = load_model_file(o->model, o->tokenizer);
-            w = std::move(m.weights);
+            m = load_model_file(o->model, o->tokenizer, LoadWeights::lazy);
+            src = source_for(m);
             vocab = std::move(m.vocab);
             if (name.empty()) name = std::filesystem::path(o->model).stem().string();
         } else {
             if (o->tokenizer.empty()) throw UsageError("--random-shape needs --tokenizer for the vocabulary");
-            w = random_model(shape_preset(o->random_shape), o->seed);
+            src = std::make_shared<RandomSource>(shape_preset(o->random_shape), o->seed);
             vocab = load_vocab_file(o->tokenizer);
-            if (int(vocab.size()) != w.cfg.vocab_size)
+            if (int(vocab.size()) != src->config().vocab_size)
                 throw Error(Status::invalid_argument, o->tokenizer + ": vocabulary has " + std::to_string(vocab.size()) +
-                                                          " tokens; shape " + o->random_shape + " needs " + std::to_string(w.cfg.vocab_size));
+                                                          " tokens; shape " + o->random_shape + " needs " +
+                                                          std::to_string(src->config().vocab_size));
             if (name.empty()) name = o->random_shape + "-random";
         }
-        if (o->pad_hidden > 0) pad_hidden_dim(w, o->pad_hidden);
+        ModelWeights padded;
+        if (o->pad_hidden > 0) {
+            padded = materialize(*src);
+            pad_hidden_dim(padded, o->pad_hidden);
+            src = std::make_shared<DenseSource>(padded);
+        }
         const GgufWeightType type = o->type == "q8_0" ? GgufWeightType::q8_0 : o->type == "f16" ? GgufWeightType::f16 : GgufWeightType::f32;
-        const auto notes = write_gguf_model(o->out, w, vocab, type, name);
+        const auto notes = write_gguf_model(o->out, *src, vocab, type, name);
         for (const auto& n : notes) std::fprintf(stderr, "convert: %s\n", n.c_str());
-        std::fprintf(stderr, "convert: wrote %s (%s, %d layers, vocab %d)\n", o->out.c_str(), o->type.c_str(), w.cfg.n_layers, w.cfg.vocab_size);
+        std::fprintf(stderr, "convert: wrote %s (%s, %d layers, vocab %d)\n", o->out.c_str(), o->type.c_str(),
+                     src->config().n_layers, src->config().vocab_size);
         return 0;
     };
 }

@@ -27,7 +27,8 @@ Runner add_precompute(CLI::App& app) {
     auto o = std::make_shared<Opts>();
     sub->add_option("-m,--model", o->model, "model file (default: a random-weight model of --shape)");
     sub->add_option("--tokenizer", o->tokenizer, "tokenizer.bin for llama2.c checkpoints");
-    sub->add_option("--shape", o->shape, "random-weight model shape: stories260k, stories15m, stories110m, tinyllama");
+    sub->add_option("--shape", o->shape, "random-weight model shape: stories260k, stories15m, stories110m, tinyllama, llama2-7b, "
+                                         "llama3-8b");
     sub->add_option("-n,--n-tokens", o->n_tokens, "decode steps to precompute")->check(CLI::Range(1, 1 << 16));
     sub->add_option("-t,--threads", o->threads, "host threads (0: all CPUs)")->check(CLI::Range(0, 1024));
     sub->add_option("-c,--ctx-size", o->ctx, "context length (0: the model's)")->check(CLI::Range(0, 1 << 20));
@@ -36,13 +37,15 @@ Runner add_precompute(CLI::App& app) {
                                                           "host memory (default 256; 0 seals all)")
         ->check(CLI::Range(0, 1024));
     return [o]() -> int {
-        ModelWeights w;
+        ModelFile mf;
+        std::shared_ptr<const TensorSource> src;  // the model tensor by tensor (bounded memory)
         std::string name;
         if (!o->model.empty()) {
-            w = load_model_file(o->model, o->tokenizer).weights;
+            mf = load_model_file(o->model, o->tokenizer, LoadWeights::lazy);
+            src = source_for(mf);
             name = o->model;
         } else {
-            w = random_model(shape_preset(o->shape), 1234);
+            src = std::make_shared<RandomSource>(shape_preset(o->shape), 1234);
             name = o->shape + " (random weights)";
         }
         SecureSessionParams sp;
@@ -57,11 +60,10 @@ Runner add_precompute(CLI::App& app) {
             loading.set_total(total);
             loading.update(done);
         };
-        SecureSession s(w, sp);
+        SecureSession s(*src, sp);
         loading.finish();
         for (const auto& warn : s.warnings()) std::fprintf(stderr, "secureinfer: WARNING: %s\n", warn.c_str());
-        const ModelConfig c = w.cfg;
-        w = ModelWeights{};
+        const ModelConfig c = src->config();
         std::fprintf(stderr, "precompute: %s, dim %d, %d layers, hidden %d; enclave host: %s\n", name.c_str(), c.dim,
                      c.n_layers, c.hidden_dim, s.isolation().c_str());
         Progress bar("precompute", o->n_tokens, "tokens");

@@ -56,14 +56,15 @@ double token_nll(const float* logits, int n, int target) {
     return std::log(sum) + mx - double(logits[target]);
 }
 
-StagedForward::StagedForward(const ModelConfig& cfg, int n_ctx, bool tied_classifier, ThreadPool* pool)
-    : cfg_(cfg), n_ctx_(n_ctx), tied_(tied_classifier), pool_(pool) {
+StagedForward::StagedForward(const ModelConfig& cfg, int n_ctx, bool tied_classifier, ThreadPool* pool,
+                             EmbeddingRows embedding_rows)
+    : cfg_(cfg), n_ctx_(n_ctx), tied_(tied_classifier), pool_(pool), embedding_rows_(std::move(embedding_rows)) {
     cfg_.validate("model configuration");
     if (n_ctx < 1 || n_ctx > cfg_.seq_len)
         fail(Status::invalid_argument, "context length " + std::to_string(n_ctx) + " out of range [1, " +
                                            std::to_string(cfg_.seq_len) + "]");
     const size_t d = size_t(cfg_.dim), v = size_t(cfg_.vocab_size);
-    tok_embeddings_.resize(v * d);
+    if (!embedding_rows_) tok_embeddings_.resize(v * d);
     if (!tied_) classifier_.resize(v * d);
     final_norm_.resize(d);
     attn_norm_.resize(size_t(cfg_.n_layers));
@@ -206,7 +207,10 @@ void StagedForward::begin(std::span<const PassSegment> segments) {
     for (const PassSegment& s : segments) {
         segs_.push_back(Seg{s.cache, row, s.n, s.cache->pos_});
         for (int t = 0; t < s.n; ++t, ++row) {
-            std::copy_n(&tok_embeddings_[size_t(s.tokens[t]) * d], d, x_.data() + size_t(row) * d);
+            if (embedding_rows_)
+                embedding_rows_(s.tokens[t], x_.data() + size_t(row) * d);
+            else
+                std::copy_n(&tok_embeddings_[size_t(s.tokens[t]) * d], d, x_.data() + size_t(row) * d);
             row_pos_[size_t(row)] = s.cache->pos_ + t;
         }
     }
@@ -347,6 +351,7 @@ void StagedForward::logits(int t0, int n, float* out) {
     for (int t = 0; t < n; ++t)
         rmsnorm(&xb_[size_t(t) * d], &x_[size_t(t0 + t) * d], final_norm_.data(), d, cfg_.norm_eps);
     const SecretVector<float>& W = tied_ ? tok_embeddings_ : classifier_;
+    if (W.empty()) fail(Status::internal, "logits: the classifier's weights are not held here");
     matmul_f32(pool_, W.data(), cfg_.vocab_size, d, xb_.data(), n, out);
     flops_ += 2 * uint64_t(n) * uint64_t(cfg_.vocab_size) * uint64_t(d);
 }

@@ -14,6 +14,7 @@
 // Every buffer (weights, KV cache, activations) is secret memory: zeroed when freed.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 #include <vector>
@@ -74,7 +75,11 @@ class StagedForward {
 public:
     // n_ctx: KV cache length (1 .. cfg.seq_len). pool: threads for attention and the classifier (nullptr: inline;
     // results do not depend on it).
-    StagedForward(const ModelConfig& cfg, int n_ctx, bool tied_classifier, ThreadPool* pool = nullptr);
+    // embedding_rows: writes a token's embedding row ([dim]) for the passes instead of a table held here (then
+    // tok_embeddings() stays empty, and a tied classifier cannot be computed here: logits() refuses).
+    using EmbeddingRows = std::function<void(int32_t token, float* out)>;
+    StagedForward(const ModelConfig& cfg, int n_ctx, bool tied_classifier, ThreadPool* pool = nullptr,
+                  EmbeddingRows embedding_rows = nullptr);
     ~StagedForward();
     StagedForward(const StagedForward&) = delete;
     StagedForward& operator=(const StagedForward&) = delete;
@@ -144,6 +149,7 @@ private:
     bool tied_ = true;
     ThreadPool* pool_ = nullptr;
     SecretVector<float> tok_embeddings_, classifier_, final_norm_;
+    EmbeddingRows embedding_rows_;
     std::vector<SecretVector<float>> attn_norm_, ffn_norm_;
     std::vector<LoraUpdate> lora_;  // [layer][7]; rank 0: none
     KvCache own_;  // the single-sequence passes' cache

@@ -14,6 +14,17 @@ using core::bad;
 using core::wipe;
 using core::kSealKeyBytes;
 
+namespace {
+// A projection's int8 rows are complete: its Freivalds key (offloaded ones) and packed form, the rows released at
+// once (zeroed first when secret), so the core never holds a model's raw and packed weights together.
+void pack_projection(core::ProjState& s, bool offload_mode) {
+    s.offload = offload_mode && !s.secret;
+    if (s.offload) s.key.emplace(s.raw.data(), s.rows, s.cols, nullptr);
+    s.packed = PackedI8::pack(s.raw.data(), s.rows, s.cols, /*secret=*/s.secret);
+    s.raw = MaybeSecretVector<int8_t>();
+}
+}  // namespace
+
 void TrustedCore::Impl::configure(const Message& m) {
     if (phase != Phase::fresh) bad("configure: the core is already configured");
     const auto ints = m.array<int32_t>(Tag::cfg_ints, 8);
@@ -139,10 +150,12 @@ void TrustedCore::Impl::upload(const Message& m) {
                 if (secret > 1) bad("upload classifier: secret must be 0 or 1");
                 s.secret = secret == 1;
             }
+            if (complete(kind, 0, 0, v * d)) bad("upload classifier: sent twice");  // it is packed already
             const uint64_t at = accept_chunk(tensor_key(kind, 0, 0), offset, f.count, total, v * d, "classifier");
             s.allocate_raw();
             m.copy(Tag::data_i8, s.raw.data() + at, f.count);
             bind_chunk(tensor_key(kind, 0, 0), "classifier", s.raw.data() + at, size_t(f.count), at + f.count == total);
+            if (at + f.count == total) pack_projection(s, offload_mode);
             break;
         }
         case TensorKind::classifier_scale: {
@@ -175,10 +188,12 @@ void TrustedCore::Impl::upload(const Message& m) {
                 if (secret > 1) bad("upload " + what + ": secret must be 0 or 1");
                 s.secret = secret == 1;
             }
+            if (complete(kind, l, int(p), n)) bad("upload " + what + ": sent twice");  // it is packed already
             const uint64_t at = accept_chunk(tensor_key(kind, l, int(p)), offset, f.count, total, n, what);
             s.allocate_raw();
             m.copy(Tag::data_i8, s.raw.data() + at, f.count);
             bind_chunk(tensor_key(kind, l, int(p)), what, s.raw.data() + at, size_t(f.count), at + f.count == total);
+            if (at + f.count == total) pack_projection(s, offload_mode);
             break;
         }
         case TensorKind::proj_scale: {
@@ -260,10 +275,8 @@ std::vector<uint8_t> TrustedCore::Impl::finalize() {
     std::vector<uint8_t> plan(projs.size(), 0);
     for (size_t i = 0; i < projs.size(); ++i) {
         ProjState& s = projs[i];
-        s.offload = offload_mode && !s.secret;
-        if (s.offload) s.key.emplace(s.raw.data(), s.rows, s.cols, nullptr);
-        s.packed = PackedI8::pack(s.raw.data(), s.rows, s.cols, /*secret=*/s.secret);
-        s.raw = MaybeSecretVector<int8_t>();  // released (zeroed first when secret)
+        // uploads were packed as they completed; the package's secret tensors and a secret tied classifier here
+        if (!s.raw.empty()) pack_projection(s, offload_mode);
         plan[i] = s.offload ? 1 : 0;
     }
     received.clear();

@@ -8,6 +8,7 @@
 #include "common/matmul.h"
 #include "common/ops.h"
 #include "common/quant_dot.h"
+#include "common/tensor_source.h"
 #include "formats/gguf.h"
 #include "formats/quants.h"
 
@@ -35,7 +36,7 @@ Linear Linear::make(const std::vector<float>& w, int64_t rows, int64_t cols, Wei
 
 size_t Linear::bytes() const {
     size_t b = f32.bytes() + q.bytes() + scale.size() * 4;
-    for (const Part& p : parts) b += size_t(p.rows) * p.row_bytes;
+    for (const Part& p : parts) b += p.packed.rows() > 0 ? p.packed.bytes() : size_t(p.rows) * p.row_bytes;
     return b;
 }
 
@@ -66,27 +67,38 @@ void native_forward(ThreadPool* pool, const Linear& W, const float* X, int64_t T
         for (int64_t t = 0; t < T; ++t)
             qdot::quantize_q8_k(X + t * n, n, &a.qk[size_t(t * n)], &a.dk[size_t(t * n / 256)], &a.bsums[size_t(t * n / 16)]);
     }
-    // One pass over all rows of all parts (one thread-pool round per product, as for the other formats).
+    // One pass over all rows of all parts (one thread-pool round per product, as for the other formats), in units
+    // of 16 rows: a group of an interleaved part, or 16 rows of a part read as stored.
     const int64_t rows = W.rows;
-    pool->parallel_for(rows, 8, [&](int64_t begin, int64_t end) {
-        int64_t row0 = 0;
-        size_t pi = 0;
-        while (begin >= row0 + W.parts[pi].rows) row0 += W.parts[pi++].rows;
-        for (int64_t r = begin; r < end;) {
-            const Linear::Part& p = W.parts[pi];
-            const auto type = qdot::WType(p.type);
-            const bool k = qdot::uses_q8k(type);
-            const int8_t* q = k ? a.qk.data() : a.q0.data();
-            const float* d = k ? a.dk.data() : a.d0.data();
-            const int64_t dstride = k ? n / 256 : n / 32;
-            const int64_t stop = std::min(end, row0 + p.rows);
-            for (; r < stop; ++r) {
-                const uint8_t* row = p.data + size_t(r - row0) * p.row_bytes;
-                for (int64_t t = 0; t < T; ++t)
-                    Y[t * rows + r] = qdot::dot_row(type, row, n, q + t * n, d + t * dstride,
-                                                    k ? a.bsums.data() + t * (n / 16) : a.s0.data() + t * dstride);
+    const int64_t G = qdot::kGroupRows;
+    int64_t units = 0;
+    for (const Linear::Part& p : W.parts) units += (p.rows + G - 1) / G;
+    pool->parallel_for(units, 1, [&](int64_t begin, int64_t end) {
+        int64_t row0 = 0, unit0 = 0;
+        for (const Linear::Part& p : W.parts) {
+            const int64_t pu = (p.rows + G - 1) / G;
+            const int64_t u0 = std::max(begin, unit0) - unit0, u1 = std::min(end, unit0 + pu) - unit0;
+            if (u0 < u1) {
+                const auto type = qdot::WType(p.type);
+                const bool k = qdot::uses_q8k(type);
+                const int8_t* q = k ? a.qk.data() : a.q0.data();
+                const float* d = k ? a.dk.data() : a.d0.data();
+                const int16_t* sums = k ? a.bsums.data() : a.s0.data();
+                const int64_t dstride = k ? n / 256 : n / 32, sstride = k ? n / 16 : n / 32;
+                if (p.packed.rows() > 0) {
+                    qdot::gemm_packed(p.packed, u0, u1, q, d, sums, T, Y + row0, rows);
+                } else {
+                    for (int64_t r = u0 * G; r < std::min(p.rows, u1 * G); ++r) {
+                        const uint8_t* row = p.data + size_t(r) * p.row_bytes;
+                        for (int64_t t = 0; t < T; ++t)
+                            Y[t * rows + row0 + r] =
+                                qdot::dot_row(type, row, n, q + t * n, d + t * dstride, sums + t * sstride);
+                    }
+                }
             }
-            if (r == row0 + p.rows && pi + 1 < W.parts.size()) row0 += W.parts[pi++].rows;
+            row0 += p.rows;
+            unit0 += pu;
+            if (unit0 >= end) break;
         }
     });
 }
@@ -94,14 +106,15 @@ void native_forward(ThreadPool* pool, const Linear& W, const float* X, int64_t T
 // A native matrix from stacked tensors of the file (or, without the file or for a format without a native kernel,
 // from the f32 weights re-quantised to Q8_0). Falls back to int8 when a part cannot be stored natively (a row
 // length that is not a multiple of 32).
-Linear make_native(const gguf::Reader* file, std::initializer_list<std::pair<std::string, const std::vector<float>*>> parts,
+Linear make_native(const gguf::Reader* file, const TensorSource& src, std::initializer_list<std::string> names,
                    int64_t cols) {
     Linear L;
     L.cols = cols;
     L.format = WeightFormat::native;
-    for (const auto& [name, w] : parts) {
+    std::vector<float> rows_f32;
+    for (const std::string& name : names) {
         Linear::Part p;
-        p.rows = int64_t(w->size()) / cols;
+        p.rows = src.tensor_rows(name);
         const gguf::TensorInfo* t = file ? file->find_tensor(name) : nullptr;
         if (t && qdot::is_native(uint32_t(t->type)) && int64_t(t->ne[0]) == cols && int64_t(t->ne[1]) == p.rows) {
             p.type = uint32_t(t->type);
@@ -111,13 +124,28 @@ Linear make_native(const gguf::Reader* file, std::initializer_list<std::pair<std
             p.type = uint32_t(qdot::WType::q8_0);
             p.row_bytes = size_t(cols / 32 * 34);
             p.owned.resize(size_t(p.rows) * p.row_bytes);
-            for (int64_t r = 0; r < p.rows; ++r)
-                qdot::quantize_row_q8_0_weights(w->data() + r * cols, cols, p.owned.data() + size_t(r) * p.row_bytes);
+            const int64_t block = std::max<int64_t>(1, (int64_t(1) << 20) / cols);
+            for (int64_t r0 = 0; r0 < p.rows; r0 += block) {
+                const int64_t n = std::min(block, p.rows - r0);
+                rows_f32.resize(size_t(n * cols));
+                src.read_rows(name, r0, n, rows_f32.data());
+                for (int64_t r = 0; r < n; ++r)
+                    qdot::quantize_row_q8_0_weights(rows_f32.data() + r * cols, cols,
+                                                    p.owned.data() + size_t(r0 + r) * p.row_bytes);
+            }
             p.data = p.owned.data();
         } else {
             std::vector<float> all;
-            for (const auto& part : parts) all.insert(all.end(), part.second->begin(), part.second->end());
+            for (const std::string& part : names) {
+                const std::vector<float> w = src.read(part);
+                all.insert(all.end(), w.begin(), w.end());
+            }
             return Linear::make(all, int64_t(all.size()) / cols, cols, WeightFormat::int8);
+        }
+        if (qdot::has_packed(qdot::WType(p.type))) {
+            p.packed = qdot::Packed(qdot::WType(p.type), p.data, p.rows, cols, p.row_bytes);
+            p.data = nullptr;
+            p.owned = {};
         }
         (qdot::uses_q8k(qdot::WType(p.type)) ? L.q8k : L.q80) = true;
         L.rows += p.rows;
@@ -149,50 +177,56 @@ void linear_forward(ThreadPool* pool, const Linear& W, const float* X, int64_t T
 }
 
 namespace {
-std::vector<float> concat(std::initializer_list<const std::vector<float>*> parts) {
-    std::vector<float> out;
-    for (const auto* p : parts) out.insert(out.end(), p->begin(), p->end());
+// Tensors stacked row-wise, read from the source.
+std::vector<float> concat(const TensorSource& src, std::initializer_list<std::string> names) {
+    int64_t n = 0;
+    for (const auto& name : names) n += src.tensor_rows(name) * src.tensor_cols(name);
+    std::vector<float> out(static_cast<size_t>(n));
+    float* at = out.data();
+    for (const auto& name : names) {
+        src.read(name, at);
+        at += src.tensor_rows(name) * src.tensor_cols(name);
+    }
     return out;
 }
 }  // namespace
 
-Engine::Engine(const ModelWeights& w, const EngineParams& params, const gguf::Reader* file) : cfg_(w.cfg), params_(params) {
-    w.validate("model");
+Engine::Engine(const ModelWeights& w, const EngineParams& params, const gguf::Reader* file)
+    : Engine(DenseSource(w), params, file) {}
+
+Engine::Engine(const TensorSource& src, const EngineParams& params, const gguf::Reader* file)
+    : cfg_(src.config()), params_(params) {
+    cfg_.validate("model");
     n_ctx_ = params.n_ctx > 0 ? std::min(params.n_ctx, cfg_.seq_len) : cfg_.seq_len;
     if (params_.n_batch <= 0) fail(Status::invalid_argument, "batch size must be positive");
     pool_ = std::make_unique<ThreadPool>(params.n_threads);
 
     const int64_t d = cfg_.dim, h = cfg_.hidden_dim, kv = cfg_.kv_dim();
     const WeightFormat f = params.weights;
-    tok_embeddings_ = w.tok_embeddings;
-    final_norm_ = w.final_norm;
-    if (f == WeightFormat::native) {
-        for (int l = 0; l < cfg_.n_layers; ++l) {
-            const LayerWeights& L = w.layers[size_t(l)];
-            auto name = [&](Proj p) { return proj_tensor_name(l, p); };
-            Layer E;
-            E.attn_norm = L.attn_norm;
-            E.ffn_norm = L.ffn_norm;
-            E.wqkv = make_native(file, {{name(Proj::q), &L.wq}, {name(Proj::k), &L.wk}, {name(Proj::v), &L.wv}}, d);
-            E.wo = make_native(file, {{name(Proj::o), &L.wo}}, d);
-            E.w13 = make_native(file, {{name(Proj::w1), &L.w1}, {name(Proj::w3), &L.w3}}, d);
-            E.w2 = make_native(file, {{name(Proj::w2), &L.w2}}, h);
-            layers_.push_back(std::move(E));
+    tok_embeddings_ = src.read("token_embd.weight");
+    final_norm_ = src.read("output_norm.weight");
+    for (int l = 0; l < cfg_.n_layers; ++l) {
+        auto name = [&](Proj p) { return proj_tensor_name(l, p); };
+        Layer E;
+        E.attn_norm = src.read("blk." + std::to_string(l) + ".attn_norm.weight");
+        E.ffn_norm = src.read("blk." + std::to_string(l) + ".ffn_norm.weight");
+        if (f == WeightFormat::native) {
+            E.wqkv = make_native(file, src, {name(Proj::q), name(Proj::k), name(Proj::v)}, d);
+            E.wo = make_native(file, src, {name(Proj::o)}, d);
+            E.w13 = make_native(file, src, {name(Proj::w1), name(Proj::w3)}, d);
+            E.w2 = make_native(file, src, {name(Proj::w2)}, h);
+        } else {
+            E.wqkv = Linear::make(concat(src, {name(Proj::q), name(Proj::k), name(Proj::v)}), d + 2 * kv, d, f);
+            E.wo = Linear::make(src.read(name(Proj::o)), d, d, f);
+            E.w13 = Linear::make(concat(src, {name(Proj::w1), name(Proj::w3)}), 2 * h, d, f);
+            E.w2 = Linear::make(src.read(name(Proj::w2)), d, h, f);
         }
-        classifier_ = make_native(file, {{w.tied() ? "token_embd.weight" : "output.weight", &w.output()}}, d);
-    } else {
-        for (const auto& L : w.layers) {
-            Layer E;
-            E.attn_norm = L.attn_norm;
-            E.ffn_norm = L.ffn_norm;
-            E.wqkv = Linear::make(concat({&L.wq, &L.wk, &L.wv}), d + 2 * kv, d, f);
-            E.wo = Linear::make(L.wo, d, d, f);
-            E.w13 = Linear::make(concat({&L.w1, &L.w3}), 2 * h, d, f);
-            E.w2 = Linear::make(L.w2, d, h, f);
-            layers_.push_back(std::move(E));
-        }
-        classifier_ = Linear::make(w.output(), cfg_.vocab_size, d, f);
+        layers_.push_back(std::move(E));
     }
+    if (f == WeightFormat::native)
+        classifier_ = make_native(file, src, {src.classifier_name()}, d);
+    else
+        classifier_ = Linear::make(src.tied() ? tok_embeddings_ : src.read("output.weight"), cfg_.vocab_size, d, f);
     key_cache_.assign(size_t(cfg_.n_layers) * n_ctx_ * kv, 0.0f);
     value_cache_.assign(size_t(cfg_.n_layers) * n_ctx_ * kv, 0.0f);
 }

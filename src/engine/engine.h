@@ -8,6 +8,7 @@
 
 #include "common/model.h"
 #include "common/matmul.h"
+#include "common/quant_dot.h"
 #include "common/qgemm.h"
 #include "common/threadpool.h"
 
@@ -16,6 +17,8 @@ class Reader;
 }
 
 namespace si {
+
+class TensorSource;
 
 // native: the matrices stay in the GGUF file's block format (Q4_0, Q8_0, Q4_K, Q6_K) and are read as stored, with
 // int8 activations per block (common/quant_dot.h); matrices in other formats are re-quantised to Q8_0 once, and a
@@ -39,13 +42,15 @@ struct Linear {
     PackedI8 q;                // int8 weights packed for the integer kernels
     std::vector<float> scale;  // per-row dequantisation scale
     // native: consecutive row ranges, each in one block format, read in place from the model file (or from `owned`
-    // for re-quantised matrices).
+    // for re-quantised matrices), or, where the build has the interleaved kernels (AVX-512 VNNI), repacked once
+    // into groups of 16 rows (`packed`, as many bytes as the file's blocks).
     struct Part {
         uint32_t type = 0;  // qdot::WType
         int64_t rows = 0;
         const uint8_t* data = nullptr;
         size_t row_bytes = 0;
         std::vector<uint8_t> owned;
+        qdot::Packed packed;  // rows() > 0: used instead of data
     };
     std::vector<Part> parts;
     bool q8k = false, q80 = false;  // which activation forms the parts need
@@ -64,6 +69,10 @@ public:
     // `file`: the GGUF the weights came from, read in place by WeightFormat::native (it must outlive the engine);
     // without it, native re-quantises every matrix to Q8_0.
     Engine(const ModelWeights& weights, const EngineParams& params, const gguf::Reader* file = nullptr);
+    // Bounded memory: the tensors are read one at a time from `source` (only during construction) and turned into
+    // the engine's format, no f32 copy of the model kept beyond what that format is (f32 weights, the embeddings);
+    // native reads `file`'s blocks in place and reads f32 only for matrices it re-quantises.
+    Engine(const TensorSource& source, const EngineParams& params, const gguf::Reader* file = nullptr);
     ~Engine();
 
     const ModelConfig& config() const { return cfg_; }

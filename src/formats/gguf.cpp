@@ -947,9 +947,38 @@ void Writer::add_tensor_raw(const std::string& name, std::span<const uint64_t> n
     tensors_.push_back(std::move(p));
 }
 
+void Writer::add_tensor_deferred(const std::string& name, std::span<const uint64_t> ne, TensorType type,
+                                 RowProducer rows) {
+    Pending p;
+    check_new_tensor(name, ne, type, p.info);
+    p.deferred = std::move(rows);
+    tensor_index_.emplace(name, tensors_.size());
+    tensors_.push_back(std::move(p));
+}
+
+void Writer::write_deferred(const Pending& p, const std::function<void(const void*, size_t)>& out) const {
+    // Rows hold whole blocks (check_new_tensor), so the encodings of blocks of rows add up to the tensor's.
+    const uint64_t cols = p.info.ne[0], rows = p.info.n_elements / cols;
+    const uint64_t block = std::max<uint64_t>(1, (uint64_t(1) << 20) / cols);
+    std::vector<float> data;
+    for (uint64_t r0 = 0; r0 < rows; r0 += block) {
+        const uint64_t n = std::min(block, rows - r0);
+        data.resize(size_t(n * cols));
+        p.deferred(r0, n, data.data());
+        try {
+            const std::vector<uint8_t> bytes = encode(p.info.type, data.data(), data.size());
+            out(bytes.data(), bytes.size());
+        } catch (const Error& e) {
+            fail(e.status(), "tensor '" + p.info.name + "': " + e.what());
+        }
+    }
+}
+
 namespace {
 
 using Sink = std::function<void(const void*, size_t)>;
+// Writes tensor i's bytes when its data pointer is null (a deferred tensor).
+using Produce = std::function<void(size_t, const Sink&)>;
 
 template <class T>
 void put(const Sink& out, T v) {
@@ -972,7 +1001,8 @@ uint64_t pad_to(uint64_t n, uint64_t a) { return (a - n % a) % a; }
 }  // namespace
 
 static void serialize_to(const std::vector<KeyValue>& kv, const std::vector<TensorInfo>& infos,
-                         const std::vector<const std::vector<uint8_t>*>& data, uint32_t alignment, const Sink& raw_out) {
+                         const std::vector<const std::vector<uint8_t>*>& data, const Produce& produce,
+                         uint32_t alignment, const Sink& raw_out) {
     uint64_t written = 0;
     const Sink out = [&](const void* p, size_t n) {
         raw_out(p, n);
@@ -1010,20 +1040,26 @@ static void serialize_to(const std::vector<KeyValue>& kv, const std::vector<Tens
     put_zeros(out, pad_to(written, alignment));
     // Like ggml, every tensor (the last included) is padded to the alignment.
     for (size_t i = 0; i < infos.size(); ++i) {
-        out(data[i]->data(), data[i]->size());
-        put_zeros(out, pad_to(data[i]->size(), alignment));
+        if (data[i]) {
+            out(data[i]->data(), data[i]->size());
+            put_zeros(out, pad_to(data[i]->size(), alignment));
+        } else {
+            produce(i, out);
+            put_zeros(out, pad_to(infos[i].n_bytes, alignment));
+        }
     }
 }
 
 static void serialize_writer(const std::vector<KeyValue>& kv, const std::vector<TensorInfo>& infos_in,
-                             const std::vector<const std::vector<uint8_t>*>& data, uint32_t alignment, const Sink& out) {
+                             const std::vector<const std::vector<uint8_t>*>& data, const Produce& produce,
+                             uint32_t alignment, const Sink& out) {
     std::vector<TensorInfo> infos = infos_in;
     uint64_t offset = 0;
     for (TensorInfo& t : infos) {
         t.offset = offset;
         offset += t.n_bytes + pad_to(t.n_bytes, alignment);
     }
-    serialize_to(kv, infos, data, alignment, out);
+    serialize_to(kv, infos, data, produce, alignment, out);
 }
 
 std::string Writer::serialize() const {
@@ -1031,10 +1067,11 @@ std::string Writer::serialize() const {
     std::vector<const std::vector<uint8_t>*> data;
     for (const Pending& p : tensors_) {
         infos.push_back(p.info);
-        data.push_back(&p.bytes);
+        data.push_back(p.deferred ? nullptr : &p.bytes);
     }
+    const Produce produce = [&](size_t i, const Sink& out) { write_deferred(tensors_[i], out); };
     std::string image;
-    serialize_writer(kv_, infos, data, alignment(), [&](const void* p, size_t n) { image.append(static_cast<const char*>(p), n); });
+    serialize_writer(kv_, infos, data, produce, alignment(), [&](const void* p, size_t n) { image.append(static_cast<const char*>(p), n); });
     return image;
 }
 
@@ -1048,11 +1085,18 @@ void Writer::write(const std::string& path) const {
     std::vector<const std::vector<uint8_t>*> data;
     for (const Pending& p : tensors_) {
         infos.push_back(p.info);
-        data.push_back(&p.bytes);
+        data.push_back(p.deferred ? nullptr : &p.bytes);
     }
-    serialize_writer(kv_, infos, data, alignment(), [&](const void* p, size_t n) {
-        if (!err && n && std::fwrite(p, 1, n, f) != n) err = errno ? errno : EIO;
-    });
+    const Produce produce = [&](size_t i, const Sink& out) { write_deferred(tensors_[i], out); };
+    try {
+        serialize_writer(kv_, infos, data, produce, alignment(), [&](const void* p, size_t n) {
+            if (!err && n && std::fwrite(p, 1, n, f) != n) err = errno ? errno : EIO;
+        });
+    } catch (...) {  // a deferred tensor failed: no half-written file stays behind
+        std::fclose(f);
+        std::remove(tmp.c_str());
+        throw;
+    }
     if (!err && std::fflush(f) != 0) err = errno;
     if (!err && fsync(fileno(f)) != 0) err = errno;
     if (std::fclose(f) != 0 && !err) err = errno;

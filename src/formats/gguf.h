@@ -12,6 +12,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <memory>
 #include <optional>
@@ -264,6 +265,11 @@ public:
     }
     // Adds already-encoded bytes of any known type (size must match the shape).
     void add_tensor_raw(const std::string& name, std::span<const uint64_t> ne, TensorType type, std::vector<uint8_t> bytes);
+    // Adds a tensor whose values are produced only when write() reaches it, a few MiB of rows (ne[0] values each)
+    // at a time: rows(row0, n, out) writes rows [row0, row0 + n) to out[n * ne[0]]; each block is encoded and
+    // dropped, so a file is written with one block of one tensor in memory. serialize() calls it too.
+    using RowProducer = std::function<void(uint64_t row0, uint64_t n, float* out)>;
+    void add_tensor_deferred(const std::string& name, std::span<const uint64_t> ne, TensorType type, RowProducer rows);
 
     size_t n_tensors() const { return tensors_.size(); }
     // The complete file image.
@@ -275,7 +281,10 @@ private:
     struct Pending {
         TensorInfo info;
         std::vector<uint8_t> bytes;
+        RowProducer deferred;  // add_tensor_deferred
     };
+    // A deferred tensor's bytes, block of rows after block of rows, to `out`.
+    void write_deferred(const Pending& p, const std::function<void(const void*, size_t)>& out) const;
     void check_new_tensor(const std::string& name, std::span<const uint64_t> ne, TensorType type, TensorInfo& info) const;
     std::vector<KeyValue> kv_;
     std::unordered_map<std::string, size_t> kv_index_;

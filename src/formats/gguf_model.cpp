@@ -94,10 +94,11 @@ ModelConfig read_gguf_config(const gguf::Reader& r) {
     return c;
 }
 
-ModelWeights load_gguf_model(const gguf::Reader& r) {
-    ModelWeights w;
-    w.cfg = read_gguf_config(r);
-    const ModelConfig& c = w.cfg;
+GgufSource::GgufSource(std::shared_ptr<const gguf::Reader> r) : GgufSource(*r) { keep_ = std::move(r); }
+
+GgufSource::GgufSource(const gguf::Reader& r) : r_(&r) {
+    cfg_ = read_gguf_config(r);
+    const ModelConfig& c = cfg_;
     const uint64_t d = c.dim, h = c.hidden_dim, kv = c.kv_dim(), v = c.vocab_size;
 
     // Anything beyond the plain llama layout (biases, rope_freqs, ...) would change the computation: refuse it
@@ -110,7 +111,8 @@ ModelWeights load_gguf_model(const gguf::Reader& r) {
         if (!expected.count(t.name))
             fail(Status::unsupported, r.name() + ": tensor '" + t.name + "' is not part of the supported llama layout");
 
-    auto load = [&](const std::string& name, std::initializer_list<uint64_t> shape) {
+    // Every tensor's shape and type, in file order of the model, before anything is dequantised.
+    auto check = [&](const std::string& name, std::initializer_list<uint64_t> shape) {
         const gguf::TensorInfo& t = r.tensor(name);
         std::array<uint64_t, gguf::kMaxDims> want{1, 1, 1, 1};
         std::copy(shape.begin(), shape.end(), want.begin());
@@ -118,25 +120,39 @@ ModelWeights load_gguf_model(const gguf::Reader& r) {
         if (t.ne != want)
             bad(r, "tensor '" + name + "' has shape " + gguf::shape_string(t.shape()) + ", expected " +
                        gguf::shape_string(std::vector<uint64_t>(shape)));
-        return r.to_f32(t);
+        if (!gguf::can_dequantize(t.type))
+            fail(Status::unsupported, r.name() + ": tensor '" + t.name + "' has type " + gguf::type_name(t.type) +
+                                          ", which cannot be dequantised (supported: F32, F16, BF16, Q4_0, Q4_1, "
+                                          "Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)");
     };
-
-    w.tok_embeddings = load("token_embd.weight", {d, v});
-    w.layers.resize(c.n_layers);
+    check("token_embd.weight", {d, v});
     for (int l = 0; l < c.n_layers; ++l) {
-        LayerWeights& L = w.layers[l];
-        L.attn_norm = load(layer_tensor(l, "attn_norm"), {d});
-        L.wq = load(layer_tensor(l, "attn_q"), {d, d});
-        L.wk = load(layer_tensor(l, "attn_k"), {d, kv});
-        L.wv = load(layer_tensor(l, "attn_v"), {d, kv});
-        L.wo = load(layer_tensor(l, "attn_output"), {d, d});
-        L.ffn_norm = load(layer_tensor(l, "ffn_norm"), {d});
-        L.w1 = load(layer_tensor(l, "ffn_gate"), {d, h});
-        L.w2 = load(layer_tensor(l, "ffn_down"), {h, d});
-        L.w3 = load(layer_tensor(l, "ffn_up"), {d, h});
+        check(layer_tensor(l, "attn_norm"), {d});
+        check(layer_tensor(l, "attn_q"), {d, d});
+        check(layer_tensor(l, "attn_k"), {d, kv});
+        check(layer_tensor(l, "attn_v"), {d, kv});
+        check(layer_tensor(l, "attn_output"), {d, d});
+        check(layer_tensor(l, "ffn_norm"), {d});
+        check(layer_tensor(l, "ffn_gate"), {d, h});
+        check(layer_tensor(l, "ffn_down"), {h, d});
+        check(layer_tensor(l, "ffn_up"), {d, h});
     }
-    w.final_norm = load("output_norm.weight", {d});
-    if (r.find_tensor("output.weight")) w.classifier = load("output.weight", {d, v});
+    check("output_norm.weight", {d});
+    tied_ = r.find_tensor("output.weight") == nullptr;
+    if (!tied_) check("output.weight", {d, v});
+}
+
+void GgufSource::do_read_rows(const std::string& name, int64_t row0, int64_t n, float* out) const {
+    const gguf::TensorInfo& t = r_->tensor(name);
+    // Rows are whole blocks (the reader checked ne[0] against the block size), so a row range is a byte range.
+    const uint64_t rows = t.n_elements / t.ne[0];
+    const uint64_t row_bytes = t.n_bytes / rows;
+    const std::span<const uint8_t> bytes = r_->tensor_data(t);
+    gguf::decode(t.type, bytes.data() + uint64_t(row0) * row_bytes, size_t(uint64_t(n) * t.ne[0]), out);
+}
+
+ModelWeights load_gguf_model(const gguf::Reader& r) {
+    ModelWeights w = materialize(GgufSource(r));
     w.validate(r.name());
     return w;
 }
@@ -220,7 +236,17 @@ std::vector<std::string> write_gguf_model(const std::string& path, const ModelWe
     } catch (const Error& e) {
         fail(Status::invalid_argument, std::string("cannot write model: ") + e.what());
     }
-    const ModelConfig& c = w.cfg;
+    return write_gguf_model(path, DenseSource(w), vocab, type, name);
+}
+
+std::vector<std::string> write_gguf_model(const std::string& path, const TensorSource& src, const Vocab& vocab,
+                                          GgufWeightType type, const std::string& name) {
+    const ModelConfig& c = src.config();
+    try {
+        c.validate(path);
+    } catch (const Error& e) {
+        fail(Status::invalid_argument, std::string("cannot write model: ") + e.what());
+    }
     const size_t n = vocab.size();
     auto bad_vocab = [&](const std::string& why) { fail(Status::invalid_argument, path + ": cannot write vocabulary: " + why); };
     if (n != size_t(c.vocab_size))
@@ -271,34 +297,41 @@ std::vector<std::string> write_gguf_model(const std::string& path, const ModelWe
     const TensorType matrix_type = type == GgufWeightType::f32 ? TensorType::F32
                                    : type == GgufWeightType::f16 ? TensorType::F16
                                                                  : TensorType::Q8_0;
-    auto matrix = [&](const std::string& tname, const std::vector<float>& data, uint64_t rows, uint64_t cols) {
+    // Tensors are produced only as the file is written (one in memory at a time).
+    auto matrix = [&](const std::string& tname, uint64_t rows, uint64_t cols) {
         TensorType t = matrix_type;
         if (t == TensorType::Q8_0 && cols % gguf::kQ8_0Block != 0) {
             t = TensorType::F16;
             notes.push_back(tname + ": ne[0] = " + std::to_string(cols) + " is not a multiple of 32; stored as F16");
         }
-        g.add_tensor(tname, {cols, rows}, t, data);
+        const uint64_t ne[2] = {cols, rows};
+        g.add_tensor_deferred(tname, ne, t, [&src, tname](uint64_t r0, uint64_t k, float* out) {
+            src.read_rows(tname, int64_t(r0), int64_t(k), out);
+        });
     };
-    auto vec = [&](const std::string& tname, const std::vector<float>& data) {
-        g.add_tensor(tname, {uint64_t(data.size())}, TensorType::F32, data);
+    auto vec = [&](const std::string& tname) {
+        const uint64_t ne[1] = {uint64_t(c.dim)};
+        g.add_tensor_deferred(tname, ne, TensorType::F32, [&src, tname](uint64_t r0, uint64_t k, float* out) {
+            src.read_rows(tname, int64_t(r0), int64_t(k), out);
+        });
     };
     const uint64_t d = c.dim, h = c.hidden_dim, kv = c.kv_dim(), v = c.vocab_size;
-    matrix("token_embd.weight", w.tok_embeddings, v, d);
+    matrix("token_embd.weight", v, d);
     for (int l = 0; l < c.n_layers; ++l) {
-        const LayerWeights& L = w.layers[l];
-        vec(layer_tensor(l, "attn_norm"), L.attn_norm);
-        matrix(layer_tensor(l, "attn_q"), L.wq, d, d);
-        matrix(layer_tensor(l, "attn_k"), L.wk, kv, d);
-        matrix(layer_tensor(l, "attn_v"), L.wv, kv, d);
-        matrix(layer_tensor(l, "attn_output"), L.wo, d, d);
-        vec(layer_tensor(l, "ffn_norm"), L.ffn_norm);
-        matrix(layer_tensor(l, "ffn_gate"), L.w1, h, d);
-        matrix(layer_tensor(l, "ffn_down"), L.w2, d, h);
-        matrix(layer_tensor(l, "ffn_up"), L.w3, h, d);
+        vec(layer_tensor(l, "attn_norm"));
+        matrix(layer_tensor(l, "attn_q"), d, d);
+        matrix(layer_tensor(l, "attn_k"), kv, d);
+        matrix(layer_tensor(l, "attn_v"), kv, d);
+        matrix(layer_tensor(l, "attn_output"), d, d);
+        vec(layer_tensor(l, "ffn_norm"));
+        matrix(layer_tensor(l, "ffn_gate"), h, d);
+        matrix(layer_tensor(l, "ffn_down"), d, h);
+        matrix(layer_tensor(l, "ffn_up"), h, d);
     }
-    vec("output_norm.weight", w.final_norm);
-    if (!c.rope_freq_factors.empty()) vec("rope_freqs.weight", c.rope_freq_factors);
-    if (!w.tied()) matrix("output.weight", w.classifier, v, d);
+    vec("output_norm.weight");
+    if (!c.rope_freq_factors.empty())
+        g.add_tensor("rope_freqs.weight", {uint64_t(c.rope_freq_factors.size())}, TensorType::F32, c.rope_freq_factors);
+    if (!src.tied()) matrix("output.weight", v, d);
     g.write(path);
     return notes;
 }

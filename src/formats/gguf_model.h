@@ -9,12 +9,14 @@
 // llama2.c converter copies the matrices unchanged.)
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "common/model.h"
+#include "common/tensor_source.h"
 #include "common/vocab.h"
 #include "formats/gguf.h"
 
@@ -29,6 +31,28 @@ ModelConfig read_gguf_config(const gguf::Reader& r);
 // A missing output.weight means the classifier is tied to token_embd.weight (ModelWeights::classifier empty).
 ModelWeights load_gguf_model(const gguf::Reader& r);
 
+// The same model, one tensor at a time (bounded memory): the constructor checks the config, the layout, every
+// tensor's shape and type (the errors load_gguf_model gives), and each read dequantises the requested rows from the
+// memory-mapped file, bit-identical to load_gguf_model's values. The reader must outlive the source unless it is
+// handed over as a shared_ptr.
+class GgufSource final : public TensorSource {
+public:
+    explicit GgufSource(const gguf::Reader& r);
+    explicit GgufSource(std::shared_ptr<const gguf::Reader> r);
+    const ModelConfig& config() const override { return cfg_; }
+    bool tied() const override { return tied_; }
+    const gguf::Reader& reader() const { return *r_; }
+
+protected:
+    void do_read_rows(const std::string& name, int64_t row0, int64_t n, float* out) const override;
+
+private:
+    std::shared_ptr<const gguf::Reader> keep_;
+    const gguf::Reader* r_ = nullptr;
+    ModelConfig cfg_;
+    bool tied_ = true;
+};
+
 // tokenizer.ggml.*: the model must be "llama" (SentencePiece). Missing scores default to 0, missing token types
 // to normal; ids are checked against the vocabulary size.
 Vocab load_gguf_vocab(const gguf::Reader& r);
@@ -41,6 +65,10 @@ const char* gguf_weight_type_name(GgufWeightType t);  // "f32", "f16", "q8_0"
 // such fallback ("blk.0.ffn_down.weight: ne[0] = 172 is not a multiple of 32; stored as F16"), empty otherwise.
 // Throws Status::invalid_argument when the weights or the vocabulary are inconsistent, Status::io on write errors.
 std::vector<std::string> write_gguf_model(const std::string& path, const ModelWeights& w, const Vocab& vocab,
+                                          GgufWeightType type, const std::string& name);
+// The same from a tensor source, streaming: each tensor is read, encoded and written in turn, so that only one
+// tensor is in memory at a time (a 7B random model never exists whole).
+std::vector<std::string> write_gguf_model(const std::string& path, const TensorSource& src, const Vocab& vocab,
                                           GgufWeightType type, const std::string& name);
 
 // What an `info` command shows about a GGUF file, as data (no printing in the library).

@@ -31,14 +31,26 @@ std::string find_tokenizer_beside(const std::string& model_path, int n_vocab) {
 
 }  // namespace
 
-ModelFile load_model_file(const std::string& path, const std::string& tokenizer_path) {
+std::shared_ptr<const TensorSource> source_for(const ModelFile& m) {
+    if (m.lazy) return m.source;
+    return std::make_shared<DenseSource>(m.weights);
+}
+
+ModelFile load_model_file(const std::string& path, const std::string& tokenizer_path, LoadWeights load) {
     if (!std::filesystem::exists(path)) fail(Status::io, path + ": no such file");
     ModelFile m;
     m.path = path;
     if (looks_like_gguf(path)) {
         m.format = ModelFileFormat::gguf;
         auto r = std::make_shared<const gguf::Reader>(gguf::Reader::open(path));
-        m.weights = load_gguf_model(*r);
+        if (load == LoadWeights::lazy) {
+            auto src = std::make_shared<const GgufSource>(r);
+            m.weights.cfg = src->config();
+            m.source = std::move(src);
+            m.lazy = true;
+        } else {
+            m.weights = load_gguf_model(*r);
+        }
         if (tokenizer_path.empty()) {
             m.vocab = load_gguf_vocab(*r);
             m.vocab_path = path;

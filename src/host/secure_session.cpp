@@ -19,6 +19,7 @@
 #include "common/error.h"
 #include "common/matmul.h"
 #include "common/staged_forward.h"
+#include "common/tensor_source.h"
 #include "common/threadpool.h"
 #include "enclave/fixed_point.h"
 #include "enclave/package_crypto.h"
@@ -92,7 +93,6 @@ std::optional<SecureMode> parse_secure_mode(const std::string& s) {
 
 struct SecureSession::HostProj {
     int64_t rows = 0, cols = 0;
-    std::vector<int8_t> q;     // until uploaded
     std::vector<float> scale;  // gpu-only dequantisation
 };
 
@@ -143,10 +143,23 @@ private:
     std::chrono::steady_clock::time_point t0_ = std::chrono::steady_clock::now();
 };
 
-SecureSession::SecureSession(const ModelWeights& w, SecureSessionParams params) : params_(std::move(params)) {
-    w.validate("model");
-    cfg_ = w.cfg;
-    cfg_tied_ = w.tied();
+SecureSession::SecureSession(const ModelWeights& w, SecureSessionParams params)
+    : SecureSession(DenseSource(w), std::move(params)) {}
+
+SecureSession::SecureSession(const TensorSource& src, SecureSessionParams params) : params_(std::move(params)) {
+    init(src, nullptr);
+}
+
+SecureSession::SecureSession(std::shared_ptr<const TensorSource> src, SecureSessionParams params)
+    : params_(std::move(params)) {
+    if (!src) fail(Status::invalid_argument, "no model source");
+    init(*src, src);
+}
+
+void SecureSession::init(const TensorSource& src, std::shared_ptr<const TensorSource> keep) {
+    cfg_ = src.config();
+    cfg_.validate("model");
+    cfg_tied_ = src.tied();
     n_ctx_ = params_.n_ctx > 0 ? std::min(params_.n_ctx, cfg_.seq_len) : cfg_.seq_len;
     if (params_.n_batch <= 0) fail(Status::invalid_argument, "batch size must be positive");
     if (params_.slots < 1 || params_.slots > 1024)
@@ -197,37 +210,36 @@ SecureSession::SecureSession(const ModelWeights& w, SecureSessionParams params) 
                                  : std::shared_ptr<Accelerator>(make_accelerator(params_.accelerator_backend, pool_.get()));
     if (!params_.trace_dir.empty()) trace_ = std::make_unique<TraceWriter>(params_.trace_dir);
 
-    // The public int8 base projections, quantised once here: the same bytes go to the accelerator and the enclave
-    // (which would catch any difference with Freivalds' check).
+    // The public int8 base projections are quantised one at a time from the source as the model loads (stream_
+    // projections): the same bytes go to the accelerator and the enclave (which would catch any difference with
+    // Freivalds' check); only their scales stay here.
     projs_.resize(size_t(cfg_.n_layers) * 7 + 1);
-    for (int l = 0; l < cfg_.n_layers; ++l) {
-        const LayerWeights& L = w.layers[size_t(l)];
+    for (int l = 0; l < cfg_.n_layers; ++l)
         for (Proj p : kAllProj) {
             const ProjShape s = proj_shape(cfg_, p);
-            HostProj& hp = projs_[size_t(l) * 7 + size_t(p)];
-            hp.rows = s.rows;
-            hp.cols = s.cols;
-            hp.q.resize(size_t(s.rows * s.cols));
-            hp.scale.resize(size_t(s.rows));
-            quantize_rows_i8(proj_weights(L, p).data(), s.rows, s.cols, hp.q.data(), hp.scale.data(), nullptr);
+            projs_[size_t(l) * 7 + size_t(p)].rows = s.rows;
+            projs_[size_t(l) * 7 + size_t(p)].cols = s.cols;
         }
-    }
-    {
-        // The classifier (output, or token_embd when tied) is one more public base projection (layer n_layers).
-        HostProj& hp = projs_.back();
-        hp.rows = cfg_.vocab_size;
-        hp.cols = cfg_.dim;
-        hp.q.resize(size_t(hp.rows * hp.cols));
-        hp.scale.resize(size_t(hp.rows));
-        const std::vector<float>& W = w.tied() ? w.tok_embeddings : w.classifier;
-        quantize_rows_i8(W.data(), hp.rows, hp.cols, hp.q.data(), hp.scale.data(), nullptr);
-    }
+    projs_.back().rows = cfg_.vocab_size;  // the classifier (output, or token_embd when tied), layer n_layers
+    projs_.back().cols = cfg_.dim;
+    // What goes on the accelerator: everything in gpu-only; in secureinfer every projection not declared secret
+    // (the trusted core's plan at finalize must agree); nothing in enclave-only.
     plan_.assign(projs_.size(), 0);
-    if (params_.mode == SecureMode::gpu_only)
-        load_gpu(w);
-    else
-        load_enclave(w);
-    for (auto& hp : projs_) std::vector<int8_t>().swap(hp.q);
+    for (int l = 0; l < cfg_.n_layers; ++l)
+        for (Proj p : kAllProj)
+            plan_[size_t(l) * 7 + size_t(p)] = params_.mode == SecureMode::gpu_only ||
+                                                (params_.mode == SecureMode::secureinfer && !is_secret(proj_tensor_name(l, p)));
+    plan_.back() = params_.mode == SecureMode::gpu_only || (params_.mode == SecureMode::secureinfer && !classifier_secret());
+    try {
+        if (params_.mode == SecureMode::gpu_only)
+            load_gpu(src, std::move(keep));
+        else
+            load_enclave(src);
+    } catch (...) {
+        for (auto& sw : slots_)  // an injected accelerator outlives this session
+            if (sw.handle) accel_->release(sw.handle);
+        throw;
+    }
 }
 
 SecureSession::~SecureSession() {
@@ -261,29 +273,56 @@ bool SecureSession::classifier_secret() const {
     return is_secret("output.weight") || (cfg_tied_ && is_secret("token_embd.weight"));
 }
 
-void SecureSession::upload_slots(SessionStats& s) {
-    slots_.resize(size_t(cfg_.n_layers + 1) * kStages);
-    std::vector<int8_t> stacked;
-    for (int l = 0; l <= cfg_.n_layers; ++l)
-        for (int st = 0; st < kStages; ++st) {
-            SlotWeights& sw = slots_[size_t(l) * kStages + size_t(st)];
-            stacked.clear();
-            int64_t cols = 0;
-            for (Proj p : slot_projs(l, cfg_.n_layers, Stage(st))) {
-                if (!plan_[size_t(l) * 7 + size_t(p)]) continue;
-                const HostProj& hp = projs_[size_t(l) * 7 + size_t(p)];
-                sw.projs.push_back(uint8_t(p));
-                sw.proj_rows.push_back(hp.rows);
-                sw.rows += hp.rows;
-                cols = hp.cols;
-                stacked.insert(stacked.end(), hp.q.begin(), hp.q.end());
-                s.bytes_to_accelerator += hp.q.size();
-                if (trace_) trace_->write(l, op_name(l, int(p)), "weight", TraceDType::i8, {hp.rows, hp.cols}, hp.q.data());
+void SecureSession::stream_projections(const TensorSource& src, int layer, SessionStats& s,
+                                       const std::function<void(Proj, const int8_t*, const HostProj&)>& to_enclave,
+                                       const std::function<bool(Proj)>& enclave_needs) {
+    if (slots_.empty()) slots_.resize(size_t(cfg_.n_layers + 1) * kStages);
+    std::vector<int8_t> stacked, own;
+    std::vector<float> rows_f32;
+    for (int st = 0; st < kStages; ++st) {
+        SlotWeights& sw = slots_[size_t(layer) * kStages + size_t(st)];
+        int64_t total = 0, cols = 0;
+        for (Proj p : slot_projs(layer, cfg_.n_layers, Stage(st)))
+            if (plan_[size_t(layer) * 7 + size_t(p)]) total += projs_[size_t(layer) * 7 + size_t(p)].rows;
+        stacked.clear();
+        stacked.shrink_to_fit();
+        if (total > 0) stacked.resize(size_t(total * projs_[size_t(layer) * 7 + size_t(slot_projs(layer, cfg_.n_layers, Stage(st))[0])].cols));
+        for (Proj p : slot_projs(layer, cfg_.n_layers, Stage(st))) {
+            HostProj& hp = projs_[size_t(layer) * 7 + size_t(p)];
+            const bool off = plan_[size_t(layer) * 7 + size_t(p)] != 0;
+            if (!off && !(enclave_needs && enclave_needs(p))) continue;
+            // Offloaded rows are quantised in place into the stage's stacked weight; the others into a temporary.
+            int8_t* q = nullptr;
+            if (off) {
+                q = stacked.data() + sw.rows * hp.cols;
+            } else {
+                own.resize(size_t(hp.rows * hp.cols));
+                q = own.data();
             }
-            if (sw.projs.empty()) continue;
-            ScopedTime t{s.accelerator.seconds};
-            sw.handle = accel_->upload_i8(stacked.data(), sw.rows, cols);
+            const std::string name = layer == cfg_.n_layers ? src.classifier_name() : proj_tensor_name(layer, p);
+            hp.scale.resize(size_t(hp.rows));
+            // f32 a few MiB at a time (per-row quantisation: the same bytes as the whole matrix at once)
+            const int64_t block = std::max<int64_t>(1, (int64_t(1) << 22) / hp.cols);
+            for (int64_t r0 = 0; r0 < hp.rows; r0 += block) {
+                const int64_t n = std::min(block, hp.rows - r0);
+                rows_f32.resize(size_t(n * hp.cols));
+                src.read_rows(name, r0, n, rows_f32.data());
+                quantize_rows_i8(rows_f32.data(), n, hp.cols, q + r0 * hp.cols, hp.scale.data() + r0, nullptr);
+            }
+            if (to_enclave && enclave_needs && enclave_needs(p)) to_enclave(p, q, hp);
+            if (!off) continue;
+            sw.projs.push_back(uint8_t(p));
+            sw.proj_rows.push_back(hp.rows);
+            sw.rows += hp.rows;
+            cols = hp.cols;
+            s.bytes_to_accelerator += size_t(hp.rows * hp.cols);
+            if (trace_) trace_->write(layer, op_name(layer, int(p)), "weight", TraceDType::i8, {hp.rows, hp.cols}, q);
         }
+        if (sw.projs.empty()) continue;
+        ScopedTime t{s.accelerator.seconds};
+        sw.handle = accel_->upload_i8(stacked.data(), sw.rows, cols);
+    }
+    std::vector<float>().swap(rows_f32);
 }
 
 const SecureSession::SlotWeights& SecureSession::slot_weights(int layer, int stage, std::span<const uint8_t> projs) const {
@@ -295,7 +334,7 @@ const SecureSession::SlotWeights& SecureSession::slot_weights(int layer, int sta
 
 // ---- gpu-only ---------------------------------------------------------------------------------------------------
 
-void SecureSession::load_gpu(const ModelWeights& w) {
+void SecureSession::load_gpu(const TensorSource& src, std::shared_ptr<const TensorSource> keep) {
     Timer timer(load_);
     const bool secrets = !params_.secret_tensors.empty() || params_.lora;
     if (secrets && !params_.insecure)
@@ -307,13 +346,17 @@ void SecureSession::load_gpu(const ModelWeights& w) {
         warnings_.push_back("insecure: secret tensors are processed in plaintext on the host and the accelerator");
     gpu_ = std::make_unique<Gpu>();
     // the classifier is the int8 base projection at layer n_layers, on the accelerator like q .. w2
-    gpu_->fw = std::make_unique<StagedForward>(cfg_, n_ctx_, true, pool_.get());
+    // The embeddings: each token's row read from the source when the session holds it, else a table here.
+    StagedForward::EmbeddingRows rows;
+    if (keep)
+        rows = [keep](int32_t token, float* out) { keep->read_rows("token_embd.weight", token, 1, out); };
+    gpu_->fw = std::make_unique<StagedForward>(cfg_, n_ctx_, true, pool_.get(), std::move(rows));
     StagedForward& fw = *gpu_->fw;
-    std::copy(w.tok_embeddings.begin(), w.tok_embeddings.end(), fw.tok_embeddings().begin());
-    std::copy(w.final_norm.begin(), w.final_norm.end(), fw.final_norm().begin());
+    if (!keep) src.read("token_embd.weight", fw.tok_embeddings().data());
+    src.read("output_norm.weight", fw.final_norm().data());
     for (int l = 0; l < cfg_.n_layers; ++l) {
-        std::copy(w.layers[size_t(l)].attn_norm.begin(), w.layers[size_t(l)].attn_norm.end(), fw.attn_norm(l).begin());
-        std::copy(w.layers[size_t(l)].ffn_norm.begin(), w.layers[size_t(l)].ffn_norm.end(), fw.ffn_norm(l).begin());
+        src.read("blk." + std::to_string(l) + ".attn_norm.weight", fw.attn_norm(l).data());
+        src.read("blk." + std::to_string(l) + ".ffn_norm.weight", fw.ffn_norm(l).data());
     }
     if (params_.lora)
         for (const auto& t : params_.lora->tensors) {
@@ -324,8 +367,7 @@ void SecureSession::load_gpu(const ModelWeights& w) {
             std::copy(t.a.begin(), t.a.end(), u.a.begin());
             std::copy(t.b.begin(), t.b.end(), u.b.begin());
         }
-    std::fill(plan_.begin(), plan_.end(), uint8_t(1));
-    upload_slots(load_);
+    for (int l = 0; l <= cfg_.n_layers; ++l) stream_projections(src, l, load_, nullptr, nullptr);
     gpu_->caches = std::vector<KvCache>(size_t(params_.slots));
     gpu_->sampler_params.assign(size_t(params_.slots), SamplerParams{0.0f, 0, 1.0f, 0});
     for (const SamplerParams& sp : gpu_->sampler_params) gpu_->samplers.push_back(std::make_unique<Sampler>(sp));
@@ -510,6 +552,19 @@ std::span<const uint8_t> SecureSession::take_unit(int layer, int stage, uint64_t
     return unit;
 }
 
+long peak_rss_kib(int pid) {
+    std::ifstream f(pid > 0 ? "/proc/" + std::to_string(pid) + "/status" : std::string("/proc/self/status"));
+    std::string line;
+    while (std::getline(f, line))
+        if (line.rfind("VmHWM:", 0) == 0) return std::stol(line.substr(6));
+    return -1;
+}
+
+long SecureSession::worker_peak_rss_kib() const {
+    const auto* w = dynamic_cast<const WorkerHost*>(host_.get());
+    return w ? peak_rss_kib(int(w->pid())) : -1;
+}
+
 size_t secret_working_set(const ModelConfig& c, int n_ctx, int n_batch, int64_t precompute_inside_bytes,
                           size_t adapter_bytes, int slots) {
     const double dim = c.dim, hidden = c.hidden_dim, kv = c.kv_dim(), layers = c.n_layers;
@@ -523,7 +578,7 @@ size_t secret_working_set(const ModelConfig& c, int n_ctx, int n_batch, int64_t 
     return size_t(std::clamp(total, double(64 << 20), double(kMaxSecretArenaBytes)));
 }
 
-void SecureSession::load_enclave(const ModelWeights& w) {
+void SecureSession::load_enclave(const TensorSource& src) {
     Timer timer(load_);
     if (params_.enclave_host) {
         host_ = params_.enclave_host;
@@ -592,7 +647,7 @@ void SecureSession::load_enclave(const ModelWeights& w) {
         floats.insert(floats.end(), cfg_.rope_freq_factors.begin(), cfg_.rope_freq_factors.end());
         e.add(Tag::cfg_floats, floats);
         e.scalar<uint8_t>(Tag::offload, params_.mode == SecureMode::secureinfer ? 1 : 0);
-        e.scalar<uint8_t>(Tag::tied, w.tied() ? 1 : 0);
+        e.scalar<uint8_t>(Tag::tied, cfg_tied_ ? 1 : 0);
         // In secureinfer mode with the CPU backend the accelerator's threads run on the same cores between the
         // core's steps and spin briefly after each product: two pools would fight over single-token products
         // (measured: online decode 2.8x slower on 16 cores, 1.6x on 2), so the core keeps those to one thread.
@@ -632,35 +687,60 @@ void SecureSession::load_enclave(const ModelWeights& w) {
             if (n == 0) break;
         }
     };
-    if (!package_secret(uint32_t(TensorKind::tok_embeddings), 0, 0))
-        upload(TensorKind::tok_embeddings, 0, 0, w.tok_embeddings.data(), w.tok_embeddings.size(), false, nullptr);
-    if (!package_secret(uint32_t(TensorKind::final_norm), 0, 0))
-        upload(TensorKind::final_norm, 0, 0, w.final_norm.data(), w.final_norm.size(), false, nullptr);
-    // (a secret classifier, or a secret tied embedding, reaches the core only encrypted)
-    if (!package_secret(uint32_t(TensorKind::classifier), 0, 0) &&
-        !(w.tied() && package_secret(uint32_t(TensorKind::tok_embeddings), 0, 0))) {
-        const HostProj& hp = projs_.back();
-        const uint8_t secret = classifier_secret() ? 1 : 0;
-        upload(TensorKind::classifier_i8, 0, 0, hp.q.data(), hp.q.size(), true,
-               [&](Encoder& e) { e.scalar<uint8_t>(Tag::secret, secret); });
-        upload(TensorKind::classifier_scale, 0, 0, hp.scale.data(), hp.scale.size(), false, nullptr);
-    }
-    for (int l = 0; l < cfg_.n_layers; ++l) {
-        const LayerWeights& L = w.layers[size_t(l)];
-        if (!package_secret(uint32_t(TensorKind::attn_norm), l, 0))
-            upload(TensorKind::attn_norm, l, 0, L.attn_norm.data(), L.attn_norm.size(), false, nullptr);
-        if (!package_secret(uint32_t(TensorKind::ffn_norm), l, 0))
-            upload(TensorKind::ffn_norm, l, 0, L.ffn_norm.data(), L.ffn_norm.size(), false, nullptr);
-        for (Proj p : kAllProj) {
-            if (package_secret(uint32_t(TensorKind::proj_weight), l, int(p))) continue;
-            const HostProj& hp = projs_[size_t(l) * 7 + size_t(p)];
-            const uint8_t secret = is_secret(proj_tensor_name(l, p)) ? 1 : 0;
-            upload(TensorKind::proj_weight, l, int(p), hp.q.data(), hp.q.size(), true,
-                   [&](Encoder& e) { e.scalar<uint8_t>(Tag::secret, secret); });
-            upload(TensorKind::proj_scale, l, int(p), hp.scale.data(), hp.scale.size(), false, nullptr);
+    // f32 tensors from the source, a chunk at a time (the same chunks as a whole tensor in memory would give).
+    auto upload_f32 = [&](TensorKind kind, int layer, const std::string& name) {
+        const int64_t cols = src.tensor_cols(name);
+        const size_t n = size_t(src.tensor_rows(name) * cols);
+        const size_t per = kChunkBytes / 4;
+        std::vector<float> buf;
+        for (size_t off = 0; off < n; off += per) {
+            const size_t cnt = std::min(per, n - off);
+            const int64_t r0 = int64_t(off) / cols, r1 = (int64_t(off + cnt) + cols - 1) / cols;
+            buf.resize(size_t((r1 - r0) * cols));
+            src.read_rows(name, r0, r1 - r0, buf.data());
+            Encoder e(MsgType::upload);
+            e.scalar<uint32_t>(Tag::kind, uint32_t(kind));
+            e.scalar<int32_t>(Tag::layer, layer);
+            e.scalar<int32_t>(Tag::proj, 0);
+            e.scalar<uint64_t>(Tag::offset, off);
+            e.scalar<uint64_t>(Tag::total, n);
+            e.add(Tag::data_f32, std::span<const float>(buf.data() + (off - size_t(r0 * cols)), cnt));
+            call(e.finish(), load_);
         }
+    };
+    if (!package_secret(uint32_t(TensorKind::tok_embeddings), 0, 0))
+        upload_f32(TensorKind::tok_embeddings, 0, "token_embd.weight");
+    if (!package_secret(uint32_t(TensorKind::final_norm), 0, 0))
+        upload_f32(TensorKind::final_norm, 0, "output_norm.weight");
+    // Layer by layer, each projection quantised once, sent to the core and (offloaded ones) to the accelerator.
+    for (int l = 0; l < cfg_.n_layers; ++l) {
+        if (!package_secret(uint32_t(TensorKind::attn_norm), l, 0))
+            upload_f32(TensorKind::attn_norm, l, "blk." + std::to_string(l) + ".attn_norm.weight");
+        if (!package_secret(uint32_t(TensorKind::ffn_norm), l, 0))
+            upload_f32(TensorKind::ffn_norm, l, "blk." + std::to_string(l) + ".ffn_norm.weight");
+        stream_projections(
+            src, l, load_,
+            [&](Proj p, const int8_t* q, const HostProj& hp) {
+                const uint8_t secret = is_secret(proj_tensor_name(l, p)) ? 1 : 0;
+                upload(TensorKind::proj_weight, l, int(p), q, size_t(hp.rows * hp.cols), true,
+                       [&](Encoder& e) { e.scalar<uint8_t>(Tag::secret, secret); });
+                upload(TensorKind::proj_scale, l, int(p), hp.scale.data(), hp.scale.size(), false, nullptr);
+            },
+            [&](Proj p) { return !package_secret(uint32_t(TensorKind::proj_weight), l, int(p)); });
         if (params_.load_progress) params_.load_progress(l + 1, cfg_.n_layers + 1);
     }
+    // (a secret classifier, or a secret tied embedding, reaches the core only encrypted)
+    const bool classifier_public = !package_secret(uint32_t(TensorKind::classifier), 0, 0) &&
+                                   !(cfg_tied_ && package_secret(uint32_t(TensorKind::tok_embeddings), 0, 0));
+    stream_projections(
+        src, cfg_.n_layers, load_,
+        [&](Proj, const int8_t* q, const HostProj& hp) {
+            const uint8_t secret = classifier_secret() ? 1 : 0;
+            upload(TensorKind::classifier_i8, 0, 0, q, size_t(hp.rows * hp.cols), true,
+                   [&](Encoder& e) { e.scalar<uint8_t>(Tag::secret, secret); });
+            upload(TensorKind::classifier_scale, 0, 0, hp.scale.data(), hp.scale.size(), false, nullptr);
+        },
+        [&](Proj) { return classifier_public; });
     if (params_.lora)
         for (const auto& t : params_.lora->tensors) {
             const float scale = params_.lora->tensor_scale(t, params_.lora_scale);
@@ -685,18 +765,19 @@ void SecureSession::load_enclave(const ModelWeights& w) {
     const std::vector<uint8_t> resp = call(wire::Encoder(MsgType::finalize).finish(), load_);
     const Message m = wire::decode(resp);
     if (m.type() != MsgType::plan) fail(Status::internal, "the trusted core did not answer finalize with a plan");
-    plan_ = m.array<uint8_t>(Tag::plan, int64_t(projs_.size()));
+    const std::vector<uint8_t> core_plan = m.array<uint8_t>(Tag::plan, int64_t(projs_.size()));
     for (int l = 0; l < cfg_.n_layers; ++l)
         for (Proj p : kAllProj) {
-            const bool off = plan_[size_t(l) * 7 + size_t(p)] != 0;
+            const bool off = core_plan[size_t(l) * 7 + size_t(p)] != 0;
             const bool secret = is_secret(proj_tensor_name(l, p));
             if (off && (secret || params_.mode != SecureMode::secureinfer))
                 fail(Status::security, "the trusted core's plan offloads " + proj_tensor_name(l, p) +
                                            ", which must stay inside");
         }
-    if (plan_.back() != 0 && (classifier_secret() || params_.mode != SecureMode::secureinfer))
+    if (core_plan.back() != 0 && (classifier_secret() || params_.mode != SecureMode::secureinfer))
         fail(Status::security, "the trusted core's plan offloads the classifier, which must stay inside");
-    upload_slots(load_);
+    // The accelerator already holds what this session planned to offload; the core must offload exactly that.
+    if (core_plan != plan_) fail(Status::internal, "the trusted core's offload plan differs from the session's");
     set_sampler(SamplerParams{0.0f, 0, 1.0f, 0});
     if (params_.load_progress) params_.load_progress(cfg_.n_layers + 1, cfg_.n_layers + 1);
 }

@@ -27,6 +27,7 @@ namespace si {
 
 class Accelerator;
 class EnclaveHost;
+class TensorSource;
 class Package;
 class ThreadPool;
 class TraceWriter;
@@ -123,6 +124,9 @@ struct TokenLogprob {
     float logprob = 0.0f;
 };
 
+// A process's peak resident memory in KiB (VmHWM of /proc/PID/status; pid 0: this process), -1 if unreadable.
+long peak_rss_kib(int pid = 0);
+
 // An upper bound of the bytes the trusted core keeps in secret memory for this model: every weight at up to 5 bytes
 // (f32 copies, int8 rows and their keys), the KV cache, a batch's activations, the adapters, the kept
 // precomputed factors and 64 MiB for the rest (OpenSSL, the sampler); at least 64 MiB, at most
@@ -143,6 +147,14 @@ public:
     // Throws si::Error: Status::security when the plan would put a secret tensor on the accelerator (gpu-only
     // without insecure), Status::invalid_argument for bad parameters, or the enclave's own errors.
     SecureSession(const ModelWeights& weights, SecureSessionParams params);
+    // Bounded memory: the model's tensors are read one at a time from `source` (only during construction), each
+    // projection quantised once and handed to the trusted core and the accelerator, its f32 rows and int8 copy
+    // freed at once; no f32 copy of the model is made. Tokens are identical to the constructor above given the
+    // same values.
+    SecureSession(const TensorSource& source, SecureSessionParams params);
+    // The same; gpu-only then keeps no embedding table either: it reads each token's row from the source (a
+    // memory-mapped file's pages, generated weights), which the session holds.
+    SecureSession(std::shared_ptr<const TensorSource> source, SecureSessionParams params);
     ~SecureSession();
     SecureSession(const SecureSession&) = delete;
     SecureSession& operator=(const SecureSession&) = delete;
@@ -200,6 +212,9 @@ public:
     // Bytes of sealed factors (ciphertext and tags) the session holds in host memory, not yet consumed.
     uint64_t sealed_factor_bytes() const;
 
+    // The enclave worker process's peak resident memory in KiB (VmHWM), -1 when the trusted core is not in a worker.
+    long worker_peak_rss_kib() const;
+
     const SessionStats& stats() const { return stats_; }       // since load
     const SessionStats& load_stats() const { return load_; }   // loading the model (uploads)
     void reset_stats() { stats_ = SessionStats{}; }
@@ -217,12 +232,18 @@ private:
     void timed_enclave(SessionStats& s, const std::function<void()>& f);
     // The sealed unit (batch seq, index idx) of a crossing slot, or an empty span when the host holds none.
     std::span<const uint8_t> take_unit(int layer, int stage, uint64_t seq, uint32_t idx);
-    void load_enclave(const ModelWeights& w);
-    void load_gpu(const ModelWeights& w);
+    void init(const TensorSource& src, std::shared_ptr<const TensorSource> keep);
+    void load_enclave(const TensorSource& src);
+    void load_gpu(const TensorSource& src, std::shared_ptr<const TensorSource> keep);
     void obtain_package_key();
     bool package_secret(uint32_t kind, int layer, int proj) const;
-    // Uploads every offloaded (plan_) projection, one weight per crossing slot (layer, stage).
-    void upload_slots(SessionStats& s);
+    struct HostProj;
+    // Quantises the projections of one layer (n_layers: the classifier) from the source, stage by stage: each goes
+    // to the trusted core through to_enclave where enclave_needs says so, and the offloaded ones (plan_) of a stage
+    // stacked into one accelerator weight of its crossing slot.
+    void stream_projections(const TensorSource& src, int layer, SessionStats& s,
+                            const std::function<void(Proj, const int8_t*, const HostProj&)>& to_enclave,
+                            const std::function<bool(Proj)>& enclave_needs);
     // The accelerator's weight of a crossing slot, checked against the projections a crossing names.
     struct SlotWeights;
     const SlotWeights& slot_weights(int layer, int stage, std::span<const uint8_t> projs) const;
@@ -248,8 +269,7 @@ private:
     std::unique_ptr<TraceWriter> trace_;
     std::unique_ptr<Gpu> gpu_;
     std::vector<std::string> warnings_;
-    // host copies of the public int8 projections until they are uploaded (their scales stay)
-    struct HostProj;
+    // the public int8 projections' shapes and scales (their int8 rows live only while they load)
     std::vector<HostProj> projs_;  // [layer][7], then the classifier (layer n_layers, slot kClassifierSlot)
     std::vector<SlotWeights> slots_;  // [layer][kStages], then the classifier's slot (layer n_layers, stage qkv)
     bool cfg_tied_ = true;
