@@ -247,3 +247,69 @@ TEST(BoundedLoad, SecurePresetsStayWithinTheirInt8Bytes) {
         }
     }
 }
+
+TEST(BoundedLoad, RandomSourceIsStreamable) {
+    ModelConfig c = shape_preset("stories15m");
+    c.n_layers = 2;
+    const RandomSource a(c, 3), b(c, 3), other(c, 4);
+    for (const std::string& name : {std::string("token_embd.weight"), proj_tensor_name(1, Proj::w2)}) {
+        const std::vector<float> whole = a.read(name);
+        EXPECT_EQ(whole, b.read(name)) << name;  // a function of the seed alone
+        EXPECT_NE(whole, other.read(name)) << name;
+        for (const float x : whole) ASSERT_TRUE(x >= -0.05f && x < 0.05f) << name;
+        // rows in any order and any pieces: the same values
+        const int64_t rows = a.tensor_rows(name), cols = a.tensor_cols(name);
+        std::vector<float> pieces(whole.size());
+        for (int64_t r0 = rows; r0 > 0;) {
+            const int64_t n = std::min<int64_t>(r0, 37);
+            r0 -= n;
+            a.read_rows(name, r0, n, pieces.data() + r0 * cols);
+        }
+        EXPECT_EQ(pieces, whole) << name;
+    }
+    EXPECT_NE(a.read(proj_tensor_name(0, Proj::q)), a.read(proj_tensor_name(1, Proj::q)));  // one stream per tensor
+    for (const float x : a.read("blk.1.ffn_norm.weight")) EXPECT_EQ(x, 1.0f);
+    EXPECT_TRUE(a.tied());
+    EXPECT_FALSE(RandomSource(c, 3, true).tied());
+}
+
+TEST(BoundedLoad, SevenBillionShapes) {
+    const ModelConfig l2 = shape_preset("llama2-7b");
+    EXPECT_EQ(l2.dim, 4096);
+    EXPECT_EQ(l2.n_layers, 32);
+    EXPECT_EQ(l2.n_kv_heads, 32);
+    EXPECT_EQ(l2.hidden_dim, 11008);
+    EXPECT_EQ(l2.vocab_size, 32000);
+    EXPECT_EQ(l2.n_params(true), uint64_t(6607343616));  // Llama 2 7B: 6.74 billion with its untied classifier
+    const ModelConfig l3 = shape_preset("llama3-8b");
+    EXPECT_EQ(l3.n_kv_heads, 8);
+    EXPECT_EQ(l3.hidden_dim, 14336);
+    EXPECT_EQ(l3.vocab_size, 128256);
+    EXPECT_EQ(l3.rope_theta, 500000.0f);
+    ASSERT_EQ(l3.rope_freq_factors.size(), 64u);
+    EXPECT_EQ(l3.rope_freq_factors.front(), 1.0f);  // high frequencies unscaled
+    EXPECT_EQ(l3.rope_freq_factors.back(), 8.0f);   // low frequencies divided by the factor
+    EXPECT_EQ(l3.n_params(false), uint64_t(8030261248));  // Llama 3.1 8B
+}
+
+TEST(BoundedLoad, StreamingWriterWritesTheDenseFile) {
+    // convert --random-shape writes from the source a block of rows at a time: the same bytes as writing the whole
+    // model from memory, in every output type.
+    ModelConfig c = shape_preset("stories260k");
+    const RandomSource src(c, 11, true);
+    const ModelWeights dense = materialize(src);
+    Vocab v;
+    v.pieces.resize(size_t(c.vocab_size));
+    for (size_t i = 0; i < v.pieces.size(); ++i) v.pieces[i] = "<t" + std::to_string(i) + ">";
+    for (const GgufWeightType t : {GgufWeightType::f32, GgufWeightType::f16, GgufWeightType::q8_0}) {
+        const std::string a = test::scratch_dir() + "/stream-a.gguf", b = test::scratch_dir() + "/stream-b.gguf";
+        const auto notes_a = write_gguf_model(a, src, v, t, "s");
+        const auto notes_b = write_gguf_model(b, dense, v, t, "s");
+        EXPECT_EQ(notes_a, notes_b);
+        EXPECT_EQ(test::read_file(a), test::read_file(b)) << gguf_weight_type_name(t);
+        if (t == GgufWeightType::f32) {
+            const gguf::Reader r = gguf::Reader::open(a);
+            EXPECT_EQ(GgufSource(r).read(proj_tensor_name(4, Proj::w2)), src.read(proj_tensor_name(4, Proj::w2)));
+        }
+    }
+}
