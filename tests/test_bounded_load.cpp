@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "boundary/enclave_abi.h"
+#include "boundary/enclave_messages.h"
 #include "common/error.h"
 #include "common/tensor_source.h"
 #include "engine/engine.h"
@@ -312,4 +314,46 @@ TEST(BoundedLoad, StreamingWriterWritesTheDenseFile) {
             EXPECT_EQ(GgufSource(r).read(proj_tensor_name(4, Proj::w2)), src.read(proj_tensor_name(4, Proj::w2)));
         }
     }
+}
+
+TEST(BoundedLoad, TheCorePacksAProjectionOnceAndRefusesItAgain) {
+    // The trusted core packs a projection (and derives its Freivalds key) as soon as its upload completes; a later
+    // chunk of it, even an empty one at its end, would re-pack whatever it held then: refused.
+    si_enclave* e = nullptr;
+    ASSERT_EQ(si_ecall_create(nullptr, &e), 0);
+    std::vector<uint8_t> buf(1 << 16);
+    std::string err;
+    auto call = [&](const std::vector<uint8_t>& req) {
+        size_t len = 0;
+        const int rc = si_ecall_process(e, req.data(), req.size(), buf.data(), buf.size(), &len);
+        err = rc != 0 ? reinterpret_cast<const char*>(buf.data()) : "";
+        return rc;
+    };
+    ModelConfig c = shape_preset("stories260k");
+    wire::Encoder conf(wire::MsgType::configure);
+    conf.add(wire::Tag::cfg_ints, std::vector<int32_t>{c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads,
+                                                      c.vocab_size, c.seq_len, 16});
+    conf.add(wire::Tag::cfg_floats, std::vector<float>{c.rope_theta, c.norm_eps});
+    conf.scalar<uint8_t>(wire::Tag::offload, 1);
+    conf.scalar<uint8_t>(wire::Tag::tied, 1);
+    ASSERT_EQ(call(conf.finish()), 0) << err;
+    const uint64_t n = uint64_t(c.dim) * uint64_t(c.dim);  // blk.0.attn_q
+    auto upload = [&](uint64_t offset, size_t count) {
+        wire::Encoder up(wire::MsgType::upload);
+        up.scalar<uint32_t>(wire::Tag::kind, uint32_t(wire::TensorKind::proj_weight));
+        up.scalar<int32_t>(wire::Tag::layer, 0);
+        up.scalar<int32_t>(wire::Tag::proj, int32_t(Proj::q));
+        up.scalar<uint64_t>(wire::Tag::offset, offset);
+        up.scalar<uint64_t>(wire::Tag::total, n);
+        up.add(wire::Tag::data_i8, std::vector<int8_t>(count, 3));
+        if (offset == 0) up.scalar<uint8_t>(wire::Tag::secret, 0);
+        return call(up.finish());
+    };
+    EXPECT_EQ(upload(0, size_t(n / 2)), 0) << err;
+    EXPECT_EQ(upload(n / 2, size_t(n - n / 2)), 0) << err;
+    EXPECT_EQ(upload(n, 0), int(Status::invalid_argument));
+    EXPECT_NE(err.find("blk.0.attn_q.weight: sent twice"), std::string::npos) << err;
+    EXPECT_EQ(upload(0, size_t(n)), int(Status::invalid_argument));
+    EXPECT_NE(err.find("sent twice"), std::string::npos) << err;
+    si_ecall_destroy(e);
 }
