@@ -133,6 +133,7 @@ Linear make_native(const gguf::Reader* file, const TensorSource& src, std::initi
                     qdot::quantize_row_q8_0_weights(rows_f32.data() + r * cols, cols,
                                                     p.owned.data() + size_t(r0 + r) * p.row_bytes);
             }
+            src.release(name);
             p.data = p.owned.data();
         } else {
             std::vector<float> all;
@@ -196,6 +197,18 @@ Engine::Engine(const ModelWeights& w, const EngineParams& params, const gguf::Re
 
 Engine::Engine(const TensorSource& src, const EngineParams& params, const gguf::Reader* file)
     : cfg_(src.config()), params_(params) {
+    init(src, file, true);
+}
+
+Engine::Engine(std::shared_ptr<const TensorSource> src, const EngineParams& params, const gguf::Reader* file)
+    : cfg_(src ? src->config() : ModelConfig{}), params_(params) {
+    if (!src) fail(Status::invalid_argument, "no model source");
+    embedding_rows_ = src;
+    init(*src, file, false);
+}
+
+void Engine::init(const TensorSource& src, const gguf::Reader* file, bool embedding_table) {
+    const EngineParams& params = params_;
     cfg_.validate("model");
     n_ctx_ = params.n_ctx > 0 ? std::min(params.n_ctx, cfg_.seq_len) : cfg_.seq_len;
     if (params_.n_batch <= 0) fail(Status::invalid_argument, "batch size must be positive");
@@ -203,7 +216,7 @@ Engine::Engine(const TensorSource& src, const EngineParams& params, const gguf::
 
     const int64_t d = cfg_.dim, h = cfg_.hidden_dim, kv = cfg_.kv_dim();
     const WeightFormat f = params.weights;
-    tok_embeddings_ = src.read("token_embd.weight");
+    if (embedding_table) tok_embeddings_ = src.read("token_embd.weight");
     final_norm_ = src.read("output_norm.weight");
     for (int l = 0; l < cfg_.n_layers; ++l) {
         auto name = [&](Proj p) { return proj_tensor_name(l, p); };
@@ -226,7 +239,8 @@ Engine::Engine(const TensorSource& src, const EngineParams& params, const gguf::
     if (f == WeightFormat::native)
         classifier_ = make_native(file, src, {src.classifier_name()}, d);
     else
-        classifier_ = Linear::make(src.tied() ? tok_embeddings_ : src.read("output.weight"), cfg_.vocab_size, d, f);
+        classifier_ = Linear::make(src.tied() && embedding_table ? tok_embeddings_ : src.read(src.classifier_name()),
+                                   cfg_.vocab_size, d, f);
     key_cache_.assign(size_t(cfg_.n_layers) * n_ctx_ * kv, 0.0f);
     value_cache_.assign(size_t(cfg_.n_layers) * n_ctx_ * kv, 0.0f);
 }
@@ -284,7 +298,12 @@ void Engine::eval_batch(const int32_t* tokens, int T, bool all_logits, float* lo
     float* x = x_.data();
 
     // token embeddings -> x [T][dim]
-    for (int t = 0; t < T; ++t) std::copy_n(&tok_embeddings_[size_t(tokens[t]) * d], d, x + size_t(t) * d);
+    for (int t = 0; t < T; ++t) {
+        if (embedding_rows_)
+            embedding_rows_->read_rows("token_embd.weight", tokens[t], 1, x + size_t(t) * d);
+        else
+            std::copy_n(&tok_embeddings_[size_t(tokens[t]) * d], d, x + size_t(t) * d);
+    }
 
     for (int l = 0; l < cfg_.n_layers; ++l) {
         const Layer& L = layers_[size_t(l)];
