@@ -41,8 +41,8 @@ void quantize_row_q8_0_weights(const float* x, int64_t n, uint8_t* out);
 // ---- rows interleaved in groups of 16 (AVX-512 VNNI) ------------------------------------------------------------
 // A matrix repacked once at load so that one 512-bit register holds the same four elements of 16 rows: vpdpbusd
 // then multiplies one block of 16 rows by a broadcast of the activations, and the float work of a block (scale
-// conversion, int-to-float, scaling) is shared by the 16 rows instead of done per row. The packed bytes are as many
-// as the file's (only reordered); per group of 16 rows, the quants of all blocks come first (64-byte aligned), then
+// conversion, int-to-float, scaling) is shared by the 16 rows instead of done per row. The packed bytes are the
+// file's, only reordered (a partial last group is padded to 16 rows, each group to 64 bytes); per group of 16 rows, the quants of all blocks come first (64-byte aligned), then
 // the scales:
 //   q4_0: per block, 4 x 64 bytes: vector j holds bytes 4j..4j+3 of each row's 16 nibble bytes (elements 4j..4j+3
 //         in the low nibbles, 16+4j..16+4j+3 in the high ones), unsigned (the -8 is taken out with the
