@@ -243,7 +243,10 @@ TEST(AttackControls, A4SeparatesS2AndNotS5) {
     EXPECT_GE(auc2, 0.9);
     run_scheme(Scheme::s5, stories(), &ad, prompts, dir + "/s5", o);
     const double auc5 = a4_distinguish(trace_pass_features(TraceReader(dir + "/s5")), labels, 1, 1);
-    EXPECT_NEAR(auc5, 0.5, 0.1);
+    // With no signal, the AUC of n against n samples scatters with sd sqrt((2n + 1) / (12 n^2)) (Mann-Whitney), 0.084
+    // here: a bound of 0.1 failed about one run in four. 3.5 sd keeps false failures below 1 in 2000, far from S2's.
+    const double null_sd = std::sqrt((2.0 * kTraces + 1) / (12.0 * kTraces * kTraces));
+    EXPECT_NEAR(auc5, 0.5, 3.5 * null_sd);
 }
 
 // A8: every tampered product against S5 is detected and nothing is released from the tampered step on; on S3
