@@ -4,6 +4,7 @@
 // without the defence, so the test can fail).
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -14,6 +15,8 @@
 
 #include "common/error.h"
 #include "common/sampler.h"
+#include "common/model.h"
+#include "formats/gguf_model.h"
 #include "formats/model_file.h"
 #include "host/package.h"
 #include "host/secure_session.h"
@@ -139,6 +142,9 @@ TEST(ActiveHost, EveryAlteredConfigurationIsRefused) {
         {"rope_theta", [](ModelWeights& w) { w.cfg.rope_theta = 500000.0f; }},
         {"norm_eps", [](ModelWeights& w) { w.cfg.norm_eps = 1e-3f; }},
         {"seq_len", [](ModelWeights& w) { w.cfg.seq_len /= 2; }},
+        // Llama 3.1 RoPE frequency factors on a model packed without any
+        {"rope frequency factors: count 4, the owner bound 0",
+         [](ModelWeights& w) { w.cfg.rope_freq_factors.assign(size_t(w.cfg.head_dim() / 2), 2.0f); }},
     };
     for (const auto& a : alterations) {
         SCOPED_TRACE(a.field);
@@ -147,6 +153,44 @@ TEST(ActiveHost, EveryAlteredConfigurationIsRefused) {
         expect_error_with([&] { SecureSession s(w, params(pk, device)); }, Status::integrity,
                      {"the model configuration the host sent differs from the package's: " + a.field});
     }
+}
+
+// A model with Llama 3.1 RoPE frequency factors: the package binds them (format version 3), so a host that drops
+// them, changes one, or sends them for a model that has none, runs the secret tensors in another network and is
+// refused at the manifest, before any upload; the owner's own factors load and run.
+TEST(ActiveHost, AlteredRopeFactorsAreRefused) {
+    // outside the test's scratch directory, which pack() starts afresh
+    const std::string gguf = std::string(SI_TEST_TMP) + "/llama3-rope." + std::to_string(getpid()) + ".gguf";
+    ModelWeights base = test::stories();
+    base.cfg.rope_freq_factors = llama3_rope_factors(base.cfg.head_dim(), base.cfg.rope_theta, 8.0f, 1.0f, 4.0f, 64.0f);
+    write_gguf_model(gguf, base, load_vocab_file(kTok), GgufWeightType::f32, "llama3-rope");
+    const Packed pk = pack([&](PackOptions& o) {
+        o.base = gguf;
+        o.tokenizer = "";
+    });
+    std::filesystem::remove(gguf);
+    ASSERT_EQ(pk.package->model().weights.cfg.rope_freq_factors, base.cfg.rope_freq_factors);
+    const std::string device = pk.dir + "/device";
+    struct Alteration {
+        std::string what;
+        std::function<void(ModelWeights&)> apply;
+    };
+    const std::vector<Alteration> alterations = {
+        {"rope frequency factors: count 0, the owner bound 4", [](ModelWeights& w) { w.cfg.rope_freq_factors.clear(); }},
+        {"rope frequency factor 2: 4, the owner bound 8", [](ModelWeights& w) { w.cfg.rope_freq_factors[2] = 4.0f; }},
+        {"rope frequency factor 0: 1.00000012, the owner bound 1",
+         [](ModelWeights& w) { w.cfg.rope_freq_factors[0] = std::nextafter(1.0f, 2.0f); }},
+    };
+    for (const auto& a : alterations) {
+        SCOPED_TRACE(a.what);
+        ModelWeights w = pk.package->model().weights;
+        a.apply(w);
+        expect_error_with([&] { SecureSession s(w, params(pk, device)); }, Status::integrity,
+                          {"the model configuration the host sent differs from the package's: " + a.what,
+                           "the session is stopped"});
+    }
+    SecureSession s(pk.package->model().weights, params(pk, device));
+    EXPECT_EQ(sample(s, {1}, 4, SamplerParams{0.0f, 0, 1.0f, 0}).size(), 4u);
 }
 
 // The sampler oracle: when the draw is a public function of a host-chosen seed, the host knows each draw's uniform

@@ -84,7 +84,9 @@ struct Seq {
 
 // Runs the schedule through s.step, one batched pass per step over every active sequence; returns each sequence's
 // tokens. Sequences sharing a slot must not overlap in time (the later one joins after the earlier one left).
-std::vector<std::vector<int32_t>> run_schedule(SecureSession& s, std::vector<Seq> seqs, int* rows_out = nullptr) {
+// before_step (may be empty) runs before every step with the step's rows, as a server's scheduler would.
+std::vector<std::vector<int32_t>> run_schedule(SecureSession& s, std::vector<Seq> seqs, int* rows_out = nullptr,
+                                               const std::function<void(int)>& before_step = {}) {
     int rows = 0;
     std::map<int, int> owner;  // slot -> sequence currently in it
     for (int stepno = 0;; ++stepno) {
@@ -117,7 +119,10 @@ std::vector<std::vector<int32_t>> run_schedule(SecureSession& s, std::vector<Seq
         }
         if (!pending) break;
         if (batch.empty()) continue;
-        for (const SlotStep& b : batch) rows += int(b.tokens.size());
+        int step_rows = 0;
+        for (const SlotStep& b : batch) step_rows += int(b.tokens.size());
+        rows += step_rows;
+        if (before_step) before_step(step_rows);
         const std::vector<int32_t> toks = s.step(batch);
         EXPECT_EQ(toks.size(), batch.size());
         for (size_t j = 0; j < who.size(); ++j) {
@@ -263,6 +268,32 @@ private:
     int64_t tamper_call_, tamper_row_;
 };
 
+// The same crossings, row for row, in a gpu-only and a secureinfer run of one schedule: each masked row's pad
+// r = x' - x (mod 2^32) is fresh.
+void expect_fresh_pads(const RecordingAccelerator& plain, const RecordingAccelerator& masked) {
+    // one batched product per crossing over all active rows
+    ASSERT_EQ(plain.rows_per_call, masked.rows_per_call);
+    EXPECT_GT(*std::max_element(masked.rows_per_call.begin(), masked.rows_per_call.end()), 3);
+    // every pair of adjacent pad words is new (a reused pad, whole or in part, at any offset, in any row, slot or
+    // step, would repeat one; by chance: about 2^-64 per pair)
+    std::set<std::pair<uint32_t, uint32_t>> seen;
+    size_t words = 0, same_rows = 0;
+    for (size_t c = 0; c < plain.rows.size(); ++c)
+        for (size_t t = 0; t < plain.rows[c].size(); ++t) {
+            const auto& x = plain.rows[c][t];
+            const auto& xm = masked.rows[c][t];
+            ASSERT_EQ(x.size(), xm.size());
+            std::vector<uint32_t> r(x.size());
+            for (size_t i = 0; i < x.size(); ++i) r[i] = xm[i] - x[i];
+            for (size_t i = 0; i + 1 < r.size(); ++i)
+                ASSERT_TRUE(seen.insert({r[i], r[i + 1]}).second) << "call " << c << " row " << t << " word " << i;
+            words += r.size();
+            same_rows += x == xm;
+        }
+    EXPECT_GT(words, 50000u);
+    EXPECT_EQ(same_rows, 0u);
+}
+
 TEST(Batch, MasksNeverRepeatAcrossRowsSlotsOrSteps) {
     const ModelWeights& w = stories();
     auto seqs = schedule(w);
@@ -283,27 +314,44 @@ TEST(Batch, MasksNeverRepeatAcrossRowsSlotsOrSteps) {
         run_schedule(s, seqs);
         EXPECT_EQ(s.precomputed_available(), 0);
     }
-    // the same crossings, row for row: one batched product per crossing over all active rows
-    ASSERT_EQ(plain->rows_per_call, masked->rows_per_call);
-    EXPECT_GT(*std::max_element(masked->rows_per_call.begin(), masked->rows_per_call.end()), 3);
-    // each row's pad r = x' - x (mod 2^32); every pair of adjacent pad words is new (a reused pad, whole or in
-    // part, at any offset, in any row, slot or step, would repeat one; by chance: about 2^-64 per pair)
-    std::set<std::pair<uint32_t, uint32_t>> seen;
-    size_t words = 0, same_rows = 0;
-    for (size_t c = 0; c < plain->rows.size(); ++c)
-        for (size_t t = 0; t < plain->rows[c].size(); ++t) {
-            const auto& x = plain->rows[c][t];
-            const auto& xm = masked->rows[c][t];
-            ASSERT_EQ(x.size(), xm.size());
-            std::vector<uint32_t> r(x.size());
-            for (size_t i = 0; i < x.size(); ++i) r[i] = xm[i] - x[i];
-            for (size_t i = 0; i + 1 < r.size(); ++i)
-                ASSERT_TRUE(seen.insert({r[i], r[i + 1]}).second) << "call " << c << " row " << t << " word " << i;
-            words += r.size();
-            same_rows += x == xm;
-        }
-    EXPECT_GT(words, 50000u);
-    EXPECT_EQ(same_rows, 0u);
+    expect_fresh_pads(*plain, *masked);
+}
+
+// The server's sustained precompute (src/server/batcher.cpp): a small store, topped up before every step it cannot
+// cover, on the same session between steps. Every row still takes its own unit (none runs online, none is used
+// twice), the pads never repeat, and every sequence gets its tokens alone.
+TEST(Batch, StoreRefilledBetweenStepsKeepsTokensAndFreshPads) {
+    const ModelWeights& w = stories();
+    auto seqs = schedule(w);
+    for (Seq& q : seqs) q.sampler = SamplerParams{0.0f, 0, 1.0f, 0};
+    std::vector<std::vector<int32_t>> want;
+    for (const Seq& q : seqs) want.push_back(alone(w, SecureMode::secureinfer, q));
+    auto plain = std::make_shared<RecordingAccelerator>();
+    auto masked = std::make_shared<RecordingAccelerator>();
+    {
+        auto p = params(SecureMode::gpu_only, 3);
+        p.accelerator = plain;
+        SecureSession s(w, p);
+        EXPECT_EQ(run_schedule(s, seqs), want);
+    }
+    auto p = params(SecureMode::secureinfer, 3);
+    p.accelerator = masked;
+    SecureSession s(w, p);
+    const int target = 12;  // rows: more than the largest step of the schedule
+    s.precompute(target);
+    int made = target, refills = 0, rows = 0;
+    const auto got = run_schedule(s, seqs, &rows, [&](int step_rows) {
+        if (s.precomputed_available() >= step_rows) return;
+        const int n = target - s.precomputed_available();
+        s.precompute(n);
+        made += n;
+        ++refills;
+    });
+    EXPECT_EQ(got, want);
+    EXPECT_GE(refills, 3);
+    EXPECT_EQ(made - s.precomputed_available(), rows);  // one unit per row: none ran online
+    EXPECT_TRUE(s.warnings().empty() || s.warnings().back().find("exhausted") == std::string::npos);
+    expect_fresh_pads(*plain, *masked);
 }
 
 TEST(Batch, TamperedProductInOneRowStopsTheSession) {

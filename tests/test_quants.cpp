@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/error.h"
+#include "common/fp16.h"
 #include "common/quant_dot.h"
 #include "formats/gguf.h"
 #include "engine/engine.h"
@@ -303,6 +304,99 @@ TEST(QuantDot, Q8_0WeightsAreGgmlsReference) {
     std::vector<float> back(x.size());
     quants::dequantize(TensorType::Q8_0, out.data(), x.size(), back.data());
     for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(back[i], x[i]) << i;
+}
+
+// The vectorised activation quantisers write the scalar references' bytes (scales, quants, sums), for blocks of
+// every magnitude, an all-zero block and values exactly halfway between two steps.
+TEST(QuantDot, ActivationQuantisersEqualScalarReference) {
+    std::mt19937 rng(5);
+    std::normal_distribution<float> N(0.0f, 1.0f);
+    const int64_t n = 2048;
+    std::vector<float> x(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) x[size_t(i)] = N(rng) * std::ldexp(1.0f, int(i / 256) * 3 - 10);
+    std::fill(x.begin() + 256, x.begin() + 288, 0.0f);                 // a zero block of 32
+    for (int j = 0; j < 32; ++j) x[size_t(512 + j)] = float(j - 16) + 0.5f;  // ties: .5 steps when amax = 127
+    x[512 + 31] = 127.0f;
+    for (const bool k : {false, true}) {
+        std::vector<int8_t> q(static_cast<size_t>(n)), qr(static_cast<size_t>(n));
+        std::vector<float> d(static_cast<size_t>(n / 32)), dr(static_cast<size_t>(n / 32));
+        std::vector<int16_t> s(static_cast<size_t>(n / 16)), sr(static_cast<size_t>(n / 16));
+        if (k) {
+            qdot::quantize_q8_k(x.data(), n, q.data(), d.data(), s.data());
+            qdot::ref::quantize_q8_k(x.data(), n, qr.data(), dr.data(), sr.data());
+        } else {
+            qdot::quantize_q8_0(x.data(), n, q.data(), d.data(), s.data());
+            qdot::ref::quantize_q8_0(x.data(), n, qr.data(), dr.data(), sr.data());
+        }
+        EXPECT_EQ(q, qr) << k;
+        EXPECT_EQ(0, std::memcmp(d.data(), dr.data(), d.size() * 4)) << k;
+        EXPECT_EQ(s, sr) << k;
+    }
+}
+
+// The interleaved kernels (16 rows per group, several tokens per weight block read) give each row exactly what the
+// scalar reference gives for that row as stored: ggml-written rows of the fixtures and random rows, a row count that
+// leaves a partial last group, and 1 to 6 tokens (every tile width and a tail).
+TEST(QuantDot, InterleavedKernelsEqualReferenceBitForBit) {
+    const std::pair<const char*, qdot::WType> types[] = {
+        {"q4_0", qdot::WType::q4_0}, {"q8_0", qdot::WType::q8_0}, {"q4_K", qdot::WType::q4_k}, {"q6_K", qdot::WType::q6_k}};
+    std::mt19937 rng(11);
+    std::normal_distribution<float> N(0.0f, 1.0f);
+    for (const auto& [name, type] : types) {
+        if (!qdot::has_packed(type)) GTEST_SKIP() << "built without AVX-512 VNNI: no interleaved kernels";
+        const Fixture f = load_fixture(name);
+        const int64_t n = int64_t(f.sections[0].ref.size());
+        const size_t rb = size_t(n / qdot::block_elems(type)) * qdot::block_bytes(type);
+        const int64_t rows = 37;  // two full groups and 5 rows
+        std::vector<uint8_t> w(size_t(rows) * rb);
+        for (int64_t r = 0; r < rows; ++r) {
+            uint8_t* row = w.data() + size_t(r) * rb;
+            if (size_t(r) < f.sections.size() && f.sections[size_t(r)].bytes.size() == rb) {
+                std::memcpy(row, f.sections[size_t(r)].bytes.data(), rb);
+                continue;
+            }
+            for (size_t i = 0; i < rb; ++i) row[i] = uint8_t(rng());
+            // finite fp16 scales (random bytes may be inf or NaN): the block scale (Q4_K: and the mins' scale)
+            for (size_t b = 0; b < rb; b += qdot::block_bytes(type))
+                for (int k = 0; k < (type == qdot::WType::q4_k ? 2 : 1); ++k) {
+                    const uint16_t h = fp32_to_fp16(std::ldexp(float(1 + rng() % 1000), -12 - int(rng() % 6)));
+                    std::memcpy(row + b + (type == qdot::WType::q6_k ? 208 : 2 * k), &h, 2);
+                }
+        }
+        const qdot::Packed P(type, w.data(), rows, n, rb);
+        ASSERT_EQ(P.groups(), 3);
+        ASSERT_EQ(P.bytes(), size_t(3 * 16) * rb) << name << ": as many bytes as the rows as stored";
+        for (const int64_t T : {1, 2, 3, 4, 5, 6}) {
+            const bool k = qdot::uses_q8k(type);
+            std::vector<int8_t> q(size_t(T * n));
+            std::vector<float> d(size_t(T * n / 32));
+            std::vector<int16_t> sums(size_t(T * n / 16));
+            for (int64_t t = 0; t < T; ++t) {
+                std::vector<float> x(static_cast<size_t>(n));
+                for (auto& v : x) v = N(rng) * (1.0f + float(rng() % 4));
+                if (k)
+                    qdot::quantize_q8_k(x.data(), n, &q[size_t(t * n)], &d[size_t(t * n / 256)], &sums[size_t(t * n / 16)]);
+                else
+                    qdot::quantize_q8_0(x.data(), n, &q[size_t(t * n)], &d[size_t(t * n / 32)], &sums[size_t(t * n / 32)]);
+            }
+            const int64_t ds = k ? n / 256 : n / 32, ss = k ? n / 16 : n / 32;
+            const int64_t ldy = rows + 3;
+            std::vector<float> Y(size_t(T * ldy), -7.0f);
+            qdot::gemm_packed(P, 0, P.groups(), q.data(), d.data(), sums.data(), T, Y.data(), ldy);
+            for (int64_t t = 0; t < T; ++t) {
+                for (int64_t r = 0; r < rows; ++r) {
+                    const float want = qdot::ref::dot_row(type, w.data() + size_t(r) * rb, n, &q[size_t(t * n)],
+                                                          &d[size_t(t * ds)], &sums[size_t(t * ss)]);
+                    const float got = Y[size_t(t * ldy + r)];
+                    uint32_t a, b;
+                    std::memcpy(&a, &want, 4);
+                    std::memcpy(&b, &got, 4);
+                    ASSERT_EQ(a, b) << name << " row " << r << " token " << t << " of " << T << ": " << got << " vs " << want;
+                }
+                for (int64_t r = rows; r < ldy; ++r) ASSERT_EQ(Y[size_t(t * ldy + r)], -7.0f) << "write past the rows";
+            }
+        }
+    }
 }
 
 // The native engine computes with the file's blocks and int8 activations: its logits stay close to those of the f32

@@ -2,6 +2,7 @@
 // type llama3) divide each rotation frequency, in the plaintext engine and inside the trusted core. Checked against
 // the reference formulas (Meta's apply_scaling for the factors; a rotation by pos * theta^(-i/d) / factor), and by an
 // identity: factors k^(i/d) are the same model as rope theta * k without factors.
+#include <algorithm>
 #include <cmath>
 
 #include <gtest/gtest.h>
@@ -175,17 +176,85 @@ TEST(RopeScaling, TrustedCoreUsesTheFactors) {
     EXPECT_NE(greedy(stories_with(10000.0f, {}), SecureMode::enclave_only), ref);
 }
 
-TEST(RopeScaling, PackagesRefuseFactors) {
-    // A package's trusted table binds the model configuration; it does not carry factors yet, so packing a model
-    // with them is refused rather than silently running without them.
+// Packages bind the factors (format version 3): a model with Llama 3.1 factors packs, its package loads and gives
+// the plaintext engine's greedy tokens; the same model without its factors gives other tokens, so the comparison
+// can fail. (tests/test_active_host.cpp: a host that alters or drops the factors is refused.)
+TEST(RopeScaling, PackagesBindLlama3Factors) {
     const std::string dir = test::scratch_dir();
-    write_gguf_model(dir + "/f.gguf", stories_with(10000.0f, power_factors(8, 16.0)),
-                     load_vocab_file(test::shared("models/tok512.bin")), GgufWeightType::f32, "f");
+    const int hd = test::stories().cfg.head_dim();
+    // wavelengths 6.3, 63, 628, 6283 against 64 / 4 and 64 / 1: one factor of each kind (1, smoothed, 8)
+    const std::vector<float> f = llama3_rope_factors(hd, 10000.0f, 8.0f, 1.0f, 4.0f, 64.0f);
+    ASSERT_EQ(f.size(), size_t(hd / 2));
+    EXPECT_EQ(f[0], 1.0f);
+    EXPECT_GT(f[1], 1.0f);
+    EXPECT_LT(f[1], 8.0f);
+    EXPECT_EQ(f.back(), 8.0f);
+    const ModelWeights with = stories_with(10000.0f, f);
+    write_gguf_model(dir + "/f.gguf", with, load_vocab_file(test::shared("models/tok512.bin")), GgufWeightType::f32, "f");
+    const pkg::Key key = generate_owner_key();
+    write_owner_key(dir + "/owner.key", key);
     PackOptions o;
     o.base = dir + "/f.gguf";
     o.secret = "all";
-    pkg::Key key{};
-    key[0] = 1;
-    test::expect_error([&] { write_package(dir + "/f.sipkg", o, key); }, Status::unsupported,
-                       "protected packages do not support RoPE frequency factors");
+    write_package(dir + "/f.sipkg", o, key);
+    const auto package = Package::open(dir + "/f.sipkg");
+    EXPECT_EQ(package->model().weights.cfg.rope_freq_factors, f);
+    EXPECT_NE(describe_package(dir + "/f.sipkg").find("rope frequency factors: 4 (sha256 "), std::string::npos);
+
+    // The plaintext engine's greedy continuation with the factors, and its logits along it.
+    EngineParams ep;
+    ep.n_threads = 1;
+    const int V = with.cfg.vocab_size;
+    const auto logits_along = [&](const ModelWeights& w, const std::vector<int32_t>& seq) {
+        Engine e(w, ep);
+        const float* l = e.eval(seq, true);
+        return std::vector<float>(l, l + seq.size() * size_t(V));
+    };
+    const auto argmax = [&](const float* l) { return int32_t(std::max_element(l, l + V) - l); };
+    std::vector<int32_t> seq(kPrompt);
+    {
+        Engine e(with, ep);
+        seq.push_back(argmax(e.eval(kPrompt)));
+        while (seq.size() < kPrompt.size() + 24) seq.push_back(argmax(e.eval(std::span<const int32_t>(&seq.back(), 1))));
+    }
+    const std::vector<int32_t> want(seq.begin() + long(kPrompt.size()), seq.end());
+    const std::vector<float> lw = logits_along(with, seq), ln = logits_along(stories_with(10000.0f, {}), seq);
+
+    SecureSessionParams p;
+    p.host = EnclaveHostKind::inprocess;
+    p.n_threads = 1;
+    p.key.device_dir = dir + "/device";
+    p.key.owner_key_file = dir + "/owner.key";
+    const auto free_running = [&](const ModelWeights& w) {
+        SecureSession s(w, p);
+        s.set_sampler(SamplerParams{0.0f, 0, 1.0f, 0});
+        std::vector<int32_t> out{s.eval_sample(kPrompt)};
+        while (out.size() < 24) out.push_back(s.eval_sample(std::span<const int32_t>(&out.back(), 1)));
+        return out;
+    };
+    // The unpacked model in the same preset: the package must run exactly this network.
+    p.mode = SecureMode::secureinfer;
+    const std::vector<int32_t> unpacked = free_running(with);
+    p.package = package;
+    for (SecureMode m : {SecureMode::secureinfer, SecureMode::enclave_only}) {
+        p.mode = m;
+        EXPECT_EQ(free_running(package->model().weights), unpacked) << int(m);
+        // Teacher-forced along the engine's continuation: the package's greedy token is the engine's at every step
+        // whose top two logits are at least 1 apart (the int8 products move logits by up to about 0.6 here), and at
+        // all but one step in all; the engine without the factors agrees far less often.
+        SecureSession s(package->model().weights, p);
+        s.set_sampler(SamplerParams{0.0f, 0, 1.0f, 0});
+        int agree = 0, agree_without = 0;
+        for (size_t i = 0; i < want.size(); ++i) {
+            const int32_t got = i == 0 ? s.eval_sample(kPrompt) : s.eval_sample(std::span<const int32_t>(&want[i - 1], 1));
+            const size_t at = (kPrompt.size() - 1 + i) * size_t(V);
+            std::vector<float> top(lw.begin() + long(at), lw.begin() + long(at) + V);
+            std::partial_sort(top.begin(), top.begin() + 2, top.end(), std::greater<float>());
+            if (top[0] - top[1] >= 1.0f) EXPECT_EQ(got, want[i]) << "step " << i << ", mode " << int(m);
+            agree += got == want[i];
+            agree_without += argmax(&ln[at]) == want[i];
+        }
+        EXPECT_GE(agree, int(want.size()) - 1) << int(m);
+        EXPECT_LE(agree_without, int(want.size()) - 4) << "the factors must matter for this check";
+    }
 }

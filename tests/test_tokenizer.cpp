@@ -34,23 +34,13 @@ const Tokenizer& tok512() {
 
 using Case = test::VocabCase;
 
-
-std::string show(const std::vector<int32_t>& ids) {
-    std::string s;
-    for (int32_t id : ids) {
-        if (!s.empty()) s += ' ';
-        s += std::to_string(id);
-    }
-    return s;
-}
-
 void expect_conformance(const Tokenizer& tok) {
     const std::vector<Case> cases = test::vocab_conformance_cases("models/ggml-vocab-llama-spm.gguf");
     ASSERT_EQ(cases.size(), 46u);
     int matched = 0;
     for (const Case& c : cases) {
         const std::vector<int32_t> got = tok.encode(c.text, false);
-        EXPECT_EQ(show(got), show(c.ids)) << "input: '" << c.text << "'";
+        EXPECT_EQ(test::show_ids(got), test::show_ids(c.ids)) << "input: '" << c.text << "'";
         matched += got == c.ids;
         EXPECT_EQ(tok.decode(got), c.text);
         // With BOS: the same ids after it, and decode still gives the text back.
@@ -227,7 +217,7 @@ TEST(TokenizerConformance, SpecialTokenTextIsPlainText) {
         EXPECT_EQ(tok.decode(ids), text);
     }
     // Byte fallback for a character outside the vocabulary: U+1F999 is four byte tokens (ids 3 + byte).
-    EXPECT_EQ(show(tok.encode("\xF0\x9F\xA6\x99", false)), "29871 243 162 169 156");
+    EXPECT_EQ(test::show_ids(tok.encode("\xF0\x9F\xA6\x99", false)), "29871 243 162 169 156");
 }
 
 // ---- tok512 (stories260K) -----------------------------------------------------------------------------------------
@@ -259,7 +249,7 @@ TEST(Tokenizer512, KnownStory) {
     EXPECT_EQ(text.rfind("Once upon a time, there was a little girl named Lily.", 0), 0u) << text;
     expect_streaming_equals_decode(tok512(), ids);
     // Those ids are also what encoding the text gives.
-    EXPECT_EQ(show(tok512().encode(text, true)), show(ids));
+    EXPECT_EQ(test::show_ids(tok512().encode(text, true)), test::show_ids(ids));
 }
 
 TEST(Tokenizer512, BosHandling) {
@@ -307,7 +297,7 @@ TEST(Tokenizer512, RoundTripsUtf8AndBinary) {
         "\xC3\xA9\xC3", "\xF8\x88\x80\x80\x80", "<s></s><unk>"};
     for (const auto& s : samples) {
         const auto ids = tok.encode(s, true);
-        EXPECT_EQ(tok.decode(ids), s) << show(ids);
+        EXPECT_EQ(tok.decode(ids), s) << test::show_ids(ids);
         expect_streaming_equals_decode(tok, ids);
     }
 
@@ -350,7 +340,7 @@ TEST(Tokenizer512, RoundTripsUtf8AndBinary) {
         }
         if (s.find(kMark) != std::string::npos) continue;
         const auto ids = tok.encode(s, iter % 3 == 0);
-        ASSERT_EQ(tok.decode(ids), s) << "iteration " << iter << ": " << show(ids);
+        ASSERT_EQ(tok.decode(ids), s) << "iteration " << iter << ": " << test::show_ids(ids);
         if (iter % 10 == 0) expect_streaming_equals_decode(tok, ids);
         ++checked;
     }
@@ -366,13 +356,13 @@ TEST(TokenizerConformance, MatchesReferenceMergeLoop) {
         int n = 0;
         for (size_t i = 0; i < lines.size() && n < 150; i += 37) {
             if (lines[i].size() > 400) continue;
-            EXPECT_EQ(show(tok->encode(lines[i], false)), show(reference_encode(*tok, lines[i]))) << lines[i];
+            EXPECT_EQ(test::show_ids(tok->encode(lines[i], false)), test::show_ids(reference_encode(*tok, lines[i]))) << lines[i];
             ++n;
         }
         for (int iter = 0; iter < 300; ++iter) {
             std::string s;
             for (int k = int(rng() % 60); k > 0; --k) s += alphabet[rng() % alphabet.size()];
-            EXPECT_EQ(show(tok->encode(s, false)), show(reference_encode(*tok, s))) << "'" << s << "'";
+            EXPECT_EQ(test::show_ids(tok->encode(s, false)), test::show_ids(reference_encode(*tok, s))) << "'" << s << "'";
         }
     }
 }
@@ -395,19 +385,19 @@ TEST(TokenizerVocab, MergeOrderAndTies) {
     b.bytes().add(kMark, -1).add("a", -1).add("b", -1).add("c", -1).add("ab", -5).add("bc", -5).add("abc", -9);
     // Equal scores: the leftmost pair merges first; "ab" + "c" then makes "abc".
     Tokenizer tok(b.v);
-    EXPECT_EQ(show(tok.encode("abc", false)), show({b.id(kMark), b.id("abc")}));
-    EXPECT_EQ(show(tok.encode("bcb", false)), show({b.id(kMark), b.id("bc"), b.id("b")}));
+    EXPECT_EQ(test::show_ids(tok.encode("abc", false)), test::show_ids({b.id(kMark), b.id("abc")}));
+    EXPECT_EQ(test::show_ids(tok.encode("bcb", false)), test::show_ids({b.id(kMark), b.id("bc"), b.id("b")}));
 
     VocabBuilder h;
     h.bytes().add(kMark, -1).add("a", -1).add("b", -1).add("c", -1).add("ab", -6).add("bc", -5);
     Tokenizer tok2(h.v);  // "bc" scores higher and wins although "ab" is further left; no "abc"
-    EXPECT_EQ(show(tok2.encode("abc", false)), show({h.id(kMark), h.id("a"), h.id("bc")}));
+    EXPECT_EQ(test::show_ids(tok2.encode("abc", false)), test::show_ids({h.id(kMark), h.id("a"), h.id("bc")}));
 
     // A NaN score never wins.
     VocabBuilder n;
     n.bytes().add(kMark, -1).add("a", -1).add("b", -1).add("c", -1).add("ab", std::nanf("")).add("bc", -50);
     Tokenizer tok3(n.v);
-    EXPECT_EQ(show(tok3.encode("abc", false)), show({n.id(kMark), n.id("a"), n.id("bc")}));
+    EXPECT_EQ(test::show_ids(tok3.encode("abc", false)), test::show_ids({n.id(kMark), n.id("a"), n.id("bc")}));
 }
 
 TEST(TokenizerVocab, NoSpacePrefix) {
@@ -415,7 +405,7 @@ TEST(TokenizerVocab, NoSpacePrefix) {
     b.bytes().add(kMark, -1).add("a", -1).add(kMark + "a", -2);
     b.v.add_space_prefix = false;
     Tokenizer tok(b.v);
-    EXPECT_EQ(show(tok.encode("a a", false)), show({b.id("a"), b.id(kMark + "a")}));
+    EXPECT_EQ(test::show_ids(tok.encode("a a", false)), test::show_ids({b.id("a"), b.id(kMark + "a")}));
     EXPECT_EQ(tok.decode(tok.encode(" a", true)), " a");  // nothing to drop
 }
 
@@ -424,7 +414,7 @@ TEST(TokenizerVocab, FallbackWithoutByteTokens) {
     VocabBuilder b;
     b.add(kMark, -1).add("a", -1).add("\n", -1);
     Tokenizer tok(b.v);
-    EXPECT_EQ(show(tok.encode("a\n\xC3\xA9", false)), show({b.id(kMark), b.id("a"), b.id("\n"), 0, 0}));
+    EXPECT_EQ(test::show_ids(tok.encode("a\n\xC3\xA9", false)), test::show_ids({b.id(kMark), b.id("a"), b.id("\n"), 0, 0}));
     EXPECT_EQ(tok.byte_token('a'), b.id("a"));
     EXPECT_EQ(tok.byte_token(0xC3), 0);
     EXPECT_EQ(tok.decode(tok.encode("a\n\xC3\xA9", false)), "a\n");
@@ -441,9 +431,9 @@ TEST(TokenizerVocab, UserDefinedTokensAreSplitOut) {
         .add("<tool>x", 0, TokenType::user_defined);
     Tokenizer tok(b.v);
     // Longest first, and the space prefix reappears after each user-defined token as in llama.cpp.
-    EXPECT_EQ(show(tok.encode("a<tool>xa<tool>b", false)),
-              show({b.id(kMark + "a"), b.id("<tool>x"), b.id(kMark + "a"), b.id("<tool>"), b.id(kMark), b.id("b")}));
-    EXPECT_EQ(show(tok.encode("<tool>", true)), show({1, b.id("<tool>")}));
+    EXPECT_EQ(test::show_ids(tok.encode("a<tool>xa<tool>b", false)),
+              test::show_ids({b.id(kMark + "a"), b.id("<tool>x"), b.id(kMark + "a"), b.id("<tool>"), b.id(kMark), b.id("b")}));
+    EXPECT_EQ(test::show_ids(tok.encode("<tool>", true)), test::show_ids({1, b.id("<tool>")}));
     EXPECT_EQ(tok.decode(tok.encode("a<tool>xa", false)), "a<tool>x a");
 }
 

@@ -29,17 +29,7 @@ const Tokenizer& llama3() {
     return t;
 }
 
-std::string show(const std::vector<int32_t>& ids) {
-    std::string s;
-    for (int32_t id : ids) {
-        if (!s.empty()) s += ' ';
-        s += std::to_string(id);
-    }
-    return s;
-}
-
 using Case = test::VocabCase;
-
 
 std::vector<std::string> split(std::string_view text) {
     std::vector<std::string> words;
@@ -78,7 +68,7 @@ TEST(TokenizerBpe, LlamaBpeConformance) {
     int matched = 0;
     for (const Case& c : cases) {
         const std::vector<int32_t> got = tok.encode(c.text, false);
-        EXPECT_EQ(show(got), show(c.ids)) << "input: '" << c.text << "'";
+        EXPECT_EQ(test::show_ids(got), test::show_ids(c.ids)) << "input: '" << c.text << "'";
         matched += got == c.ids;
         EXPECT_EQ(tok.decode(got), c.text);
         // With BOS: <|begin_of_text|>, then the same ids; BOS decodes to nothing.
@@ -134,7 +124,7 @@ TEST(TokenizerBpe, SpecialTokensOnlyWhenAllowed) {
     for (int32_t id : plain) EXPECT_FALSE(tok.is_control(id)) << id;
     EXPECT_EQ(tok.decode(plain), text);
     const auto special = tok.encode(text, false, true);
-    EXPECT_EQ(show(special), "128006 882 128007 271 13347 128009");
+    EXPECT_EQ(test::show_ids(special), "128006 882 128007 271 13347 128009");
     // Control tokens decode to nothing.
     EXPECT_EQ(tok.decode(special), "user\n\nHi");
 }

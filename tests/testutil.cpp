@@ -385,6 +385,15 @@ void write_llama3_chat_model(const std::string& path, const std::string& chat_te
     write_gguf_model(path, w, vocab, GgufWeightType::f16, "llama3-chat-test");
 }
 
+std::string show_ids(const std::vector<int32_t>& ids) {
+    std::string s;
+    for (int32_t id : ids) {
+        if (!s.empty()) s += ' ';
+        s += std::to_string(id);
+    }
+    return s;
+}
+
 std::vector<VocabCase> vocab_conformance_cases(const std::string& vocab) {
     const std::string base = shared(vocab);
     const std::string inp = read_file(base + ".inp");

@@ -36,6 +36,8 @@ struct VocabCase {
 // Reads <vocab>.inp / <vocab>.out below the shared directory as llama.cpp's tests/test-tokenizer-0.cpp does: inputs
 // separated by "\n__ggml_vocab_test__\n" (the file also ends with one), one line of space-separated ids per input.
 std::vector<VocabCase> vocab_conformance_cases(const std::string& vocab);
+// Token ids as space-separated decimals, for failure messages.
+std::string show_ids(const std::vector<int32_t>& ids);
 void write_file(const std::string& path, const std::string& bytes);
 
 struct CliResult {

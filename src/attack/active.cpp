@@ -46,11 +46,12 @@ void write_bytes(const std::string& path, const std::vector<uint8_t>& b) {
 // A session of the target: S5 (the package's parameters) or the control (the adapter as a file: no manifest, the
 // host's sampler seeds).
 std::unique_ptr<SecureSession> open_session(const ModelWeights& w, const train::LoraAdapter& victim, PackagePath* pk,
-                                            EnclaveHostKind host, int threads, int logprobs = 0) {
+                                            EnclaveHostKind host, int threads, int logprobs = 0,
+                                            Unblinding u = Unblinding::online) {
     SecureSessionParams p;
     if (pk) {
         pk->package(victim);
-        p = pk->params(victim, Unblinding::online);
+        p = pk->params(victim, u);
     } else {
         p.mode = SecureMode::secureinfer;
         p.lora = &victim;
@@ -108,13 +109,16 @@ std::vector<double> linspace(double lo, double hi, int n) {
     return g;
 }
 
-// Reads h_i / h_b for every input column j (j != b) through one session: greedy tokens only.
-std::vector<double> read_column_ratios(SecureSession& s, int d, int b, const std::vector<double>& grid, int64_t& queries) {
+// Reads h_i / h_b for every input column j (j != b) through one session: greedy tokens only. precomputed: each
+// one-token query takes precomputed unblinding factors.
+std::vector<double> read_column_ratios(SecureSession& s, int d, int b, const std::vector<double>& grid, int64_t& queries,
+                                       bool precomputed) {
     std::vector<double> r(size_t(d), 0.0);
     s.set_sampler(SamplerParams{0.0f, 0, 1.0f, 0});
     for (int j = 0; j < d; ++j) {
         if (j == b) continue;
         s.reset();
+        if (precomputed) s.precompute(1);
         const int32_t tok = kFirstToken + j;
         const int32_t out = s.eval_sample(std::span<const int32_t>(&tok, 1));
         ++queries;
@@ -126,8 +130,9 @@ std::vector<double> read_column_ratios(SecureSession& s, int d, int b, const std
 }  // namespace
 
 ActiveResult a9_chosen_weights(const ModelWeights& base, const train::LoraAdapter& victim, PackagePath* package,
-                               EnclaveHostKind host, int threads) {
+                               EnclaveHostKind host, int threads, Unblinding u) {
     ActiveResult res;
+    const bool pre = package && u != Unblinding::online;
     const ModelConfig& c = base.cfg;
     const int d = c.dim, hd = c.head_dim(), group = c.n_heads / c.n_kv_heads, kv = c.kv_dim();
     const int b = hd;  // the reference coordinate lies in head 1, which (with groups of 2 or more) is never read
@@ -168,7 +173,7 @@ ActiveResult a9_chosen_weights(const ModelWeights& base, const train::LoraAdapte
             a.apply(w);
             ++res.attempts;
             try {
-                auto s = open_session(w, victim, package, host, threads);
+                auto s = open_session(w, victim, package, host, threads, 0, u);
                 ++res.accepted;
             } catch (const Error& e) {
                 refused.push_back({{"alteration", a.name}, {"refusal", e.what()}});
@@ -185,8 +190,8 @@ ActiveResult a9_chosen_weights(const ModelWeights& base, const train::LoraAdapte
     int64_t queries = 0;
     double peak = 0.0;
     for (int q : {0, kv / 2}) {
-        auto s = open_session(readout_model(*start, b, read_coord(q), 1.0, wide), victim, package, host, threads);
-        const auto r = read_column_ratios(*s, d, b, wide, queries);
+        auto s = open_session(readout_model(*start, b, read_coord(q), 1.0, wide), victim, package, host, threads, 0, u);
+        const auto r = read_column_ratios(*s, d, b, wide, queries, pre);
         for (int j = 0; j < d; ++j)
             if (j != b) peak = std::max(peak, std::abs(r[size_t(j)] - (read_coord(q) == j ? 1.0 : 0.0)));
     }
@@ -195,8 +200,8 @@ ActiveResult a9_chosen_weights(const ModelWeights& base, const train::LoraAdapte
     Mat est(kv, d), truth = lora_delta(victim, c, 0, Proj::v);
     for (int q = 0; q < kv; ++q) {
         const int i = read_coord(q);
-        auto s = open_session(readout_model(*start, b, i, a, grid), victim, package, host, threads);
-        const auto r = read_column_ratios(*s, d, b, grid, queries);
+        auto s = open_session(readout_model(*start, b, i, a, grid), victim, package, host, threads, 0, u);
+        const auto r = read_column_ratios(*s, d, b, grid, queries, pre);
         for (int j = 0; j < d; ++j)
             if (j != b) est(q, j) = (r[size_t(j)] - (i == j ? 1.0 : 0.0)) / (a * xhat);
     }
@@ -241,7 +246,7 @@ double draw_threshold(uint64_t seed) {
 }  // namespace
 
 ActiveResult a10_sampler_oracle(const ModelWeights& base, const train::LoraAdapter& victim, PackagePath* package,
-                                EnclaveHostKind host, int threads) {
+                                EnclaveHostKind host, int threads, Unblinding u) {
     ActiveResult res;
     const ModelWeights& w = package ? package->package(victim)->model().weights : base;
     // Scoring only: the true top-two logit gap along a greedy continuation, from a host-owned session that
@@ -264,9 +269,11 @@ ActiveResult a10_sampler_oracle(const ModelWeights& base, const train::LoraAdapt
         }
         gap = best;
     }
-    auto s = open_session(w, victim, package, host, threads);
+    auto s = open_session(w, victim, package, host, threads, 0, u);
     auto draw = [&](float temp, uint64_t seed) {
         s->reset();
+        // precomputed unblinding: the pass over the target prompt takes precomputed factors at every position
+        if (package && u != Unblinding::online) s->precompute(int(target.size()));
         s->set_sampler(SamplerParams{temp, 2, 1.0f, seed});
         ++res.queries;
         return s->eval_sample(target);
@@ -361,14 +368,14 @@ std::array<uint8_t, pkg::kWrappedBytes> weak_release(std::span<const uint8_t> qu
 
 // A genuine quote as the host sees it cross the boundary (the trace's "enclave.quote" message) in a session that
 // attests: the sealed key is moved aside so that the core asks the keyserver.
-std::vector<uint8_t> capture_genuine_quote(PackagePath& pk, const train::LoraAdapter& victim) {
+std::vector<uint8_t> capture_genuine_quote(PackagePath& pk, const train::LoraAdapter& victim, Unblinding u) {
     const std::string sealed = pk.sealed_key_path(victim), aside = sealed + ".aside";
     std::error_code ec;
     fs::rename(sealed, aside, ec);
     const std::string dir = pk.dir() + "/a11-trace";
     fs::remove_all(dir, ec);
     {
-        SecureSessionParams p = pk.params(victim, Unblinding::online);
+        SecureSessionParams p = pk.params(victim, u);
         p.trace_dir = dir;
         p.trace_messages = true;
         p.key.sealed_key_path.clear();
@@ -394,7 +401,7 @@ std::vector<uint8_t> capture_genuine_quote(PackagePath& pk, const train::LoraAda
 
 }  // namespace
 
-ActiveResult a11_forged_quote(PackagePath& pk, const train::LoraAdapter& victim, bool control) {
+ActiveResult a11_forged_quote(PackagePath& pk, const train::LoraAdapter& victim, bool control, Unblinding u) {
     ActiveResult res;
     const auto package = pk.package(victim);
     const pkg::ModelId& id = package->model_id();
@@ -431,7 +438,7 @@ ActiveResult a11_forged_quote(PackagePath& pk, const train::LoraAdapter& victim,
         const pkg::PubKey dev = pk.device_quoting_key();
         attempt("quote claiming the registered device's key, signed by the attacker's", &claim,
                 [&] { return keyserver_release(url, claim.quote(pk.measurement(), keyserver_nonce(url), &dev), id); });
-        const std::vector<uint8_t> genuine = capture_genuine_quote(pk, victim);
+        const std::vector<uint8_t> genuine = capture_genuine_quote(pk, victim, u);
         attempt("a genuine quote from the boundary trace, replayed", nullptr,
                 [&] { return keyserver_release(url, genuine, id); });
     }
@@ -533,12 +540,13 @@ std::string device_copy(const std::string& from, const std::string& to, uint32_t
 
 }  // namespace
 
-ActiveResult a12_read_credentials(PackagePath& pk, const train::LoraAdapter& victim, bool control) {
+ActiveResult a12_read_credentials(PackagePath& pk, const train::LoraAdapter& victim, bool control, Unblinding u) {
     ActiveResult res;
     pk.package(victim);
     {
         // a session seals the model key to the device first (the file the host keeps)
-        SecureSession s(pk.package(victim)->model().weights, pk.params(victim, Unblinding::online));
+        SecureSession s(pk.package(victim)->model().weights, pk.params(victim, u));
+        if (u != Unblinding::online) s.precompute(1);
     }
     const std::string sealed = pk.sealed_key_path(victim);
     const bool root = geteuid() == 0;
@@ -607,11 +615,18 @@ public:
     void call(std::span<const uint8_t> request, std::vector<uint8_t>& response) override {
         std::vector<uint8_t> r(request.begin(), request.end());
         if (on_request) on_request(r);
+        // requests of the host's own, sent ahead of this one (a refusal throws into the session)
+        for (const auto& q : inject) {
+            std::vector<uint8_t> ignored;
+            inner_->call(q, ignored);
+        }
+        inject.clear();
         inner_->call(r, response);
         if (on_response) on_response(response);
     }
     std::function<void(std::vector<uint8_t>&)> on_request;
     std::function<void(const std::vector<uint8_t>&)> on_response;
+    std::vector<std::vector<uint8_t>> inject;
 
 private:
     std::shared_ptr<EnclaveHost> inner_;
@@ -644,23 +659,71 @@ uint8_t* unit_in(std::vector<uint8_t>& req, SlotKey* slot, size_t* n) {
     return req.data() + (f.data - req.data());
 }
 
-enum class Substitute { none, replay, reorder, cross_session, flip };
+enum class Substitute { none, replay, reorder, cross_session, flip, inject_products, inject_unit };
 
-// One session on the package path with sealed factors: precompute, a prompt, `steps` sampled tokens; the
-// substitution hits the second unit of the first slot that uses one. Returns whether the core took everything.
+// Whether a core's answer is an offload whose crossing takes precomputed factors (kept or sealed).
+bool offload_takes_units(const std::vector<uint8_t>& resp) {
+    const wire::Message m = wire::decode(resp);
+    return m.type() == wire::MsgType::offload && m.has(wire::Tag::batch);
+}
+
+// A products request with a sealed unit added (the host claims the unit belongs to the crossing).
+std::vector<uint8_t> products_with_unit(const std::vector<uint8_t>& req, const std::vector<uint8_t>& unit) {
+    const wire::Message m = wire::decode(req);
+    const wire::Field& f = m.field(wire::Tag::products, wire::WireType::u32);
+    wire::Encoder e(wire::MsgType::products, req.size() + unit.size() + 64);
+    e.scalar<int32_t>(wire::Tag::layer, m.scalar<int32_t>(wire::Tag::layer));
+    e.scalar<uint8_t>(wire::Tag::stage, m.scalar<uint8_t>(wire::Tag::stage));
+    e.scalar<uint64_t>(wire::Tag::crossing, m.scalar<uint64_t>(wire::Tag::crossing));
+    std::memcpy(e.reserve(wire::Tag::products, wire::WireType::u32, f.count), f.data, size_t(f.count) * 4);
+    e.add(wire::Tag::sealed, unit);
+    return e.finish();
+}
+
+// A unit message for the crossing a products request answers, ahead of it.
+std::vector<uint8_t> unit_message(const std::vector<uint8_t>& req, const std::vector<uint8_t>& unit) {
+    const wire::Message m = wire::decode(req);
+    wire::Encoder e(wire::MsgType::unit, unit.size() + 128);
+    e.scalar<int32_t>(wire::Tag::layer, m.scalar<int32_t>(wire::Tag::layer));
+    e.scalar<uint8_t>(wire::Tag::stage, m.scalar<uint8_t>(wire::Tag::stage));
+    e.scalar<uint64_t>(wire::Tag::crossing, m.scalar<uint64_t>(wire::Tag::crossing));
+    e.add(wire::Tag::sealed, unit);
+    return e.finish();
+}
+
+// One session on the package path unblinding as u (precomputed: factors for every position of it): a prompt
+// and 5 sampled tokens. Sealed units (sealed outside): the substitution hits the second unit of the first slot that
+// uses one. Injections (kept inside or online): another session's sealed unit (from `other`) goes in with the products
+// of the first crossing that takes kept factors (online: the first crossing), or as a unit message ahead of them.
+// Returns whether the core took everything.
 bool run_sealed_session(PackagePath& pk, const train::LoraAdapter& victim, Substitute sub, const UnitLog* other,
-                        UnitLog& log, std::string& refusal) {
+                        UnitLog& log, std::string& refusal, Unblinding u = Unblinding::precomputed_sealed) {
     auto host = std::make_shared<InterceptHost>(pk.make_host());
     std::map<SlotKey, int> used;
-    bool hit = false;
-    host->on_response = [&](const std::vector<uint8_t>& r) { log_precomputed(r, log); };
+    bool hit = false, takes_units = false;
+    host->on_response = [&](const std::vector<uint8_t>& r) {
+        log_precomputed(r, log);
+        takes_units = offload_takes_units(r);
+    };
     host->on_request = [&](std::vector<uint8_t>& req) {
+        if (sub == Substitute::inject_products || sub == Substitute::inject_unit) {
+            const wire::Message m = wire::decode(req);
+            if (hit || m.type() != wire::MsgType::products || (u != Unblinding::online && !takes_units)) return;
+            const SlotKey slot{m.scalar<int32_t>(wire::Tag::layer), int(m.scalar<uint8_t>(wire::Tag::stage))};
+            const std::vector<std::vector<uint8_t>>* units = nullptr;
+            if (other && other->precomputed.count(slot)) units = &other->precomputed.at(slot);
+            if (!units || units->empty()) return;
+            if (sub == Substitute::inject_products) req = products_with_unit(req, units->front());
+            else host->inject.push_back(unit_message(req, units->front()));
+            hit = true;
+            return;
+        }
         SlotKey slot;
         size_t n = 0;
-        uint8_t* u = unit_in(req, &slot, &n);
-        if (!u) return;
+        uint8_t* un = unit_in(req, &slot, &n);
+        if (!un) return;
         const int k = used[slot]++;
-        std::vector<uint8_t> mine(u, u + n);
+        std::vector<uint8_t> mine(un, un + n);
         if (!hit && k == 1 && sub != Substitute::none) {
             const std::vector<uint8_t>* with = nullptr;
             if (sub == Substitute::replay) with = &log.sent[slot][0];
@@ -669,21 +732,21 @@ bool run_sealed_session(PackagePath& pk, const train::LoraAdapter& victim, Subst
                 other->precomputed.at(slot).size() > 1)
                 with = &other->precomputed.at(slot)[1];
             if (with && with->size() == n) {
-                std::memcpy(u, with->data(), n);
+                std::memcpy(un, with->data(), n);
                 hit = true;
             }
             if (sub == Substitute::flip) {
-                u[n / 2] ^= 0x01;
+                un[n / 2] ^= 0x01;
                 hit = true;
             }
         }
         log.sent[slot].push_back(std::move(mine));
     };
-    SecureSessionParams p = pk.params(victim, Unblinding::precomputed_sealed);
+    SecureSessionParams p = pk.params(victim, u);
     p.enclave_host = host;
     try {
         SecureSession s(pk.package(victim)->model().weights, p);
-        s.precompute(6);
+        if (u != Unblinding::online) s.precompute(8);  // every position: the prompt (3) and 5 decode steps
         s.set_sampler(SamplerParams{1.0f, 0, 1.0f, 7});
         const std::vector<int32_t> prompt = {1, 403, 407};
         int32_t t = s.eval_sample(prompt);
@@ -697,12 +760,14 @@ bool run_sealed_session(PackagePath& pk, const train::LoraAdapter& victim, Subst
 }
 
 // A session that must get the model key from this sealed key file alone.
-bool run_with_sealed_key(PackagePath& pk, const train::LoraAdapter& victim, const std::string& path, std::string& refusal) {
-    SecureSessionParams p = pk.params(victim, Unblinding::online);
+bool run_with_sealed_key(PackagePath& pk, const train::LoraAdapter& victim, const std::string& path, std::string& refusal,
+                         Unblinding u) {
+    SecureSessionParams p = pk.params(victim, u);
     p.key.keyserver_url.clear();
     p.key.sealed_key_path = path;
     try {
         SecureSession s(pk.package(victim)->model().weights, p);
+        if (u != Unblinding::online) s.precompute(1);
         s.set_sampler(SamplerParams{0.0f, 0, 1.0f, 0});
         const std::vector<int32_t> prompt = {1};
         s.eval_sample(prompt);
@@ -716,7 +781,7 @@ bool run_with_sealed_key(PackagePath& pk, const train::LoraAdapter& victim, cons
 }  // namespace
 
 ActiveResult a13_replay_sealed(PackagePath& pk, const train::LoraAdapter& victim, const train::LoraAdapter& other,
-                               bool control) {
+                               bool control, Unblinding u) {
     ActiveResult res;
     nlohmann::json tries = nlohmann::json::array();
     auto record = [&](const std::string& what, bool accepted, const std::string& why) {
@@ -764,17 +829,40 @@ ActiveResult a13_replay_sealed(PackagePath& pk, const train::LoraAdapter& victim
         SecureSession b(pk.package(other)->model().weights, pk.params(other, Unblinding::online));
     }
     std::string why;
+    // an unaltered session with sealed factors: its units are the ones replayed, or handed in from "another session"
     UnitLog first, log;
     const bool clean = run_sealed_session(pk, victim, Substitute::none, nullptr, first, why);
     res.details["unaltered_session_ran"] = clean;
     if (!clean) fail(Status::internal, "A13: the unaltered session failed: " + why);
-    for (auto [sub, what] : {std::pair{Substitute::replay, "replay of an earlier sealed unit"},
-                             std::pair{Substitute::reorder, "reorder (a later unit of the same batch)"},
-                             std::pair{Substitute::cross_session, "another session's sealed unit"},
-                             std::pair{Substitute::flip, "a flipped bit in a sealed unit"}}) {
+    if (u != Unblinding::precomputed_sealed) {
+        UnitLog mine;
+        why.clear();
+        const bool ok = run_sealed_session(pk, victim, Substitute::none, nullptr, mine, why, u);
+        res.details["unaltered_session_ran_" + std::string(u == Unblinding::online ? "online" : "kept_inside")] = ok;
+        if (!ok) fail(Status::internal, "A13: the unaltered session failed: " + why);
+    }
+    using Attempt = std::pair<Substitute, const char*>;
+    const std::vector<Attempt> subs =
+        u == Unblinding::precomputed_sealed
+            ? std::vector<Attempt>{{Substitute::replay, "replay of an earlier sealed unit"},
+                                   {Substitute::reorder, "reorder (a later unit of the same batch)"},
+                                   {Substitute::cross_session, "another session's sealed unit"},
+                                   {Substitute::flip, "a flipped bit in a sealed unit"}}
+        : u == Unblinding::precomputed_inside
+            ? std::vector<Attempt>{{Substitute::inject_products,
+                                    "another session's sealed unit with the products of a crossing whose factors are "
+                                    "kept inside"},
+                                   {Substitute::inject_unit,
+                                    "another session's sealed unit as a unit message for a crossing whose factors are "
+                                    "kept inside"}}
+            : std::vector<Attempt>{{Substitute::inject_products,
+                                    "another session's sealed unit with the products of an online crossing"},
+                                   {Substitute::inject_unit, "another session's sealed unit as a unit message for an "
+                                                             "online crossing"}};
+    for (auto [sub, what] : subs) {
         UnitLog l;
         why.clear();
-        const bool ok = run_sealed_session(pk, victim, sub, &first, l, why);
+        const bool ok = run_sealed_session(pk, victim, sub, &first, l, why, u);
         record(what, ok, why);
     }
     // whole sealed model keys
@@ -782,12 +870,12 @@ ActiveResult a13_replay_sealed(PackagePath& pk, const train::LoraAdapter& victim
     std::error_code ec;
     fs::create_directories(dir);
     why.clear();
-    record("the sealed key of another package", run_with_sealed_key(pk, victim, pk.sealed_key_path(other), why), why);
+    record("the sealed key of another package", run_with_sealed_key(pk, victim, pk.sealed_key_path(other), why, u), why);
     std::vector<uint8_t> blob = read_bytes(pk.sealed_key_path(victim));
     blob[blob.size() - 20] ^= 0x40;
     write_bytes(dir + "/altered.sealed", blob);
     why.clear();
-    record("an altered sealed key", run_with_sealed_key(pk, victim, dir + "/altered.sealed", why), why);
+    record("an altered sealed key", run_with_sealed_key(pk, victim, dir + "/altered.sealed", why, u), why);
     {
         // the right model key, sealed in the right format and measurement, on another device
         const std::string devb = dir + "/other-device";
@@ -807,14 +895,14 @@ ActiveResult a13_replay_sealed(PackagePath& pk, const train::LoraAdapter& victim
         secure_zero(mk.data(), mk.size());
         write_bytes(dir + "/other-device.sealed", mine);
         why.clear();
-        record("the model key sealed on another device", run_with_sealed_key(pk, victim, dir + "/other-device.sealed", why),
-               why);
+        record("the model key sealed on another device",
+               run_with_sealed_key(pk, victim, dir + "/other-device.sealed", why, u), why);
     }
     fs::remove_all(dir, ec);
     res.key_recovered = false;  // nothing here hands the attacker a key; acceptance is the failure
     res.broken = res.accepted > 0;
     res.details["attempts"] = tries;
-    res.details["target"] = "the core on the package path, sealed precomputed factors";
+    res.details["target"] = std::string("the core on the package path, unblinding ") + unblinding_name(u);
     return res;
 }
 

@@ -52,12 +52,13 @@ struct ActiveResult {
 
 // A9. `package`: the S5 target; null: the control (adapter as a file, no manifest). The secret (for scoring) is
 // the victim's LoRA update of layer 0's value projection.
+// u: how the package's sessions unblind (S5 only; the control is online).
 ActiveResult a9_chosen_weights(const ModelWeights& base, const train::LoraAdapter& victim, PackagePath* package,
-                               EnclaveHostKind host, int threads);
+                               EnclaveHostKind host, int threads, Unblinding u = Unblinding::online);
 // A10. Broken when the attacker's model of the draws predicts every one of the check draws (by chance below 1e-5)
 // and the gap is read to within 0.01 nats.
 ActiveResult a10_sampler_oracle(const ModelWeights& base, const train::LoraAdapter& victim, PackagePath* package,
-                                EnclaveHostKind host, int threads);
+                                EnclaveHostKind host, int threads, Unblinding u = Unblinding::online);
 // The A11 attacker (also used by tests/test_attestation.cpp): no device, only the published measurement and a nonce.
 // An Ed25519 quoting key and an X25519 key of its own; signs a software-tee quote of a report naming them.
 struct QuoteForger {
@@ -74,14 +75,21 @@ struct QuoteForger {
     std::vector<uint8_t> open(const std::array<uint8_t, pkg::kWrappedBytes>& w, const pkg::ModelId& id) const;
 };
 
-// A11. control = true: the weak keyserver; else the package path's keyserver (through HTTP).
-ActiveResult a11_forged_quote(PackagePath& package, const train::LoraAdapter& victim, bool control);
+// A11. control = true: the weak keyserver; else the package path's keyserver (through HTTP), the genuine quote
+// captured from a session unblinding as u.
+ActiveResult a11_forged_quote(PackagePath& package, const train::LoraAdapter& victim, bool control,
+                              Unblinding u = Unblinding::online);
 // A12. control = true: the device files belong to the host's user; else to another user (a provisioned
 // software-tee user when there is one, else, as root, a copy owned by root read by an unprivileged host user).
-// Did not run (attempts = 0) when neither is possible.
-ActiveResult a12_read_credentials(PackagePath& package, const train::LoraAdapter& victim, bool control);
-// A13. control = true: the weak unit store; else the core through the package path with sealed factors.
+// Did not run (attempts = 0) when neither is possible. The sealed key is written by a session unblinding as u.
+ActiveResult a12_read_credentials(PackagePath& package, const train::LoraAdapter& victim, bool control,
+                                  Unblinding u = Unblinding::online);
+// A13. control = true: the weak unit store. Else the core on the package path, its sessions unblinding as u:
+// sealed outside, the host's sealed units replayed, reordered, another session's or with a flipped bit; kept inside
+// (or online), another session's sealed unit handed in with the products of a crossing whose factors the core keeps
+// (or that uses none), and as a unit message ahead of them; in every mode whole sealed model keys (another
+// package's, altered, sealed on another device).
 ActiveResult a13_replay_sealed(PackagePath& package, const train::LoraAdapter& victim, const train::LoraAdapter& other,
-                               bool control);
+                               bool control, Unblinding u = Unblinding::precomputed_sealed);
 
 }  // namespace si::attack

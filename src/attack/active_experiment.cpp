@@ -25,32 +25,34 @@ ExperimentResult run_active_experiment(EvalContext& ctx, Attack attack, const At
     PackagePath* target = variant.weak ? nullptr : pk.get();
     const EnclaveHostKind host = ctx.config().host;
     const int threads = ctx.config().threads;
+    // S5's sessions unblind as the variant says (the controls have no package: online)
+    const Unblinding u = variant.unblinding;
     ActiveResult a;
     double value = 0.0;
     switch (attack) {
         case Attack::a9:
-            a = a9_chosen_weights(ctx.base(), ctx.victim(), target, host, threads);
+            a = a9_chosen_weights(ctx.base(), ctx.victim(), target, host, threads, u);
             value = a.update_cosine;
             // S5: any altered tensor the core takes breaks the defence, whatever the read-out then gives
             r.broken = a.broken || (!variant.weak && a.accepted > 0);
             break;
         case Attack::a10:
-            a = a10_sampler_oracle(ctx.base(), ctx.victim(), target, host, threads);
+            a = a10_sampler_oracle(ctx.base(), ctx.victim(), target, host, threads, u);
             value = a.gap_error;
             r.broken = a.broken;
             break;
         case Attack::a11:
-            a = a11_forged_quote(*pk, ctx.victim(), variant.weak);
+            a = a11_forged_quote(*pk, ctx.victim(), variant.weak, u);
             value = a.key_recovered ? 1.0 : 0.0;
             r.broken = a.key_recovered || (!variant.weak && a.accepted > 0);
             break;
         case Attack::a12:
-            a = a12_read_credentials(*pk, ctx.victim(), variant.weak);
+            a = a12_read_credentials(*pk, ctx.victim(), variant.weak, u);
             value = a.key_recovered ? 1.0 : 0.0;
             r.broken = a.key_recovered || (!variant.weak && a.details.value("read_device_secret", false));
             break;
         case Attack::a13:
-            a = a13_replay_sealed(*pk, ctx.victim(), ctx.decoy(0), variant.weak);
+            a = a13_replay_sealed(*pk, ctx.victim(), ctx.decoy(0), variant.weak, u);
             value = a.attempts ? double(a.accepted) / double(a.attempts) : 0.0;
             r.broken = a.accepted > 0;
             break;
@@ -62,6 +64,7 @@ ExperimentResult run_active_experiment(EvalContext& ctx, Attack attack, const At
     r.obs.rows = a.attempts;
     r.obs.required = {"queries", "rows"};
     r.ran = r.obs.ran();
+    r.policy = variant.weak ? "-" : release_policy_name(ReleasePolicy::owner_default);
     r.isolation = variant.weak ? "control: " + std::string(attack_name(attack)) + "'s weak variant (attack/active.h)"
                                : ctx.package_path()->host() == EnclaveHostKind::inprocess
                                    ? "in-process core (package path)"

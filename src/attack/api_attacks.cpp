@@ -251,9 +251,10 @@ namespace {
 SecureSessionParams api_params(const train::LoraAdapter* adapter, int logprobs, float noise, const SchemeOptions& o) {
     SecureSessionParams p;
     if (o.package && adapter) {
-        // S5 as deployed: the adapter from its package, under the owner's default policy
-        o.package->package(*adapter);
-        p = o.package->params(*adapter, Unblinding::online);
+        // S5 as deployed: the adapter from its package, under the package's release policy, unblinded as the
+        // options say
+        o.package->package(*adapter, o.policy);
+        p = o.package->params(*adapter, o.unblinding, o.policy);
     } else {
         p.mode = SecureMode::secureinfer;
         p.lora = adapter;
@@ -267,7 +268,7 @@ SecureSessionParams api_params(const train::LoraAdapter* adapter, int logprobs, 
 
 // The public model a session of these options loads: the package's when S5 runs on the package path.
 const ModelWeights& api_weights(const ModelWeights& base, const train::LoraAdapter* adapter, const SchemeOptions& o) {
-    return o.package && adapter ? o.package->package(*adapter)->model().weights : base;
+    return o.package && adapter ? o.package->package(*adapter, o.policy)->model().weights : base;
 }
 
 }  // namespace
@@ -290,6 +291,7 @@ LastLayerExtraction a6_logprob_queries(const ModelWeights& base, const train::Lo
     };
     for (const auto& pr : prompts) {
         s.reset();
+        precompute_steps(s, options, int(pr.size()) + gen);  // the prompt pass and the decode steps after it
         int32_t tok = s.eval_sample(pr, &lp);
         ++queries;
         collect();
@@ -338,6 +340,7 @@ LastLayerExtraction a6_nll_oracle(const ModelWeights& base, const train::LoraAda
         for (size_t j = 0; j < colset.size(); ++j) {
             targets.back() = colset[j];
             s.reset();
+            precompute_steps(s, options, int(prompt.size()));
             const auto [sum, count] = s.eval_nll(prompt, targets);
             ++queries;
             Q(int64_t(i), int64_t(j)) = count == 1 ? -sum : std::numeric_limits<double>::quiet_NaN();
@@ -419,6 +422,7 @@ ApiWindowScores api_window_scores(const ModelWeights& base, const train::LoraAda
         const int L = int(ids.size()) - 1;
         if (nll_oracle) {
             s.reset();
+            precompute_steps(s, options, L);
             const std::span<const int32_t> all(ids);
             const auto [sum, count] = s.eval_nll(all.first(size_t(L)), all.subspan(1));
             ++out.queries;
@@ -429,6 +433,7 @@ ApiWindowScores api_window_scores(const ModelWeights& base, const train::LoraAda
         // log-probabilities) predicted for each next position
         s.reset();
         const int t0 = std::max(0, L - tail);
+        precompute_steps(s, options, L);  // the first pass (t0 + 1 positions) and the single-token steps after it
         double agree = 0.0, nll = 0.0;
         for (int t = t0; t < L; ++t) {
             const std::span<const int32_t> in = t == t0 ? std::span<const int32_t>(ids.data(), size_t(t0) + 1)

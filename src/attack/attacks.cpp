@@ -270,6 +270,35 @@ DeltaScore score_delta(const std::map<ProjKey, Mat>& estimates, const ModelWeigh
     return s;
 }
 
+std::vector<double> slot_delta_cosines(const std::map<ProjKey, Mat>& estimates, const ModelWeights& base,
+                                       const train::LoraAdapter& secret) {
+    auto slot_of = [](Proj p) {
+        switch (p) {
+            case Proj::q:
+            case Proj::k:
+            case Proj::v: return 0;
+            case Proj::o: return 1;
+            case Proj::w1:
+            case Proj::w3: return 2;
+            case Proj::w2: return 3;
+        }
+        return 0;
+    };
+    std::map<std::pair<int, int>, std::pair<std::vector<double>, std::vector<double>>> slots;
+    for (const auto& [key, W] : estimates) {
+        const Mat W0 = base_projection(base, key.first, key.second);
+        const Mat D = lora_delta(secret, base.cfg, key.first, key.second);
+        auto& [est, truth] = slots[{key.first, slot_of(key.second)}];
+        for (size_t i = 0; i < W.a.size(); ++i) {
+            est.push_back(W.a[i] - W0.a[i]);
+            truth.push_back(D.a[i]);
+        }
+    }
+    std::vector<double> out;
+    for (const auto& [k, v] : slots) out.push_back(cosine(v.first, v.second));
+    return out;
+}
+
 // ---- A3 -------------------------------------------------------------------------------------------------------------
 
 namespace {
@@ -527,6 +556,8 @@ TamperResult a8_tamper(Scheme scheme, const ModelWeights& base, const train::Lor
     SplitMix rng(seed * 0x9e3779b97f4a7c15ULL + 8);
     auto greedy_s5 = [&](SecureSession& s, std::vector<int32_t>& out, int& tampered_at_fail) -> Status {
         int32_t t = -1;
+        // precomputed unblinding: the prompt pass and the decode steps after it
+        precompute_steps(s, options, int(prompt.size()) + steps - 1);
         for (int step = 0; step < steps; ++step) {
             try {
                 t = step == 0 ? s.eval_sample(prompt) : s.eval_sample(std::span<const int32_t>(&t, 1));

@@ -45,6 +45,12 @@ struct DeltaScore {
 };
 DeltaScore score_delta(const std::map<ProjKey, Mat>& estimates, const ModelWeights& base,
                        const train::LoraAdapter& secret);
+// The same delta cosine per crossing slot: per layer, the projections that share one boundary input (q k v; o;
+// gate and up; down) together, in (layer, slot) order; slots without an estimate are left out. Each slot's
+// estimate comes from its own crossings (its own pads), so on a scheme whose trace does not depend on the adapter
+// the slots are independent replicates; the paired test of victim against decoy is run over (seed, slot) pairs.
+std::vector<double> slot_delta_cosines(const std::map<ProjKey, Mat>& estimates, const ModelWeights& base,
+                                       const train::LoraAdapter& secret);
 
 // ---- A3: mask hygiene -----------------------------------------------------------------------------------------------
 

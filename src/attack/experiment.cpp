@@ -180,17 +180,31 @@ SchemeOptions trace_options(EvalContext& ctx, Scheme scheme, const AttackVariant
     return o;
 }
 
+// The release policy an API variant needs from the package's owner.
+ReleasePolicy release_policy(const AttackVariant& v) {
+    return v.logprobs != 0 || v.nll_oracle ? ReleasePolicy::permissive : ReleasePolicy::owner_default;
+}
+
 struct SeedOutcome {
     double value = 0.0;
     nlohmann::json extra;
     std::string isolation;
     // how much the attack observed: matrices, rows, features, queries (the ones that apply)
     Observations obs;
+    // A1, A2: the delta cosine per crossing slot (slot_delta_cosines), the units of the paired test
+    std::vector<double> slots;
 };
 
 // What the scheme's trace leaks of the weights: one short prompt is enough, since the weights cross at load time.
+// A1's trace is that same session (one Persuasion prompt of 16 tokens, 4 sampled tokens, the same options), so when
+// A1 ran first its trace's leak is reused (EvalContext::leak) instead of another session.
 std::map<ProjKey, Mat> leaked_by_trace(EvalContext& ctx, Scheme scheme, const train::LoraAdapter& adapter,
                                        const SchemeOptions& base_opt, const std::string& name, int seed, SeedOutcome& out) {
+    const EvalContext::LeakKey key{int(scheme), int(base_opt.unblinding), &adapter, seed};
+    if (const auto* hit = ctx.leak(key)) {
+        out.isolation = hit->isolation;
+        return hit->weights;
+    }
     SchemeOptions opt = base_opt;
     if (scheme == Scheme::s5 && !opt.package) {
         opt.package = ctx.package_path();
@@ -205,6 +219,7 @@ std::map<ProjKey, Mat> leaked_by_trace(EvalContext& ctx, Scheme scheme, const tr
         est = leaked_weights(tr, ctx.base());
     }
     ctx.drop_trace(dir);
+    ctx.set_leak(key, {est, out.isolation});
     return est;
 }
 
@@ -214,12 +229,15 @@ SeedOutcome run_seed(EvalContext& ctx, Scheme scheme, Attack attack, const Attac
     const bool quick = ctx.config().quick;
     const ModelWeights& base = ctx.base();
     SchemeOptions opt = scheme_options(ctx, uint64_t(seed));
-    // S5's default API (A6 and A7 with nothing released but tokens, and A8) is served from the package path; the
-    // variants that release log-probabilities or NLLs need settings the owner's default policy refuses, and load the
-    // adapter from a file.
-    if (scheme == Scheme::s5 && variant.logprobs == 0 && !variant.nll_oracle && !variant.white_box &&
-        (attack == Attack::a6 || attack == Attack::a7 || attack == Attack::a8))
+    // S5's API (A6, A7, A8) is served from the package path, unblinded as the variant says: under the owner's
+    // default policy when nothing but tokens is released, and from a package packed with a permissive policy
+    // (log-probabilities of the whole vocabulary, NLL) for the variants that release log-probabilities or NLLs.
+    if (scheme == Scheme::s5 && !variant.white_box &&
+        (attack == Attack::a6 || attack == Attack::a7 || attack == Attack::a8)) {
         opt.package = ctx.package_path();
+        opt.unblinding = variant.unblinding;
+        opt.policy = release_policy(variant);
+    }
     SeedOutcome out;
     const std::string name = std::string(scheme_name(scheme)) + "_" + attack_name(attack) + "_" + tag + "_" + std::to_string(seed);
     const ApiAttackSizes z = api_sizes(quick);
@@ -234,9 +252,17 @@ SeedOutcome run_seed(EvalContext& ctx, Scheme scheme, Attack attack, const Attac
             const TraceReader tr(dir);
             double r2 = 0.0;
             const auto est = attack == Attack::a1 ? a1_align_weights(tr, base) : a2_regress(tr, base, &r2);
+            if (attack == Attack::a1) {
+                // A5's (and A7 white-box's) leak from this same session: what leaked_weights reads, which is A1's
+                // alignment except for plaintext float weights of the base's shape (S0, S2), read as they are
+                const bool plain = scheme == Scheme::s0 || scheme == Scheme::s2;
+                ctx.set_leak({int(scheme), int(variant.unblinding), &adapter, seed},
+                             {plain ? leaked_weights(tr, base) : est, out.isolation});
+            }
             const DeltaScore s = score_delta(est, base, secret);
             out.value = s.rho;
-            out.extra = {{"rho", s.rho}, {"rel_err", s.rel_err}, {"matrices", s.matrices}};
+            out.slots = slot_delta_cosines(est, base, secret);
+            out.extra = {{"rho", s.rho}, {"rel_err", s.rel_err}, {"matrices", s.matrices}, {"slot_rho", out.slots}};
             if (attack == Attack::a2) out.extra["r2"] = r2;
             out.obs.matrices = s.matrices;
             out.obs.rows = attack == Attack::a2 ? a2_rows(tr) : 0;
@@ -294,7 +320,8 @@ SeedOutcome run_seed(EvalContext& ctx, Scheme scheme, Attack attack, const Attac
         case Attack::a5: {
             // What the trace leaks, merged into the base; then the same fine-tuning on the same budget as the
             // black-box baseline, which starts from the base.
-            const std::map<ProjKey, Mat> est = leaked_by_trace(ctx, scheme, adapter, opt, name, seed, out);
+            const std::map<ProjKey, Mat> est =
+                leaked_by_trace(ctx, scheme, adapter, trace_options(ctx, scheme, variant, uint64_t(seed), 4), name, seed, out);
             const DeltaScore ds = score_delta(est, base, secret);
             const double bb = ctx.a5_fine_tuned_ppl(seed, base);
             const double sur = ctx.a5_fine_tuned_ppl(seed, apply_estimates(base, est));
@@ -415,9 +442,13 @@ SeedOutcome run_seed(EvalContext& ctx, Scheme scheme, Attack attack, const Attac
         }
         default: break;
         case Attack::a8: {
-            // the trials split over the seeds, the remainder going to the first ones
+            // the trials split over the seeds, the remainder going to the first ones; S5 with precomputed unblinding
+            // gets a third of them per mode (the same Freivalds check, on W r from a unit instead of computed online;
+            // a fresh session per trial is what costs)
             const int ns = std::max(ctx.config().seeds, 1);
-            const int trials = std::max(1, ctx.config().a8_trials / ns + (seed < ctx.config().a8_trials % ns ? 1 : 0));
+            const int all = variant.unblinding == Unblinding::online ? ctx.config().a8_trials
+                                                                     : std::max(1, ctx.config().a8_trials / 3);
+            const int trials = std::max(1, all / ns + (seed < all % ns ? 1 : 0));
             const int n = scheme == Scheme::s5 ? trials : std::min(trials, 100);
             const TamperResult r = a8_tamper(scheme, base, &adapter, n, 3, uint64_t(seed), opt);
             out.value = r.trials ? double(r.detected) / double(r.trials) : 0.0;
@@ -460,6 +491,9 @@ ExperimentResult run_experiment(EvalContext& ctx, Scheme scheme, Attack attack, 
         r.control = variant.overfit;
         r.informative = !variant.overfit && (scheme != Scheme::s5 || !r.variant.empty());
     }
+    // S5 runs on the package path (every attack here): under the owner's default policy, or the permissive one the
+    // API variants releasing log-probabilities or NLLs need; the simulated schemes and white-box scores have none.
+    r.policy = scheme == Scheme::s5 && !variant.white_box ? release_policy_name(release_policy(variant)) : "-";
     r.extra = nlohmann::json::array();
     r.metric = info(attack).metric;
     r.direction = info(attack).direction;
@@ -467,6 +501,9 @@ ExperimentResult run_experiment(EvalContext& ctx, Scheme scheme, Attack attack, 
     const int seeds = std::max(ctx.config().seeds, 1);
     nlohmann::json null_extra = nlohmann::json::array();
     int64_t detected = 0, trials = 0;
+    // A1, A2: the per-slot values of victim and null, paired seed by seed and slot by slot
+    std::vector<double> unit_victim, unit_null;
+    bool units_paired = attack == Attack::a1 || attack == Attack::a2;
     r.obs.required.clear();
     r.ran = true;
     for (int s = 0; s < seeds; ++s) {
@@ -488,6 +525,12 @@ ExperimentResult run_experiment(EvalContext& ctx, Scheme scheme, Attack attack, 
             const train::LoraAdapter& null = attack == Attack::a7 ? ctx.a7_reference(s) : ctx.decoy(s);
             SeedOutcome n = run_seed(ctx, scheme, attack, variant, null, ctx.victim(), s, "decoy");
             r.null_values.push_back(n.value);
+            if (units_paired && n.slots.size() == o.slots.size() && !o.slots.empty()) {
+                unit_victim.insert(unit_victim.end(), o.slots.begin(), o.slots.end());
+                unit_null.insert(unit_null.end(), n.slots.begin(), n.slots.end());
+            } else {
+                units_paired = false;
+            }
             null_extra.push_back(n.extra);
         }
         if (ctx.config().verbose)
@@ -502,6 +545,10 @@ ExperimentResult run_experiment(EvalContext& ctx, Scheme scheme, Attack attack, 
         r.has_null = true;
         r.null_interval = t_interval(r.null_values);
         r.extra = {{"victim", r.extra}, {"decoy", null_extra}};
+        if (units_paired) r.extra["paired_per_seed"] = [&] {
+            const PairedTest ps = paired_test(r.values, r.null_values);
+            return nlohmann::json{{"seeds", ps.n}, {"mean_difference", ps.mean_diff}, {"t", ps.t}, {"p_one_sided", ps.p}};
+        }();
     } else {
         r.extra = {{"victim", r.extra}};
     }
@@ -515,7 +562,10 @@ ExperimentResult run_experiment(EvalContext& ctx, Scheme scheme, Attack attack, 
         if (attack == Attack::a4)
             for (auto* x : {&v, &n})
                 for (double& e : *x) e = std::abs(e - 0.5);
-        r.paired = paired_test(v, n);
+        // A1, A2: the pairs are (seed, crossing slot): each slot's estimate comes from its own crossings, so the
+        // test has seeds x slots pairs instead of one per seed (docs/SECURITY-EVAL.md, "The A2 closest call")
+        r.paired = units_paired ? paired_test(unit_victim, unit_null) : paired_test(v, n);
+        r.paired_units = units_paired ? "seed x crossing slot" : "seed";
         r.level = ctx.config().alpha / double(std::max(1, ctx.config().family));
     }
     const bool paired_leak = r.has_null && r.paired.p < r.level;
@@ -553,6 +603,7 @@ nlohmann::json result_json(const ExperimentResult& r) {
                         {"positive_control", r.control},
                         {"verdict", r.verdict()},
                         {"isolation", r.isolation},
+                        {"policy", r.policy},
                         {"seconds", r.seconds},
                         {"observations", r.obs.json()},
                         {"ran", r.ran},
@@ -560,8 +611,8 @@ nlohmann::json result_json(const ExperimentResult& r) {
     if (r.has_null) {
         j["null_values"] = r.null_values;
         j["null_interval"] = iv(r.null_interval);
-        j["paired_test"] = {{"seeds", r.paired.n}, {"mean_difference", r.paired.mean_diff}, {"t", r.paired.t},
-                            {"p_one_sided", r.paired.p}, {"level", r.level}};
+        j["paired_test"] = {{"pairs", r.paired.n},           {"units", r.paired_units}, {"mean_difference", r.paired.mean_diff},
+                            {"t", r.paired.t},               {"p_one_sided", r.paired.p}, {"level", r.level}};
     }
     return j;
 }

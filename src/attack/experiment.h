@@ -2,6 +2,7 @@
 // attack on S5 serving a decoy adapter, scored against the victim's secret), intervals and a verdict; and the suite
 // behind `secureinfer security-report`, which writes report.md, report.json and report.svg.
 #pragma once
+#include <compare>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -45,7 +46,8 @@ struct AttackVariant {
     // A9-A13: the attack's positive control (the weak core, keyserver, credentials or unit store of attack/active.h)
     // instead of S5.
     bool weak = false;
-    // S5 on the package path (A1-A5): how decode steps are unblinded.
+    // S5 on the package path (A1-A13): how its sessions unblind (decode steps, and A4's passes, from precomputed
+    // factors when not online).
     Unblinding unblinding = Unblinding::online;
     std::string label() const;    // "" for the default; e.g. "logprobs=512, noise=0.5"
 };
@@ -130,6 +132,23 @@ public:
     const MembershipSet& a7_overfit_set(int seed);
     const train::LoraAdapter& a7_overfit_adapter(int seed);
     const WindowEval& a7_overfit_base_eval(int seed);
+    // What a scheme's trace leaks of the weights (leaked_weights), per (scheme, unblinding, served adapter, seed):
+    // A1's trace and A5's (and A7 white-box's) are the same session, so the first one's is kept for the others.
+    struct LeakKey {
+        int scheme, unblinding;
+        const train::LoraAdapter* adapter;
+        int seed;
+        auto operator<=>(const LeakKey&) const = default;
+    };
+    struct Leak {
+        std::map<ProjKey, Mat> weights;
+        std::string isolation;
+    };
+    const Leak* leak(const LeakKey& k) const {
+        const auto it = leaks_.find(k);
+        return it == leaks_.end() ? nullptr : &it->second;
+    }
+    void set_leak(const LeakKey& k, Leak l) { leaks_[k] = std::move(l); }
 
 private:
     // Training options for an adapter shaped like the victim's (its rank and alpha), seeded, warmup 5, on the
@@ -156,6 +175,7 @@ private:
     std::map<int, train::LoraAdapter> a7_over_, a7_ref_;
     std::map<int, WindowEval> a7_over_base_;
     std::shared_ptr<PackagePath> package_;
+    std::map<LeakKey, Leak> leaks_;
     bool own_work_dir_ = false;
 };
 
@@ -175,9 +195,11 @@ struct ExperimentResult {
     bool broken = false;
     Observations obs;              // summed over the victim's seeds
     bool ran = true;               // every seed observed something (Observations::ran)
-    PairedTest paired;             // victim against decoy, per seed (when has_null)
+    PairedTest paired;             // victim against decoy (when has_null), paired by paired_units
+    std::string paired_units = "seed";  // "seed", or (A1, A2) "seed x crossing slot"
     double level = 0.0;            // the paired test's level: alpha / family (0: no paired test)
     std::string isolation;         // the enclave host (S5) or "simulated"
+    std::string policy;            // S5: the package's release policy (release_policy_name); "-" without a package
     nlohmann::json extra;          // secondary metrics per seed
     double seconds = 0.0;
     std::string verdict() const { return !ran ? "did not run" : broken ? "broken" : "not broken"; }

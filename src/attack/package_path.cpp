@@ -25,6 +25,14 @@ const char* unblinding_name(Unblinding u) {
     return "?";
 }
 
+const char* release_policy_name(ReleasePolicy p) {
+    switch (p) {
+        case ReleasePolicy::owner_default: return "owner's default (tokens only)";
+        case ReleasePolicy::permissive: return "permissive (log-probabilities of the whole vocabulary, NLL)";
+    }
+    return "?";
+}
+
 PackagePath::PackagePath(std::string model, std::string tokenizer, std::string dir, EnclaveHostKind host, int threads)
     : model_(std::move(model)), tokenizer_(std::move(tokenizer)), dir_(std::move(dir)), host_(host), threads_(threads) {
     fs::create_directories(dir_);
@@ -61,27 +69,33 @@ PackagePath::~PackagePath() {
     if (server_) server_->stop();
 }
 
-std::shared_ptr<const Package> PackagePath::package(const train::LoraAdapter& adapter) {
-    auto it = packages_.find(&adapter);
+std::shared_ptr<const Package> PackagePath::package(const train::LoraAdapter& adapter, ReleasePolicy policy) {
+    const Key key{&adapter, policy};
+    auto it = packages_.find(key);
     if (it != packages_.end()) return it->second;
     const std::string tag = std::to_string(packages_.size());
     const std::string lora = dir_ + "/adapter-" + tag + ".gguf", out = dir_ + "/model-" + tag + ".sipkg";
     const ModelWeights probe = load_model_file(model_, tokenizer_).weights;
     train::write_lora_adapter(lora, adapter, probe.cfg);
-    PackOptions o;  // the owner's default policy
+    PackOptions o;  // the owner's default policy unless permissive
     o.base = model_;
     o.tokenizer = tokenizer_;
     o.loras = {lora};
+    if (policy == ReleasePolicy::permissive) {
+        o.release_logprobs = probe.cfg.vocab_size;
+        o.release_nll = true;
+    }
     pkg::Key owner = read_owner_key(owner_file_);
     write_package(out, o, owner);
     secure_zero(owner.data(), owner.size());
     fs::remove(lora);
-    sealed_[&adapter] = dir_ + "/model-" + tag + ".sealed";
-    return packages_[&adapter] = Package::open(out);
+    sealed_[key] = dir_ + "/model-" + tag + ".sealed";
+    return packages_[key] = Package::open(out);
 }
 
-SecureSessionParams PackagePath::params(const train::LoraAdapter& adapter, Unblinding u) const {
-    const auto it = packages_.find(&adapter);
+SecureSessionParams PackagePath::params(const train::LoraAdapter& adapter, Unblinding u, ReleasePolicy policy) const {
+    const Key key{&adapter, policy};
+    const auto it = packages_.find(key);
     if (it == packages_.end()) fail(Status::invalid_argument, "PackagePath::params: the adapter was not packed");
     SecureSessionParams p;
     p.mode = SecureMode::secureinfer;
@@ -90,14 +104,14 @@ SecureSessionParams PackagePath::params(const train::LoraAdapter& adapter, Unbli
     p.package = it->second;
     p.key.keyserver_url = url_;
     p.key.device_dir = device_;
-    p.key.sealed_key_path = sealed_.at(&adapter);
+    p.key.sealed_key_path = sealed_.at(key);
     // kept inside: the default budget (256 MiB) holds every factor of this model; sealed outside: none kept
     p.precompute_inside_bytes = u == Unblinding::precomputed_sealed ? 0 : int64_t(256) << 20;
     return p;
 }
 
-std::string PackagePath::sealed_key_path(const train::LoraAdapter& adapter) const {
-    const auto it = sealed_.find(&adapter);
+std::string PackagePath::sealed_key_path(const train::LoraAdapter& adapter, ReleasePolicy policy) const {
+    const auto it = sealed_.find(Key{&adapter, policy});
     if (it == sealed_.end()) fail(Status::invalid_argument, "PackagePath: the adapter was not packed");
     return it->second;
 }
@@ -114,7 +128,7 @@ std::shared_ptr<EnclaveHost> PackagePath::make_host() const {
 pkg::Key PackagePath::owner_key() const { return read_owner_key(owner_file_); }
 
 std::vector<uint8_t> PackagePath::model_key(const train::LoraAdapter& adapter) const {
-    const auto it = packages_.find(&adapter);
+    const auto it = packages_.find(Key{&adapter, ReleasePolicy::owner_default});
     if (it == packages_.end()) fail(Status::invalid_argument, "PackagePath: the adapter was not packed");
     pkg::Key owner = owner_key();
     std::vector<uint8_t> k(pkg::kKeyBytes);

@@ -141,6 +141,8 @@ std::vector<ExperimentResult> security_report(EvalContext& ctx, const std::strin
     lp_noise.logprob_noise = kA6Noise;
     oracle.nll_oracle = true;
     white.white_box = true;
+    // S5 runs every attack on the package path in both unblinding modes: online and precomputed (factors kept
+    // inside the core, or sealed outside); its controls and informative variants run once, online.
     const std::vector<Planned> plan = {
         {Scheme::s1, Attack::a1, true},  {Scheme::s0, Attack::a1, true},  {Scheme::s5, Attack::a1, false},
         {Scheme::s0, Attack::a2, true},  {Scheme::s1, Attack::a2, true},  {Scheme::s2, Attack::a2, false, {}, true},
@@ -148,18 +150,29 @@ std::vector<ExperimentResult> security_report(EvalContext& ctx, const std::strin
         {Scheme::s5, Attack::a2, false}, {Scheme::s5, Attack::a2, false, inside}, {Scheme::s5, Attack::a2, false, sealed},
         {Scheme::s3, Attack::a3, true},  {Scheme::s5, Attack::a3, false},
         {Scheme::s5, Attack::a3, false, inside}, {Scheme::s5, Attack::a3, false, sealed},
-        {Scheme::s2, Attack::a4, true},  {Scheme::s5, Attack::a4, false}, {Scheme::s0, Attack::a5, true},
-        {Scheme::s1, Attack::a5, true},  {Scheme::s5, Attack::a5, false}, {Scheme::s5, Attack::a6, true, lp},
+        {Scheme::s2, Attack::a4, true},  {Scheme::s5, Attack::a4, false},
+        {Scheme::s5, Attack::a4, false, inside}, {Scheme::s5, Attack::a4, false, sealed},
+        {Scheme::s0, Attack::a5, true},  {Scheme::s1, Attack::a5, true},  {Scheme::s5, Attack::a5, false},
+        {Scheme::s5, Attack::a5, false, inside}, {Scheme::s5, Attack::a5, false, sealed},
+        {Scheme::s5, Attack::a6, true, lp},
         {Scheme::s5, Attack::a6, false, lp_noise, true}, {Scheme::s5, Attack::a6, false, oracle, true},
-        {Scheme::s5, Attack::a6, false}, {Scheme::s0, Attack::a7, false, white, true},
+        {Scheme::s5, Attack::a6, false}, {Scheme::s5, Attack::a6, false, inside}, {Scheme::s5, Attack::a6, false, sealed},
+        {Scheme::s0, Attack::a7, false, white, true},
         {Scheme::s5, Attack::a7, false, oracle, true}, {Scheme::s5, Attack::a7, false, lp, true},
         {Scheme::s5, Attack::a7, true, overfit}, {Scheme::s5, Attack::a7, false},
+        {Scheme::s5, Attack::a7, false, inside}, {Scheme::s5, Attack::a7, false, sealed},
         {Scheme::s3, Attack::a8, true},  {Scheme::s5, Attack::a8, false},
+        {Scheme::s5, Attack::a8, false, inside}, {Scheme::s5, Attack::a8, false, sealed},
         {Scheme::s5, Attack::a9, true, weak},  {Scheme::s5, Attack::a9, false},
+        {Scheme::s5, Attack::a9, false, inside}, {Scheme::s5, Attack::a9, false, sealed},
         {Scheme::s5, Attack::a10, true, weak}, {Scheme::s5, Attack::a10, false},
+        {Scheme::s5, Attack::a10, false, inside}, {Scheme::s5, Attack::a10, false, sealed},
         {Scheme::s5, Attack::a11, true, weak}, {Scheme::s5, Attack::a11, false},
+        {Scheme::s5, Attack::a11, false, inside}, {Scheme::s5, Attack::a11, false, sealed},
         {Scheme::s5, Attack::a12, true, weak}, {Scheme::s5, Attack::a12, false},
+        {Scheme::s5, Attack::a12, false, inside}, {Scheme::s5, Attack::a12, false, sealed},
         {Scheme::s5, Attack::a13, true, weak}, {Scheme::s5, Attack::a13, false},
+        {Scheme::s5, Attack::a13, false, inside}, {Scheme::s5, Attack::a13, false, sealed},
     };
     // The claims about S5 compared with a decoy null share one level (Bonferroni).
     int family = 0;
@@ -226,13 +239,17 @@ std::vector<ExperimentResult> security_report(EvalContext& ctx, const std::strin
           "Informative entries (other API settings, the perplexity feature as an oracle, white-box membership) are "
           "reported but are no claim about S5's default API. A5: L = (PPL_blackbox - PPL_surrogate) / (PPL_blackbox - "
           "PPL_victim) on Persuasion, surrogate and black-box fine-tuned on the same 1% of the private corpus. "
-          "S5 in A1-A5 is the production package path (package, keyserver, registered device, worker, the owner's "
-          "default policy) with online or precomputed unblinding. Paired: the one-sided paired t test that the victim "
-          "leaks more than the decoy, seed by seed, at the shared level alpha / family = "
+          "S5 is the production package path (package, keyserver, registered device, worker) in every attack, with "
+          "online and with precomputed unblinding (factors kept inside the core, or sealed outside), under the "
+          "release policy in its column: the owner's default (tokens only), or a permissive package (log-probabilities "
+          "of the whole vocabulary, NLL) for the variants that query those outputs. Paired: the one-sided paired t "
+          "test that the victim leaks more than the decoy, seed by seed (A1, A2: seed by seed and crossing slot by "
+          "crossing slot), at the shared level alpha / family = "
        << fmt(ctx.config().alpha, 2) << " / " << ctx.config().family << ". Observed: matrices / rows / features / "
           "queries summed over the seeds; an entry that observed nothing did not run, which fails the suite.\n\n";
-    md << "| scheme | attack | metric | mean | 95% CI | decoy null (95% PI) | paired p | observed | verdict | control | time |\n";
-    md << "|---|---|---|---:|---|---|---:|---|---|---|---:|\n";
+    md << "| scheme | attack | metric | mean | 95% CI | decoy null (95% PI) | paired p | observed | verdict | control | "
+          "release policy | time |\n";
+    md << "|---|---|---|---:|---|---|---:|---|---|---|---|---:|\n";
     for (const auto& r : rs) {
         md << "| " << scheme_name(r.scheme) << (r.variant.empty() ? "" : " (" + r.variant + ")") << " | "
            << attack_name(r.attack) << " | " << r.metric << " | " << fmt(r.interval.mean) << " | [" << fmt(r.interval.lo)
@@ -240,7 +257,7 @@ std::vector<ExperimentResult> security_report(EvalContext& ctx, const std::strin
            << (r.has_null ? "[" + fmt(r.null_interval.predict_lo) + ", " + fmt(r.null_interval.predict_hi) + "]" : "–")
            << " | " << (r.has_null ? fmt(r.paired.p, 4) : "–") << " | " << r.obs.matrices << " / " << r.obs.rows << " / "
            << r.obs.features << " / " << r.obs.queries << " | **" << r.verdict() << "** | " << (r.control ? "yes" : r.informative ? "no (informative)" : "no") << " | "
-           << fmt(r.seconds, 1) << " s |\n";
+           << r.policy << " | " << fmt(r.seconds, 1) << " s |\n";
     }
     // The research's fidelity metrics beside ours: A5's surrogates and the black-box baseline against the victim.
     {

@@ -341,6 +341,10 @@ std::vector<float> WeakSession::eval(std::span<const int32_t> tokens) {
     return logits;
 }
 
+void precompute_steps(SecureSession& s, const SchemeOptions& options, int positions) {
+    if (options.package && options.unblinding != Unblinding::online && positions > 0) s.precompute(positions);
+}
+
 std::string run_scheme(Scheme scheme, const ModelWeights& base, const train::LoraAdapter* adapter,
                        const std::vector<std::vector<int32_t>>& prompts, const std::string& dir,
                        const SchemeOptions& options) {
@@ -362,13 +366,21 @@ std::string run_scheme(Scheme scheme, const ModelWeights& base, const train::Lor
         p.trace_dir = dir;
         p.accelerator = options.accelerator;
         SecureSession s(*weights, p);
+        if (options.generate <= 0) {
+            // passes without output: every position of every pass from precomputed factors, all precomputed ahead
+            // at once (units outlive reset)
+            size_t positions = 0;
+            for (const auto& pr : prompts) positions += pr.size();
+            precompute_steps(s, options, int(positions));
+        }
         for (size_t i = 0; i < prompts.size(); ++i) {
             s.reset();
             if (options.generate <= 0) {
                 s.eval(prompts[i]);
                 continue;
             }
-            if (options.unblinding != Unblinding::online) s.precompute(options.generate);
+            // the prompt pass and the decode steps after it, every position from precomputed factors
+            precompute_steps(s, options, int(prompts[i].size()) + options.generate - 1);
             s.set_sampler(SamplerParams{1.0f, 0, 1.0f, options.seed * 1000003ULL + i});
             int32_t t = s.eval_sample(prompts[i]);
             for (int g = 1; g < options.generate; ++g) t = s.eval_sample(std::span<const int32_t>(&t, 1));

@@ -61,6 +61,9 @@ struct SchemeOptions {
     // message to and from the trusted core. Null: the adapter is loaded from the host's file (SecureSessionParams::lora).
     std::shared_ptr<PackagePath> package;
     Unblinding unblinding = Unblinding::online;
+    // The package's release policy: the owner's default, or the permissive one the A6 / A7 variants that release
+    // log-probabilities or NLLs are served under.
+    ReleasePolicy policy = ReleasePolicy::owner_default;
     // S5: tokens sampled (temperature 1, seeded per prompt from `seed`) after each prompt, so that the trace holds
     // real output; 0: each prompt is one pass without output.
     int generate = 0;
@@ -101,6 +104,12 @@ private:
     ProductHook hook_;
     int64_t products_ = 0;
 };
+
+// S5 on the package path with precomputed unblinding: precomputes the unblinding factors of the next `positions`
+// positions of a session of these options (a prompt pass takes one unit per position when enough are left, a decode
+// step one); nothing otherwise. The callers precompute every position they then feed (prompt and decode steps),
+// so that every crossing of the session is unblinded from precomputed factors.
+void precompute_steps(SecureSession& s, const SchemeOptions& options, int tokens);
 
 // Runs each prompt from position 0 as one pass (eval, no output) under `scheme` and writes the boundary trace to
 // dir. S5 goes through the production SecureSession (trace_dir); returns the enclave host's isolation for S5 and

@@ -200,21 +200,10 @@ void repr(std::string& out, const Value& v) {
             out += v.tuple ? ')' : ']';
             return;
         }
-        case Value::Kind::dict: {
-            out += '{';
-            bool first = true;
-            for (const auto& [key, val] : v.dict->items) {
-                if (!first) out += ", ";
-                first = false;
-                repr_string(out, key);
-                out += ": ";
-                repr(out, val);
-            }
-            out += '}';
-            return;
-        }
+        case Value::Kind::dict:
         case Value::Kind::ns: {
-            out += "<Namespace {";
+            const bool ns = v.kind == Value::Kind::ns;
+            out += ns ? "<Namespace {" : "{";
             bool first = true;
             for (const auto& [key, val] : v.dict->items) {
                 if (!first) out += ", ";
@@ -223,7 +212,7 @@ void repr(std::string& out, const Value& v) {
                 out += ": ";
                 repr(out, val);
             }
-            out += "}>";
+            out += ns ? "}>" : "}";
             return;
         }
         default: out += to_str(v);

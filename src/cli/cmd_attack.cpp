@@ -102,7 +102,7 @@ Runner add_attack(CLI::App& app) {
     sub->add_flag("--overfit-control", o->variant.overfit,
                   "A7 on S5: serve an adapter over-fitted on 8 member windows (the attack's positive control)");
     sub->add_option("--unblinding", o->unblinding,
-                    "S5 on the package path (A1-A5): online (default), inside (precomputed, kept in the core) or "
+                    "S5 on the package path (A1-A13): online (default), inside (precomputed, kept in the core) or "
                     "sealed (precomputed, sealed to host memory)");
     sub->add_option("--json", o->json, "also write the result as JSON to this file");
     add_common(sub, *o);

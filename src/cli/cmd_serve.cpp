@@ -97,7 +97,8 @@ Runner add_serve(CLI::App& app) {
         ->check(CLI::Range(0, 4096));
     sub->add_option("--precompute", o->http.precompute, "secureinfer: keep unblinding factors precomputed for this many "
                                                         "decode steps of every slot, topped up while no request runs "
-                                                        "(default 0: decode unblinds online, about half as fast)")
+                                                        "and, under load, before a step they cannot cover (default 0: "
+                                                        "every row unblinds online)")
         ->check(CLI::Range(0, 1 << 16));
     sub->add_flag("-v,--verbose", o->http.verbose, "log every request on stderr");
     return [=]() -> int {

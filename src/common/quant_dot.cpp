@@ -59,38 +59,49 @@ inline void k4_scales(const uint8_t* q, uint8_t sc[8], uint8_t m[8]) {
 
 }  // namespace
 
+// The scalar activation quantisers (ref::quantize_*, below with the other references) are what these compute.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+// 32 or 256 values of one block: amax, then q = round-to-nearest-even(clamp(x * id)) as lrint in the default rounding
+// mode; the same operations as the scalar loops below, so the same bytes.
+namespace {
+inline float amax16(const float* x, int n) {
+    __m512 m = _mm512_setzero_ps();
+    for (int j = 0; j < n; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + j)));
+    return _mm512_reduce_max_ps(m);
+}
+// q[0..15] from x[0..15]; returns their sum.
+inline int quant16(const float* x, float id, int8_t* q) {
+    const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(x), _mm512_set1_ps(id)),
+                                                 _mm512_set1_ps(-127.0f)),
+                                   _mm512_set1_ps(127.0f));
+    const __m512i i = _mm512_cvtps_epi32(v);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(i));
+    return _mm512_reduce_add_epi32(i);
+}
+}  // namespace
+
 void quantize_q8_0(const float* x, int64_t n, int8_t* q, float* d, int16_t* sums) {
     for (int64_t b = 0; b < n / 32; ++b) {
         const float* xb = x + b * 32;
-        float amax = 0.0f;
-        for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
-        const float s = amax / 127.0f, id = s != 0.0f ? 1.0f / s : 0.0f;
+        const float s = amax16(xb, 32) / 127.0f, id = s != 0.0f ? 1.0f / s : 0.0f;
         d[b] = s;
-        int sum = 0;
-        for (int j = 0; j < 32; ++j) {
-            q[b * 32 + j] = int8_t(std::lrint(std::clamp(xb[j] * id, -127.0f, 127.0f)));
-            sum += q[b * 32 + j];
-        }
-        sums[b] = int16_t(sum);
+        sums[b] = int16_t(quant16(xb, id, q + b * 32) + quant16(xb + 16, id, q + b * 32 + 16));
     }
 }
 
 void quantize_q8_k(const float* x, int64_t n, int8_t* q, float* d, int16_t* bsums) {
     for (int64_t b = 0; b < n / 256; ++b) {
         const float* xb = x + b * 256;
-        float amax = 0.0f;
-        for (int j = 0; j < 256; ++j) amax = std::max(amax, std::fabs(xb[j]));
-        const float s = amax / 127.0f, id = s != 0.0f ? 1.0f / s : 0.0f;
+        const float s = amax16(xb, 256) / 127.0f, id = s != 0.0f ? 1.0f / s : 0.0f;
         d[b] = s;
-        int8_t* qb = q + b * 256;
-        for (int j = 0; j < 256; ++j) qb[j] = int8_t(std::lrint(std::clamp(xb[j] * id, -127.0f, 127.0f)));
-        for (int g = 0; g < 16; ++g) {
-            int sum = 0;
-            for (int j = 0; j < 16; ++j) sum += qb[g * 16 + j];
-            bsums[b * 16 + g] = int16_t(sum);
-        }
+        for (int g = 0; g < 16; ++g) bsums[b * 16 + g] = int16_t(quant16(xb + 16 * g, id, q + b * 256 + 16 * g));
     }
 }
+#else
+void quantize_q8_0(const float* x, int64_t n, int8_t* q, float* d, int16_t* sums) { ref::quantize_q8_0(x, n, q, d, sums); }
+void quantize_q8_k(const float* x, int64_t n, int8_t* q, float* d, int16_t* bsums) { ref::quantize_q8_k(x, n, q, d, bsums); }
+#endif
 
 void quantize_row_q8_0_weights(const float* x, int64_t n, uint8_t* out) {
     for (int64_t b = 0; b < n / 32; ++b) {
@@ -118,6 +129,39 @@ namespace {
 #else
 #define SI_SCALAR
 #endif
+
+SI_SCALAR void quantize_q8_0_impl(const float* x, int64_t n, int8_t* q, float* d, int16_t* sums) {
+    for (int64_t b = 0; b < n / 32; ++b) {
+        const float* xb = x + b * 32;
+        float amax = 0.0f;
+        for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+        const float s = amax / 127.0f, id = s != 0.0f ? 1.0f / s : 0.0f;
+        d[b] = s;
+        int sum = 0;
+        for (int j = 0; j < 32; ++j) {
+            q[b * 32 + j] = int8_t(std::lrint(std::clamp(xb[j] * id, -127.0f, 127.0f)));
+            sum += q[b * 32 + j];
+        }
+        sums[b] = int16_t(sum);
+    }
+}
+
+SI_SCALAR void quantize_q8_k_impl(const float* x, int64_t n, int8_t* q, float* d, int16_t* bsums) {
+    for (int64_t b = 0; b < n / 256; ++b) {
+        const float* xb = x + b * 256;
+        float amax = 0.0f;
+        for (int j = 0; j < 256; ++j) amax = std::max(amax, std::fabs(xb[j]));
+        const float s = amax / 127.0f, id = s != 0.0f ? 1.0f / s : 0.0f;
+        d[b] = s;
+        int8_t* qb = q + b * 256;
+        for (int j = 0; j < 256; ++j) qb[j] = int8_t(std::lrint(std::clamp(xb[j] * id, -127.0f, 127.0f)));
+        for (int g = 0; g < 16; ++g) {
+            int sum = 0;
+            for (int j = 0; j < 16; ++j) sum += qb[g * 16 + j];
+            bsums[b * 16 + g] = int16_t(sum);
+        }
+    }
+}
 
 SI_SCALAR float q4_0(const uint8_t* w, int64_t n, const int8_t* q, const float* d) {
     float sum = 0.0f;
@@ -200,6 +244,9 @@ float dot_row(WType t, const uint8_t* row, int64_t n, const int8_t* q, const flo
     }
     return 0.0f;
 }
+
+void quantize_q8_0(const float* x, int64_t n, int8_t* q, float* d, int16_t* sums) { quantize_q8_0_impl(x, n, q, d, sums); }
+void quantize_q8_k(const float* x, int64_t n, int8_t* q, float* d, int16_t* bsums) { quantize_q8_k_impl(x, n, q, d, bsums); }
 
 }  // namespace ref
 

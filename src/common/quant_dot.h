@@ -10,6 +10,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 
 namespace si::qdot {
 
@@ -37,7 +38,64 @@ float dot_row(WType t, const uint8_t* row, int64_t n, const int8_t* q, const flo
 // quantiser, d = max|x| / 127 stored as fp16.
 void quantize_row_q8_0_weights(const float* x, int64_t n, uint8_t* out);
 
+// ---- rows interleaved in groups of 16 (AVX-512 VNNI) ------------------------------------------------------------
+// A matrix repacked once at load so that one 512-bit register holds the same four elements of 16 rows: vpdpbusd
+// then multiplies one block of 16 rows by a broadcast of the activations, and the float work of a block (scale
+// conversion, int-to-float, scaling) is shared by the 16 rows instead of done per row. The packed bytes are as many
+// as the file's (only reordered); per group of 16 rows, the quants of all blocks come first (64-byte aligned), then
+// the scales:
+//   q4_0: per block, 4 x 64 bytes: vector j holds bytes 4j..4j+3 of each row's 16 nibble bytes (elements 4j..4j+3
+//         in the low nibbles, 16+4j..16+4j+3 in the high ones), unsigned (the -8 is taken out with the
+//         activations' block sum); then 16 fp16 scales per block.
+//   q8_0: per block, 8 x 64 bytes: vector j holds quants 4j..4j+3 of each row, xor 0x80 (unsigned; the +128 is
+//         taken out with the block sum); then 16 fp16 scales per block.
+//   q4_k: per super-block, 4 x 8 x 64 bytes: vector 8j + k holds bytes 32j + 4k .. 32j + 4k + 3 of each row's 128
+//         nibble bytes (elements 64j + 4k + i of sub-block 2j in the low nibbles, 64j + 32 + 4k + i of sub-block
+//         2j + 1 in the high ones); then 16 fp16 scales, 16 fp16 mins' scales and the 12 bytes of 6-bit scales and
+//         mins of each row ([byte][row]).
+//   q6_k: per super-block, 16 sub-blocks of 3 x 64 bytes: for lane r (row r), byte i, vector 0 holds the low
+//         nibbles of elements i (low) and 4+i (high) of the sub-block, vector 1 those of 8+i and 12+i, vector 2
+//         their top two bits (bits 0-1: i, 2-3: 4+i, 4-5: 8+i, 6-7: 12+i); then 16 fp16 scales and the 16 x 16
+//         int8 sub-block scales ([sub-block][row]).
+// Each row's result is the scalar reference's (ref::dot_row on the row as stored), bit for bit: the same integer per
+// block and the same float operations in the same order (this file is compiled with -ffp-contract=off).
+constexpr int kGroupRows = 16;
+// Whether this build has the interleaved kernels (AVX-512 BW and VNNI) for the format (all four when it has any).
+bool has_packed(WType t);
+
+class Packed {
+public:
+    Packed() = default;
+    // rows x cols of format t, row r at src + r * row_bytes (cols a multiple of the format's block). Rows past the
+    // last group of 16 are padded with zero blocks.
+    Packed(WType t, const uint8_t* src, int64_t rows, int64_t cols, size_t row_bytes);
+    WType type() const { return type_; }
+    int64_t rows() const { return rows_; }
+    int64_t cols() const { return cols_; }
+    int64_t groups() const { return (rows_ + kGroupRows - 1) / kGroupRows; }
+    size_t bytes() const { return size_t(groups()) * group_bytes_; }
+    const uint8_t* group(int64_t g) const { return data_.get() + size_t(g) * group_bytes_; }
+
+private:
+    struct Free {
+        void operator()(uint8_t* p) const;
+    };
+    WType type_ = WType::q8_0;
+    int64_t rows_ = 0, cols_ = 0;
+    size_t group_bytes_ = 0;
+    std::unique_ptr<uint8_t[], Free> data_;
+};
+
+// Y[t * ldy + r] = row r of W times token t's activations, for the rows of groups [g0, g1) and T tokens: the Q8_0
+// form (q, d, sums = q0, d0, s0 of quantize_q8_0, token t at q + t * cols, d + t * cols / 32, sums + t * cols / 32)
+// for q4_0 / q8_0, the Q8_K form (qk, dk, bsums; token strides cols, cols / 256, cols / 16) for q4_k / q6_k. Tokens are
+// taken four at a time per weight block read (prefill).
+void gemm_packed(const Packed& W, int64_t g0, int64_t g1, const int8_t* q, const float* d, const int16_t* sums,
+                 int64_t T, float* Y, int64_t ldy);
+
 namespace ref {
+void quantize_q8_0(const float* x, int64_t n, int8_t* q0, float* d0, int16_t* s0);
+void quantize_q8_k(const float* x, int64_t n, int8_t* qk, float* dk, int16_t* bsums);
 float dot_row(WType t, const uint8_t* row, int64_t n, const int8_t* q, const float* d, const int16_t* bsums);
 }
 

@@ -76,24 +76,6 @@ std::string replace_all(std::string_view s, std::string_view from, std::string_v
 
 }  // namespace
 
-struct Tokenizer::Symbol {
-    int32_t prev, next;  // neighbours in the chain of live symbols, -1 at the ends
-    uint32_t off, n;     // bytes of the run; n == 0 once merged into its left neighbour
-};
-
-struct Tokenizer::Bigram {
-    float score;
-    int32_t left, right;
-    uint32_t size;  // n of both symbols when queued: a mismatch later means one of them has changed since
-};
-
-// Max-heap order of llama.cpp's llm_bigram_spm: highest score first, ties to the leftmost pair.
-struct Tokenizer::BigramOrder {
-    bool operator()(const Bigram& a, const Bigram& b) const {
-        return a.score < b.score || (a.score == b.score && a.left > b.left);
-    }
-};
-
 Tokenizer::Tokenizer(Vocab vocab, const std::string& what) : vocab_(std::move(vocab)) { validate_and_index(what); }
 
 void Tokenizer::validate_and_index(const std::string& what) {
@@ -327,8 +309,8 @@ void Tokenizer::encode_fragment(std::string_view text, bool space_prefix, std::v
     // Bytes that no piece contains can never be merged with anything, so the text between them merges
     // independently: the global order restricted to one stretch is that stretch's own order (score, then position).
     // Working stretch by stretch (typically line by line) keeps the queue small and in cache.
-    std::vector<Symbol> sym;
-    std::vector<Bigram> heap;
+    std::vector<symbol_merge::Symbol> sym;
+    std::vector<symbol_merge::Pair<float>> heap;
     size_t begin = 0;
     for (size_t i = 0; i < buf.size(); ++i) {
         if (!barrier_[uint8_t(buf[i])]) continue;
@@ -339,7 +321,8 @@ void Tokenizer::encode_fragment(std::string_view text, bool space_prefix, std::v
     merge_run(std::string_view(buf).substr(begin), sym, heap, out);
 }
 
-void Tokenizer::merge_run(std::string_view text, std::vector<Symbol>& sym, std::vector<Bigram>& heap,
+void Tokenizer::merge_run(std::string_view text, std::vector<symbol_merge::Symbol>& sym,
+                          std::vector<symbol_merge::Pair<float>>& heap,
                           std::vector<int32_t>& out) const {
     if (text.empty()) return;
     // One symbol per UTF-8 character; see the header for how malformed sequences are cut.
@@ -350,37 +333,23 @@ void Tokenizer::merge_run(std::string_view text, std::vector<Symbol>& sym, std::
         size_t n = 1;
         while (n < len && off + n < text.size() && (uint8_t(text[off + n]) & 0xC0) == 0x80) ++n;
         const int32_t idx = int32_t(sym.size());
-        sym.push_back(Symbol{idx - 1, off + n == text.size() ? -1 : idx + 1, uint32_t(off), uint32_t(n)});
+        sym.push_back(symbol_merge::Symbol{idx - 1, off + n == text.size() ? -1 : idx + 1, uint32_t(off), uint32_t(n)});
         off += n;
     }
 
-    heap.clear();
-    const BigramOrder order;
-    const auto try_add = [&](int32_t left, int32_t right) {
-        if (left < 0 || right < 0) return;
-        const uint32_t size = sym[size_t(left)].n + sym[size_t(right)].n;
-        if (size > max_piece_len_) return;
-        const int32_t id = find(text.substr(sym[size_t(left)].off, size));
-        if (id < 0) return;
-        heap.push_back(Bigram{merge_scores_[size_t(id)], left, right, size});
-        std::push_heap(heap.begin(), heap.end(), order);
+    // Max-heap order of llama.cpp's llm_bigram_spm: highest score first, ties to the leftmost pair.
+    const auto worse = [](const symbol_merge::Pair<float>& x, const symbol_merge::Pair<float>& y) {
+        return x.priority < y.priority || (x.priority == y.priority && x.left > y.left);
     };
-    for (int32_t i = 1; i < int32_t(sym.size()); ++i) try_add(i - 1, i);
-
-    while (!heap.empty()) {
-        std::pop_heap(heap.begin(), heap.end(), order);
-        const Bigram b = heap.back();
-        heap.pop_back();
-        Symbol& l = sym[size_t(b.left)];
-        Symbol& r = sym[size_t(b.right)];
-        if (l.n == 0 || r.n == 0 || l.n + r.n != b.size) continue;  // stale: a neighbour merged since
-        l.n += r.n;
-        r.n = 0;
-        l.next = r.next;
-        if (r.next >= 0) sym[size_t(r.next)].prev = b.left;
-        try_add(l.prev, b.left);
-        try_add(b.left, l.next);
-    }
+    const auto lookup = [&](const symbol_merge::Symbol& l, const symbol_merge::Symbol& r, float& score) {
+        const uint32_t size = l.n + r.n;
+        if (size > max_piece_len_) return false;
+        const int32_t id = find(text.substr(l.off, size));
+        if (id < 0) return false;
+        score = merge_scores_[size_t(id)];
+        return true;
+    };
+    symbol_merge::merge_pairs<float>(sym, heap, lookup, worse);
 
     // Every merge result is a piece, so a symbol that is not one is a single character: emit its bytes.
     for (int32_t i = 0; i != -1; i = sym[size_t(i)].next) {

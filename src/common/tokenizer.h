@@ -28,6 +28,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "common/symbol_merge.h"
 #include "common/vocab.h"
 
 namespace si {
@@ -82,12 +83,9 @@ private:
         int32_t id = -1;
     };
     void validate_and_index(const std::string& what);
-    struct Symbol;
-    struct Bigram;
-    struct BigramOrder;
     void encode_fragment(std::string_view text, bool space_prefix, std::vector<int32_t>& out) const;
-    void merge_run(std::string_view text, std::vector<Symbol>& sym, std::vector<Bigram>& heap,
-                   std::vector<int32_t>& out) const;
+    void merge_run(std::string_view text, std::vector<symbol_merge::Symbol>& sym,
+                   std::vector<symbol_merge::Pair<float>>& heap, std::vector<int32_t>& out) const;
     void check_id(int32_t id, const char* what) const;
     void index_bpe(const std::string& what);
     void encode_bpe_fragment(std::string_view text, std::vector<int32_t>& out) const;

@@ -81,52 +81,29 @@ void Tokenizer::encode_bpe_fragment(std::string_view text, std::vector<int32_t>&
 }
 
 void Tokenizer::merge_bpe_word(std::string_view word, std::vector<int32_t>& out) const {
-    struct Sym {
-        int32_t prev, next;
-        uint32_t off, n;
-    };
-    struct Pair {
-        int32_t rank, left, right;
-        uint32_t size;
-    };
-    // Min-heap on rank, ties to the leftmost pair (llama.cpp's llm_bigram_bpe order).
-    const auto later = [](const Pair& a, const Pair& b) { return a.rank > b.rank || (a.rank == b.rank && a.left > b.left); };
-    std::vector<Sym> sym;
+    std::vector<symbol_merge::Symbol> sym;
     for (size_t off = 0; off < word.size();) {
         const size_t len = unicode::decode_utf8(word, off).second;
         const int32_t idx = int32_t(sym.size());
-        sym.push_back(Sym{idx - 1, off + len == word.size() ? -1 : idx + 1, uint32_t(off), uint32_t(len)});
+        sym.push_back(symbol_merge::Symbol{idx - 1, off + len == word.size() ? -1 : idx + 1, uint32_t(off), uint32_t(len)});
         off += len;
     }
-    std::vector<Pair> heap;
-    std::string key;
-    const auto try_add = [&](int32_t l, int32_t r) {
-        if (l < 0 || r < 0) return;
-        const Sym& a = sym[size_t(l)];
-        const Sym& b = sym[size_t(r)];
-        key.assign(word.substr(a.off, a.n));
-        key += ' ';
-        key.append(word.substr(b.off, b.n));
-        const auto it = merge_rank_.find(key);
-        if (it == merge_rank_.end()) return;
-        heap.push_back(Pair{it->second, l, r, a.n + b.n});
-        std::push_heap(heap.begin(), heap.end(), later);
+    // Min-heap on rank, ties to the leftmost pair (llama.cpp's llm_bigram_bpe order).
+    const auto worse = [](const symbol_merge::Pair<int32_t>& x, const symbol_merge::Pair<int32_t>& y) {
+        return x.priority > y.priority || (x.priority == y.priority && x.left > y.left);
     };
-    for (int32_t i = 1; i < int32_t(sym.size()); ++i) try_add(i - 1, i);
-    while (!heap.empty()) {
-        std::pop_heap(heap.begin(), heap.end(), later);
-        const Pair p = heap.back();
-        heap.pop_back();
-        Sym& l = sym[size_t(p.left)];
-        Sym& r = sym[size_t(p.right)];
-        if (l.n == 0 || r.n == 0 || l.n + r.n != p.size) continue;  // stale: a neighbour has merged since
-        l.n += r.n;
-        r.n = 0;
-        l.next = r.next;
-        if (r.next >= 0) sym[size_t(r.next)].prev = p.left;
-        try_add(l.prev, p.left);
-        try_add(p.left, l.next);
-    }
+    std::string key;
+    const auto lookup = [&](const symbol_merge::Symbol& l, const symbol_merge::Symbol& r, int32_t& rank) {
+        key.assign(word.substr(l.off, l.n));
+        key += ' ';
+        key.append(word.substr(r.off, r.n));
+        const auto it = merge_rank_.find(key);
+        if (it == merge_rank_.end()) return false;
+        rank = it->second;
+        return true;
+    };
+    std::vector<symbol_merge::Pair<int32_t>> heap;
+    symbol_merge::merge_pairs<int32_t>(sym, heap, lookup, worse);
     for (int32_t i = sym.empty() ? -1 : 0; i != -1; i = sym[size_t(i)].next) {
         const std::string_view s = word.substr(sym[size_t(i)].off, sym[size_t(i)].n);
         if (const int32_t id = find(s); id >= 0) {

@@ -191,8 +191,9 @@ void TrustedCore::Impl::manifest(const Message& m) {
 }
 
 void TrustedCore::Impl::check_bound_config(const pkg::BoundConfig& want) const {
-    const pkg::BoundConfig have{cfg.dim,      cfg.hidden_dim, cfg.n_layers,   cfg.n_heads, cfg.n_kv_heads,
-                                cfg.vocab_size, cfg.seq_len,  cfg.rope_theta, cfg.norm_eps, tied ? 1u : 0u};
+    const pkg::BoundConfig have{cfg.dim,      cfg.hidden_dim, cfg.n_layers,   cfg.n_heads,    cfg.n_kv_heads,
+                                cfg.vocab_size, cfg.seq_len,  cfg.rope_theta, cfg.norm_eps,   tied ? 1u : 0u,
+                                cfg.rope_freq_factors};
     auto field = [&](const char* name, double h, double w) {
         if (h == w) return;
         char msg[256];
@@ -210,6 +211,13 @@ void TrustedCore::Impl::check_bound_config(const pkg::BoundConfig& want) const {
     field("rope_theta", have.rope_theta, want.rope_theta);
     field("norm_eps", have.norm_eps, want.norm_eps);
     field("tied classifier", have.tied, want.tied);
+    // RoPE frequency factors (Llama 3.1 scaling) change every rotation after position 0: a host that drops or
+    // alters them runs the secret tensors in another network.
+    field("rope frequency factors: count", double(have.rope_freq_factors.size()), double(want.rope_freq_factors.size()));
+    for (size_t i = 0; i < have.rope_freq_factors.size(); ++i) {
+        const std::string name = "rope frequency factor " + std::to_string(i) + ":";
+        field(name.c_str(), have.rope_freq_factors[i], want.rope_freq_factors[i]);
+    }
     if (!(have == want)) fail(Status::integrity, "manifest: the model configuration differs from the package's");
 }
 

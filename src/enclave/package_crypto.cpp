@@ -240,7 +240,8 @@ Header decode_header(std::span<const uint8_t> b) {
     if (h.version != kFormatVersion)
         fail(Status::unsupported, "package format version " + std::to_string(h.version) +
                                       " is not supported (this build reads version " +
-                                      std::to_string(kFormatVersion) + ")");
+                                      std::to_string(kFormatVersion) + ")" +
+                                      (h.version < kFormatVersion ? "; pack the model again" : ""));
     h.release = uint32_t(get(b.data() + 12, 4));
     if ((h.release & ~(kReleaseLogprobsMask | kReleaseNll)) != 0 || get(b.data() + 56, 8) != 0)
         fail(Status::format, "package header: non-zero reserved fields");
@@ -293,6 +294,8 @@ std::vector<uint8_t> encode_table(const Table& t) {
     put_f32(a, c.rope_theta);
     put_f32(a, c.norm_eps);
     put(a, c.tied, 4);
+    put(a, c.rope_freq_factors.size(), 4);
+    for (float f : c.rope_freq_factors) put_f32(a, f);
     put_f32(a, t.sampling.max_temperature);
     put(a, uint32_t(t.sampling.min_top_k), 4);
     put_f32(a, t.sampling.min_top_p);
@@ -335,7 +338,7 @@ Table decode_table(std::span<const uint8_t> b) {
             e.n_chunks != (e.elements + e.chunk_elements - 1) / e.chunk_elements)
             fail(Status::format, "package secret table: entry " + std::to_string(i) + " has inconsistent sizes");
     }
-    need(4 + kConfigBytes + kPolicyBytes + 4, "the public model binding");
+    need(4 + kConfigBytes + 4 + kPolicyBytes + 4, "the public model binding");
     if (std::memcmp(b.data() + at, kBindMagic, 4) != 0)
         fail(Status::format, "package table: no public model binding after the secret entries");
     at += 4;
@@ -347,6 +350,16 @@ Table decode_table(std::span<const uint8_t> b) {
     c.norm_eps = get_f32(p + 32);
     c.tied = uint32_t(get(p + 36, 4));
     at += kConfigBytes;
+    const uint64_t nf = get(b.data() + at, 4);
+    at += 4;
+    if (nf > kMaxRopeFactors || nf * 4 > b.size() - at || b.size() - at - nf * 4 < kPolicyBytes + 4)
+        fail(Status::format, "package table: " + std::to_string(nf) + " RoPE frequency factors do not fit its " +
+                                 std::to_string(b.size() - at) + " remaining bytes");
+    c.rope_freq_factors.resize(static_cast<size_t>(nf));
+    for (float& f : c.rope_freq_factors) {
+        f = get_f32(b.data() + at);
+        at += 4;
+    }
     p = b.data() + at;
     SamplingPolicy& s = t.sampling;
     s.max_temperature = get_f32(p);

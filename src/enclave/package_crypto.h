@@ -119,7 +119,9 @@ void derive_tensor_key(const uint8_t* model_key, const ModelId& id, std::string_
 // Every multi-byte integer is little-endian.
 
 constexpr char kMagic[8] = {'S', 'I', 'P', 'K', 'G', '\0', '\r', '\n'};
-constexpr uint32_t kFormatVersion = 2;  // 2: the table binds the public model and the sampling policy
+// 2: the table binds the public model and the sampling policy; 3: and the RoPE frequency factors (Llama 3.1 scaling).
+// Older versions are refused (pack the model again): a version 2 table cannot say which factors the model runs with.
+constexpr uint32_t kFormatVersion = 3;
 constexpr size_t kHeaderBytes = 64;
 // Secret tensors are encrypted in chunks of at most this many elements (whole rows for matrices), so that each
 // chunk fits one enclave message.
@@ -153,13 +155,16 @@ struct SecretEntry {
 };
 
 // The model configuration the forward pass uses, as the host sends it in `configure`: the trusted core refuses a
-// package whose host sends anything else (another layer count, an untied classifier, another rope theta...).
+// package whose host sends anything else (another layer count, an untied classifier, another rope theta, other or
+// missing RoPE frequency factors...).
 struct BoundConfig {
     int32_t dim = 0, hidden_dim = 0, n_layers = 0, n_heads = 0, n_kv_heads = 0, vocab_size = 0, seq_len = 0;
     float rope_theta = 0.0f, norm_eps = 0.0f;
     uint32_t tied = 0;
+    std::vector<float> rope_freq_factors;  // empty: none (head_dim / 2 values otherwise, ModelConfig's)
     bool operator==(const BoundConfig&) const = default;
 };
+constexpr uint32_t kMaxRopeFactors = 1u << 16;
 
 // A public tensor as the host uploads it in the clear: wire TensorKind, layer, projection, its length in bytes and
 // the public_tensor_digest of those bytes (f32 little-endian; int8 rows for proj_weight and classifier_i8, with their
@@ -188,8 +193,9 @@ struct SamplingPolicy {
     bool operator==(const SamplingPolicy&) const = default;
 };
 
-// The table (format version 2):
+// The table (format version 3):
 //   u32 n | n secret entries (36 bytes each) | "BIND" | BoundConfig (7 x i32, 2 x f32, u32) |
+//   u32 f | f RoPE frequency factors (f32; f = 0: none) |
 //   SamplingPolicy (f32, i32, f32, f32) | u32 m | m public digests (u32 kind, i32 layer, i32 proj, u64 bytes, 32)
 struct Table {
     std::vector<SecretEntry> secrets;

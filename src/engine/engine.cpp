@@ -36,7 +36,7 @@ Linear Linear::make(const std::vector<float>& w, int64_t rows, int64_t cols, Wei
 
 size_t Linear::bytes() const {
     size_t b = f32.bytes() + q.bytes() + scale.size() * 4;
-    for (const Part& p : parts) b += size_t(p.rows) * p.row_bytes;
+    for (const Part& p : parts) b += p.packed.rows() > 0 ? p.packed.bytes() : size_t(p.rows) * p.row_bytes;
     return b;
 }
 
@@ -67,27 +67,38 @@ void native_forward(ThreadPool* pool, const Linear& W, const float* X, int64_t T
         for (int64_t t = 0; t < T; ++t)
             qdot::quantize_q8_k(X + t * n, n, &a.qk[size_t(t * n)], &a.dk[size_t(t * n / 256)], &a.bsums[size_t(t * n / 16)]);
     }
-    // One pass over all rows of all parts (one thread-pool round per product, as for the other formats).
+    // One pass over all rows of all parts (one thread-pool round per product, as for the other formats), in units
+    // of 16 rows: a group of an interleaved part, or 16 rows of a part read as stored.
     const int64_t rows = W.rows;
-    pool->parallel_for(rows, 8, [&](int64_t begin, int64_t end) {
-        int64_t row0 = 0;
-        size_t pi = 0;
-        while (begin >= row0 + W.parts[pi].rows) row0 += W.parts[pi++].rows;
-        for (int64_t r = begin; r < end;) {
-            const Linear::Part& p = W.parts[pi];
-            const auto type = qdot::WType(p.type);
-            const bool k = qdot::uses_q8k(type);
-            const int8_t* q = k ? a.qk.data() : a.q0.data();
-            const float* d = k ? a.dk.data() : a.d0.data();
-            const int64_t dstride = k ? n / 256 : n / 32;
-            const int64_t stop = std::min(end, row0 + p.rows);
-            for (; r < stop; ++r) {
-                const uint8_t* row = p.data + size_t(r - row0) * p.row_bytes;
-                for (int64_t t = 0; t < T; ++t)
-                    Y[t * rows + r] = qdot::dot_row(type, row, n, q + t * n, d + t * dstride,
-                                                    k ? a.bsums.data() + t * (n / 16) : a.s0.data() + t * dstride);
+    const int64_t G = qdot::kGroupRows;
+    int64_t units = 0;
+    for (const Linear::Part& p : W.parts) units += (p.rows + G - 1) / G;
+    pool->parallel_for(units, 1, [&](int64_t begin, int64_t end) {
+        int64_t row0 = 0, unit0 = 0;
+        for (const Linear::Part& p : W.parts) {
+            const int64_t pu = (p.rows + G - 1) / G;
+            const int64_t u0 = std::max(begin, unit0) - unit0, u1 = std::min(end, unit0 + pu) - unit0;
+            if (u0 < u1) {
+                const auto type = qdot::WType(p.type);
+                const bool k = qdot::uses_q8k(type);
+                const int8_t* q = k ? a.qk.data() : a.q0.data();
+                const float* d = k ? a.dk.data() : a.d0.data();
+                const int16_t* sums = k ? a.bsums.data() : a.s0.data();
+                const int64_t dstride = k ? n / 256 : n / 32, sstride = k ? n / 16 : n / 32;
+                if (p.packed.rows() > 0) {
+                    qdot::gemm_packed(p.packed, u0, u1, q, d, sums, T, Y + row0, rows);
+                } else {
+                    for (int64_t r = u0 * G; r < std::min(p.rows, u1 * G); ++r) {
+                        const uint8_t* row = p.data + size_t(r) * p.row_bytes;
+                        for (int64_t t = 0; t < T; ++t)
+                            Y[t * rows + row0 + r] =
+                                qdot::dot_row(type, row, n, q + t * n, d + t * dstride, sums + t * sstride);
+                    }
+                }
             }
-            if (r == row0 + p.rows && pi + 1 < W.parts.size()) row0 += W.parts[pi++].rows;
+            row0 += p.rows;
+            unit0 += pu;
+            if (unit0 >= end) break;
         }
     });
 }
@@ -131,6 +142,12 @@ Linear make_native(const gguf::Reader* file, const TensorSource& src, std::initi
                 all.insert(all.end(), w.begin(), w.end());
             }
             return Linear::make(all, int64_t(all.size()) / cols, cols, WeightFormat::int8);
+        }
+        if (qdot::has_packed(qdot::WType(p.type))) {
+            p.packed = qdot::Packed(qdot::WType(p.type), p.data, p.rows, cols, p.row_bytes);
+            p.data = nullptr;
+            p.owned = {};
+            src.release(name);  // the blocks are copied: the file's pages can go
         }
         (qdot::uses_q8k(qdot::WType(p.type)) ? L.q8k : L.q80) = true;
         L.rows += p.rows;

@@ -8,6 +8,7 @@
 
 #include "common/model.h"
 #include "common/matmul.h"
+#include "common/quant_dot.h"
 #include "common/qgemm.h"
 #include "common/threadpool.h"
 
@@ -41,13 +42,15 @@ struct Linear {
     PackedI8 q;                // int8 weights packed for the integer kernels
     std::vector<float> scale;  // per-row dequantisation scale
     // native: consecutive row ranges, each in one block format, read in place from the model file (or from `owned`
-    // for re-quantised matrices).
+    // for re-quantised matrices), or, where the build has the interleaved kernels (AVX-512 VNNI), repacked once
+    // into groups of 16 rows (`packed`, as many bytes as the file's blocks).
     struct Part {
         uint32_t type = 0;  // qdot::WType
         int64_t rows = 0;
         const uint8_t* data = nullptr;
         size_t row_bytes = 0;
         std::vector<uint8_t> owned;
+        qdot::Packed packed;  // rows() > 0: used instead of data
     };
     std::vector<Part> parts;
     bool q8k = false, q80 = false;  // which activation forms the parts need

@@ -137,10 +137,19 @@ std::vector<pkg::PublicDigest> public_digests(const ModelWeights& w, const std::
 
 pkg::BoundConfig bound_config(const ModelWeights& w) {
     const ModelConfig& c = w.cfg;
-    if (!c.rope_freq_factors.empty())
-        fail(Status::unsupported, "protected packages do not support RoPE frequency factors (Llama 3.1 RoPE scaling)");
-    return {c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len, c.rope_theta,
-            c.norm_eps, w.tied() ? 1u : 0u};
+    return {c.dim,        c.hidden_dim, c.n_layers, c.n_heads,  c.n_kv_heads,          c.vocab_size,
+            c.seq_len,    c.rope_theta, c.norm_eps, w.tied() ? 1u : 0u, c.rope_freq_factors};
+}
+
+// SHA-256 of the factors as little-endian f32, for the manifest (the table carries the values themselves).
+std::string factors_hash(const std::vector<float>& f) {
+    std::vector<uint8_t> b(f.size() * 4);
+    for (size_t i = 0; i < f.size(); ++i) {
+        uint32_t u;
+        std::memcpy(&u, &f[i], 4);
+        for (int k = 0; k < 4; ++k) b[4 * i + size_t(k)] = uint8_t(u >> (8 * k));
+    }
+    return hex_hash(b);
 }
 
 }  // namespace
@@ -343,7 +352,8 @@ PackResult write_package(const std::string& out_path, const PackOptions& o, cons
         {"config",
          {{"dim", c.dim}, {"hidden_dim", c.hidden_dim}, {"n_layers", c.n_layers}, {"n_heads", c.n_heads},
           {"n_kv_heads", c.n_kv_heads}, {"vocab_size", c.vocab_size}, {"seq_len", c.seq_len},
-          {"tied_classifier", w.tied()}}},
+          {"tied_classifier", w.tied()}, {"rope_freq_factors", c.rope_freq_factors.size()},
+          {"rope_freq_factors_sha256", c.rope_freq_factors.empty() ? "" : factors_hash(c.rope_freq_factors)}}},
         {"sampling_policy",
          {{"max_temperature", o.sampling.max_temperature}, {"min_top_k", o.sampling.min_top_k},
           {"min_top_p", o.sampling.min_top_p}, {"min_logprob_noise", o.sampling.min_logprob_noise}}},
@@ -568,6 +578,9 @@ std::string describe_package(const std::string& path) {
     o << "config: dim " << c.at("dim") << ", hidden " << c.at("hidden_dim") << ", layers " << c.at("n_layers")
       << ", heads " << c.at("n_heads") << ", kv heads " << c.at("n_kv_heads") << ", vocab " << c.at("vocab_size")
       << ", context " << c.at("seq_len") << (c.at("tied_classifier").get<bool>() ? ", tied classifier" : "") << "\n";
+    if (c.at("rope_freq_factors").get<uint64_t>() > 0)
+        o << "rope frequency factors: " << c.at("rope_freq_factors") << " (sha256 "
+          << c.at("rope_freq_factors_sha256").get<std::string>() << ")\n";
     o << "secret: " << m.at("secret").get<std::string>() << "\n";
     for (const auto& a : m.at("adapters"))
         o << "adapter: " << a.at("file").get<std::string>() << " (" << a.at("tensors") << " tensors, alpha "

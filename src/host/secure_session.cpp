@@ -46,6 +46,8 @@ using wire::WireType;
 constexpr size_t kChunkBytes = size_t(8) << 20;
 // Room for headers and small fields next to the bulk field of a crossing.
 constexpr size_t kMessageSlack = 64 << 10;
+// Pause instructions the presets' pool spins after each loop before sleeping (the enclave's pools' value).
+constexpr int kSessionPoolSpin = 2000;
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -197,7 +199,13 @@ void SecureSession::init(const TensorSource& src, std::shared_ptr<const TensorSo
                                       std::to_string(SI_ENCLAVE_MAX_MESSAGE) + " bytes");
     n_batch_ = int(std::min<int64_t>({params_.n_batch, max_T, n_ctx_}));
 
-    pool_ = std::make_unique<ThreadPool>(params_.n_threads);
+    // The presets' pool spins briefly after each loop (as the enclave's pools do), not the plain engine's ~1 ms
+    // (50000 pauses on a recent Xeon): in secureinfer mode the enclave's threads run on the same cores between the
+    // accelerator's products, and a server's stepping thread hands over to the request threads between steps, so a
+    // spinning worker only takes a core from the thread everything waits for. Measured on the 2-vCPU VM under load,
+    // `serve --parallel 4 -t 2`, stories110M shape: gpu-only 37 -> 130-155 tokens/s, secureinfer 40-48 -> 58-62
+    // (BENCHMARKS.md, "Continuous batching").
+    pool_ = std::make_unique<ThreadPool>(params_.n_threads, kSessionPoolSpin);
     accel_ = params_.accelerator ? params_.accelerator
                                  : std::shared_ptr<Accelerator>(make_accelerator(params_.accelerator_backend, pool_.get()));
     if (!params_.trace_dir.empty()) trace_ = std::make_unique<TraceWriter>(params_.trace_dir);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <type_traits>
 
 namespace si::server {
 
@@ -15,57 +16,44 @@ struct StatsShare {
     double seconds_enclave = 0, seconds_accelerator = 0, seconds_host = 0;
     double flops_enclave = 0, flops_accelerator = 0, flops_host = 0;
 
+    // f(member here, the same counter in si_stats) for every counter a step changes: the one list of them.
+    template <class F>
+    static void each(F&& f) {
+        f(&StatsShare::enclave_calls, &si_stats::enclave_calls);
+        f(&StatsShare::crossings, &si_stats::crossings);
+        f(&StatsShare::accelerator_calls, &si_stats::accelerator_calls);
+        f(&StatsShare::bytes_to_enclave, &si_stats::bytes_to_enclave);
+        f(&StatsShare::bytes_from_enclave, &si_stats::bytes_from_enclave);
+        f(&StatsShare::bytes_to_accelerator, &si_stats::bytes_to_accelerator);
+        f(&StatsShare::bytes_from_accelerator, &si_stats::bytes_from_accelerator);
+        f(&StatsShare::seconds_enclave, &si_stats::seconds_enclave);
+        f(&StatsShare::seconds_accelerator, &si_stats::seconds_accelerator);
+        f(&StatsShare::seconds_host, &si_stats::seconds_host);
+        f(&StatsShare::flops_enclave, &si_stats::flops_enclave);
+        f(&StatsShare::flops_accelerator, &si_stats::flops_accelerator);
+        f(&StatsShare::flops_host, &si_stats::flops_host);
+    }
+
     static StatsShare between(const si_stats& a, const si_stats& b) {
         StatsShare d;
-        d.enclave_calls = double(b.enclave_calls - a.enclave_calls);
-        d.crossings = double(b.crossings - a.crossings);
-        d.accelerator_calls = double(b.accelerator_calls - a.accelerator_calls);
-        d.bytes_to_enclave = double(b.bytes_to_enclave - a.bytes_to_enclave);
-        d.bytes_from_enclave = double(b.bytes_from_enclave - a.bytes_from_enclave);
-        d.bytes_to_accelerator = double(b.bytes_to_accelerator - a.bytes_to_accelerator);
-        d.bytes_from_accelerator = double(b.bytes_from_accelerator - a.bytes_from_accelerator);
-        d.seconds_enclave = b.seconds_enclave - a.seconds_enclave;
-        d.seconds_accelerator = b.seconds_accelerator - a.seconds_accelerator;
-        d.seconds_host = b.seconds_host - a.seconds_host;
-        d.flops_enclave = b.flops_enclave - a.flops_enclave;
-        d.flops_accelerator = b.flops_accelerator - a.flops_accelerator;
-        d.flops_host = b.flops_host - a.flops_host;
+        each([&](auto mine, auto theirs) { d.*mine = double(b.*theirs) - double(a.*theirs); });
         return d;
     }
 
     void add(const StatsShare& d, double f) {
-        enclave_calls += d.enclave_calls * f;
-        crossings += d.crossings * f;
-        accelerator_calls += d.accelerator_calls * f;
-        bytes_to_enclave += d.bytes_to_enclave * f;
-        bytes_from_enclave += d.bytes_from_enclave * f;
-        bytes_to_accelerator += d.bytes_to_accelerator * f;
-        bytes_from_accelerator += d.bytes_from_accelerator * f;
-        seconds_enclave += d.seconds_enclave * f;
-        seconds_accelerator += d.seconds_accelerator * f;
-        seconds_host += d.seconds_host * f;
-        flops_enclave += d.flops_enclave * f;
-        flops_accelerator += d.flops_accelerator * f;
-        flops_host += d.flops_host * f;
+        each([&](auto mine, auto) { this->*mine += d.*mine * f; });
     }
 
     // Counts rounded to the nearest whole number (a request alone in its steps gets the exact difference).
     si_stats get() const {
-        auto whole = [](double v) { return uint64_t(std::llround(std::max(0.0, v))); };
         si_stats s{};
-        s.enclave_calls = whole(enclave_calls);
-        s.crossings = whole(crossings);
-        s.accelerator_calls = whole(accelerator_calls);
-        s.bytes_to_enclave = whole(bytes_to_enclave);
-        s.bytes_from_enclave = whole(bytes_from_enclave);
-        s.bytes_to_accelerator = whole(bytes_to_accelerator);
-        s.bytes_from_accelerator = whole(bytes_from_accelerator);
-        s.seconds_enclave = seconds_enclave;
-        s.seconds_accelerator = seconds_accelerator;
-        s.seconds_host = seconds_host;
-        s.flops_enclave = flops_enclave;
-        s.flops_accelerator = flops_accelerator;
-        s.flops_host = flops_host;
+        each([&](auto mine, auto theirs) {
+            using T = std::remove_reference_t<decltype(s.*theirs)>;
+            if constexpr (std::is_integral_v<T>)
+                s.*theirs = T(std::llround(std::max(0.0, this->*mine)));
+            else
+                s.*theirs = this->*mine;
+        });
         return s;
     }
 };
@@ -262,11 +250,12 @@ void Batcher::loop() {
         std::vector<std::shared_ptr<Job>> finishing, starting;
         steps.clear();
         stepped.clear();
-        int want_precompute = 0;
+        int want_precompute = 0, refill = 0;
         {
             std::unique_lock<std::mutex> lk(m_);
             auto wants = [&] {
-                return !closed_ && !dead_ && precompute_ > 0 && active_.empty() && precomputed_ < precompute_ * slots_;
+                return !closed_ && !dead_ && precompute_ > 0 && !precompute_refused_ && active_.empty() &&
+                       precomputed_ < precompute_ * slots_;
             };
             cv_.wait(lk, [&] { return (closed_ && leased_ == 0) || !active_.empty() || wants(); });
             if (closed_ && active_.empty() && leased_ == 0) return;
@@ -301,8 +290,16 @@ void Batcher::loop() {
             }
             for (const auto& j : stepped)
                 if (!j->started) starting.push_back(j);
-            if (steps.empty() && finishing.empty() && wants())
+            if (steps.empty() && finishing.empty() && wants()) {
                 want_precompute = std::min(16, precompute_ * slots_ - precomputed_);
+            } else if (!steps.empty() && precompute_ > 0 && !precompute_refused_) {
+                // Under load the store is never idle-filled: when it cannot cover this step's rows, it is topped
+                // up to the target (or the step's rows, if more) first, in one batched call on the same cores (the
+                // step waits for it), so the rows keep precomputed factors: the sustained rate, not the online one.
+                size_t rows = 0;
+                for (const auto& st : steps) rows += st.n_tokens;
+                if (size_t(precomputed_) < rows) refill = std::max(precompute_ * slots_, int(rows)) - precomputed_;
+            }
         }
         // outside the lock: only this thread uses the context
         for (const auto& j : finishing) {
@@ -315,12 +312,17 @@ void Batcher::loop() {
             j->cv.notify_all();
             cv_.notify_all();
         }
-        if (want_precompute > 0) {
-            const int rc = si_context_precompute(ctx_, want_precompute, nullptr, nullptr, nullptr);
+        if (want_precompute > 0 || refill > 0) {
+            const int rc = si_context_precompute(ctx_, want_precompute + refill, nullptr, nullptr, nullptr);
             std::lock_guard<std::mutex> lk(m_);
-            precomputed_ = rc == SI_OK ? si_context_precomputed(ctx_) : precompute_ * slots_;  // refused: stop trying
-            if (rc != SI_OK) std::fprintf(stderr, "serve: precomputing unblinding factors failed: %s\n", si_last_error());
-            continue;
+            if (rc == SI_OK) {
+                precomputed_ = si_context_precomputed(ctx_);
+            } else {  // refused: stop trying, decode online
+                std::fprintf(stderr, "serve: precomputing unblinding factors failed: %s\n", si_last_error());
+                precompute_refused_ = true;
+                precomputed_ = precompute_ * slots_;
+            }
+            if (want_precompute > 0) continue;
         }
         if (steps.empty()) continue;
         si_stats before{}, after{};

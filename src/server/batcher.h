@@ -5,7 +5,8 @@
 // chunks between the others' tokens instead of stalling them. Requests join and leave between steps. When a
 // request ends its slot is reset (KV cache freed and zeroed, context and sampler state forgotten) before anyone
 // else gets it. With a precompute target, the scheduler tops the context's precomputed unblinding factors up while
-// no request runs.
+// no request runs, and, under load, whenever they cannot cover the next step's rows (before that step, on the same
+// cores: the sustained rate of precomputed decoding).
 #pragma once
 #include <condition_variable>
 #include <deque>
@@ -91,6 +92,7 @@ private:
     int leased_ = 0;                   // jobs acquired and not yet released
     int precomputed_ = 0;              // rows per stage, as of the last call
     bool closed_ = false, dead_ = false;
+    bool precompute_refused_ = false;  // the context refused to precompute: decode online from then on
     std::thread thread_;
 };
 

@@ -34,9 +34,11 @@ Transformer<T>::Transformer(const ModelConfig& cfg, ThreadPool& pool) : cfg_(cfg
         fail(Status::unsupported, "fine-tuning a model with RoPE frequency factors (Llama 3.1 RoPE scaling) is not supported");
 }
 
+// Rotates each pair of v by its position's angle; `inverse` rotates by -angle, the transpose used on gradients.
 template <class T>
-void Transformer<T>::rope_fwd(T* v, int n_heads) {
+void Transformer<T>::rope(T* v, int n_heads, bool inverse) {
     const int hd = cfg_.head_dim(), half = hd / 2;
+    const T sign = inverse ? T(-1) : T(1);
     pool_.parallel_for(N_, kTokenGrain, [&](int64_t b, int64_t e) {
         for (int64_t n = b; n < e; ++n) {
             const int pos = int(n % S_);
@@ -46,30 +48,9 @@ void Transformer<T>::rope_fwd(T* v, int n_heads) {
             for (int h = 0; h < n_heads; ++h)
                 for (int i = 0; i < half; ++i) {
                     T* p = row + h * hd + 2 * i;
-                    const T a = p[0], bb = p[1];
-                    p[0] = a * c[i] - bb * s[i];
-                    p[1] = a * s[i] + bb * c[i];
-                }
-        }
-    });
-}
-
-// The transpose of the rotation: rotate the gradient by -angle.
-template <class T>
-void Transformer<T>::rope_bwd(T* v, int n_heads) {
-    const int hd = cfg_.head_dim(), half = hd / 2;
-    pool_.parallel_for(N_, kTokenGrain, [&](int64_t b, int64_t e) {
-        for (int64_t n = b; n < e; ++n) {
-            const int pos = int(n % S_);
-            const T* c = &rope_cos_[size_t(pos * half)];
-            const T* s = &rope_sin_[size_t(pos * half)];
-            T* row = v + n * n_heads * hd;
-            for (int h = 0; h < n_heads; ++h)
-                for (int i = 0; i < half; ++i) {
-                    T* p = row + h * hd + 2 * i;
-                    const T a = p[0], bb = p[1];
-                    p[0] = a * c[i] + bb * s[i];
-                    p[1] = -a * s[i] + bb * c[i];
+                    const T a = p[0], bb = p[1], si = sign * s[i];
+                    p[0] = a * c[i] - bb * si;
+                    p[1] = a * si + bb * c[i];
                 }
         }
     });
@@ -321,8 +302,8 @@ double Transformer<T>::forward(const ModelRef<const T>& p, T s, const int32_t* t
         lin(Proj::q, a.xn1.data(), a.q.data());
         lin(Proj::k, a.xn1.data(), a.k.data());
         lin(Proj::v, a.xn1.data(), a.v.data());
-        rope_fwd(a.q.data(), cfg_.n_heads);
-        rope_fwd(a.k.data(), cfg_.n_kv_heads);
+        rope(a.q.data(), cfg_.n_heads, false);
+        rope(a.k.data(), cfg_.n_kv_heads, false);
         attention_fwd(a);
         lin(Proj::o, a.ao.data(), a.x2.data());
         for (int64_t i = 0; i < N * d; ++i) a.x2[size_t(i)] += a.x[size_t(i)];
@@ -441,8 +422,8 @@ void Transformer<T>::backward(const ModelRef<const T>& p, const ModelRef<T>& g, 
         dk_.resize(size_t(N * kv));
         dv_.resize(size_t(N * kv));
         attention_bwd(a, dao_.data(), dq_.data(), dk_.data(), dv_.data());
-        rope_bwd(dq_.data(), cfg_.n_heads);
-        rope_bwd(dk_.data(), cfg_.n_kv_heads);
+        rope(dq_.data(), cfg_.n_heads, true);
+        rope(dk_.data(), cfg_.n_kv_heads, true);
         dxn_.assign(size_t(N * d), T(0));
         lin(Proj::q, a.xn1.data(), dq_.data(), dxn_.data());
         lin(Proj::k, a.xn1.data(), dk_.data(), dxn_.data());

@@ -56,8 +56,7 @@ private:
     void rmsnorm_bwd(const T* x, const T* r, const T* w, const T* dy, T* dx, T* gw);
     void attention_fwd(LayerAct& a);
     void attention_bwd(const LayerAct& a, const T* dao, T* dq, T* dk, T* dv);
-    void rope_fwd(T* v, int n_heads);
-    void rope_bwd(T* v, int n_heads);
+    void rope(T* v, int n_heads, bool inverse);
     size_t tri() const { return size_t(S_) * size_t(S_ + 1) / 2; }
 
     ModelConfig cfg_;
