@@ -147,6 +147,7 @@ Linear make_native(const gguf::Reader* file, const TensorSource& src, std::initi
             p.packed = qdot::Packed(qdot::WType(p.type), p.data, p.rows, cols, p.row_bytes);
             p.data = nullptr;
             p.owned = {};
+            src.release(name);  // the blocks are copied: the file's pages can go
         }
         (qdot::uses_q8k(qdot::WType(p.type)) ? L.q8k : L.q80) = true;
         L.rows += p.rows;

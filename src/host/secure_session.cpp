@@ -281,12 +281,16 @@ void SecureSession::stream_projections(const TensorSource& src, int layer, Sessi
     std::vector<float> rows_f32;
     for (int st = 0; st < kStages; ++st) {
         SlotWeights& sw = slots_[size_t(layer) * kStages + size_t(st)];
+        // the stage's offloaded rows, stacked (its projections share their input, so their column count)
         int64_t total = 0, cols = 0;
         for (Proj p : slot_projs(layer, cfg_.n_layers, Stage(st)))
-            if (plan_[size_t(layer) * 7 + size_t(p)]) total += projs_[size_t(layer) * 7 + size_t(p)].rows;
+            if (plan_[size_t(layer) * 7 + size_t(p)]) {
+                total += projs_[size_t(layer) * 7 + size_t(p)].rows;
+                cols = projs_[size_t(layer) * 7 + size_t(p)].cols;
+            }
         stacked.clear();
         stacked.shrink_to_fit();
-        if (total > 0) stacked.resize(size_t(total * projs_[size_t(layer) * 7 + size_t(slot_projs(layer, cfg_.n_layers, Stage(st))[0])].cols));
+        stacked.resize(size_t(total * cols));
         for (Proj p : slot_projs(layer, cfg_.n_layers, Stage(st))) {
             HostProj& hp = projs_[size_t(layer) * 7 + size_t(p)];
             const bool off = plan_[size_t(layer) * 7 + size_t(p)] != 0;
@@ -315,7 +319,6 @@ void SecureSession::stream_projections(const TensorSource& src, int layer, Sessi
             sw.projs.push_back(uint8_t(p));
             sw.proj_rows.push_back(hp.rows);
             sw.rows += hp.rows;
-            cols = hp.cols;
             s.bytes_to_accelerator += size_t(hp.rows * hp.cols);
             if (trace_) trace_->write(layer, op_name(layer, int(p)), "weight", TraceDType::i8, {hp.rows, hp.cols}, q);
         }
