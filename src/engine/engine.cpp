@@ -1,5 +1,8 @@
 #include "engine/engine.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -103,6 +106,15 @@ void native_forward(ThreadPool* pool, const Linear& W, const float* X, int64_t T
     });
 }
 
+// The file's pages of a tensor the engine has copied (interleaved) and will not read again: handed back to the kernel
+// (MADV_PAGEOUT never discards contents: clean file pages are dropped and read again if anything touches them, so it
+// is safe whatever memory the reader holds), so that they stop counting in the process's resident memory.
+void release_pages(const uint8_t* data, size_t bytes) {
+    const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+    const uintptr_t begin = (uintptr_t(data) + page - 1) / page * page, end = (uintptr_t(data) + bytes) / page * page;
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_PAGEOUT);  // a hint: errors ignored
+}
+
 // A native matrix from stacked tensors of the file (or, without the file or for a format without a native kernel,
 // from the f32 weights re-quantised to Q8_0). Falls back to int8 when a part cannot be stored natively (a row
 // length that is not a multiple of 32).
@@ -144,6 +156,7 @@ Linear make_native(const gguf::Reader* file, const TensorSource& src, std::initi
         }
         if (qdot::has_packed(qdot::WType(p.type))) {
             p.packed = qdot::Packed(qdot::WType(p.type), p.data, p.rows, cols, p.row_bytes);
+            if (p.owned.empty()) release_pages(p.data, size_t(p.rows) * p.row_bytes);
             p.data = nullptr;
             p.owned = {};
         }
