@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <fstream>
+#include <sstream>
 #include <string>
 
 #include "common/error.h"
@@ -106,13 +108,35 @@ void native_forward(ThreadPool* pool, const Linear& W, const float* X, int64_t T
     });
 }
 
-// The file's pages of a tensor the engine has copied (interleaved) and will not read again: handed back to the kernel
-// (MADV_PAGEOUT never discards contents: clean file pages are dropped and read again if anything touches them, so it
-// is safe whatever memory the reader holds), so that they stop counting in the process's resident memory.
-void release_pages(const uint8_t* data, size_t bytes) {
+// Whether [p, p + n) lies in one mapping of a file (not anonymous or heap memory), from /proc/self/maps.
+bool in_file_mapping(const void* p, size_t n) {
+    std::ifstream maps("/proc/self/maps");
+    std::string line;
+    const uintptr_t a = uintptr_t(p), b = a + n;
+    while (std::getline(maps, line)) {
+        // "start-end perms offset dev inode [path]"
+        std::istringstream in(line);
+        std::string range, perms, offset, dev;
+        uint64_t inode = 0;
+        if (!(in >> range >> perms >> offset >> dev >> inode)) continue;
+        const size_t dash = range.find('-');
+        if (dash == std::string::npos) continue;
+        const uintptr_t lo = uintptr_t(std::stoull(range.substr(0, dash), nullptr, 16));
+        const uintptr_t hi = uintptr_t(std::stoull(range.substr(dash + 1), nullptr, 16));
+        if (a >= lo && b <= hi) return inode != 0 && perms.size() >= 4 && perms[1] == '-' && perms[3] == 'p';
+    }
+    return false;
+}
+
+// The pages of a tensor the engine has copied (interleaved) and will not read again, when they are a read-only
+// private mapping of the model file: unmapped from this process (MADV_DONTNEED on such a mapping re-reads the file if
+// anything touches them again, and the page cache keeps them for the next run), so that they stop counting in its
+// resident memory. Anything else (a reader's copy in memory) is left alone.
+void release_file_pages(const uint8_t* data, size_t bytes) {
     const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
     const uintptr_t begin = (uintptr_t(data) + page - 1) / page * page, end = (uintptr_t(data) + bytes) / page * page;
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_PAGEOUT);  // a hint: errors ignored
+    if (end > begin && in_file_mapping(data, bytes))
+        madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);  // a hint: errors ignored
 }
 
 // A native matrix from stacked tensors of the file (or, without the file or for a format without a native kernel,
@@ -156,7 +180,7 @@ Linear make_native(const gguf::Reader* file, const TensorSource& src, std::initi
         }
         if (qdot::has_packed(qdot::WType(p.type))) {
             p.packed = qdot::Packed(qdot::WType(p.type), p.data, p.rows, cols, p.row_bytes);
-            if (p.owned.empty()) release_pages(p.data, size_t(p.rows) * p.row_bytes);
+            if (p.owned.empty()) release_file_pages(p.data, size_t(p.rows) * p.row_bytes);
             p.data = nullptr;
             p.owned = {};
         }
