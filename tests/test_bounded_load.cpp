@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "boundary/enclave_abi.h"
+#include "boundary/enclave_messages.h"
 #include "common/error.h"
 #include "common/tensor_source.h"
 #include "engine/engine.h"
@@ -137,12 +139,17 @@ TEST(BoundedLoad, EngineFromSourceGivesTheDenseLogits) {
             p.weights = f;
             Engine a(dense.weights, p, dense.gguf.get());
             Engine b(*lazy.source, p, lazy.gguf.get());
+            Engine c(lazy.source, p, lazy.gguf.get());  // embedding rows read from the file
             EXPECT_EQ(a.weight_bytes(), b.weight_bytes());
+            const size_t embd = size_t(dense.weights.cfg.vocab_size) * size_t(dense.weights.cfg.dim) * 4;
+            EXPECT_EQ(a.weight_bytes(), c.weight_bytes() + embd);
             const int V = dense.weights.cfg.vocab_size;
             const float* la = a.eval(kPrompt, true);
             const std::vector<float> want(la, la + kPrompt.size() * size_t(V));
             const float* lb = b.eval(kPrompt, true);
             ASSERT_TRUE(std::equal(want.begin(), want.end(), lb)) << path << " " << weight_format_name(f);
+            const float* lc = c.eval(kPrompt, true);
+            ASSERT_TRUE(std::equal(want.begin(), want.end(), lc)) << path << " " << weight_format_name(f);
         }
     }
 }
@@ -237,6 +244,116 @@ TEST(BoundedLoad, SecurePresetsStayWithinTheirInt8Bytes) {
         // Temporaries (measured about 100 MiB here: the largest matrix's int8 rows on their way, blocks of f32 rows,
         // message buffers) get half an f32 copy of room: a whole f32 copy of the model would exceed the bound.
         EXPECT_LT(grew, copies * int8_bytes + embd + 2.0 * int8_bytes) << secure_mode_name(m);
-        if (m == SecureMode::gpu_only) EXPECT_LT(grew, 2.0 * int8_bytes);
+        if (m == SecureMode::gpu_only) {
+            EXPECT_LT(grew, 2.0 * int8_bytes);
+        }
     }
+}
+
+TEST(BoundedLoad, RandomSourceIsStreamable) {
+    ModelConfig c = shape_preset("stories15m");
+    c.n_layers = 2;
+    const RandomSource a(c, 3), b(c, 3), other(c, 4);
+    for (const std::string& name : {std::string("token_embd.weight"), proj_tensor_name(1, Proj::w2)}) {
+        const std::vector<float> whole = a.read(name);
+        EXPECT_EQ(whole, b.read(name)) << name;  // a function of the seed alone
+        EXPECT_NE(whole, other.read(name)) << name;
+        for (const float x : whole) ASSERT_TRUE(x >= -0.05f && x < 0.05f) << name;
+        // rows in any order and any pieces: the same values
+        const int64_t rows = a.tensor_rows(name), cols = a.tensor_cols(name);
+        std::vector<float> pieces(whole.size());
+        for (int64_t r0 = rows; r0 > 0;) {
+            const int64_t n = std::min<int64_t>(r0, 37);
+            r0 -= n;
+            a.read_rows(name, r0, n, pieces.data() + r0 * cols);
+        }
+        EXPECT_EQ(pieces, whole) << name;
+    }
+    EXPECT_NE(a.read(proj_tensor_name(0, Proj::q)), a.read(proj_tensor_name(1, Proj::q)));  // one stream per tensor
+    for (const float x : a.read("blk.1.ffn_norm.weight")) EXPECT_EQ(x, 1.0f);
+    EXPECT_TRUE(a.tied());
+    EXPECT_FALSE(RandomSource(c, 3, true).tied());
+}
+
+TEST(BoundedLoad, SevenBillionShapes) {
+    const ModelConfig l2 = shape_preset("llama2-7b");
+    EXPECT_EQ(l2.dim, 4096);
+    EXPECT_EQ(l2.n_layers, 32);
+    EXPECT_EQ(l2.n_kv_heads, 32);
+    EXPECT_EQ(l2.hidden_dim, 11008);
+    EXPECT_EQ(l2.vocab_size, 32000);
+    EXPECT_EQ(l2.n_params(true), uint64_t(6607343616));  // Llama 2 7B: 6.74 billion with its untied classifier
+    const ModelConfig l3 = shape_preset("llama3-8b");
+    EXPECT_EQ(l3.n_kv_heads, 8);
+    EXPECT_EQ(l3.hidden_dim, 14336);
+    EXPECT_EQ(l3.vocab_size, 128256);
+    EXPECT_EQ(l3.rope_theta, 500000.0f);
+    ASSERT_EQ(l3.rope_freq_factors.size(), 64u);
+    EXPECT_EQ(l3.rope_freq_factors.front(), 1.0f);  // high frequencies unscaled
+    EXPECT_EQ(l3.rope_freq_factors.back(), 8.0f);   // low frequencies divided by the factor
+    EXPECT_EQ(l3.n_params(false), uint64_t(8030261248));  // Llama 3.1 8B
+}
+
+TEST(BoundedLoad, StreamingWriterWritesTheDenseFile) {
+    // convert --random-shape writes from the source a block of rows at a time: the same bytes as writing the whole
+    // model from memory, in every output type.
+    ModelConfig c = shape_preset("stories260k");
+    const RandomSource src(c, 11, true);
+    const ModelWeights dense = materialize(src);
+    Vocab v;
+    v.pieces.resize(size_t(c.vocab_size));
+    for (size_t i = 0; i < v.pieces.size(); ++i) v.pieces[i] = "<t" + std::to_string(i) + ">";
+    for (const GgufWeightType t : {GgufWeightType::f32, GgufWeightType::f16, GgufWeightType::q8_0}) {
+        const std::string a = test::scratch_dir() + "/stream-a.gguf", b = test::scratch_dir() + "/stream-b.gguf";
+        const auto notes_a = write_gguf_model(a, src, v, t, "s");
+        const auto notes_b = write_gguf_model(b, dense, v, t, "s");
+        EXPECT_EQ(notes_a, notes_b);
+        EXPECT_EQ(test::read_file(a), test::read_file(b)) << gguf_weight_type_name(t);
+        if (t == GgufWeightType::f32) {
+            const gguf::Reader r = gguf::Reader::open(a);
+            EXPECT_EQ(GgufSource(r).read(proj_tensor_name(4, Proj::w2)), src.read(proj_tensor_name(4, Proj::w2)));
+        }
+    }
+}
+
+TEST(BoundedLoad, TheCorePacksAProjectionOnceAndRefusesItAgain) {
+    // The trusted core packs a projection (and derives its Freivalds key) as soon as its upload completes; a later
+    // chunk of it, even an empty one at its end, would re-pack whatever it held then: refused.
+    si_enclave* e = nullptr;
+    ASSERT_EQ(si_ecall_create(nullptr, &e), 0);
+    std::vector<uint8_t> buf(1 << 16);
+    std::string err;
+    auto call = [&](const std::vector<uint8_t>& req) {
+        size_t len = 0;
+        const int rc = si_ecall_process(e, req.data(), req.size(), buf.data(), buf.size(), &len);
+        err = rc != 0 ? reinterpret_cast<const char*>(buf.data()) : "";
+        return rc;
+    };
+    ModelConfig c = shape_preset("stories260k");
+    wire::Encoder conf(wire::MsgType::configure);
+    conf.add(wire::Tag::cfg_ints, std::vector<int32_t>{c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads,
+                                                      c.vocab_size, c.seq_len, 16});
+    conf.add(wire::Tag::cfg_floats, std::vector<float>{c.rope_theta, c.norm_eps});
+    conf.scalar<uint8_t>(wire::Tag::offload, 1);
+    conf.scalar<uint8_t>(wire::Tag::tied, 1);
+    ASSERT_EQ(call(conf.finish()), 0) << err;
+    const uint64_t n = uint64_t(c.dim) * uint64_t(c.dim);  // blk.0.attn_q
+    auto upload = [&](uint64_t offset, size_t count) {
+        wire::Encoder up(wire::MsgType::upload);
+        up.scalar<uint32_t>(wire::Tag::kind, uint32_t(wire::TensorKind::proj_weight));
+        up.scalar<int32_t>(wire::Tag::layer, 0);
+        up.scalar<int32_t>(wire::Tag::proj, int32_t(Proj::q));
+        up.scalar<uint64_t>(wire::Tag::offset, offset);
+        up.scalar<uint64_t>(wire::Tag::total, n);
+        up.add(wire::Tag::data_i8, std::vector<int8_t>(count, 3));
+        if (offset == 0) up.scalar<uint8_t>(wire::Tag::secret, 0);
+        return call(up.finish());
+    };
+    EXPECT_EQ(upload(0, size_t(n / 2)), 0) << err;
+    EXPECT_EQ(upload(n / 2, size_t(n - n / 2)), 0) << err;
+    EXPECT_EQ(upload(n, 0), int(Status::invalid_argument));
+    EXPECT_NE(err.find("blk.0.attn_q.weight: sent twice"), std::string::npos) << err;
+    EXPECT_EQ(upload(0, size_t(n)), int(Status::invalid_argument));
+    EXPECT_NE(err.find("sent twice"), std::string::npos) << err;
+    si_ecall_destroy(e);
 }

@@ -334,7 +334,7 @@ int context_init(si_model* model, const si_context_params* params, int n_slots, 
                 si::train::merge_lora(merged, *model->lora, model->lora_scale);
                 c->engine = std::make_unique<si::Engine>(merged, ep);
             } else {
-                c->engine = std::make_unique<si::Engine>(*si::source_for(model->file), ep, model->file.gguf.get());
+                c->engine = std::make_unique<si::Engine>(si::source_for(model->file), ep, model->file.gguf.get());
             }
             c->isolation = "none (plaintext engine)";
         } else {

@@ -226,7 +226,7 @@ Runner add_bench(CLI::App& app) {
                     p.n_ctx = n_ctx;
                     p.weights = f == "int8" ? WeightFormat::int8 : f == "native" ? WeightFormat::native : WeightFormat::f32;
                     const auto t0 = std::chrono::steady_clock::now();
-                    runs.push_back({"plain " + f, "", SecureMode::secureinfer, std::make_unique<Engine>(*src, p, file.get()), nullptr,
+                    runs.push_back({"plain " + f, "", SecureMode::secureinfer, std::make_unique<Engine>(src, p, file.get()), nullptr,
                                     {}, {}, {}, false, {}});
                     runs.back().load_s = seconds_since(t0);
                 }

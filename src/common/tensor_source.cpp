@@ -77,8 +77,13 @@ void TensorSource::read_rows(const std::string& name, int64_t row0, int64_t n, f
 std::vector<float> TensorSource::read(const std::string& name) const {
     const ProjShape s = shape_of(config(), parse(config(), tied(), name));
     std::vector<float> out(size_t(s.rows * s.cols));
-    read_rows(name, 0, s.rows, out.data());
+    read(name, out.data());
     return out;
+}
+
+void TensorSource::read(const std::string& name, float* out) const {
+    read_rows(name, 0, tensor_rows(name), out);
+    release(name);  // the caller has its copy
 }
 
 std::vector<std::string> model_tensor_names(const ModelConfig& cfg, bool tied) {

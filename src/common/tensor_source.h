@@ -26,11 +26,14 @@ public:
     // Rows [row0, row0 + n) of tensor `name` in f32 into out[n * cols]. Throws si::Error(invalid_argument) for a
     // name outside the model or rows out of range.
     void read_rows(const std::string& name, int64_t row0, int64_t n, float* out) const;
-    // The whole tensor.
+    // The whole tensor (then release()d: the caller has its copy).
     std::vector<float> read(const std::string& name) const;
-    void read(const std::string& name, float* out) const { read_rows(name, 0, tensor_rows(name), out); }
+    void read(const std::string& name, float* out) const;
     int64_t tensor_rows(const std::string& name) const;
     int64_t tensor_cols(const std::string& name) const;
+    // A hint that a consumer is done with a tensor for now: a memory-mapped file gives its pages back. Reading it
+    // again still works.
+    virtual void release(const std::string& name) const { (void)name; }
     // The classifier's name: "output.weight", or "token_embd.weight" when tied.
     std::string classifier_name() const { return tied() ? "token_embd.weight" : "output.weight"; }
     // f32 elements handed out so far (what a consumer materialised, summed over its temporaries).

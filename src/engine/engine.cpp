@@ -1,12 +1,7 @@
 #include "engine/engine.h"
 
-#include <sys/mman.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cmath>
-#include <fstream>
-#include <sstream>
 #include <string>
 
 #include "common/error.h"
@@ -108,37 +103,6 @@ void native_forward(ThreadPool* pool, const Linear& W, const float* X, int64_t T
     });
 }
 
-// Whether [p, p + n) lies in one mapping of a file (not anonymous or heap memory), from /proc/self/maps.
-bool in_file_mapping(const void* p, size_t n) {
-    std::ifstream maps("/proc/self/maps");
-    std::string line;
-    const uintptr_t a = uintptr_t(p), b = a + n;
-    while (std::getline(maps, line)) {
-        // "start-end perms offset dev inode [path]"
-        std::istringstream in(line);
-        std::string range, perms, offset, dev;
-        uint64_t inode = 0;
-        if (!(in >> range >> perms >> offset >> dev >> inode)) continue;
-        const size_t dash = range.find('-');
-        if (dash == std::string::npos) continue;
-        const uintptr_t lo = uintptr_t(std::stoull(range.substr(0, dash), nullptr, 16));
-        const uintptr_t hi = uintptr_t(std::stoull(range.substr(dash + 1), nullptr, 16));
-        if (a >= lo && b <= hi) return inode != 0 && perms.size() >= 4 && perms[1] == '-' && perms[3] == 'p';
-    }
-    return false;
-}
-
-// The pages of a tensor the engine has copied (interleaved) and will not read again, when they are a read-only
-// private mapping of the model file: unmapped from this process (MADV_DONTNEED on such a mapping re-reads the file if
-// anything touches them again, and the page cache keeps them for the next run), so that they stop counting in its
-// resident memory. Anything else (a reader's copy in memory) is left alone.
-void release_file_pages(const uint8_t* data, size_t bytes) {
-    const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
-    const uintptr_t begin = (uintptr_t(data) + page - 1) / page * page, end = (uintptr_t(data) + bytes) / page * page;
-    if (end > begin && in_file_mapping(data, bytes))
-        madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);  // a hint: errors ignored
-}
-
 // A native matrix from stacked tensors of the file (or, without the file or for a format without a native kernel,
 // from the f32 weights re-quantised to Q8_0). Falls back to int8 when a part cannot be stored natively (a row
 // length that is not a multiple of 32).
@@ -169,6 +133,7 @@ Linear make_native(const gguf::Reader* file, const TensorSource& src, std::initi
                     qdot::quantize_row_q8_0_weights(rows_f32.data() + r * cols, cols,
                                                     p.owned.data() + size_t(r0 + r) * p.row_bytes);
             }
+            src.release(name);
             p.data = p.owned.data();
         } else {
             std::vector<float> all;
@@ -180,7 +145,9 @@ Linear make_native(const gguf::Reader* file, const TensorSource& src, std::initi
         }
         if (qdot::has_packed(qdot::WType(p.type))) {
             p.packed = qdot::Packed(qdot::WType(p.type), p.data, p.rows, cols, p.row_bytes);
-            if (p.owned.empty()) release_file_pages(p.data, size_t(p.rows) * p.row_bytes);
+            // the file's pages of the matrix, now copied, leave the resident set (Reader::release: only for a
+            // mapped file, whose page cache keeps them)
+            if (p.owned.empty()) file->release(*t);
             p.data = nullptr;
             p.owned = {};
         }
@@ -233,6 +200,18 @@ Engine::Engine(const ModelWeights& w, const EngineParams& params, const gguf::Re
 
 Engine::Engine(const TensorSource& src, const EngineParams& params, const gguf::Reader* file)
     : cfg_(src.config()), params_(params) {
+    init(src, file, true);
+}
+
+Engine::Engine(std::shared_ptr<const TensorSource> src, const EngineParams& params, const gguf::Reader* file)
+    : cfg_(src ? src->config() : ModelConfig{}), params_(params) {
+    if (!src) fail(Status::invalid_argument, "no model source");
+    embedding_rows_ = src;
+    init(*src, file, false);
+}
+
+void Engine::init(const TensorSource& src, const gguf::Reader* file, bool embedding_table) {
+    const EngineParams& params = params_;
     cfg_.validate("model");
     n_ctx_ = params.n_ctx > 0 ? std::min(params.n_ctx, cfg_.seq_len) : cfg_.seq_len;
     if (params_.n_batch <= 0) fail(Status::invalid_argument, "batch size must be positive");
@@ -240,7 +219,7 @@ Engine::Engine(const TensorSource& src, const EngineParams& params, const gguf::
 
     const int64_t d = cfg_.dim, h = cfg_.hidden_dim, kv = cfg_.kv_dim();
     const WeightFormat f = params.weights;
-    tok_embeddings_ = src.read("token_embd.weight");
+    if (embedding_table) tok_embeddings_ = src.read("token_embd.weight");
     final_norm_ = src.read("output_norm.weight");
     for (int l = 0; l < cfg_.n_layers; ++l) {
         auto name = [&](Proj p) { return proj_tensor_name(l, p); };
@@ -263,7 +242,8 @@ Engine::Engine(const TensorSource& src, const EngineParams& params, const gguf::
     if (f == WeightFormat::native)
         classifier_ = make_native(file, src, {src.classifier_name()}, d);
     else
-        classifier_ = Linear::make(src.tied() ? tok_embeddings_ : src.read("output.weight"), cfg_.vocab_size, d, f);
+        classifier_ = Linear::make(src.tied() && embedding_table ? tok_embeddings_ : src.read(src.classifier_name()),
+                                   cfg_.vocab_size, d, f);
     key_cache_.assign(size_t(cfg_.n_layers) * n_ctx_ * kv, 0.0f);
     value_cache_.assign(size_t(cfg_.n_layers) * n_ctx_ * kv, 0.0f);
 }
@@ -321,7 +301,12 @@ void Engine::eval_batch(const int32_t* tokens, int T, bool all_logits, float* lo
     float* x = x_.data();
 
     // token embeddings -> x [T][dim]
-    for (int t = 0; t < T; ++t) std::copy_n(&tok_embeddings_[size_t(tokens[t]) * d], d, x + size_t(t) * d);
+    for (int t = 0; t < T; ++t) {
+        if (embedding_rows_)
+            embedding_rows_->read_rows("token_embd.weight", tokens[t], 1, x + size_t(t) * d);
+        else
+            std::copy_n(&tok_embeddings_[size_t(tokens[t]) * d], d, x + size_t(t) * d);
+    }
 
     for (int l = 0; l < cfg_.n_layers; ++l) {
         const Layer& L = layers_[size_t(l)];

@@ -73,6 +73,9 @@ public:
     // the engine's format, no f32 copy of the model kept beyond what that format is (f32 weights, the embeddings);
     // native reads `file`'s blocks in place and reads f32 only for matrices it re-quantises.
     Engine(const TensorSource& source, const EngineParams& params, const gguf::Reader* file = nullptr);
+    // The same, and no embedding table either: each token's row is read from the source (a memory-mapped file's
+    // pages, generated weights), which the engine holds.
+    Engine(std::shared_ptr<const TensorSource> source, const EngineParams& params, const gguf::Reader* file = nullptr);
     ~Engine();
 
     const ModelConfig& config() const { return cfg_; }
@@ -95,6 +98,7 @@ private:
         Linear w13;   // [2 hidden][dim]: gate (w1) and up (w3) stacked
         Linear w2;
     };
+    void init(const TensorSource& src, const gguf::Reader* file, bool embedding_table);
     void eval_batch(const int32_t* tokens, int T, bool all_logits, float* logits);
     void ensure_scratch(int T);
 
@@ -104,6 +108,7 @@ private:
     int pos_ = 0;
     std::unique_ptr<ThreadPool> pool_;
     std::vector<float> tok_embeddings_, final_norm_;
+    std::shared_ptr<const TensorSource> embedding_rows_;  // instead of tok_embeddings_ when set
     std::vector<Layer> layers_;
     Linear classifier_;
     std::vector<float> key_cache_, value_cache_;  // [layer][n_ctx][kv_dim]

@@ -869,6 +869,16 @@ std::vector<float> Reader::to_f32(const TensorInfo& t) const {
     return out;
 }
 
+void Reader::release(const TensorInfo& t) const {
+    if (!storage_ || !storage_->map) return;
+    const std::span<const uint8_t> bytes = tensor_data(t);
+    // whole pages inside the tensor only: its neighbours keep theirs
+    const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(bytes.data()) + page - 1) / page * page;
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(bytes.data() + bytes.size())) / page * page;
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), size_t(end - begin), MADV_DONTNEED);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Writer
 

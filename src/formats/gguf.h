@@ -213,6 +213,9 @@ public:
     std::span<const uint8_t> tensor_data(const TensorInfo& t) const;
     // Dequantised copy (any can_dequantize() type; Status::unsupported naming the tensor for other types).
     std::vector<float> to_f32(const TensorInfo& t) const;
+    // A memory-mapped file: gives the tensor's pages back (they leave this process's resident set and are read
+    // from the page cache again if touched). A copy in memory (from_memory) is left alone.
+    void release(const TensorInfo& t) const;
 
 private:
     struct Storage;

@@ -151,6 +151,10 @@ void GgufSource::do_read_rows(const std::string& name, int64_t row0, int64_t n, 
     gguf::decode(t.type, bytes.data() + uint64_t(row0) * row_bytes, size_t(uint64_t(n) * t.ne[0]), out);
 }
 
+void GgufSource::release(const std::string& name) const {
+    if (const gguf::TensorInfo* t = r_->find_tensor(name)) r_->release(*t);
+}
+
 ModelWeights load_gguf_model(const gguf::Reader& r) {
     ModelWeights w = materialize(GgufSource(r));
     w.validate(r.name());
@@ -307,12 +311,14 @@ std::vector<std::string> write_gguf_model(const std::string& path, const TensorS
         const uint64_t ne[2] = {cols, rows};
         g.add_tensor_deferred(tname, ne, t, [&src, tname](uint64_t r0, uint64_t k, float* out) {
             src.read_rows(tname, int64_t(r0), int64_t(k), out);
+            if (int64_t(r0 + k) == src.tensor_rows(tname)) src.release(tname);
         });
     };
     auto vec = [&](const std::string& tname) {
         const uint64_t ne[1] = {uint64_t(c.dim)};
         g.add_tensor_deferred(tname, ne, TensorType::F32, [&src, tname](uint64_t r0, uint64_t k, float* out) {
             src.read_rows(tname, int64_t(r0), int64_t(k), out);
+            if (int64_t(r0 + k) == src.tensor_rows(tname)) src.release(tname);
         });
     };
     const uint64_t d = c.dim, h = c.hidden_dim, kv = c.kv_dim(), v = c.vocab_size;

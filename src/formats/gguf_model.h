@@ -42,6 +42,7 @@ public:
     const ModelConfig& config() const override { return cfg_; }
     bool tied() const override { return tied_; }
     const gguf::Reader& reader() const { return *r_; }
+    void release(const std::string& name) const override;
 
 protected:
     void do_read_rows(const std::string& name, int64_t row0, int64_t n, float* out) const override;

@@ -309,6 +309,7 @@ void SecureSession::stream_projections(const TensorSource& src, int layer, Sessi
                 src.read_rows(name, r0, n, rows_f32.data());
                 quantize_rows_i8(rows_f32.data(), n, hp.cols, q + r0 * hp.cols, hp.scale.data() + r0, nullptr);
             }
+            src.release(name);
             if (to_enclave && enclave_needs && enclave_needs(p)) to_enclave(p, q, hp);
             if (!off) continue;
             sw.projs.push_back(uint8_t(p));
@@ -367,7 +368,10 @@ void SecureSession::load_gpu(const TensorSource& src, std::shared_ptr<const Tens
             std::copy(t.a.begin(), t.a.end(), u.a.begin());
             std::copy(t.b.begin(), t.b.end(), u.b.begin());
         }
-    for (int l = 0; l <= cfg_.n_layers; ++l) stream_projections(src, l, load_, nullptr, nullptr);
+    // The classifier first: its transient copies (the largest matrix, on its way to the accelerator) then come
+    // before the layers' weights are resident, not on top of them.
+    stream_projections(src, cfg_.n_layers, load_, nullptr, nullptr);
+    for (int l = 0; l < cfg_.n_layers; ++l) stream_projections(src, l, load_, nullptr, nullptr);
     gpu_->caches = std::vector<KvCache>(size_t(params_.slots));
     gpu_->sampler_params.assign(size_t(params_.slots), SamplerParams{0.0f, 0, 1.0f, 0});
     for (const SamplerParams& sp : gpu_->sampler_params) gpu_->samplers.push_back(std::make_unique<Sampler>(sp));
@@ -707,11 +711,25 @@ void SecureSession::load_enclave(const TensorSource& src) {
             e.add(Tag::data_f32, std::span<const float>(buf.data() + (off - size_t(r0 * cols)), cnt));
             call(e.finish(), load_);
         }
+        src.release(name);
     };
     if (!package_secret(uint32_t(TensorKind::tok_embeddings), 0, 0))
         upload_f32(TensorKind::tok_embeddings, 0, "token_embd.weight");
     if (!package_secret(uint32_t(TensorKind::final_norm), 0, 0))
         upload_f32(TensorKind::final_norm, 0, "output_norm.weight");
+    // The classifier first, as in gpu-only (its transient copies before the layers' weights are resident). (A
+    // secret classifier, or a secret tied embedding, reaches the core only encrypted.)
+    const bool classifier_public = !package_secret(uint32_t(TensorKind::classifier), 0, 0) &&
+                                   !(cfg_tied_ && package_secret(uint32_t(TensorKind::tok_embeddings), 0, 0));
+    stream_projections(
+        src, cfg_.n_layers, load_,
+        [&](Proj, const int8_t* q, const HostProj& hp) {
+            const uint8_t secret = classifier_secret() ? 1 : 0;
+            upload(TensorKind::classifier_i8, 0, 0, q, size_t(hp.rows * hp.cols), true,
+                   [&](Encoder& e) { e.scalar<uint8_t>(Tag::secret, secret); });
+            upload(TensorKind::classifier_scale, 0, 0, hp.scale.data(), hp.scale.size(), false, nullptr);
+        },
+        [&](Proj) { return classifier_public; });
     // Layer by layer, each projection quantised once, sent to the core and (offloaded ones) to the accelerator.
     for (int l = 0; l < cfg_.n_layers; ++l) {
         if (!package_secret(uint32_t(TensorKind::attn_norm), l, 0))
@@ -729,18 +747,6 @@ void SecureSession::load_enclave(const TensorSource& src) {
             [&](Proj p) { return !package_secret(uint32_t(TensorKind::proj_weight), l, int(p)); });
         if (params_.load_progress) params_.load_progress(l + 1, cfg_.n_layers + 1);
     }
-    // (a secret classifier, or a secret tied embedding, reaches the core only encrypted)
-    const bool classifier_public = !package_secret(uint32_t(TensorKind::classifier), 0, 0) &&
-                                   !(cfg_tied_ && package_secret(uint32_t(TensorKind::tok_embeddings), 0, 0));
-    stream_projections(
-        src, cfg_.n_layers, load_,
-        [&](Proj, const int8_t* q, const HostProj& hp) {
-            const uint8_t secret = classifier_secret() ? 1 : 0;
-            upload(TensorKind::classifier_i8, 0, 0, q, size_t(hp.rows * hp.cols), true,
-                   [&](Encoder& e) { e.scalar<uint8_t>(Tag::secret, secret); });
-            upload(TensorKind::classifier_scale, 0, 0, hp.scale.data(), hp.scale.size(), false, nullptr);
-        },
-        [&](Proj) { return classifier_public; });
     if (params_.lora)
         for (const auto& t : params_.lora->tensors) {
             const float scale = params_.lora->tensor_scale(t, params_.lora_scale);

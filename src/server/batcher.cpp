@@ -237,6 +237,7 @@ void Batcher::fail_active(int rc, const std::string& msg) {
     }
     active_.clear();
     precomputed_ = 0;
+    precompute_refused_ = false;  // the new context may precompute again
     if (!ok) dead_ = true;
     cv_.notify_all();
 }
