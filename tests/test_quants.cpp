@@ -427,6 +427,29 @@ TEST(QuantModel, NativeLogitsCloseToDequantisedF32) {
     }
 }
 
+// The native engine hands the file's pages of the matrices it interleaved back to the kernel after packing them, and
+// only for a read-only mapping of the file: a second engine on the same mapped file, and one on an in-memory copy of
+// the file, compute exactly the first engine's logits.
+TEST(QuantModel, NativeEnginesOnTheSameFileAgree) {
+    const ModelFile mf = load_model_file(kQ4KM);
+    EngineParams p;
+    p.n_threads = 2;
+    p.weights = WeightFormat::native;
+    const std::vector<int32_t> tokens = {1, 403, 261, 285, 300, 94, 7, 500};
+    const size_t n = tokens.size() * size_t(mf.weights.cfg.vocab_size);
+    auto logits = [&](const gguf::Reader* r) {
+        Engine e(mf.weights, p, r);
+        const float* l = e.eval(tokens, true);
+        return std::vector<float>(l, l + n);
+    };
+    const std::vector<float> first = logits(mf.gguf.get());
+    EXPECT_EQ(logits(mf.gguf.get()), first);
+    const std::string bytes = test::read_file(kQ4KM);
+    const gguf::Reader copy = gguf::Reader::from_memory(bytes, "copy");
+    EXPECT_EQ(logits(&copy), first);
+    EXPECT_EQ(logits(&copy), first);
+}
+
 TEST(QuantModel, NativeEngineReproducesLlamaCpp) {
     const std::string want = trim(test::read_file(kQ4KM.substr(0, kQ4KM.size() - 5) + ".llamacpp.txt"));
     const auto r = test::run_cli({"run", "-m", kQ4KM, "-n", "32", "--temp", "0", "-t", "2", "--mode", "plain", "--weights", "native"});

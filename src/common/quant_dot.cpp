@@ -62,6 +62,8 @@ inline void k4_scales(const uint8_t* q, uint8_t sc[8], uint8_t m[8]) {
 // The scalar activation quantisers (ref::quantize_*, below with the other references) are what these compute.
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
+// GCC 12 reports the undefined source vectors inside the AVX-512 intrinsics as maybe-uninitialized.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // 32 or 256 values of one block: amax, then q = round-to-nearest-even(clamp(x * id)) as lrint in the default rounding
 // mode; the same operations as the scalar loops below, so the same bytes.
 namespace {

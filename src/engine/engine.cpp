@@ -145,6 +145,9 @@ Linear make_native(const gguf::Reader* file, const TensorSource& src, std::initi
         }
         if (qdot::has_packed(qdot::WType(p.type))) {
             p.packed = qdot::Packed(qdot::WType(p.type), p.data, p.rows, cols, p.row_bytes);
+            // the file's pages of the matrix, now copied, leave the resident set (Reader::release: only for a
+            // mapped file, whose page cache keeps them)
+            if (p.owned.empty()) file->release(*t);
             p.data = nullptr;
             p.owned = {};
             src.release(name);  // the blocks are copied: the file's pages can go
