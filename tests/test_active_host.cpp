@@ -111,14 +111,14 @@ TEST(ActiveHost, EveryAlteredPublicTensorIsRefused) {
     };
     for (const auto& a : alterations) {
         SCOPED_TRACE(a.tensor);
-        ModelWeights w = pk.package->model().weights;
+        ModelWeights w = materialize(*pk.package->model().source);
         a.apply(w);
         expect_error_with([&] { SecureSession s(w, params(pk, device)); }, Status::integrity,
                      {"upload " + a.tensor + ":", "differs from the one the package's owner bound",
                       "the session is stopped"});
     }
     // the control: the owner's own weights load and run
-    SecureSession s(pk.package->model().weights, params(pk, device));
+    SecureSession s(pk.package->model().source, params(pk, device));
     EXPECT_EQ(sample(s, {1}, 4, SamplerParams{0.0f, 0, 1.0f, 0}).size(), 4u);
 }
 
@@ -148,7 +148,7 @@ TEST(ActiveHost, EveryAlteredConfigurationIsRefused) {
     };
     for (const auto& a : alterations) {
         SCOPED_TRACE(a.field);
-        ModelWeights w = pk.package->model().weights;
+        ModelWeights w = materialize(*pk.package->model().source);
         a.apply(w);
         expect_error_with([&] { SecureSession s(w, params(pk, device)); }, Status::integrity,
                      {"the model configuration the host sent differs from the package's: " + a.field});
@@ -183,13 +183,13 @@ TEST(ActiveHost, AlteredRopeFactorsAreRefused) {
     };
     for (const auto& a : alterations) {
         SCOPED_TRACE(a.what);
-        ModelWeights w = pk.package->model().weights;
+        ModelWeights w = materialize(*pk.package->model().source);
         a.apply(w);
         expect_error_with([&] { SecureSession s(w, params(pk, device)); }, Status::integrity,
                           {"the model configuration the host sent differs from the package's: " + a.what,
                            "the session is stopped"});
     }
-    SecureSession s(pk.package->model().weights, params(pk, device));
+    SecureSession s(pk.package->model().source, params(pk, device));
     EXPECT_EQ(sample(s, {1}, 4, SamplerParams{0.0f, 0, 1.0f, 0}).size(), 4u);
 }
 
@@ -208,7 +208,7 @@ TEST(ActiveHost, ChosenSeedsNoLongerPredictDraws) {
     cp.n_threads = 2;
     cp.lora = &adapter;
     cp.logprobs = 2;
-    SecureSession control(pk.package->model().weights, cp);
+    SecureSession control(pk.package->model().source, cp);
     std::vector<int32_t> prompt = {1}, best_prompt;
     float best_second = 0.0f, gap = 0.0f;
     int32_t top = 0, second = 0;
@@ -245,7 +245,7 @@ TEST(ActiveHost, ChosenSeedsNoLongerPredictDraws) {
         return agree;
     };
     EXPECT_EQ(agreement(control), kSeeds) << "the control: host-chosen seeds predict every draw";
-    SecureSession packed(pk.package->model().weights, params(pk, pk.dir + "/device"));
+    SecureSession packed(pk.package->model().source, params(pk, pk.dir + "/device"));
     // Independent draws agree with the prediction with probability p1^2 + p2^2 each: all 40 by chance < 1e-5.
     const int agree = agreement(packed);
     EXPECT_LT(agree, kSeeds) << "the package's draws still follow the host's seeds";
@@ -262,16 +262,16 @@ TEST(ActiveHost, ClientSeedReproducesOnTheSameDeviceOnly) {
     const std::vector<int32_t> prompt = {1};
     std::vector<int32_t> first, again, other;
     {
-        SecureSession s(pk.package->model().weights, params(pk, pk.dir + "/device-a"));
+        SecureSession s(pk.package->model().source, params(pk, pk.dir + "/device-a"));
         first = sample(s, prompt, 32, sp);
         again = sample(s, prompt, 32, sp);
     }
     {
-        SecureSession s(pk.package->model().weights, params(pk, pk.dir + "/device-a"));
+        SecureSession s(pk.package->model().source, params(pk, pk.dir + "/device-a"));
         EXPECT_EQ(sample(s, prompt, 32, sp), first) << "a new session on the same device";
     }
     {
-        SecureSession s(pk.package->model().weights, params(pk, pk.dir + "/device-b"));
+        SecureSession s(pk.package->model().source, params(pk, pk.dir + "/device-b"));
         other = sample(s, prompt, 32, sp);
     }
     EXPECT_EQ(first, again);
@@ -289,7 +289,7 @@ TEST(ActiveHost, SamplerSettingsOutsideTheOwnersPolicyAreRefused) {
         o.release_logprobs = 2;
     });
     const std::string device = pk.dir + "/device";
-    SecureSession s(pk.package->model().weights, params(pk, device));
+    SecureSession s(pk.package->model().source, params(pk, device));
     const std::vector<int32_t> prompt = {1};
     auto refused = [&](const SamplerParams& sp, const std::string& why) {
         expect_error_with([&] { s.set_sampler(sp); }, Status::invalid_argument, {"the package's owner does not allow " + why});
@@ -306,10 +306,10 @@ TEST(ActiveHost, SamplerSettingsOutsideTheOwnersPolicyAreRefused) {
     auto lp = params(pk, device);
     lp.logprobs = 2;
     lp.logprob_noise = 0.01f;
-    expect_error_with([&] { SecureSession t(pk.package->model().weights, lp); }, Status::invalid_argument,
+    expect_error_with([&] { SecureSession t(pk.package->model().source, lp); }, Status::invalid_argument,
                  {"log-probabilities with noise below 0.1"});
     lp.logprob_noise = 0.1f;
-    SecureSession t(pk.package->model().weights, lp);
+    SecureSession t(pk.package->model().source, lp);
     std::vector<TokenLogprob> out;
     t.set_sampler(SamplerParams{0.0f, 0, 1.0f, 0});
     t.eval_sample(prompt, &out);

@@ -22,8 +22,10 @@
 #include "formats/gguf.h"
 #include "formats/gguf_model.h"
 #include "formats/model_file.h"
+#include "host/package.h"
 #include "host/secure_session.h"
 #include "testutil.h"
+#include "train/lora.h"
 
 using namespace si;
 
@@ -356,4 +358,63 @@ TEST(BoundedLoad, TheCorePacksAProjectionOnceAndRefusesItAgain) {
     EXPECT_EQ(upload(0, size_t(n)), int(Status::invalid_argument));
     EXPECT_NE(err.find("sent twice"), std::string::npos) << err;
     si_ecall_destroy(e);
+}
+
+// A protected package's public model is read in place, one tensor at a time, like a plain file: nothing dense is
+// built when it is opened, its secret base tensors read as zeros without being stored, and a session loading it
+// through its source gives the tokens of the unpacked model and adapter.
+TEST(BoundedLoad, PackageLoadsItsPublicModelThroughItsSource) {
+    const std::string model = test::shared("models/stories260K.bin"), tok = test::shared("models/tok512.bin");
+    const std::string dir = test::scratch_dir();
+    const std::string path = dir + "/model.sipkg", key_file = dir + "/owner.key";
+    pkg::Key owner = generate_owner_key();
+    write_owner_key(key_file, owner);
+    PackOptions o;
+    o.base = model;
+    o.tokenizer = tok;
+    o.loras = {test::adapter_path()};
+    o.secret = test::kScrapedSecrets;  // blk.0.attn_q.weight, blk.3.ffn_down.weight
+    write_package(path, o, owner);
+
+    const auto package = Package::open(path);
+    const ModelFile& pm = package->model();
+    const ModelWeights& base = test::stories();
+    ASSERT_TRUE(pm.lazy);
+    ASSERT_NE(pm.source, nullptr);
+    EXPECT_TRUE(pm.weights.layers.empty());
+    EXPECT_TRUE(pm.weights.tok_embeddings.empty());
+    EXPECT_EQ(pm.weights.cfg.dim, base.cfg.dim);
+    EXPECT_EQ(pm.source->tied(), base.tied());
+    EXPECT_EQ(pm.source->f32_elements_read(), 0u);
+    // public tensors as stored, secret placeholders zero
+    EXPECT_EQ(pm.source->read("blk.0.attn_k.weight"), base.layers[0].wk);
+    EXPECT_EQ(pm.source->read("token_embd.weight"), base.tok_embeddings);
+    const std::vector<float> q = pm.source->read("blk.0.attn_q.weight");
+    ASSERT_EQ(q.size(), base.layers[0].wq.size());
+    EXPECT_TRUE(std::all_of(q.begin(), q.end(), [](float x) { return x == 0.0f; }));
+    std::vector<float> row(size_t(pm.source->tensor_cols("blk.3.ffn_down.weight")), 1.0f);
+    pm.source->read_rows("blk.3.ffn_down.weight", 5, 1, row.data());
+    EXPECT_TRUE(std::all_of(row.begin(), row.end(), [](float x) { return x == 0.0f; }));
+
+    // the unpacked model and adapter
+    const train::LoraAdapter adapter = train::read_lora_adapter(test::adapter_path(), base.cfg);
+    SecureSessionParams rp = params(SecureMode::secureinfer);
+    rp.lora = &adapter;
+    SecureSession ref(base, rp);
+    const std::vector<int32_t> want = greedy(ref, kPrompt, 12);
+
+    // the package, its public tensors counted as the session reads them
+    const CountingSource src(*pm.source);
+    SecureSessionParams pp = params(SecureMode::secureinfer);
+    pp.package = package;
+    pp.key.device_dir = dir + "/device";
+    pp.key.owner_key_file = key_file;
+    SecureSession s(src, pp);
+    EXPECT_EQ(greedy(s, kPrompt, 12), want);
+    const ModelConfig& c = base.cfg;
+    const int64_t embd = int64_t(c.vocab_size) * c.dim;
+    // no request larger than one tensor, each tensor read once (the embeddings' upload chunks re-read a row each)
+    EXPECT_LE(src.largest(), std::max<int64_t>(embd, int64_t(c.hidden_dim) * c.dim));
+    EXPECT_GE(src.f32_elements_read(), c.n_params(base.tied()));
+    EXPECT_LE(src.f32_elements_read(), c.n_params(base.tied()) + uint64_t(embd) + 16 * uint64_t(c.dim));
 }

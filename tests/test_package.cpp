@@ -160,7 +160,7 @@ TEST(Package, RootReadingTheWorkerMemoryFindsNoSecretTensor) {
     auto p = package_params(pk, package);
     p.host = EnclaveHostKind::worker;
     p.worker_path = worker_next_to_cli();
-    SecureSession s(package->model().weights, p);
+    SecureSession s(package->model().source, p);
     if (s.isolation().find("memfd_secret") == std::string::npos)
         GTEST_SKIP() << "the worker's secret memory is not memfd_secret here (" << s.isolation()
                      << "); the fallback is readable by root, as reported";
@@ -195,7 +195,7 @@ TEST(Package, SameTokensAsTheUnpackedModelAndAdapter) {
     const auto package = Package::open(pk.path);
     EXPECT_TRUE(package->has_adapter());
     EXPECT_TRUE(package->secret_base_tensors().empty());
-    SecureSession s(package->model().weights, package_params(pk, package));
+    SecureSession s(package->model().source, package_params(pk, package));
     EXPECT_EQ(greedy(s, 24), reference_tokens(24));
     // the public base projections are still offloaded
     EXPECT_EQ(std::count(s.plan().begin(), s.plan().end(), 1), std::ptrdiff_t(s.plan().size()));
@@ -212,7 +212,7 @@ TEST(Package, SecretAllKeepsEveryWeightInTheEnclave) {
                                                          base.layers[0].wq.size() * 4),
                                              std::string(reinterpret_cast<const char*>(base.tok_embeddings.data()),
                                                          1024)}));
-    SecureSession s(package->model().weights, package_params(pk, package));
+    SecureSession s(package->model().source, package_params(pk, package));
     EXPECT_EQ(std::count(s.plan().begin(), s.plan().end(), 1), 0);  // nothing offloaded
     EXPECT_EQ(greedy(s, 16), reference_tokens(16));
 }
@@ -225,12 +225,12 @@ TEST(Package, OwnerPolicyBoundsWhatLeavesBesidesTokens) {
         const Packed pk = make_package();
         const auto package = Package::open(pk.path);
         EXPECT_EQ(package->release(), 0u);
-        SecureSession s(package->model().weights, package_params(pk, package));
+        SecureSession s(package->model().source, package_params(pk, package));
         expect_error([&] { s.eval_nll(tokens, targets); }, Status::security,
                      "the package's owner does not allow log-likelihood evaluation (perplexity)");
         auto p = package_params(pk, package);
         p.logprobs = 1;
-        SecureSession lp(package->model().weights, p);
+        SecureSession lp(package->model().source, p);
         lp.set_sampler(SamplerParams{0.0f, 0, 1.0f, 0});
         expect_error([&] { lp.eval_sample(std::vector<int32_t>{1}); }, Status::security,
                      "the package's owner allows at most 0 log-probabilities per token; 1 were asked");
@@ -240,7 +240,7 @@ TEST(Package, OwnerPolicyBoundsWhatLeavesBesidesTokens) {
     EXPECT_EQ(package->release(), 5u | pkg::kReleaseNll);
     auto p = package_params(pk, package);
     p.logprobs = 5;
-    SecureSession s(package->model().weights, p);
+    SecureSession s(package->model().source, p);
     const auto [nll, n] = s.eval_nll(tokens, targets);
     EXPECT_EQ(n, targets.size());
     EXPECT_GT(nll, 0.0);
@@ -256,7 +256,7 @@ TEST(Package, OwnerPolicyBoundsWhatLeavesBesidesTokens) {
 TEST(Package, NamedSecretTensorStaysInside) {
     const Packed pk = make_package("blk.0.attn_q.weight,output_norm.weight");
     const auto package = Package::open(pk.path);
-    SecureSession s(package->model().weights, package_params(pk, package));
+    SecureSession s(package->model().source, package_params(pk, package));
     EXPECT_EQ(s.plan()[0], 0);  // blk.0.attn_q
     EXPECT_EQ(s.plan()[1], 1);
     EXPECT_EQ(greedy(s, 16), reference_tokens(16));
@@ -276,7 +276,7 @@ TEST(Package, WrongKeyIsRefusedBeforeAnythingIsDecrypted) {
     other.key_file = pk.dir + "/other.key";
     write_owner_key(other.key_file, generate_owner_key());
     const auto package = Package::open(pk.path);
-    expect_error([&] { SecureSession s(package->model().weights, package_params(other, package)); },
+    expect_error([&] { SecureSession s(package->model().source, package_params(other, package)); },
                  Status::integrity, "package manifest failed authentication: the model key is wrong");
 }
 
@@ -297,7 +297,7 @@ TEST(Package, FlippedCiphertextOrTagIsCaughtByTheHostAndByTheEnclave) {
                      "secret tensor " + name + ": its ciphertext does not match its sha256");
         // Without the host's check, the trusted core's own authentication refuses the chunk.
         const auto unchecked = Package::open(copy, false);
-        expect_error([&] { SecureSession s(unchecked->model().weights, package_params(pk, unchecked)); },
+        expect_error([&] { SecureSession s(unchecked->model().source, package_params(pk, unchecked)); },
                      Status::integrity, "secret tensor " + name + " chunk 0 failed authentication");
     }
 }
@@ -309,7 +309,7 @@ TEST(Package, FlippedManifestFieldIsRefused) {
     ASSERT_NE(name_at, std::string::npos);
     flip_byte(pk.path, name_at + 1);  // "Stories260K": still a valid manifest for the host
     const auto package = Package::open(pk.path);
-    expect_error([&] { SecureSession s(package->model().weights, package_params(pk, package)); }, Status::integrity,
+    expect_error([&] { SecureSession s(package->model().source, package_params(pk, package)); }, Status::integrity,
                  "package manifest failed authentication");
     // a byte of the binary secret table, and of the MAC
     const pkg::Header h = pkg::decode_header(std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(b.data()), b.size()));
@@ -317,7 +317,7 @@ TEST(Package, FlippedManifestFieldIsRefused) {
         test::write_file(pk.path, b);
         flip_byte(pk.path, at);
         const auto p2 = Package::open(pk.path, false);
-        expect_error([&] { SecureSession s(p2->model().weights, package_params(pk, p2)); }, Status::integrity,
+        expect_error([&] { SecureSession s(p2->model().source, package_params(pk, p2)); }, Status::integrity,
                      "package manifest failed authentication");
     }
 }
@@ -500,7 +500,7 @@ TEST(Attestation, KeyserverOverHttpAndSealedRestart) {
     p.key.sealed_key_path = pk.dir + "/model.sealed";
     const auto want = reference_tokens(12);
     {
-        SecureSession s(package->model().weights, p);
+        SecureSession s(package->model().source, p);
         EXPECT_EQ(greedy(s, 12), want);
     }
     ASSERT_TRUE(std::filesystem::exists(p.key.sealed_key_path));
@@ -508,7 +508,7 @@ TEST(Attestation, KeyserverOverHttpAndSealedRestart) {
     // restart without the keyserver: the sealed key
     p.key.keyserver_url.clear();
     {
-        SecureSession s(package->model().weights, p);
+        SecureSession s(package->model().source, p);
         EXPECT_EQ(greedy(s, 12), want);
     }
     // the keyserver refuses a measurement it does not allow, with its reason
@@ -519,7 +519,7 @@ TEST(Attestation, KeyserverOverHttpAndSealedRestart) {
     const int port2 = server2.start("127.0.0.1", 0);
     p.key.keyserver_url = "http://127.0.0.1:" + std::to_string(port2);
     p.key.sealed_key_path.clear();
-    expect_error([&] { SecureSession s(package->model().weights, p); }, Status::security,
+    expect_error([&] { SecureSession s(package->model().source, p); }, Status::security,
                  "keyserver refused to release the model key: quote refused: measurement");
 }
 

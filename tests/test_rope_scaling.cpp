@@ -238,11 +238,11 @@ TEST(RopeScaling, PackagesBindLlama3Factors) {
     p.package = package;
     for (SecureMode m : {SecureMode::secureinfer, SecureMode::enclave_only}) {
         p.mode = m;
-        EXPECT_EQ(free_running(package->model().weights), unpacked) << int(m);
+        EXPECT_EQ(free_running(materialize(*package->model().source)), unpacked) << int(m);
         // Teacher-forced along the engine's continuation: the package's greedy token is the engine's at every step
         // whose top two logits are at least 1 apart (the int8 products move logits by up to about 0.6 here), and at
         // all but one step in all; the engine without the factors agrees far less often.
-        SecureSession s(package->model().weights, p);
+        SecureSession s(package->model().source, p);
         s.set_sampler(SamplerParams{0.0f, 0, 1.0f, 0});
         int agree = 0, agree_without = 0;
         for (size_t i = 0; i < want.size(); ++i) {

@@ -141,13 +141,7 @@ int si_model_load(const char* path, const si_model_params* params, si_model** ou
             m->file.format = pm.format;
             m->file.path = pm.path;
             m->file.vocab_path = pm.vocab_path;
-            struct Held {
-                std::shared_ptr<const si::Package> package;
-                si::DenseSource source;
-                explicit Held(std::shared_ptr<const si::Package> p) : package(std::move(p)), source(package->model().weights) {}
-            };
-            auto held = std::make_shared<Held>(m->package);
-            m->file.source = std::shared_ptr<const si::TensorSource>(held, &held->source);
+            m->file.source = std::shared_ptr<const si::TensorSource>(m->package, pm.source.get());
             m->file.lazy = true;
         } else {
             m->file = si::load_model_file(path, p.tokenizer_path ? p.tokenizer_path : "", si::LoadWeights::lazy);

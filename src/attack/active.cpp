@@ -138,7 +138,7 @@ ActiveResult a9_chosen_weights(const ModelWeights& base, const train::LoraAdapte
     const int b = hd;  // the reference coordinate lies in head 1, which (with groups of 2 or more) is never read
     if (group < 2) fail(Status::unsupported, "A9's read-out needs grouped-query attention (a head that is not read)");
     const ModelWeights* start = &base;
-    if (package) start = &package->package(victim)->model().weights;
+    if (package) start = &package->public_weights(victim);
     // attention-output coordinate that carries kv coordinate q: head (q / hd) * group, same offset
     auto read_coord = [&](int q) { return (q / hd) * group * hd + q % hd; };
     const double xhat = 1.0 / std::sqrt(2.0 / double(d) + double(c.norm_eps));  // the normalised input's entry
@@ -248,7 +248,7 @@ double draw_threshold(uint64_t seed) {
 ActiveResult a10_sampler_oracle(const ModelWeights& base, const train::LoraAdapter& victim, PackagePath* package,
                                 EnclaveHostKind host, int threads, Unblinding u) {
     ActiveResult res;
-    const ModelWeights& w = package ? package->package(victim)->model().weights : base;
+    const ModelWeights& w = package ? package->public_weights(victim) : base;
     // Scoring only: the true top-two logit gap along a greedy continuation, from a host-owned session that
     // releases log-probabilities; the position where the second token is likeliest is the target.
     std::vector<int32_t> prompt = {1}, target;
@@ -379,7 +379,7 @@ std::vector<uint8_t> capture_genuine_quote(PackagePath& pk, const train::LoraAda
         p.trace_dir = dir;
         p.trace_messages = true;
         p.key.sealed_key_path.clear();
-        SecureSession s(pk.package(victim)->model().weights, p);
+        SecureSession s(pk.package(victim)->model().source, p);
     }
     if (fs::exists(aside)) fs::rename(aside, sealed, ec);
     std::vector<uint8_t> quote;
@@ -545,7 +545,7 @@ ActiveResult a12_read_credentials(PackagePath& pk, const train::LoraAdapter& vic
     pk.package(victim);
     {
         // a session seals the model key to the device first (the file the host keeps)
-        SecureSession s(pk.package(victim)->model().weights, pk.params(victim, u));
+        SecureSession s(pk.package(victim)->model().source, pk.params(victim, u));
         if (u != Unblinding::online) s.precompute(1);
     }
     const std::string sealed = pk.sealed_key_path(victim);
@@ -745,7 +745,7 @@ bool run_sealed_session(PackagePath& pk, const train::LoraAdapter& victim, Subst
     SecureSessionParams p = pk.params(victim, u);
     p.enclave_host = host;
     try {
-        SecureSession s(pk.package(victim)->model().weights, p);
+        SecureSession s(pk.package(victim)->model().source, p);
         if (u != Unblinding::online) s.precompute(8);  // every position: the prompt (3) and 5 decode steps
         s.set_sampler(SamplerParams{1.0f, 0, 1.0f, 7});
         const std::vector<int32_t> prompt = {1, 403, 407};
@@ -766,7 +766,7 @@ bool run_with_sealed_key(PackagePath& pk, const train::LoraAdapter& victim, cons
     p.key.keyserver_url.clear();
     p.key.sealed_key_path = path;
     try {
-        SecureSession s(pk.package(victim)->model().weights, p);
+        SecureSession s(pk.package(victim)->model().source, p);
         if (u != Unblinding::online) s.precompute(1);
         s.set_sampler(SamplerParams{0.0f, 0, 1.0f, 0});
         const std::vector<int32_t> prompt = {1};
@@ -825,8 +825,8 @@ ActiveResult a13_replay_sealed(PackagePath& pk, const train::LoraAdapter& victim
     pk.package(other);
     {
         // both packages' keys sealed to this device first
-        SecureSession a(pk.package(victim)->model().weights, pk.params(victim, Unblinding::online));
-        SecureSession b(pk.package(other)->model().weights, pk.params(other, Unblinding::online));
+        SecureSession a(pk.package(victim)->model().source, pk.params(victim, Unblinding::online));
+        SecureSession b(pk.package(other)->model().source, pk.params(other, Unblinding::online));
     }
     std::string why;
     // an unaltered session with sealed factors: its units are the ones replayed, or handed in from "another session"

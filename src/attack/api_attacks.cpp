@@ -268,7 +268,7 @@ SecureSessionParams api_params(const train::LoraAdapter* adapter, int logprobs, 
 
 // The public model a session of these options loads: the package's when S5 runs on the package path.
 const ModelWeights& api_weights(const ModelWeights& base, const train::LoraAdapter* adapter, const SchemeOptions& o) {
-    return o.package && adapter ? o.package->package(*adapter, o.policy)->model().weights : base;
+    return o.package && adapter ? o.package->public_weights(*adapter, o.policy) : base;
 }
 
 }  // namespace

@@ -598,7 +598,7 @@ TamperResult a8_tamper(Scheme scheme, const ModelWeights& base, const train::Lor
         return p;
     };
     const ModelWeights& s5_weights =
-        options.package && adapter ? options.package->package(*adapter)->model().weights : base;
+        options.package && adapter ? options.package->public_weights(*adapter) : base;
     if (scheme == Scheme::s5) {
         auto acc = std::make_shared<TamperingAccelerator>(-1, 0);
         SecureSession s(s5_weights, s5_params(acc));

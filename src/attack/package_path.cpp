@@ -93,6 +93,13 @@ std::shared_ptr<const Package> PackagePath::package(const train::LoraAdapter& ad
     return packages_[key] = Package::open(out);
 }
 
+const ModelWeights& PackagePath::public_weights(const train::LoraAdapter& adapter, ReleasePolicy policy) {
+    const Key key{&adapter, policy};
+    auto it = public_.find(key);
+    if (it == public_.end()) it = public_.emplace(key, materialize(*package(adapter, policy)->model().source)).first;
+    return it->second;
+}
+
 SecureSessionParams PackagePath::params(const train::LoraAdapter& adapter, Unblinding u, ReleasePolicy policy) const {
     const Key key{&adapter, policy};
     const auto it = packages_.find(key);

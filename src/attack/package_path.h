@@ -50,6 +50,10 @@ public:
     // address; each policy is its own package, with its own model identity and key).
     std::shared_ptr<const Package> package(const train::LoraAdapter& adapter,
                                            ReleasePolicy policy = ReleasePolicy::owner_default);
+    // That package's public model in f32 (zeros for its secret base tensors), materialised from its source on first
+    // use: the harness reads and perturbs dense weights.
+    const ModelWeights& public_weights(const train::LoraAdapter& adapter,
+                                       ReleasePolicy policy = ReleasePolicy::owner_default);
     // Session parameters serving that package: the keyserver's URL, the device, the sealed key file, the mode.
     SecureSessionParams params(const train::LoraAdapter& adapter, Unblinding u,
                                ReleasePolicy policy = ReleasePolicy::owner_default) const;
@@ -81,6 +85,7 @@ private:
     using Key = std::pair<const train::LoraAdapter*, ReleasePolicy>;
     std::map<Key, std::shared_ptr<const Package>> packages_;
     std::map<Key, std::string> sealed_;
+    std::map<Key, ModelWeights> public_;
     int releases_ = 0;
     pkg::Hash measurement_{};
     pkg::PubKey quoting_{};

@@ -353,10 +353,9 @@ std::string run_scheme(Scheme scheme, const ModelWeights& base, const train::Lor
         const ModelWeights* weights = &base;
         if (options.package) {
             if (!adapter) fail(Status::invalid_argument, "S5 on the package path needs an adapter to pack");
-            const auto pk = options.package->package(*adapter);
+            weights = &options.package->public_weights(*adapter);  // packs it on first use
             p = options.package->params(*adapter, options.unblinding);
             p.trace_messages = true;
-            weights = &pk->model().weights;
         } else {
             p.mode = SecureMode::secureinfer;
             p.lora = adapter;

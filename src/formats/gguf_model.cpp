@@ -1,5 +1,6 @@
 #include "formats/gguf_model.h"
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <limits>
@@ -96,7 +97,15 @@ ModelConfig read_gguf_config(const gguf::Reader& r) {
 
 GgufSource::GgufSource(std::shared_ptr<const gguf::Reader> r) : GgufSource(*r) { keep_ = std::move(r); }
 
-GgufSource::GgufSource(const gguf::Reader& r) : r_(&r) {
+GgufSource::GgufSource(std::shared_ptr<const gguf::Reader> r, Absent absent)
+    : keep_(std::move(r)), r_(keep_.get()), absent_(std::move(absent)) {
+    init();
+}
+
+GgufSource::GgufSource(const gguf::Reader& r) : r_(&r) { init(); }
+
+void GgufSource::init() {
+    const gguf::Reader& r = *r_;
     cfg_ = read_gguf_config(r);
     const ModelConfig& c = cfg_;
     const uint64_t d = c.dim, h = c.hidden_dim, kv = c.kv_dim(), v = c.vocab_size;
@@ -110,12 +119,26 @@ GgufSource::GgufSource(const gguf::Reader& r) : r_(&r) {
     for (const gguf::TensorInfo& t : r.tensors())
         if (!expected.count(t.name))
             fail(Status::unsupported, r.name() + ": tensor '" + t.name + "' is not part of the supported llama layout");
+    for (const auto& [name, ne] : absent_) {
+        if (!expected.count(name) || name == "rope_freqs.weight")
+            fail(Status::unsupported, r.name() + ": tensor '" + name + "' is not part of the supported llama layout");
+        if (r.find_tensor(name)) bad(r, "tensor '" + name + "' is both in the file and left out of it");
+    }
 
     // Every tensor's shape and type, in file order of the model, before anything is dequantised.
     auto check = [&](const std::string& name, std::initializer_list<uint64_t> shape) {
-        const gguf::TensorInfo& t = r.tensor(name);
         std::array<uint64_t, gguf::kMaxDims> want{1, 1, 1, 1};
         std::copy(shape.begin(), shape.end(), want.begin());
+        if (const auto a = absent_.find(name); a != absent_.end()) {
+            std::array<uint64_t, gguf::kMaxDims> ne{1, 1, 1, 1};
+            if (a->second.size() > ne.size()) bad(r, "tensor '" + name + "' has too many dimensions");
+            std::copy(a->second.begin(), a->second.end(), ne.begin());
+            if (ne != want)
+                bad(r, "tensor '" + name + "' has shape " + gguf::shape_string(a->second) + ", expected " +
+                           gguf::shape_string(std::vector<uint64_t>(shape)));
+            return;
+        }
+        const gguf::TensorInfo& t = r.tensor(name);
         // Trailing dimensions of 1 are equivalent (as in llama.cpp's shape check).
         if (t.ne != want)
             bad(r, "tensor '" + name + "' has shape " + gguf::shape_string(t.shape()) + ", expected " +
@@ -138,11 +161,15 @@ GgufSource::GgufSource(const gguf::Reader& r) : r_(&r) {
         check(layer_tensor(l, "ffn_up"), {d, h});
     }
     check("output_norm.weight", {d});
-    tied_ = r.find_tensor("output.weight") == nullptr;
+    tied_ = r.find_tensor("output.weight") == nullptr && !absent_.count("output.weight");
     if (!tied_) check("output.weight", {d, v});
 }
 
 void GgufSource::do_read_rows(const std::string& name, int64_t row0, int64_t n, float* out) const {
+    if (absent_.count(name)) {
+        std::fill(out, out + n * tensor_cols(name), 0.0f);
+        return;
+    }
     const gguf::TensorInfo& t = r_->tensor(name);
     // Rows are whole blocks (the reader checked ne[0] against the block size), so a row range is a byte range.
     const uint64_t rows = t.n_elements / t.ne[0];
@@ -152,6 +179,7 @@ void GgufSource::do_read_rows(const std::string& name, int64_t row0, int64_t n, 
 }
 
 void GgufSource::release(const std::string& name) const {
+    if (absent_.count(name)) return;
     if (const gguf::TensorInfo* t = r_->find_tensor(name)) r_->release(*t);
 }
 

@@ -9,6 +9,7 @@
 // llama2.c converter copies the matrices unchanged.)
 #pragma once
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -39,6 +40,11 @@ class GgufSource final : public TensorSource {
 public:
     explicit GgufSource(const gguf::Reader& r);
     explicit GgufSource(std::shared_ptr<const gguf::Reader> r);
+    // Tensors of the model the file leaves out (a protected package's secret base tensors, which only the trusted
+    // core holds), by name with their GGUF shape: checked against the config like the file's own (same errors)
+    // and read as zeros, without storing them.
+    using Absent = std::map<std::string, std::vector<uint64_t>>;
+    GgufSource(std::shared_ptr<const gguf::Reader> r, Absent absent);
     const ModelConfig& config() const override { return cfg_; }
     bool tied() const override { return tied_; }
     const gguf::Reader& reader() const { return *r_; }
@@ -48,10 +54,12 @@ protected:
     void do_read_rows(const std::string& name, int64_t row0, int64_t n, float* out) const override;
 
 private:
+    void init();
     std::shared_ptr<const gguf::Reader> keep_;
     const gguf::Reader* r_ = nullptr;
     ModelConfig cfg_;
     bool tied_ = true;
+    Absent absent_;
 };
 
 // tokenizer.ggml.*: the model must be "llama" (SentencePiece). Missing scores default to 0, missing token types

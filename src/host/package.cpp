@@ -414,7 +414,7 @@ bool is_package_file(const std::string& path) {
 }
 
 std::span<const uint8_t> Package::authenticated_prefix() const {
-    return std::span<const uint8_t>(bytes_.data(), size_t(header_.payload_offset));
+    return std::span<const uint8_t>(bytes_->data(), size_t(header_.payload_offset));
 }
 
 bool Package::has_adapter() const {
@@ -425,8 +425,8 @@ bool Package::has_adapter() const {
 std::shared_ptr<const Package> Package::open(const std::string& path, bool check_hashes) {
     auto p = std::shared_ptr<Package>(new Package());
     p->path_ = path;
-    p->bytes_ = read_all(path);
-    const std::vector<uint8_t>& b = p->bytes_;
+    p->bytes_ = std::make_shared<const std::vector<uint8_t>>(read_all(path));
+    const std::vector<uint8_t>& b = *p->bytes_;
     auto bad = [&](const std::string& why) { fail(Status::format, path + ": " + why); };
     try {
         p->header_ = pkg::decode_header(b);
@@ -514,21 +514,19 @@ std::shared_ptr<const Package> Package::open(const std::string& path, bool check
         if (!altered_part.empty())
             fail(Status::integrity, path + ": part " + altered_part + " does not match its sha256 in the manifest (altered)");
 
-        // the public model: the public GGUF plus zero placeholders for the secret base tensors
+        // the public model: the public GGUF read in place, zeros (never stored) for the secret base tensors
         const auto pub = parts[kPublicPart];
-        const gguf::Reader r = gguf::Reader::from_memory(pub.data(), pub.size(), path + " (" + kPublicPart + ")");
-        gguf::Writer g;
-        for (const auto& kv : r.metadata()) g.set(kv.key, kv.value);
-        for (const auto& t : r.tensors()) {
-            const auto bytes = r.tensor_data(t);
-            g.add_tensor_raw(t.name, t.shape(), t.type, std::vector<uint8_t>(bytes.begin(), bytes.end()));
-        }
+        const std::shared_ptr<const std::vector<uint8_t>> keep = p->bytes_;
+        const auto r = std::shared_ptr<const gguf::Reader>(
+            new gguf::Reader(gguf::Reader::from_memory(pub.data(), pub.size(), path + " (" + kPublicPart + ")")),
+            [keep](const gguf::Reader* x) { delete x; });
+        GgufSource::Absent placeholders;
         for (const auto& t : m.at("tensors")) {
             const bool is_secret = t.at("secret");
             const std::string name = t.at("name");
             const bool is_lora = name.size() > 7 && (name.ends_with(".lora_a") || name.ends_with(".lora_b"));
             if (!is_secret) {
-                if (!r.find_tensor(name)) bad("public tensor " + name + " is missing from " + kPublicPart);
+                if (!r->find_tensor(name)) bad("public tensor " + name + " is missing from " + kPublicPart);
                 continue;
             }
             if (is_lora) continue;
@@ -536,13 +534,14 @@ std::shared_ptr<const Package> Package::open(const std::string& path, bool check
             uint64_t n = 1;
             for (uint64_t x : ne) n *= x;
             if (ne.empty() || n == 0 || n > (uint64_t(1) << 34)) bad("secret tensor " + name + ": bad shape");
-            g.add_tensor(name, std::span<const uint64_t>(ne), gguf::TensorType::F32, std::vector<float>(size_t(n), 0.0f));
+            placeholders[name] = ne;
             p->secret_names_.push_back(name);
         }
-        const std::string full = g.serialize();
-        const gguf::Reader rf = gguf::Reader::from_memory(full, path + " (" + kPublicPart + ")");
-        p->model_.weights = load_gguf_model(rf);
-        p->model_.vocab = load_gguf_vocab(rf);
+        auto source = std::make_shared<const GgufSource>(r, std::move(placeholders));
+        p->model_.weights.cfg = source->config();
+        p->model_.vocab = load_gguf_vocab(*r);
+        p->model_.source = std::move(source);
+        p->model_.lazy = true;
         p->model_.format = ModelFileFormat::gguf;
         p->model_.path = path;
         p->model_.vocab_path = path;

@@ -86,7 +86,9 @@ public:
     // Header | manifest | secret table | MAC: what the trusted core authenticates.
     std::span<const uint8_t> authenticated_prefix() const;
     const std::string& manifest_json() const { return manifest_; }
-    // The public model, with zeros in place of the secret base tensors, and its vocabulary.
+    // The public model and its vocabulary, lazy (bounded memory): weights.cfg only, the tensors read one at a time
+    // from the public part in place through model().source, with zeros in place of the secret base tensors (which
+    // are never stored). The source keeps the package's bytes alive.
     const ModelFile& model() const { return model_; }
     // GGUF names of the secret base tensors ({"*"} when every tensor is secret); adapters are not listed.
     const std::vector<std::string>& secret_base_tensors() const { return secret_names_; }
@@ -95,7 +97,8 @@ public:
 
 private:
     std::string path_;
-    std::vector<uint8_t> bytes_;
+    // Shared with the public model's reader, which reads the public part in place.
+    std::shared_ptr<const std::vector<uint8_t>> bytes_;
     pkg::Header header_;
     pkg::SamplingPolicy sampling_;
     size_t n_bound_ = 0;
