@@ -272,23 +272,11 @@ DeltaScore score_delta(const std::map<ProjKey, Mat>& estimates, const ModelWeigh
 
 std::vector<double> slot_delta_cosines(const std::map<ProjKey, Mat>& estimates, const ModelWeights& base,
                                        const train::LoraAdapter& secret) {
-    auto slot_of = [](Proj p) {
-        switch (p) {
-            case Proj::q:
-            case Proj::k:
-            case Proj::v: return 0;
-            case Proj::o: return 1;
-            case Proj::w1:
-            case Proj::w3: return 2;
-            case Proj::w2: return 3;
-        }
-        return 0;
-    };
     std::map<std::pair<int, int>, std::pair<std::vector<double>, std::vector<double>>> slots;
     for (const auto& [key, W] : estimates) {
         const Mat W0 = base_projection(base, key.first, key.second);
         const Mat D = lora_delta(secret, base.cfg, key.first, key.second);
-        auto& [est, truth] = slots[{key.first, slot_of(key.second)}];
+        auto& [est, truth] = slots[{key.first, proj_stage(key.second)}];
         for (size_t i = 0; i < W.a.size(); ++i) {
             est.push_back(W.a[i] - W0.a[i]);
             truth.push_back(D.a[i]);

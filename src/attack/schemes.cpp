@@ -68,23 +68,6 @@ Mat lora_delta(const train::LoraAdapter& adapter, const ModelConfig& cfg, int la
     return d;
 }
 
-namespace {
-
-int stage_of(Proj p) {
-    switch (p) {
-        case Proj::q:
-        case Proj::k:
-        case Proj::v: return 0;
-        case Proj::o: return 1;
-        case Proj::w1:
-        case Proj::w3: return 2;
-        case Proj::w2: return 3;
-    }
-    return 0;
-}
-
-}  // namespace
-
 struct WeakSession::Slot {
     int64_t rows = 0, cols = 0;  // real rows, columns
     std::vector<float> w;        // S0: W_ft; S1: obfuscated [rows + fake][cols]; S2: W0
@@ -156,7 +139,7 @@ WeakSession::WeakSession(Scheme scheme, const ModelWeights& base, const train::L
                     s.pos.assign(order.begin(), order.begin() + s.rows);
                     s.scale.resize(size_t(s.rows));
                     s.w.assign(size_t(s.sent_rows * s.cols), 0.0f);
-                    const std::vector<int>& pin = perm_in_[size_t(l) * 4 + size_t(stage_of(p))];
+                    const std::vector<int>& pin = perm_in_[size_t(l) * 4 + size_t(proj_stage(p))];
                     double ss = 0.0;
                     for (float v : W) ss += double(v) * double(v);
                     const double rms = std::sqrt(ss / double(W.size()));

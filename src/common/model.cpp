@@ -83,6 +83,19 @@ void ModelWeights::validate(const std::string& what) const {
     if (!tied()) check(classifier, v * d, "output");
 }
 
+int proj_stage(Proj p) {
+    switch (p) {
+        case Proj::q:
+        case Proj::k:
+        case Proj::v: return 0;
+        case Proj::o: return 1;
+        case Proj::w1:
+        case Proj::w3: return 2;
+        case Proj::w2: return 3;
+    }
+    return 0;
+}
+
 const char* proj_name(Proj p) {
     switch (p) {
         case Proj::q: return "q";

@@ -68,6 +68,8 @@ struct ModelWeights {
 enum class Proj { q, k, v, o, w1, w2, w3 };
 inline constexpr Proj kAllProj[] = {Proj::q, Proj::k, Proj::v, Proj::o, Proj::w1, Proj::w2, Proj::w3};
 const char* proj_name(Proj p);  // "q", "k", ... "w3"
+// The crossing of a block whose input the projection reads: 0 q/k/v, 1 o, 2 gate/up (w1/w3), 3 down (w2).
+int proj_stage(Proj p);
 
 // Rows (outputs) and columns (inputs) of a projection; binds as `auto [out, in] = proj_shape(cfg, p)`.
 struct ProjShape {

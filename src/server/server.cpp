@@ -33,12 +33,20 @@ namespace {
 
 // ---- the slots ----------------------------------------------------------------------------------------------------
 
-// A sequence slot held for one request (server/batcher.h); given back (reset) when the last owner lets go.
+// A sequence slot held for one request (server/batcher.h); given back (reset) by give_back() or when the last owner
+// lets go. A stream gives it back once generation ends, before its last events: a client that has read the whole
+// response never finds its slot still counted as active.
 struct Lease {
     Batcher& batcher;
     std::shared_ptr<Batcher::Job> job;
+    bool given_back = false;
     explicit Lease(Batcher& b) : batcher(b), job(acquire(b)) {}
-    ~Lease() { batcher.release(job); }
+    ~Lease() { give_back(); }
+    void give_back() {
+        if (given_back) return;
+        given_back = true;
+        batcher.release(job);
+    }
     Lease(const Lease&) = delete;
     Lease& operator=(const Lease&) = delete;
 
@@ -663,10 +671,12 @@ struct Server::Impl {
                         return send(chunk(chat ? json{{"content", delta}} : json(delta), nullptr, lp));
                     });
                 } catch (const ApiError& e) {
+                    lease->give_back();
                     send(error_json(e));
                     sink.done();
                     return true;
                 }
+                lease->give_back();
                 if (out.gone) {
                     if (opts.verbose)
                         std::fprintf(stderr, "serve: POST %s: the client went away after %d tokens\n", path.c_str(),
