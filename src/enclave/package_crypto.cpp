@@ -256,13 +256,14 @@ Header decode_header(std::span<const uint8_t> b) {
     return h;
 }
 
-namespace {
-
 void put_f32(std::vector<uint8_t>& a, float f) {
     uint32_t u;
     std::memcpy(&u, &f, 4);
     put(a, u, 4);
 }
+
+namespace {
+
 float get_f32(const uint8_t* p) {
     const uint32_t u = uint32_t(get(p, 4));
     float f;

@@ -37,6 +37,8 @@ using PubKey = std::array<uint8_t, kPubBytes>;
 // ---- primitives ------------------------------------------------------------------------------------------------
 
 Hash sha256(std::span<const uint8_t> data);
+// Appends f as the little-endian bytes of its IEEE-754 binary32 form (how the table and manifest hash floats).
+void put_f32(std::vector<uint8_t>& a, float f);
 // SHA-256 over data arriving in pieces (the trusted core hashes each public tensor chunk by chunk as it arrives).
 class Sha256Stream {
 public:

@@ -143,12 +143,9 @@ pkg::BoundConfig bound_config(const ModelWeights& w) {
 
 // SHA-256 of the factors as little-endian f32, for the manifest (the table carries the values themselves).
 std::string factors_hash(const std::vector<float>& f) {
-    std::vector<uint8_t> b(f.size() * 4);
-    for (size_t i = 0; i < f.size(); ++i) {
-        uint32_t u;
-        std::memcpy(&u, &f[i], 4);
-        for (int k = 0; k < 4; ++k) b[4 * i + size_t(k)] = uint8_t(u >> (8 * k));
-    }
+    std::vector<uint8_t> b;
+    b.reserve(f.size() * 4);
+    for (const float x : f) pkg::put_f32(b, x);
     return hex_hash(b);
 }
 
